@@ -1,0 +1,52 @@
+"""caftkit: Concept-Aware Fine-Tuning (multi-token prediction in fine-tuning) for Hugging Face causal LMs.
+
+    model = caftkit.attach_heads(model, "heads/")   # or attach_heads(model, 4) for new heads
+    trainer = caftkit.CAFTTrainer(model=model, args=caftkit.CAFTConfig(...), train_dataset=...)
+"""
+
+from .architecture import ModelParts, UnsupportedModelError, find_model_parts
+from .heads import (
+    AuxiliaryHeads,
+    HeadsMismatchError,
+    attach_heads,
+    base_fingerprint,
+    detach_heads,
+    get_heads,
+    load_heads,
+    save_heads,
+)
+from .loss import gamma_schedule, head_loss_weights, linear_cross_entropy
+from .multitoken import head_statistics, weighted_loss
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The trainer imports TRL, which is slow to import; load it only when asked for.
+    if name in ("CAFTTrainer", "CAFTConfig"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'caftkit' has no attribute {name!r}")
+
+
+__all__ = [
+    "AuxiliaryHeads",
+    "CAFTConfig",
+    "CAFTTrainer",
+    "HeadsMismatchError",
+    "ModelParts",
+    "UnsupportedModelError",
+    "attach_heads",
+    "base_fingerprint",
+    "detach_heads",
+    "find_model_parts",
+    "gamma_schedule",
+    "get_heads",
+    "head_loss_weights",
+    "head_statistics",
+    "linear_cross_entropy",
+    "load_heads",
+    "save_heads",
+    "weighted_loss",
+]

@@ -1,0 +1,285 @@
+"""Auxiliary heads: copies of the last decoder layer that predict tokens t+2..t+n.
+
+Head k (k = 2..n) is an independent copy of layer L, initialised from its weights. It reads z, the hidden
+state entering layer L, with exactly the attention mask, position embeddings and position ids layer L got
+(captured by a forward pre-hook), then goes through the model's own final norm and `lm_head`.
+
+The heads live on the model as `model.caft_heads`, so optimizers, checkpoints and sharding see them, but they
+never run in the model's own forward and `save_pretrained()` leaves them out: the model's logits,
+`generate()` output, hidden states and saved checkpoint are exactly what they are without heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .architecture import ModelParts, find_model_parts, unwrap_model
+
+HEADS_ATTRIBUTE = "caft_heads"
+HEADS_WEIGHTS_FILE = "heads.safetensors"
+HEADS_CONFIG_FILE = "heads_config.json"
+HEADS_FORMAT_VERSION = 1
+
+# Names decoder layers use for their KV cache argument. A head must never read or write the model's cache:
+# it would overwrite layer L's entries.
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+
+
+class HeadsMismatchError(ValueError):
+    """Heads were trained for a different base model than the one they are attached to."""
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What identifies the base model a set of heads belongs to.
+
+    The hash covers layer L's weights rounded to bfloat16, so the same base loaded in float32 or bfloat16
+    gives the same fingerprint, while a different model (or a fine-tuned layer L) does not.
+    """
+    parts = find_model_parts(model)
+    config = unwrap_model(model).config.get_text_config()
+    digest = hashlib.sha256()
+    for name, tensor in sorted(parts.last_layer.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return {
+        "model_type": parts.model_type,
+        "hidden_size": int(getattr(config, "hidden_size", None) or getattr(config, "n_embd")),
+        "vocab_size": int(parts.lm_head.weight.shape[0]),
+        "num_hidden_layers": len(parts.layers),
+        "last_layer_sha256": digest.hexdigest(),
+    }
+
+
+def _check_fingerprint(expected: dict[str, Any], actual: dict[str, Any], source: str) -> None:
+    differing = [key for key in expected if expected.get(key) != actual.get(key)]
+    if differing:
+        details = ", ".join(f"{key}: heads {expected.get(key)!r} vs model {actual.get(key)!r}" for key in differing)
+        raise HeadsMismatchError(
+            f"{source}: these heads were trained for another base model ({details}). Train heads for this model "
+            "with `caft train-heads`, or pass check_base=False if you know the layer L they copy is compatible."
+        )
+
+
+class AuxiliaryHeads(nn.Module):
+    """`num_heads` copies of the last decoder layer; head i (0-based) predicts token t + i + 2."""
+
+    def __init__(self, last_layer: nn.Module, num_heads: int):
+        super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be at least 1, got {num_heads}")
+        self.layers = nn.ModuleList(copy.deepcopy(last_layer) for _ in range(num_heads))
+        self.metadata: dict[str, Any] = {}
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.layers)
+
+    def forward(self, call: "LayerCall", num_heads: int | None = None) -> list[torch.Tensor]:
+        """Run the first `num_heads` heads on a captured call of layer L; returns their outputs before the norm."""
+        outputs = []
+        for layer in self.layers[: num_heads or self.num_heads]:
+            out = layer(call.hidden_states, *call.args, **call.kwargs)
+            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return outputs
+
+
+@dataclass
+class LayerCall:
+    """The inputs of one call of layer L: the hidden state z and every other argument, cache removed."""
+
+    hidden_states: torch.Tensor
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Capture:
+    """What one forward pass of the model handed to layer L and what its final norm returned."""
+
+    layer_call: LayerCall | None = None
+    final_hidden: torch.Tensor | None = None
+
+
+def _without_cache(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> LayerCall:
+    # Name every argument, so that a cache passed positionally (GPT-2 passes it second) can be dropped too.
+    signature = inspect.signature(layer.forward)
+    bound = signature.bind(*args, **kwargs)
+    named = dict(bound.arguments)
+    first = next(iter(signature.parameters))
+    hidden = named.pop(first)
+    extra = {}
+    for name, value in named.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            extra.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            raise ValueError(f"{type(layer).__name__}.forward takes *args; caftkit cannot replay its calls")
+        else:
+            extra[name] = value
+    for name in _CACHE_ARGUMENTS:
+        if name in extra:
+            extra[name] = None
+    if "use_cache" in extra:
+        extra["use_cache"] = False
+    return LayerCall(hidden, (), extra)
+
+
+@contextlib.contextmanager
+def capture_layer_inputs(parts: ModelParts):
+    """Record the first call of layer L (its inputs) and of the final norm (its output) inside the block."""
+    capture = Capture()
+
+    def before_last_layer(module, args, kwargs):
+        if capture.layer_call is None:
+            capture.layer_call = _without_cache(module, args, kwargs)
+
+    def after_final_norm(module, args, output):
+        if capture.final_hidden is None:
+            capture.final_hidden = output
+
+    handles = [
+        parts.last_layer.register_forward_pre_hook(before_last_layer, with_kwargs=True),
+        parts.final_norm.register_forward_hook(after_final_norm),
+    ]
+    try:
+        yield capture
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def get_heads(model: nn.Module) -> AuxiliaryHeads | None:
+    """The heads attached to `model` (looked up through PEFT/DDP wrappers), or None."""
+    return getattr(unwrap_model(model), HEADS_ATTRIBUTE, None)
+
+
+def _set_save_exclusion(model: nn.Module, heads: AuxiliaryHeads | None, previous: AuxiliaryHeads | None) -> None:
+    # `save_pretrained` drops the keys listed in the instance's `_keys_to_ignore_on_save`; listing the heads
+    # there keeps every saved checkpoint a plain transformers one.
+    ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    if previous is not None:
+        ignored -= {f"{HEADS_ATTRIBUTE}.{key}" for key in previous.state_dict()}
+    if heads is not None:
+        ignored |= {f"{HEADS_ATTRIBUTE}.{key}" for key in heads.state_dict()}
+    model._keys_to_ignore_on_save = ignored
+
+
+def attach_heads(
+    model: nn.Module,
+    heads: int | str | os.PathLike | AuxiliaryHeads = 4,
+    *,
+    trainable: bool = False,
+    check_base: bool = True,
+) -> nn.Module:
+    """Attach auxiliary heads to a causal LM and return the model.
+
+    `heads` is a number of auxiliary heads (new copies of layer L; the paper's n = heads + 1), a `heads/`
+    folder written by `save_heads`, or an `AuxiliaryHeads` module. Heads loaded from disk are checked against
+    a fingerprint of this model's base (`check_base`). `trainable` sets `requires_grad` on the heads (they are
+    frozen by default, as in CAFT fine-tuning). Attach before wrapping with PEFT, a Trainer or FSDP.
+    """
+    base = unwrap_model(model)
+    parts = find_model_parts(base)
+    if isinstance(heads, AuxiliaryHeads):
+        module = heads
+    elif isinstance(heads, int):
+        module = AuxiliaryHeads(parts.last_layer, heads)
+        module.metadata = {"base_fingerprint": base_fingerprint(base), "training": None}
+    else:
+        module = load_heads(heads, base, check_base=check_base)
+    param = parts.last_layer.parameters().__next__()
+    module.to(device=param.device, dtype=param.dtype)
+    module.requires_grad_(trainable)
+    previous = get_heads(base)
+    base.add_module(HEADS_ATTRIBUTE, module)
+    _set_save_exclusion(base, module, previous)
+    return model
+
+
+def detach_heads(model: nn.Module) -> AuxiliaryHeads | None:
+    """Remove the heads from `model` (the model is left exactly as before `attach_heads`); returns them."""
+    base = unwrap_model(model)
+    heads = get_heads(base)
+    if heads is not None:
+        delattr(base, HEADS_ATTRIBUTE)
+        _set_save_exclusion(base, None, heads)
+    return heads
+
+
+def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: dict[str, Any] | None = None) -> Path:
+    """Write `heads.safetensors` and `heads_config.json` (architecture, base fingerprint, training) to a folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layer = heads.layers[0]
+    config = {
+        "format_version": HEADS_FORMAT_VERSION,
+        "num_heads": heads.num_heads,
+        "predicts_offsets": [k for k in range(2, heads.num_heads + 2)],
+        "layer_class": type(layer).__name__,
+        "dtype": str(next(heads.parameters()).dtype).removeprefix("torch."),
+        "base_fingerprint": heads.metadata.get("base_fingerprint"),
+        "training": training if training is not None else heads.metadata.get("training"),
+    }
+    state = {key: tensor.detach().to("cpu").contiguous() for key, tensor in heads.state_dict().items()}
+    # Write to temporary names first: an interrupted save never leaves a half-written heads folder behind.
+    weights_tmp = directory / (HEADS_WEIGHTS_FILE + ".tmp")
+    config_tmp = directory / (HEADS_CONFIG_FILE + ".tmp")
+    save_file(state, str(weights_tmp), metadata={"format": "pt"})
+    config_tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(weights_tmp, directory / HEADS_WEIGHTS_FILE)
+    os.replace(config_tmp, directory / HEADS_CONFIG_FILE)
+    return directory
+
+
+def read_heads_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON config of a `heads/` folder, with a clear error when the folder or a file is missing or broken."""
+    directory = Path(directory)
+    config_path = directory / HEADS_CONFIG_FILE
+    for path in (config_path, directory / HEADS_WEIGHTS_FILE):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; a heads folder holds {HEADS_CONFIG_FILE} and {HEADS_WEIGHTS_FILE}")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    for key in ("num_heads", "base_fingerprint", "layer_class"):
+        if key not in config:
+            raise ValueError(f"{config_path}: field {key!r} is missing")
+    return config
+
+
+def load_heads(directory: str | os.PathLike, model: nn.Module, *, check_base: bool = True) -> AuxiliaryHeads:
+    """Rebuild the heads saved in `directory` for `model` (not attached; see `attach_heads`)."""
+    config = read_heads_config(directory)
+    base = unwrap_model(model)
+    parts = find_model_parts(base)
+    config_path = Path(directory) / HEADS_CONFIG_FILE
+    if config["layer_class"] != type(parts.last_layer).__name__:
+        raise HeadsMismatchError(
+            f"{config_path}: field 'layer_class' is {config['layer_class']!r} but the model's last layer is "
+            f"{type(parts.last_layer).__name__}: these heads belong to another architecture"
+        )
+    if check_base:
+        _check_fingerprint(config["base_fingerprint"], base_fingerprint(base), str(config_path))
+    heads = AuxiliaryHeads(parts.last_layer, int(config["num_heads"]))
+    state = load_file(str(Path(directory) / HEADS_WEIGHTS_FILE))
+    missing, unexpected = heads.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise HeadsMismatchError(
+            f"{Path(directory) / HEADS_WEIGHTS_FILE}: weights do not fit {config['num_heads']} copies of "
+            f"{config['layer_class']} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    heads.metadata = {"base_fingerprint": config["base_fingerprint"], "training": config.get("training")}
+    return heads

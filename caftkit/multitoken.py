@@ -1,0 +1,130 @@
+"""One forward pass of the model and its auxiliary heads, reduced to per-head loss sums and counts.
+
+This is the single code path of every mode (`caft`, `ntp`, `heads`): the trainer, the benchmark and the
+evaluation all call `head_statistics` and differ only in the weights they give each head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architecture import find_model_parts, unwrap_model
+from .heads import capture_layer_inputs, get_heads
+from .loss import (
+    DEFAULT_CHUNK_ELEMENTS,
+    IGNORE_INDEX,
+    linear_cross_entropy,
+    sequence_ids_from_positions,
+    shifted_targets,
+)
+
+# Batch keys the model's forward receives; everything else in a collated batch (labels, metadata) stays out.
+_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
+
+
+@dataclass
+class HeadStatistics:
+    """Per head k = 1..n (index 0 is the main head): summed cross-entropy, valid targets, top-1 hits."""
+
+    loss_sums: list[torch.Tensor]
+    counts: torch.Tensor  # long [n]
+    correct: torch.Tensor  # long [n]
+
+
+def head_targets(batch: dict, num_heads: int) -> list[torch.Tensor]:
+    """Targets of heads k = 1..num_heads (main head included): `labels[t + k]`, never across packed sequences."""
+    labels = batch["labels"]
+    position_ids = batch.get("position_ids")
+    sequence_ids = sequence_ids_from_positions(position_ids) if position_ids is not None else None
+    return [shifted_targets(labels, k, sequence_ids) for k in range(1, num_heads + 1)]
+
+
+def count_targets(batch: dict, num_aux_heads: int) -> torch.Tensor:
+    """Number of valid targets of the main head and each auxiliary head in `batch` (long `[num_aux_heads + 1]`)."""
+    return torch.stack([(t != IGNORE_INDEX).sum() for t in head_targets(batch, num_aux_heads + 1)])
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    forward = unwrap_model(model).forward
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def head_statistics(
+    model: nn.Module,
+    batch: dict,
+    *,
+    num_aux_heads: int,
+    train_trunk: bool = True,
+    heads_need_grad: bool = True,
+    main_needs_grad: bool = True,
+    impl: str = "fused",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> HeadStatistics:
+    """Run `model` (possibly PEFT/DDP-wrapped) on `batch` and score its main head and `num_aux_heads` auxiliary heads.
+
+    The model is called through its own (wrapped) forward, so DDP, FSDP and PEFT hooks run as usual; only the
+    logits of the last position are asked for, and the hidden states are taken from layer L's input and the
+    final norm's output. With `train_trunk=False` the model runs without gradients (head training, eq. 3).
+    `main_needs_grad=False` scores the main head without gradients (it is only logged).
+    """
+    parts = find_model_parts(model)
+    heads = get_heads(model)
+    num_aux = num_aux_heads
+    if num_aux > 0 and (heads is None or heads.num_heads < num_aux):
+        have = 0 if heads is None else heads.num_heads
+        raise ValueError(f"{num_aux} auxiliary heads requested but the model has {have}; see caftkit.attach_heads")
+    inputs = {key: batch[key] for key in _MODEL_INPUT_KEYS if key in batch}
+    inputs["use_cache"] = False
+    if _accepts_logits_to_keep(model):
+        inputs["logits_to_keep"] = 1  # the full logits are what this module exists to avoid
+    grad_context = contextlib.nullcontext() if train_trunk else torch.no_grad()
+    with grad_context, capture_layer_inputs(parts) as capture:
+        model(**inputs)
+    if capture.layer_call is None or capture.final_hidden is None:
+        raise RuntimeError("the model's forward did not call its last layer and final norm; cannot score the heads")
+
+    targets = head_targets(batch, num_aux + 1)
+    hidden_per_head = [capture.final_hidden]
+    if num_aux > 0:
+        call = capture.layer_call
+        if not train_trunk:
+            call.hidden_states = call.hidden_states.detach()
+        with contextlib.nullcontext() if heads_need_grad else torch.no_grad():
+            hidden_per_head += [parts.final_norm(out) for out in heads(call, num_aux)]
+
+    loss_sums, counts, correct = [], [], []
+    for k, (hidden, target) in enumerate(zip(hidden_per_head, targets)):
+        needs_grad = main_needs_grad if k == 0 else heads_need_grad
+        mask = target != IGNORE_INDEX
+        with contextlib.nullcontext() if needs_grad else torch.no_grad():
+            loss_sum, num_correct = linear_cross_entropy(
+                hidden[mask],
+                parts.lm_head,
+                target[mask],
+                logit_scale=parts.logit_scale,
+                logit_softcap=parts.logit_softcap,
+                impl=impl,
+                chunk_elements=chunk_elements,
+            )
+        loss_sums.append(loss_sum)
+        counts.append(mask.sum())
+        correct.append(num_correct)
+    return HeadStatistics(loss_sums, torch.stack(counts), torch.stack(correct))
+
+
+def weighted_loss(stats: HeadStatistics, weights: list[float], counts: torch.Tensor) -> torch.Tensor:
+    """`sum_k weights[k] * loss_sums[k] / counts[k]`; heads with weight 0 or no target contribute an exact 0.
+
+    `counts` are the targets per head over the whole optimisation step (all gradient-accumulation
+    micro-batches and processes), so that accumulated micro-batches give the loss of the one big batch.
+    """
+    total = stats.loss_sums[0] * 0.0
+    for loss_sum, weight, count in zip(stats.loss_sums, weights, counts.tolist()):
+        if weight != 0.0 and count > 0:
+            total = total + loss_sum * (weight / count)
+    return total

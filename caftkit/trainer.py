@@ -1,0 +1,284 @@
+"""`CAFTTrainer`: TRL's `SFTTrainer` with the multi-token loss of Concept-Aware Fine-Tuning.
+
+Everything SFTTrainer does (datasets in conversational or prompt-completion form, chat templates,
+assistant-only loss, packing, PEFT, accelerate) is kept; only the loss, its logging, and the saving of
+trainable heads in checkpoints are overridden.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from .architecture import find_model_parts, unwrap_model
+from .heads import HEADS_ATTRIBUTE, HEADS_WEIGHTS_FILE, attach_heads, get_heads, save_heads
+from .loss import MODES, SCHEDULES, gamma_schedule, head_loss_weights
+from .models import resolve_model_path
+from .multitoken import count_targets, head_statistics, weighted_loss
+
+CHECKPOINT_HEADS_DIR = "caft_heads"
+
+
+@dataclass
+class CAFTConfig(SFTConfig):
+    r"""Configuration of [`CAFTTrainer`]: every field of TRL's `SFTConfig`, plus the CAFT settings below.
+
+    The training loss (paper eq. 4) is `L = CE_1 + beta * gamma(step) * sum_{k=2..n} alpha^(k-1) * CE_k`, where
+    `CE_k` is the mean cross-entropy of head k (predicting token t+k) over its valid targets and n - 1 =
+    `num_heads` auxiliary heads. `mode="heads"` trains the heads alone (eq. 3) and `mode="ntp"` is plain
+    next-token fine-tuning through the same code path.
+    """
+
+    mode: str = field(
+        default="caft",
+        metadata={"help": "`caft`: next-token loss plus weighted auxiliary-head losses (eq. 4). `ntp`: the plain "
+                  "next-token baseline, heads not run. `heads`: train only the auxiliary heads (eq. 3), base frozen.",
+                  "choices": list(MODES)},
+    )
+    num_heads: int = field(
+        default=4,
+        metadata={"help": "Number of auxiliary heads (they predict tokens t+2 .. t+num_heads+1). Ignored when "
+                  "`heads_path` is set or heads are already attached, except that it may select fewer of them."},
+    )
+    heads_path: str | None = field(
+        default=None,
+        metadata={"help": "A `heads/` folder (from `caft train-heads`) to attach. Without it, heads already attached "
+                  "to the model are used, or new ones are copied from the last layer."},
+    )
+    alpha: float = field(default=0.8, metadata={"help": "Decay of the auxiliary-head weights: head k gets alpha^(k-1) "
+                                                  "in `caft` mode and alpha^(k-2) in `heads` mode."})
+    beta: float = field(default=0.01, metadata={"help": "Overall weight of the auxiliary losses in `caft` mode."})
+    schedule: str = field(
+        default="rsine",
+        metadata={"help": "gamma(step) over training in `caft` mode: `rsine` sin(pi/2 (1 - step/total)) (high early, "
+                  "low late), `sine` sin(pi/2 step/total), `linear` 1 - step/total, `constant` 1.",
+                  "choices": list(SCHEDULES)},
+    )
+    train_heads: bool = field(
+        default=False,
+        metadata={"help": "Also train the auxiliary heads during `caft` fine-tuning (frozen by default). Always on in "
+                  "`heads` mode."},
+    )
+    freeze_unembedding: bool = field(
+        default=True,
+        metadata={"help": "Freeze `lm_head` in `caft`/`ntp` full fine-tuning, as the paper recommends. With tied "
+                  "embeddings this freezes the input embeddings too."},
+    )
+    loss_impl: str = field(
+        default="fused",
+        metadata={"help": "How the chunked cross-entropy gets its gradients: `fused` computes them in the forward "
+                  "pass (fastest), `checkpoint` recomputes each chunk in backward through the `lm_head` module "
+                  "(needed for a PEFT-wrapped or FSDP-sharded `lm_head`).", "choices": ["fused", "checkpoint"]},
+    )
+    l2_warning_threshold: float = field(
+        default=4.0,
+        metadata={"help": "Warn once when the first auxiliary loss L2 exceeds this: the paper's sign that the heads "
+                  "are too unstable for the task and need a warm-up on its training set."},
+    )
+    prediction_loss_only: bool = field(
+        default=True,
+        metadata={"help": "CAFT never builds full logits, so evaluation reports losses and per-head metrics only."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.loss_impl not in ("fused", "checkpoint"):
+            raise ValueError(f"loss_impl must be 'fused' or 'checkpoint', got {self.loss_impl!r}")
+        if self.num_heads < 1 and self.mode != "ntp":
+            raise ValueError(f"num_heads must be at least 1 in {self.mode!r} mode, got {self.num_heads}")
+
+
+class _HeadTotals:
+    """Running sums of per-head loss, valid targets and top-1 hits between two log calls."""
+
+    def __init__(self):
+        self.loss = self.count = self.correct = None
+
+    def add(self, loss_sums, counts, correct):
+        loss = torch.stack([s.detach().double() for s in loss_sums])
+        if self.loss is None:
+            self.loss, self.count, self.correct = loss, counts.detach().clone(), correct.detach().clone()
+        else:
+            self.loss += loss
+            self.count += counts
+            self.correct += correct
+
+
+class CAFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is the CAFT multi-token loss; see `CAFTConfig` for the settings.
+
+    `model` may be a transformers model (heads are attached if it has none), a model id or folder, or the
+    bundled name `smollm2-135m-instruct`. With a `peft_config`, LoRA is kept out of the heads.
+    """
+
+    # `compute_loss` normalises by the valid targets of the whole optimisation step (all micro-batches and
+    # processes), so the Trainer must not divide it again by the gradient-accumulation steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model, args: CAFTConfig | None = None, *pos, peft_config=None, **kwargs):
+        if args is None:
+            args = CAFTConfig("caft-output")
+        if not isinstance(args, CAFTConfig):
+            raise TypeError(f"CAFTTrainer needs a CAFTConfig, got {type(args).__name__}")
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), **(args.model_init_kwargs or {}))
+        self._prepare_heads(model, args)
+        if peft_config is not None and get_heads(model) is not None:
+            # Keep LoRA out of the heads: they are frozen copies, trained only in head training.
+            excluded = peft_config.exclude_modules
+            pattern = rf".*{HEADS_ATTRIBUTE}\..*"
+            if excluded is None:
+                peft_config.exclude_modules = pattern
+            elif isinstance(excluded, str):
+                peft_config.exclude_modules = rf"(?:{excluded})|(?:{pattern})"
+            else:
+                peft_config.exclude_modules = [*excluded, *self._head_module_names(model)]
+        self._step_counts: torch.Tensor | None = None
+        self._head_totals = {"train": _HeadTotals(), "eval": _HeadTotals()}
+        self._warned_unstable_heads = False
+        super().__init__(model, args, *pos, peft_config=peft_config, **kwargs)
+        # PEFT marks every non-LoRA weight frozen; in head training the heads must stay trainable.
+        heads = get_heads(self.model)
+        if heads is not None and (args.mode == "heads" or args.train_heads):
+            heads.requires_grad_(True)
+
+    @staticmethod
+    def _head_module_names(model) -> list[str]:
+        return [f"{HEADS_ATTRIBUTE}.{name}" for name, _ in get_heads(model).named_modules() if name]
+
+    @staticmethod
+    def _prepare_heads(model, args: CAFTConfig) -> None:
+        base = unwrap_model(model)
+        if args.mode != "ntp":
+            if args.heads_path is not None:
+                attach_heads(base, args.heads_path)
+            elif get_heads(base) is None:
+                if base is not model:
+                    raise ValueError("attach heads (caftkit.attach_heads) before wrapping the model with PEFT")
+                attach_heads(base, args.num_heads)
+        if args.mode == "heads":
+            # Eq. 3: only the auxiliary layers learn.
+            base.requires_grad_(False)
+            get_heads(base).requires_grad_(True)
+            return
+        heads = get_heads(base)
+        if heads is not None:
+            heads.requires_grad_(args.train_heads)
+        if args.freeze_unembedding:
+            find_model_parts(base).lm_head.requires_grad_(False)
+
+    @property
+    def num_aux_heads(self) -> int:
+        """Auxiliary heads the loss runs: none in `ntp` mode."""
+        if self.args.mode == "ntp":
+            return 0
+        return min(self.args.num_heads, get_heads(self.model).num_heads)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # Every head's mean is taken over its valid targets in the whole optimisation step: all accumulated
+        # micro-batches, on all processes. Counted here, where the whole step's batches are known.
+        n = self.num_aux_heads
+        counts = torch.zeros(n + 1, dtype=torch.long, device=device)
+        for batch in batch_samples:
+            counts += count_targets(batch, n).to(device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        self._step_counts = counts
+        return batch_samples, num_items_in_batch
+
+    def current_gamma(self) -> float:
+        """gamma(step) of the configured schedule at the current optimisation step."""
+        return gamma_schedule(self.args.schedule, self.state.global_step, self.state.max_steps)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        split = "train" if model.training else "eval"
+        mode = self.args.mode
+        n = self.num_aux_heads
+        stats = head_statistics(
+            model,
+            inputs,
+            num_aux_heads=n,
+            train_trunk=mode != "heads",
+            heads_need_grad=mode != "ntp",
+            main_needs_grad=mode != "heads",
+            impl=self.args.loss_impl,
+        )
+        if split == "train" and self._step_counts is not None:
+            counts = self._step_counts
+            # Each process divides by the global count; DDP then averages gradients over processes.
+            scale = self.accelerator.num_processes
+        else:
+            counts, scale = stats.counts, 1
+        weights = head_loss_weights(mode, n, alpha=self.args.alpha, beta=self.args.beta, gamma=self.current_gamma())
+        loss = weighted_loss(stats, weights, counts) * scale
+        self._head_totals[split].add(stats.loss_sums, stats.counts, stats.correct)
+        if split == "train" and "attention_mask" in inputs:
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens
+            self._metrics[split]["num_tokens"] = [self._total_train_tokens]
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            return loss, outputs
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "train" if self.model.training else "eval"
+        totals = self._head_totals[split]
+        if totals.loss is not None:
+            loss, count, correct = totals.loss, totals.count, totals.correct
+            if self.accelerator.num_processes > 1:
+                loss = self.accelerator.reduce(loss.to(self.accelerator.device), reduction="sum")
+                count = self.accelerator.reduce(count.to(self.accelerator.device), reduction="sum")
+                correct = self.accelerator.reduce(correct.to(self.accelerator.device), reduction="sum")
+            prefix = "eval_" if split == "eval" else ""
+            for k, (s, c, h) in enumerate(zip(loss.tolist(), count.tolist(), correct.tolist()), start=1):
+                if c > 0:
+                    logs[f"{prefix}loss_head_{k}"] = s / c
+                    logs[f"{prefix}accuracy_head_{k}"] = h / c
+            if split == "train" and self.args.mode == "caft":
+                logs["caft_gamma"] = self.current_gamma()
+            self._warn_if_unstable(logs.get(f"{prefix}loss_head_2"))
+            self._head_totals[split] = _HeadTotals()
+        super().log(logs, start_time)
+
+    def _warn_if_unstable(self, l2: float | None) -> None:
+        if l2 is None or self._warned_unstable_heads or self.args.mode != "caft":
+            return
+        if l2 > self.args.l2_warning_threshold:
+            self._warned_unstable_heads = True
+            warnings.warn(
+                f"auxiliary loss L2 = {l2:.2f} > {self.args.l2_warning_threshold}: the heads predict this task's tokens "
+                "too badly to help (the paper's rule of thumb). Warm them up first: one epoch of head training "
+                "(mode='heads') on this task's training set, starting from these heads.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        heads = get_heads(self.model)
+        # The model's own checkpoint leaves the heads out (it stays a plain transformers checkpoint); heads that
+        # train are saved beside it so that resuming restores them.
+        if heads is not None and any(p.requires_grad for p in heads.parameters()) and self.args.should_save:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            save_heads(heads, Path(output_dir) / CHECKPOINT_HEADS_DIR, training={"mode": self.args.mode,
+                                                                          "global_step": self.state.global_step})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        heads_file = Path(resume_from_checkpoint) / CHECKPOINT_HEADS_DIR / HEADS_WEIGHTS_FILE
+        heads = get_heads(model if model is not None else self.model)
+        if heads is not None and heads_file.is_file():
+            heads.load_state_dict(load_file(str(heads_file)))

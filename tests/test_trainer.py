@@ -1,0 +1,147 @@
+"""CAFTTrainer end to end on tiny models: the loss goes down, accumulation is exact, heads are saved and restored."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from caftkit import CAFTConfig, CAFTTrainer
+from caftkit.heads import attach_heads, get_heads
+from caftkit.trainer import CHECKPOINT_HEADS_DIR
+from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer
+
+MOLECULES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C#N", "CC(C)O", "OCC(O)CO", "CC(=O)N"]
+
+
+def chat_dataset(n: int = 32) -> Dataset:
+    return Dataset.from_list([
+        {"messages": [{"role": "user", "content": f"molecule {i % 8}"},
+                      {"role": "assistant", "content": MOLECULES[i % 8]}]}
+        for i in range(n)
+    ])
+
+
+def config(tmp_path, **overrides) -> CAFTConfig:
+    values = dict(output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3,
+                  logging_steps=4, report_to=[], save_strategy="no", assistant_only_loss=True, use_cpu=True,
+                  seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0,
+                  bf16=False)  # float32: exact comparisons (TRL turns bf16 autocast on by default)
+    values.update(overrides)
+    return CAFTConfig(**values)
+
+
+def losses(trainer, key: str) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def test_caft_training_lowers_every_head_loss(tmp_path):
+    trainer = CAFTTrainer(model=tiny_model("llama"), args=config(tmp_path, train_heads=True, num_heads=3),
+                          train_dataset=chat_dataset(), eval_dataset=chat_dataset(8), processing_class=tiny_tokenizer())
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    for k in range(1, 5):
+        assert after[f"eval_loss_head_{k}"] < before[f"eval_loss_head_{k}"]
+    assert after["eval_loss"] < before["eval_loss"]
+    train_l1 = losses(trainer, "loss_head_1")
+    assert len(train_l1) == 3 and train_l1[-1] < train_l1[0]
+    assert 0.0 <= losses(trainer, "accuracy_head_2")[-1] <= 1.0
+    # rsine: gamma falls from 1 to 0 over the 12 steps, logged after steps 4, 8, 12.
+    assert losses(trainer, "caft_gamma") == pytest.approx([0.8660254, 0.5, 0.0])
+
+
+def test_frozen_parts_stay_frozen_in_caft_mode(tmp_path):
+    model = tiny_model("qwen2")
+    trainer = CAFTTrainer(model=model, args=config(tmp_path, max_steps=3), train_dataset=chat_dataset(),
+                          processing_class=tiny_tokenizer())
+    heads_before = {k: v.clone() for k, v in get_heads(model).state_dict().items()}
+    lm_head_before = model.lm_head.weight.detach().clone()
+    layer0_before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    trainer.train()
+    assert all(torch.equal(heads_before[k], v) for k, v in get_heads(model).state_dict().items())
+    assert torch.equal(lm_head_before, model.lm_head.weight)
+    assert not torch.equal(layer0_before, model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_head_training_changes_only_the_heads(tmp_path):
+    model = tiny_model("llama")
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = CAFTTrainer(model=model, args=config(tmp_path, mode="heads", num_heads=2), train_dataset=chat_dataset(),
+                          eval_dataset=chat_dataset(8), processing_class=tiny_tokenizer())
+    heads_before = {k: v.clone() for k, v in get_heads(model).state_dict().items()}
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert all(torch.equal(base_before[k], v) for k, v in model.state_dict().items() if not k.startswith("caft_heads"))
+    assert any(not torch.equal(heads_before[k], v) for k, v in get_heads(model).state_dict().items())
+    assert after["eval_loss_head_2"] < before["eval_loss_head_2"]
+    assert after["eval_loss_head_3"] < before["eval_loss_head_3"]
+    assert after["eval_loss_head_1"] == pytest.approx(before["eval_loss_head_1"], rel=1e-6)
+
+
+def _train_weights(tmp_path, name, **overrides):
+    model = tiny_model("llama")
+    args = config(tmp_path / name, max_steps=overrides.pop("max_steps", 2), learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+                  max_grad_norm=0.0, beta=0.5, num_heads=2, train_heads=True, **overrides)
+    trainer = CAFTTrainer(model=model, args=args, train_dataset=chat_dataset(16), processing_class=tiny_tokenizer())
+    trainer.train()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses(trainer, "loss")
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    big, big_losses = _train_weights(tmp_path, "big", per_device_train_batch_size=4, logging_steps=1)
+    accumulated, acc_losses = _train_weights(tmp_path, "acc", per_device_train_batch_size=2,
+                                             gradient_accumulation_steps=2, logging_steps=1)
+    assert acc_losses == pytest.approx(big_losses, rel=1e-5)
+    for key in big:
+        torch.testing.assert_close(accumulated[key], big[key], rtol=1e-5, atol=1e-6)
+
+
+def test_trainable_heads_are_checkpointed_and_restored(tmp_path):
+    args = config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, train_heads=True, num_heads=2)
+    model = tiny_model("llama")
+    trainer = CAFTTrainer(model=model, args=args, train_dataset=chat_dataset(), processing_class=tiny_tokenizer())
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    saved = load_file(str(checkpoint / CHECKPOINT_HEADS_DIR / "heads.safetensors"))
+    assert json.loads((checkpoint / CHECKPOINT_HEADS_DIR / "heads_config.json").read_text())["num_heads"] == 2
+    model_keys = load_file(str(checkpoint / "model.safetensors")).keys()
+    assert not any("caft_heads" in key for key in model_keys)
+
+    fresh = tiny_model("llama")
+    resumed = CAFTTrainer(model=fresh, args=args, train_dataset=chat_dataset(), processing_class=tiny_tokenizer())
+    resumed._load_from_checkpoint(str(checkpoint))
+    for key, value in get_heads(fresh).state_dict().items():
+        assert torch.equal(value, saved[key])
+
+
+def test_unstable_heads_warn_once(tmp_path):
+    args = config(tmp_path, max_steps=4, logging_steps=1, l2_warning_threshold=0.0, num_heads=2)
+    trainer = CAFTTrainer(model=tiny_model("llama"), args=args, train_dataset=chat_dataset(),
+                          processing_class=tiny_tokenizer())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    unstable = [w for w in caught if "auxiliary loss L2" in str(w.message)]
+    assert len(unstable) == 1
+
+
+def test_ntp_mode_runs_no_head(tmp_path):
+    model = attach_heads(tiny_model("llama"), 2)
+    trainer = CAFTTrainer(model=model, args=config(tmp_path, mode="ntp", max_steps=2, logging_steps=1),
+                          train_dataset=chat_dataset(), processing_class=tiny_tokenizer())
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert "loss_head_1" in logged and "loss_head_2" not in logged
+    assert logged["loss"] == pytest.approx(logged["loss_head_1"], rel=1e-5)
+
+
+def test_config_rejects_unknown_mode(tmp_path):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        config(tmp_path, mode="mtp")

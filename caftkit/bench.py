@@ -134,13 +134,15 @@ def train_step_flops(config, batch_size: int, seq_len: int, num_heads: int) -> d
 def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 512, num_heads: int = 4,
                 steps: int = 5, warmup: int = 1, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> dict:
     """Run both sides, each in a fresh process, and return the ratios (CAFT / plain) with the raw figures."""
-    from .models import load_model_and_tokenizer, resolve_model_path
-
     from transformers import AutoConfig
+
+    from .models import resolve_model_path
 
     resolve_model_path(model)  # convert the bundled model once, before the two timed processes
     results = {}
     for side in ("plain", "caft"):
+        print(f"caft bench train: {side} side, {warmup} warm-up + {steps} timed steps in a fresh process...",
+              file=sys.stderr, flush=True)
         command = [sys.executable, "-m", "caftkit.bench", side, model, str(batch_size), str(seq_len), str(num_heads),
                    str(steps), str(warmup), dtype, device, str(seed)]
         completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())

@@ -178,15 +178,17 @@ def _set_save_exclusion(model: nn.Module, heads: AuxiliaryHeads | None, previous
 
 def attach_heads(
     model: nn.Module,
-    heads: int | str | os.PathLike | AuxiliaryHeads = 4,
+    heads: int | str | os.PathLike | AuxiliaryHeads | None = None,
     *,
+    num_heads: int = 4,
     trainable: bool = False,
     check_base: bool = True,
 ) -> nn.Module:
     """Attach auxiliary heads to a causal LM and return the model.
 
-    `heads` is a number of auxiliary heads (new copies of layer L; the paper's n = heads + 1), a `heads/`
-    folder written by `save_heads`, or an `AuxiliaryHeads` module. Heads loaded from disk are checked against
+    `attach_heads(model, num_heads=4)` makes 4 new heads, copies of layer L (the paper's n = num_heads + 1);
+    `attach_heads(model, "heads/")` loads a folder written by `save_heads`; `heads` may also be a number of
+    new heads or an `AuxiliaryHeads` module. Heads loaded from disk are checked against
     a fingerprint of this model's base (`check_base`). `trainable` sets `requires_grad` on the heads (they are
     frozen by default, as in CAFT fine-tuning). Attach before wrapping with PEFT, a Trainer or FSDP.
     """
@@ -194,8 +196,8 @@ def attach_heads(
     parts = find_model_parts(base)
     if isinstance(heads, AuxiliaryHeads):
         module = heads
-    elif isinstance(heads, int):
-        module = AuxiliaryHeads(parts.last_layer, heads)
+    elif heads is None or isinstance(heads, int):
+        module = AuxiliaryHeads(parts.last_layer, num_heads if heads is None else heads)
         module.metadata = {"base_fingerprint": base_fingerprint(base), "training": None}
     else:
         module = load_heads(heads, base, check_base=check_base)

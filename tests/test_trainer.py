@@ -145,3 +145,19 @@ def test_ntp_mode_runs_no_head(tmp_path):
 def test_config_rejects_unknown_mode(tmp_path):
     with pytest.raises(ValueError, match="mode must be one of"):
         config(tmp_path, mode="mtp")
+
+
+def test_lora_stays_out_of_the_heads(tmp_path):
+    from peft import LoraConfig
+
+    model = tiny_model("llama")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = CAFTTrainer(model=model, args=config(tmp_path, max_steps=3, logging_steps=1, num_heads=2),
+                          train_dataset=chat_dataset(), processing_class=tiny_tokenizer(), peft_config=lora)
+    names = [name for name, _ in trainer.model.named_parameters()]
+    assert any("lora_A" in name and "caft_heads" not in name for name in names)
+    assert not any("lora" in name and "caft_heads" in name for name in names)
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    trainer.train()
+    assert "loss_head_3" in trainer.state.log_history[0]

@@ -42,7 +42,7 @@ class ModelParts:
     model_type: str
     layers: nn.ModuleList
     final_norm: nn.Module
-    lm_head: nn.Linear
+    lm_head: nn.Module
     rotary_emb: nn.Module | None
     logit_scale: float
     logit_softcap: float | None
@@ -132,7 +132,8 @@ def find_model_parts(model: nn.Module) -> ModelParts:
         )
     if len(layers) < 1:
         raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers")
-    if not isinstance(lm_head, nn.Linear):
-        raise UnsupportedModelError(f"the output embedding of {type(model).__name__} is a {type(lm_head).__name__}, not nn.Linear")
+    if getattr(lm_head, "weight", None) is None:
+        # A PEFT-wrapped lm_head still has its base weight; the fused loss asks for a plain nn.Linear itself.
+        raise UnsupportedModelError(f"the output embedding of {type(model).__name__} ({type(lm_head).__name__}) has no weight")
     scale, softcap = _logit_transform(config)
     return ModelParts(model_type, layers, norm, lm_head, rotary, scale, softcap)

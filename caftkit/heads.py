@@ -201,7 +201,7 @@ def attach_heads(
         module.metadata = {"base_fingerprint": base_fingerprint(base), "training": None}
     else:
         module = load_heads(heads, base, check_base=check_base)
-    param = parts.last_layer.parameters().__next__()
+    param = next(parts.last_layer.parameters())
     module.to(device=param.device, dtype=param.dtype)
     module.requires_grad_(trainable)
     previous = get_heads(base)

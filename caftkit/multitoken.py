@@ -7,6 +7,7 @@ evaluation all call `head_statistics` and differ only in the weights they give e
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -49,9 +50,14 @@ def count_targets(batch: dict, num_aux_heads: int) -> torch.Tensor:
     return torch.stack([(t != IGNORE_INDEX).sum() for t in head_targets(batch, num_aux_heads + 1)])
 
 
+@functools.lru_cache(maxsize=None)
+def _class_accepts_logits_to_keep(model_class: type) -> bool:
+    # Read once per model class: this runs on every training step.
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    forward = unwrap_model(model).forward
-    return "logits_to_keep" in inspect.signature(forward).parameters
+    return _class_accepts_logits_to_keep(type(unwrap_model(model)))
 
 
 def head_statistics(

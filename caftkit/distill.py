@@ -1,0 +1,246 @@
+"""Self-distillation: the base model answers the prompts itself, so the heads learn its own distribution.
+
+The output is `messages` JSONL, one record per line, written a batch at a time and flushed to disk. A rerun
+with the same settings skips every id already written and regenerates only what is missing; a last line cut
+off by an interruption is dropped and redone. Prompts are grouped by length into batches (left-padded) in a
+fixed plan, so a resumed run writes exactly the file an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import ReadStats, Record, iter_prompts, render_prompt
+
+STOP_END_OF_TURN = "end_of_turn"
+STOP_MAX_NEW_TOKENS = "max_new_tokens"
+
+# Settings that change what is generated: a resumed run must use the same ones.
+_GENERATION_SETTINGS = ("model", "data", "max_new_tokens", "max_prompt_tokens", "batch_size", "temperature",
+                        "top_p", "seed", "dtype")
+
+
+@dataclass
+class DistillSettings:
+    """What `distill` generates with; written beside the output as `<name>.meta.json`."""
+
+    model: str
+    data: str
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = 512
+    batch_size: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"
+    max_samples: int | None = None
+
+
+@dataclass
+class DistillSummary:
+    """Counts and speed of a distillation run (this invocation only, except `written_total`)."""
+
+    records_read: int = 0
+    prompts_selected: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    source_truncated_tail: bool = False
+    already_done: int = 0
+    generated: int = 0
+    written_total: int = 0
+    stop_reasons: dict[str, int] = field(default_factory=dict)
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def meta_path(output: Path) -> Path:
+    """The settings-and-summary file kept beside a distillation output."""
+    return output.with_name(output.stem + ".meta.json")
+
+
+def recover_output(output: Path) -> set[str]:
+    """Ids already in `output`; a last line cut off mid-write is removed so that it is generated again."""
+    if not output.exists():
+        return set()
+    data = output.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with output.open("r+b") as handle:
+            handle.truncate(len(complete))
+    done = set()
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        try:
+            done.add(json.loads(line)["id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{output}:{number}: not a distilled record; write to a new file or remove it") from None
+    return done
+
+
+def _check_resumable(output: Path, settings: DistillSettings, done: set[str]) -> None:
+    meta = meta_path(output)
+    if not done or not meta.exists():
+        return
+    previous = json.loads(meta.read_text()).get("settings", {})
+    changed = [f"{name}={previous.get(name)!r} (now {getattr(settings, name)!r})"
+               for name in _GENERATION_SETTINGS if previous.get(name) != getattr(settings, name)]
+    if changed:
+        raise ValueError(f"{output} was generated with other settings: {', '.join(changed)}; "
+                         "resume with the same settings or write to a new file")
+
+
+def select_prompts(tokenizer, settings: DistillSettings, summary: DistillSummary) -> list[tuple[Record, list[int]]]:
+    """The first `max_samples` prompts of the source that fit `max_prompt_tokens`, with their prompt token ids."""
+    stats = ReadStats()
+    selected = []
+    for record in iter_prompts(settings.data, stats):
+        ids = tokenizer(render_prompt(tokenizer, record.messages), add_special_tokens=False)["input_ids"]
+        if len(ids) > settings.max_prompt_tokens:
+            stats.skip(f"longer than {settings.max_prompt_tokens} prompt tokens")
+            continue
+        selected.append((record, ids))
+        if settings.max_samples is not None and len(selected) >= settings.max_samples:
+            break
+    summary.records_read = stats.read
+    summary.skipped = stats.skipped
+    summary.source_truncated_tail = stats.truncated_tail
+    summary.prompts_selected = len(selected)
+    return selected
+
+
+def batch_plan(prompts: list[tuple[Record, list[int]]], batch_size: int) -> list[list[tuple[Record, list[int]]]]:
+    """Prompts grouped by length into batches, longest first (so that running out of memory shows at once)."""
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i][1]), i))
+    ordered = [prompts[i] for i in order]
+    return [ordered[i: i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError(f"{tokenizer.name_or_path!r} defines no end-of-sequence token to stop generation on")
+    return ids
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: DistillSettings, seed: int
+                   ) -> list[tuple[list[int], str]]:
+    """Answer token ids (end-of-turn token excluded) and stop reason of each prompt, generated as one batch."""
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    width = max(len(ids) for ids in prompt_ids)
+    device = next(model.parameters()).device
+    # Left padding: every prompt ends at the same position, where generation starts.
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
+    sampling = settings.temperature > 0
+    torch.manual_seed(seed)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sampling,
+        temperature=settings.temperature if sampling else None,
+        top_p=settings.top_p if sampling else None,
+        top_k=None,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        # A cache allocated once for prompt + answer: a growing cache is copied whole at every step, which
+        # halves decoding speed on long prompts.
+        cache_implementation="static",
+    )
+    answers = []
+    for row in output[:, width:].tolist():
+        stop = next((i for i, token in enumerate(row) if token in eos_ids), None)
+        if stop is None:
+            answers.append((row[: settings.max_new_tokens], STOP_MAX_NEW_TOKENS))
+        else:
+            answers.append((row[:stop], STOP_END_OF_TURN))
+    return answers
+
+
+def distilled_record(record: Record, answer_text: str, stop_reason: str, new_tokens: int) -> dict[str, Any]:
+    """The JSONL record of one distilled answer."""
+    return {
+        "id": record.id,
+        "messages": [*record.messages, {"role": "assistant", "content": answer_text}],
+        "stop_reason": stop_reason,
+        "new_tokens": new_tokens,
+    }
+
+
+def distill(model, tokenizer, output: str | os.PathLike, settings: DistillSettings, progress: bool = True
+            ) -> DistillSummary:
+    """Generate the model's answers to the prompts of `settings.data` into `output`, resuming where it stopped.
+
+    `model` is a causal LM, or a function returning one: it is then called only once the prompts have been
+    read and checked, so that bad input fails fast.
+    """
+    from tqdm.auto import tqdm
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    summary = DistillSummary()
+    done = recover_output(output)
+    _check_resumable(output, settings, done)
+    prompts = select_prompts(tokenizer, settings, summary)
+    selected_ids = {record.id for record, _ in prompts}
+    summary.already_done = len(done & selected_ids)
+    _write_meta(output, settings, summary, len(done))
+    if not isinstance(model, torch.nn.Module):
+        model = model()
+    model.eval()
+    started = time.perf_counter()
+    bar = tqdm(total=len(prompts), initial=summary.already_done, unit="prompt", desc="distill", disable=not progress)
+    with output.open("a", encoding="utf-8") as handle:
+        for index, batch in enumerate(batch_plan(prompts, settings.batch_size)):
+            missing = [i for i, (record, _) in enumerate(batch) if record.id not in done]
+            if not missing:
+                continue
+            # The whole planned batch is generated even when part of it was written before an interruption:
+            # the same batch gives the same numbers, so the resumed file equals an uninterrupted one.
+            answers = generate_batch(model, tokenizer, [ids for _, ids in batch], settings, settings.seed + index)
+            lines = []
+            for i in missing:
+                record = batch[i][0]
+                ids, stop = answers[i]
+                new_tokens = len(ids) + (stop == STOP_END_OF_TURN)
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                lines.append(json.dumps(distilled_record(record, text, stop, new_tokens), ensure_ascii=False) + "\n")
+                summary.stop_reasons[stop] = summary.stop_reasons.get(stop, 0) + 1
+                summary.new_tokens += new_tokens
+                done.add(record.id)
+            handle.write("".join(lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+            summary.generated += len(missing)
+            summary.seconds = time.perf_counter() - started
+            bar.update(len(missing))
+            bar.set_postfix(tokens_per_s=f"{summary.tokens_per_second:.0f}")
+    bar.close()
+    summary.seconds = time.perf_counter() - started
+    summary.written_total = len(done)
+    _write_meta(output, settings, summary, len(done))
+    return summary
+
+
+def _write_meta(output: Path, settings: DistillSettings, summary: DistillSummary, written: int) -> None:
+    meta = {"settings": asdict(settings), "last_run": {**asdict(summary), "tokens_per_second":
+                                                       round(summary.tokens_per_second, 2)},
+            "records_written": written}
+    target = meta_path(output)
+    staging = target.with_name(target.name + ".tmp")
+    staging.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(staging, target)

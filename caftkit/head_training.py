@@ -1,0 +1,199 @@
+"""Training the auxiliary heads (paper eq. 3): the base frozen and run without gradients, only the heads learn.
+
+Used twice in the CAFT flow: once per base model on self-distilled general data (`caft distill` output), and
+as the task warm-up, one epoch on a task's own training set starting from those heads (`init`). The result is
+a `heads/` folder (weights, config with the training metadata and each head's held-out loss and accuracy
+before and after, and a PNG of the per-head loss curves).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import tokenize_source
+from .heads import HEADS_CONFIG_FILE, attach_heads, get_heads, save_heads
+from .models import load_model, load_tokenizer
+from .plots import plot_head_losses
+
+CHECKPOINTS_DIR = "checkpoints"
+INITIAL_EVAL_FILE = "initial_eval.json"
+LOSS_CURVES_FILE = "loss_curves.png"
+LOG_HISTORY_FILE = "log_history.json"
+
+
+@dataclass
+class HeadTrainingSettings:
+    """Everything `train_heads` is run with; recorded in `heads_config.json` under `training`."""
+
+    model: str
+    data: str
+    init: str | None = None
+    num_heads: int = 4
+    alpha: float = 0.8
+    epochs: float = 1.0
+    learning_rate: float = 5e-4
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1024
+    eval_fraction: float = 0.05
+    eval_steps: int | None = None
+    save_steps: int = 50
+    logging_steps: int = 5
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    report_to: list[str] = field(default_factory=list)
+
+
+def split_held_out(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded random split into (train, held-out); the held-out part has at least one example."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"eval_fraction must be between 0 and 1, got {fraction}")
+    if len(examples) < 2:
+        raise ValueError(f"need at least 2 examples to hold one out, got {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    size = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    held_out = sorted(order[:size])
+    kept = sorted(order[size:])
+    return [examples[i] for i in kept], [examples[i] for i in held_out]
+
+
+def per_head_metrics(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """`{"head_2": {"loss": ..., "accuracy": ...}, ...}` from evaluation metrics (`eval_loss_head_k`, ...)."""
+    heads = {}
+    for key, value in metrics.items():
+        if key.startswith("eval_loss_head_"):
+            k = int(key.rsplit("_", 1)[1])
+            heads[f"head_{k}"] = {"loss": value, "accuracy": metrics.get(f"eval_accuracy_head_{k}")}
+    return dict(sorted(heads.items(), key=lambda item: int(item[0].split("_")[1])))
+
+
+def _last_checkpoint(directory: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(directory)) if directory.is_dir() else None
+
+
+def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = False,
+                keep_checkpoints: bool = False, progress: bool = True, model=None, tokenizer=None
+                ) -> dict[str, Any]:
+    """Train auxiliary heads on `settings.data` and write them to the folder `output`.
+
+    Checkpoints go to `output/checkpoints/` while training runs (removed at the end unless
+    `keep_checkpoints`); `resume=True` continues from the last one. `model` and `tokenizer` may be given
+    already loaded (`settings.model` is then only recorded); the heads stay attached to the model. Returns the
+    held-out metrics before and after training and what the data held.
+    """
+    from datasets import Dataset
+
+    from .trainer import CAFTConfig, CAFTTrainer
+
+    output_dir = Path(output)
+    run_dir = output_dir / CHECKPOINTS_DIR
+    checkpoint = _last_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
+    if not resume and _last_checkpoint(run_dir) is not None:
+        raise ValueError(f"{run_dir} holds checkpoints of an earlier run: resume it (--resume) or choose a new output")
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(settings.model)
+    # The data is read and checked before the model is loaded: bad input fails fast.
+    data = tokenize_source(settings.data, tokenizer, settings.max_length)
+    train_examples, held_out = split_held_out(data.examples, settings.eval_fraction, settings.seed)
+    if model is None:
+        model = load_model(settings.model, settings.dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    attach_heads(model, settings.init if settings.init else settings.num_heads, trainable=True)
+    heads = get_heads(model)
+    num_heads = min(settings.num_heads, heads.num_heads) if settings.init else heads.num_heads
+
+    steps_per_epoch = -(-len(train_examples) // (settings.batch_size * settings.grad_accum))
+    eval_steps = settings.eval_steps or max(1, steps_per_epoch // 4)
+
+    args = CAFTConfig(
+        output_dir=str(run_dir),
+        mode="heads",
+        num_heads=num_heads,
+        alpha=settings.alpha,
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup,
+        weight_decay=settings.weight_decay,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        max_length=None,  # already truncated (and counted) by `tokenize_source`
+        train_sampling_strategy="group_by_length",  # less padding: the base runs on every padded position
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_steps=settings.logging_steps,
+        activation_checkpointing=False,  # the base runs without gradients; the heads are one layer each
+        bf16=False,  # the model runs in the dtype it was loaded in; no autocast
+        use_cpu=settings.device == "cpu",
+        report_to=settings.report_to,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+    trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
+                          eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer)
+
+    initial_file = run_dir / INITIAL_EVAL_FILE
+    if checkpoint is not None and initial_file.is_file():
+        before = json.loads(initial_file.read_text())
+    else:
+        before = per_head_metrics(trainer.evaluate())
+        run_dir.mkdir(parents=True, exist_ok=True)
+        initial_file.write_text(json.dumps(before, indent=2) + "\n")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    after = per_head_metrics(trainer.evaluate())
+
+    summary = {
+        "settings": asdict(settings),
+        "train_examples": len(train_examples),
+        "held_out_examples": len(held_out),
+        "data": {"records": data.stats.read, "dropped_or_truncated": data.stats.skipped},
+        "optimizer_steps": trainer.state.global_step,
+        "train_runtime_s": round(sum(e.get("train_runtime", 0.0) for e in trainer.state.log_history), 1),
+        "held_out_before": before,
+        "held_out_after": after,
+    }
+    save_heads(get_heads(model), output_dir, training=summary)
+    history = trainer.state.log_history
+    (output_dir / LOG_HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
+    plot_head_losses(history, output_dir / LOSS_CURVES_FILE,
+                     title=f"Head training on {Path(settings.data).name}: per-head loss")
+    if not keep_checkpoints:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return summary
+
+
+def format_head_table(before: dict[str, dict], after: dict[str, dict]) -> str:
+    """A plain-text table of each head's held-out loss and top-1 accuracy before and after training."""
+    lines = [f"{'head':<8}{'predicts':>9}{'loss before':>13}{'loss after':>12}{'acc before':>12}{'acc after':>11}"]
+    for name in after:
+        k = int(name.split("_")[1])
+        b, a = before.get(name, {}), after[name]
+        lines.append(f"{name:<8}{'t+' + str(k):>9}{b.get('loss', float('nan')):>13.4f}{a['loss']:>12.4f}"
+                     f"{b.get('accuracy', float('nan')):>12.4f}{a['accuracy']:>11.4f}")
+    return "\n".join(lines)
+
+
+__all__ = ["HeadTrainingSettings", "train_heads", "split_held_out", "per_head_metrics", "format_head_table",
+           "HEADS_CONFIG_FILE"]

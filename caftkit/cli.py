@@ -123,7 +123,7 @@ def train_heads(
     num_heads: int = 4,
     alpha: float = 0.8,
     epochs: float = 1.0,
-    learning_rate: float = 5e-4,
+    learning_rate: float = 1e-3,
     lr_scheduler: str = "cosine",
     warmup: float = 0.05,
     batch_size: int = 8,
@@ -167,7 +167,7 @@ def train_heads(
         grad_accum: micro-batches accumulated per optimisation step.
         max_length: longer conversations are truncated to this many tokens (and counted).
         eval_fraction: fraction of the records held out to measure each head's loss and accuracy.
-        eval_steps: evaluate on the held-out split every this many steps (default: 4 times per epoch).
+        eval_steps: evaluate on the held-out split every this many steps (default: twice per epoch).
         save_steps: write a checkpoint every this many steps.
         logging_steps: log the per-head training losses every this many steps.
         resume: continue from the last checkpoint in `<output>/checkpoints/`.

@@ -36,7 +36,7 @@ class HeadTrainingSettings:
     num_heads: int = 4
     alpha: float = 0.8
     epochs: float = 1.0
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     lr_scheduler: str = "cosine"
     warmup: float = 0.05
     weight_decay: float = 0.0
@@ -119,7 +119,7 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
     num_heads = min(settings.num_heads, heads.num_heads) if settings.init else heads.num_heads
 
     steps_per_epoch = -(-len(train_examples) // (settings.batch_size * settings.grad_accum))
-    eval_steps = settings.eval_steps or max(1, steps_per_epoch // 4)
+    eval_steps = settings.eval_steps or max(1, steps_per_epoch // 2)
 
     args = CAFTConfig(
         output_dir=str(run_dir),
@@ -162,7 +162,11 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         run_dir.mkdir(parents=True, exist_ok=True)
         initial_file.write_text(json.dumps(before, indent=2) + "\n")
     trainer.train(resume_from_checkpoint=checkpoint)
-    after = per_head_metrics(trainer.evaluate())
+    last_eval = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss_head_2" in entry), None)
+    if last_eval is not None and last_eval.get("step") == trainer.state.global_step:
+        after = per_head_metrics(last_eval)  # the held-out split was just measured on the final heads
+    else:
+        after = per_head_metrics(trainer.evaluate())
 
     summary = {
         "settings": asdict(settings),

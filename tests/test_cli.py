@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +77,14 @@ def test_malformed_config_names_the_line(tmp_path, capsys):
 def test_missing_config_file(tmp_path, capsys):
     assert main(["bench", "train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_example_configs_are_valid_for_their_command(path):
+    """Every example config names only flags of the command it is for (named in its first comment line)."""
+    from caftkit.cli import COMMANDS, load_config
+
+    first_line = path.read_text().splitlines()[0]
+    command = re.search(r"`caft ([a-z -]+?) --config", first_line).group(1)
+    options = load_config(str(path), COMMANDS[command])
+    assert options and set(options) <= set(inspect.signature(COMMANDS[command]).parameters)

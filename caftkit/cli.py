@@ -195,10 +195,42 @@ def train_heads(
     return summary
 
 
+def data_molecules(
+    out: str,
+    smiles: str = "moses:train",
+    n: int | None = 1000,
+    seed: int = 0,
+) -> dict:
+    """Build molecule-design records (`messages` JSONL) from SMILES with RDKit.
+
+    The user asks for a molecule with a given molecular formula that contains given functional groups; the
+    assistant answers with the canonical SMILES. A `meta` field keeps the formula, the groups and the SMILES.
+    The groups (name: SMARTS) are fixed: benzene ring c1ccccc1, amide [CX3](=O)[NX3], carboxylic acid
+    [CX3](=O)[OX2H1], ester [#6][CX3](=O)[OX2H0][#6], ketone [#6][CX3](=O)[#6], hydroxyl [OX2H][CX4,c],
+    primary amine [NX3;H2][#6], nitrile C#N, sulfonamide S(=O)(=O)N, fluoro [F], chloro [Cl], bromo [Br],
+    ether [OD2]([#6])[#6]. Invalid SMILES, molecules with none of the groups and duplicates are skipped and
+    counted.
+
+    Args:
+        out: JSONL file to write.
+        smiles: `moses:train` or `moses:test` (the MOSES sets of the `molsets` package), a text file with one
+            SMILES per line, or a CSV file with a SMILES column (optionally .gz).
+        n: number of records (molecules drawn in a seeded random order); 0 or none for all.
+        seed: seed of the order.
+    """
+    from .tasks.molecules import write_molecule_records
+
+    stats = write_molecule_records(smiles, out, n=n or None, seed=seed)
+    skipped = ", ".join(f"{count} {reason}" for reason, count in stats.skipped.items()) or "none"
+    print(f"{stats.written} records written to {out} from {stats.read} molecules read; skipped: {skipped}")
+    return stats.__dict__
+
+
 # Command name -> function; a name with a space is a sub-command ("bench train").
 COMMANDS: dict[str, Callable[..., Any]] = {
     "distill": distill,
     "train-heads": train_heads,
+    "data molecules": data_molecules,
     "bench train": bench_train,
 }
 

@@ -179,13 +179,12 @@ def train_heads(
     """
     from .head_training import HeadTrainingSettings, format_head_table, train_heads as run
 
-    reporting = [] if report_to in ("", "none") else [name.strip() for name in report_to.split(",")]
     settings = HeadTrainingSettings(
         model=model, data=data, init=init, num_heads=num_heads, alpha=alpha, epochs=epochs,
         learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup=warmup, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, eval_fraction=eval_fraction, eval_steps=eval_steps,
         save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype, device=device,
-        report_to=reporting)
+        report_to=_report_to(report_to))
     summary = run(output, settings, resume=resume, keep_checkpoints=keep_checkpoints)
     print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
           f"{summary['optimizer_steps']} steps; data: {summary['data']}")
@@ -193,6 +192,127 @@ def train_heads(
     print(format_head_table(summary["held_out_before"], summary["held_out_after"]))
     print(f"heads written to {output}")
     return summary
+
+
+def finetune(
+    data: str,
+    output: str = "run",
+    model: str = "smollm2-135m-instruct",
+    heads: str | None = None,
+    mode: str = "caft",
+    method: str = "lora",
+    head_warmup: str = "no",
+    num_heads: int = 4,
+    alpha: float = 0.8,
+    beta: float = 0.01,
+    schedule: str = "rsine",
+    train_heads: bool = False,
+    freeze_unembedding: bool = True,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.1,
+    epochs: float = 1.0,
+    learning_rate: float | None = None,
+    lr_scheduler: str = "cosine",
+    warmup: float = 0.03,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    max_length: int = 1024,
+    eval_fraction: float = 0.1,
+    eval_steps: int | None = None,
+    save_steps: int = 100,
+    logging_steps: int = 5,
+    resume: bool = False,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    report_to: str = "none",
+) -> dict:
+    """Fine-tune a model on a task with CAFT (paper eq. 4), or the plain next-token baseline (`--mode ntp`).
+
+    The loss is L = CE_1 + beta * gamma(step) * sum_{k=2..n} alpha^(k-1) * CE_k over the assistant tokens, with
+    the auxiliary heads of `--heads` (from `caft train-heads`) frozen; `--mode ntp` trains with CE_1 alone and
+    everything else identical, for comparison. The run folder gets checkpoints, `final/` (LoRA adapter or full
+    weights, without heads), `heads/`, `caft_run.json`, `log_history.json` and `head_losses.png`; turn it into
+    a plain transformers model with `caft export`.
+
+    Args:
+        data: JSONL/JSON file of `messages`, `prompt`/`completion` or ShareGPT `conversations` records.
+        output: the run folder.
+        model: transformers model id, local folder, or the bundled `smollm2-135m-instruct`.
+        heads: a heads folder from `caft train-heads` (caft mode).
+        mode: caft, or ntp for the plain next-token baseline.
+        method: lora (rank 8, alpha 16, dropout 0.1 on every linear projection of the decoder layers, heads
+            excluded) or full (every weight but the unembedding).
+        head_warmup: no; yes (one epoch of head training on the task's training split first); or auto (the
+            warm-up runs when the first auxiliary loss L2 on the held-out split exceeds 4.0 at the start).
+        num_heads: auxiliary heads (with --heads, at most as many as the folder has).
+        alpha: decay of the auxiliary weights alpha^(k-1).
+        beta: overall weight of the auxiliary losses.
+        schedule: gamma(step): rsine (high early, low late), sine, linear or constant.
+        train_heads: also train the auxiliary heads during fine-tuning.
+        freeze_unembedding: keep lm_head frozen in full fine-tuning (with tied embeddings, the input embeddings too).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling alpha.
+        lora_dropout: LoRA dropout.
+        epochs: passes over the training split.
+        learning_rate: peak learning rate (default 2e-4 for lora, 2e-5 for full).
+        lr_scheduler: a transformers scheduler name (cosine, linear, constant, ...).
+        warmup: warm-up steps, or a fraction of all steps when below 1.
+        batch_size: sequences per device and step.
+        grad_accum: micro-batches accumulated per optimisation step.
+        max_length: longer conversations are truncated to this many tokens (and counted).
+        eval_fraction: fraction of the records held out for evaluation.
+        eval_steps: evaluate every this many steps (default: twice per epoch).
+        save_steps: write a checkpoint every this many steps.
+        logging_steps: log the losses every this many steps.
+        resume: continue from the last checkpoint in the run folder.
+        seed: seed of the split, the shuffling, LoRA initialisation and dropout.
+        dtype: float32, bfloat16 or float16.
+        device: cpu, cuda, or another torch device.
+        report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
+    """
+    from .finetuning import FinetuneSettings, finetune as run
+
+    settings = FinetuneSettings(
+        model=model, data=data, heads=heads, mode=mode, method=method, head_warmup=head_warmup, num_heads=num_heads,
+        alpha=alpha, beta=beta, schedule=schedule, train_heads=train_heads, freeze_unembedding=freeze_unembedding,
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, epochs=epochs,
+        learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup=warmup, batch_size=batch_size,
+        grad_accum=grad_accum, max_length=max_length, eval_fraction=eval_fraction, eval_steps=eval_steps,
+        save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype, device=device,
+        report_to=_report_to(report_to))
+    summary = run(output, settings, resume=resume)
+    print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
+          f"{summary['optimizer_steps']} steps; data: {summary['data']}")
+    for name, metrics in summary["held_out_per_head"].items():
+        print(f"held-out {name}: loss {metrics['loss']:.4f}, top-1 accuracy {metrics['accuracy']:.4f}")
+    print(f"run written to {output}; next: caft export {output} --out model")
+    return summary
+
+
+def export(run: str, /, out: str = "model", heads_out: str | None = None, dtype: str | None = None) -> dict:
+    """Export a `caft finetune` run as a plain transformers model: LoRA merged, heads stripped.
+
+    The model folder gets the weights, config, tokenizer and a model card (base, data, CAFT settings, final
+    held-out metrics), and loads with `AutoModelForCausalLM.from_pretrained` without caftkit. The heads the run
+    used are copied beside it, for reuse and for speculative decoding.
+
+    Args:
+        run: the run folder written by `caft finetune`.
+        out: the model folder to write.
+        heads_out: where to copy the heads (default: `<out>-heads`).
+        dtype: dtype of the saved weights (default: the one the run trained in).
+    """
+    from .export import export_run
+
+    written = export_run(run, out, heads_out, dtype)
+    print(f"model written to {written['model']}" + (f"; heads to {written['heads']}" if written["heads"] else ""))
+    return written
+
+
+def _report_to(value: str) -> list[str]:
+    return [] if value in ("", "none") else [name.strip() for name in value.split(",")]
 
 
 def data_molecules(
@@ -230,6 +350,8 @@ def data_molecules(
 COMMANDS: dict[str, Callable[..., Any]] = {
     "distill": distill,
     "train-heads": train_heads,
+    "finetune": finetune,
+    "export": export,
     "data molecules": data_molecules,
     "bench train": bench_train,
 }
@@ -278,6 +400,11 @@ def _add_command(subparsers, name: str, function: Callable) -> argparse.Argument
     hints = typing.get_type_hints(function)
     parser.add_argument("--config", help="YAML file whose keys are this command's flags")
     for param in inspect.signature(function).parameters.values():
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            # `caft export RUN`: a positional-only parameter is a positional argument (or a config key).
+            parser.add_argument(param.name, nargs="?", default=argparse.SUPPRESS, metavar=param.name.upper(),
+                                help=helps.get(param.name, ""))
+            continue
         flag = "--" + param.name.replace("_", "-")
         default = "" if param.default is inspect.Parameter.empty else f" (default: {param.default})"
         hint = hints.get(param.name, str)
@@ -340,12 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = load_config(config_path, function) if config_path else {}
         options.update(args)
-        missing = [name for name, param in inspect.signature(function).parameters.items()
+        parameters = inspect.signature(function).parameters
+        missing = [name for name, param in parameters.items()
                    if param.default is inspect.Parameter.empty and name not in options]
         if missing:
-            raise CLIError(f"missing {', '.join('--' + name.replace('_', '-') for name in missing)} "
-                           "(give it as a flag or in --config)")
-        function(**options)
+            shown = [name.upper() if parameters[name].kind is inspect.Parameter.POSITIONAL_ONLY
+                     else "--" + name.replace("_", "-") for name in missing]
+            raise CLIError(f"missing {', '.join(shown)} (give it on the command line or in --config)")
+        positional = [options.pop(name) for name, param in parameters.items()
+                      if param.kind is inspect.Parameter.POSITIONAL_ONLY]
+        function(*positional, **options)
     except (CLIError, FileNotFoundError, ValueError) as error:
         print(f"caft: error: {error}", file=sys.stderr)
         return 2

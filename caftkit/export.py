@@ -1,0 +1,113 @@
+"""Export a fine-tuning run as a plain transformers checkpoint: LoRA merged, heads stripped, a model card.
+
+The heads the run used (or trained) are written beside the model, in their own folder, for reuse and for
+self-speculative decoding; the model folder itself loads with `AutoModelForCausalLM.from_pretrained` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
+from .heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config
+from .models import load_model, load_tokenizer
+from .trainer import CHECKPOINT_HEADS_DIR
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """The `caft_run.json` of a finished run, with a clear error when the folder is not one."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; is {run_dir} a finished `caft finetune` run folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+
+
+def load_finetuned(run_dir: str | Path, dtype: str | None = None):
+    """The fine-tuned model of a run as a plain transformers model (LoRA merged, no heads), and its tokenizer."""
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    settings = run["settings"]
+    final = run_dir / FINAL_DIR
+    dtype = dtype or settings["dtype"]
+    if settings["method"] == "lora":
+        from peft import PeftModel
+
+        base = load_model(settings["model"], dtype)
+        model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+    else:
+        model = load_model(str(final), dtype)
+    detach_heads(model)
+    return model, load_tokenizer(str(final))
+
+
+def _heads_source(run_dir: Path) -> Path | None:
+    trained = run_dir / FINAL_DIR / CHECKPOINT_HEADS_DIR  # heads trained during fine-tuning (`train_heads`)
+    if (trained / HEADS_WEIGHTS_FILE).is_file():
+        return trained
+    used = run_dir / RUN_HEADS_DIR
+    return used if (used / HEADS_WEIGHTS_FILE).is_file() else None
+
+
+def model_card(run: dict[str, Any]) -> str:
+    """A README.md for the exported model: base, data, CAFT settings and final held-out metrics."""
+    s = run["settings"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {s['model']}",
+        "tags: [caftkit, concept-aware-fine-tuning]",
+        "---",
+        "",
+        f"# {Path(s['data']).stem} fine-tune of {s['model']}",
+        "",
+        f"Fine-tuned with caftkit, mode `{s['mode']}` "
+        + ("(Concept-Aware Fine-Tuning: next-token loss plus auxiliary-head losses, paper eq. 4)"
+           if s["mode"] == "caft" else "(plain next-token fine-tuning)")
+        + f", method `{s['method']}`. A plain transformers checkpoint: load it with "
+        "`AutoModelForCausalLM.from_pretrained`; caftkit is not needed.",
+        "",
+        "## Training",
+        "",
+        f"- data: `{s['data']}`: {run['train_examples']} training and {run['held_out_examples']} held-out examples",
+        f"- epochs {s['epochs']}, learning rate {s['learning_rate']} ({s['lr_scheduler']}), batch "
+        f"{s['batch_size']} x {s['grad_accum']} accumulation, {run['optimizer_steps']} optimisation steps",
+    ]
+    if s["method"] == "lora":
+        lines.append(f"- LoRA rank {s['lora_r']}, alpha {s['lora_alpha']}, dropout {s['lora_dropout']} "
+                     "(merged into the weights)")
+    if s["mode"] == "caft":
+        lines.append(f"- CAFT: {s['num_heads']} auxiliary heads, alpha {s['alpha']}, beta {s['beta']}, "
+                     f"schedule `{s['schedule']}`; head warm-up: {run.get('head_warmup') or 'no'}")
+    lines += ["", "## Held-out metrics", "", "| head | predicts | loss | top-1 accuracy |", "|---|---|---|---|"]
+    for name, metrics in run.get("held_out_per_head", {}).items():
+        k = int(name.split("_")[1])
+        lines.append(f"| {k} | t+{k} | {metrics['loss']:.4f} | {metrics['accuracy']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | None = None,
+               dtype: str | None = None) -> dict[str, Any]:
+    """Write the run's model to `out` (plain transformers, with tokenizer and model card) and its heads to
+    `heads_out` (default: `<out>-heads`). Returns the paths written."""
+    run_dir, out = Path(run_dir), Path(out)
+    run = read_run(run_dir)
+    model, tokenizer = load_finetuned(run_dir, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(model_card(run))
+    written = {"model": str(out), "heads": None}
+    source = _heads_source(run_dir)
+    if source is not None:
+        target = Path(heads_out) if heads_out else out.with_name(out.name + "-heads")
+        read_heads_config(source)  # a broken heads folder fails here, not at generation time
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        written["heads"] = str(target)
+    return written

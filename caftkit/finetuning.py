@@ -1,0 +1,217 @@
+"""CAFT fine-tuning of a model on a task (paper eq. 4), or the plain next-token baseline through the same path.
+
+A run folder holds the Trainer's checkpoints (`checkpoint-N/`), the final weights (`final/`: a LoRA adapter or
+a full model, heads never included), the heads the run used (`heads/`; warmed up on the task when asked),
+`caft_run.json` (settings, data counts, final held-out metrics: what `caft export` writes into the model card),
+`log_history.json` and `head_losses.png` (L1..Ln over the steps).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import tokenize_source
+from .evaluation import head_metrics
+from .head_training import HeadTrainingSettings, per_head_metrics, split_held_out, train_heads
+from .heads import attach_heads, get_heads, read_heads_config, save_heads
+from .models import load_model, load_tokenizer
+from .plots import plot_head_losses
+
+RUN_FILE = "caft_run.json"
+FINAL_DIR = "final"
+RUN_HEADS_DIR = "heads"
+WARMUP_HEADS_DIR = "warmup-heads"
+HEAD_LOSSES_FILE = "head_losses.png"
+LOG_HISTORY_FILE = "log_history.json"
+METHODS = ("lora", "full")
+HEAD_WARMUP_CHOICES = ("no", "yes", "auto")
+# Usual peak learning rates for each method (LoRA adapters tolerate ten times the rate of full weights).
+DEFAULT_LEARNING_RATES = {"lora": 2e-4, "full": 2e-5}
+
+
+@dataclass
+class FinetuneSettings:
+    """Everything `finetune` is run with; recorded in `caft_run.json`."""
+
+    model: str
+    data: str
+    heads: str | None = None
+    mode: str = "caft"
+    method: str = "lora"
+    head_warmup: str = "no"
+    num_heads: int = 4
+    alpha: float = 0.8
+    beta: float = 0.01
+    schedule: str = "rsine"
+    train_heads: bool = False
+    freeze_unembedding: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    epochs: float = 1.0
+    learning_rate: float | None = None
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.03
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1024
+    eval_fraction: float = 0.1
+    eval_steps: int | None = None
+    save_steps: int = 100
+    logging_steps: int = 5
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    report_to: list[str] = field(default_factory=list)
+    l2_warmup_threshold: float = 4.0
+
+    def __post_init__(self):
+        if self.mode not in ("caft", "ntp"):
+            raise ValueError(f"mode must be caft or ntp, got {self.mode!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.head_warmup not in HEAD_WARMUP_CHOICES:
+            raise ValueError(f"head_warmup must be one of {', '.join(HEAD_WARMUP_CHOICES)}, got {self.head_warmup!r}")
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATES[self.method]
+
+
+def lora_config(settings: FinetuneSettings):
+    """The paper's LoRA: rank 8, alpha 16, dropout 0.1 on every linear projection of the decoder layers (the
+    unembedding and the auxiliary heads excluded)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _warm_up_heads(output: Path, settings: FinetuneSettings, heads_dir: str | None, model, tokenizer) -> Path:
+    """One epoch of head training (eq. 3) on the task's training split, starting from `heads_dir`."""
+    target = output / WARMUP_HEADS_DIR
+    try:
+        read_heads_config(target)
+        return target  # done by an earlier, interrupted invocation of this run
+    except FileNotFoundError:
+        pass
+    warm = HeadTrainingSettings(
+        model=settings.model, data=settings.data, init=heads_dir, num_heads=settings.num_heads, alpha=settings.alpha,
+        epochs=1.0, batch_size=settings.batch_size, grad_accum=settings.grad_accum, max_length=settings.max_length,
+        eval_fraction=settings.eval_fraction, seed=settings.seed, dtype=settings.dtype, device=settings.device,
+        report_to=settings.report_to)
+    train_heads(str(target), warm, model=model, tokenizer=tokenizer)
+    return target
+
+
+def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, model=None, tokenizer=None
+             ) -> dict[str, Any]:
+    """Fine-tune `settings.model` on `settings.data` into the run folder `output`; see the module docstring."""
+    from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .trainer import CAFTConfig, CAFTTrainer
+
+    run_dir = Path(output)
+    checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
+    if not resume and (checkpoint is not None or (run_dir / RUN_FILE).exists()):
+        raise ValueError(f"{run_dir} holds an earlier run: resume it (--resume) or choose a new output folder")
+    if not resume:
+        checkpoint = None
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(settings.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = tokenize_source(settings.data, tokenizer, settings.max_length)
+    train_examples, held_out = split_held_out(data.examples, settings.eval_fraction, settings.seed)
+    if model is None:
+        model = load_model(settings.model, settings.dtype)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    heads_dir, warmup_record = settings.heads, None
+    if settings.mode == "caft":
+        if heads_dir is None:
+            warnings.warn("no --heads given: the auxiliary heads are untrained copies of the last layer; train "
+                          "them first with `caft train-heads`", UserWarning, stacklevel=2)
+        attach_heads(model, heads_dir if heads_dir else settings.num_heads)
+        warm = settings.head_warmup == "yes"
+        if settings.head_warmup == "auto":
+            start = head_metrics(model, held_out, pad_token_id=tokenizer.pad_token_id, batch_size=settings.batch_size)
+            l2 = start["head_2"]["loss"]
+            warm = l2 > settings.l2_warmup_threshold
+            warmup_record = {"l2_at_start": l2, "threshold": settings.l2_warmup_threshold, "warmed_up": warm}
+        if warm:
+            heads_dir = str(_warm_up_heads(run_dir, settings, heads_dir, model, tokenizer))
+            attach_heads(model, heads_dir)
+            warmup_record = {**(warmup_record or {}), "warmed_up": True, "heads": heads_dir}
+        # The heads the run trains with, kept with the run (and exported beside the model).
+        save_heads(get_heads(model), run_dir / RUN_HEADS_DIR)
+
+    steps_per_epoch = -(-len(train_examples) // (settings.batch_size * settings.grad_accum))
+    args = CAFTConfig(
+        output_dir=str(run_dir),
+        mode=settings.mode,
+        num_heads=settings.num_heads,
+        alpha=settings.alpha,
+        beta=settings.beta,
+        schedule=settings.schedule,
+        train_heads=settings.train_heads,
+        freeze_unembedding=settings.freeze_unembedding,
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup,
+        weight_decay=settings.weight_decay,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        max_length=None,  # truncated (and counted) by `tokenize_source`
+        train_sampling_strategy="group_by_length",
+        eval_strategy="steps",
+        eval_steps=settings.eval_steps or max(1, steps_per_epoch // 2),
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_steps=settings.logging_steps,
+        activation_checkpointing=False,
+        bf16=False,  # the model runs in the dtype it was loaded in; no autocast
+        use_cpu=settings.device == "cpu",
+        report_to=settings.report_to,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
+                          eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer,
+                          peft_config=lora_config(settings) if settings.method == "lora" else None)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    final = trainer.evaluate()
+
+    final_dir = run_dir / FINAL_DIR
+    shutil.rmtree(final_dir, ignore_errors=True)
+    trainer.save_model(str(final_dir))
+    history = trainer.state.log_history
+    (run_dir / LOG_HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
+    plot_head_losses(history, run_dir / HEAD_LOSSES_FILE,
+                     title=f"{settings.mode} fine-tuning on {Path(settings.data).name}: per-head loss")
+    summary = {
+        "settings": asdict(settings),
+        "base_model": settings.model,
+        "heads": str(run_dir / RUN_HEADS_DIR) if settings.mode == "caft" else None,
+        "head_warmup": warmup_record,
+        "train_examples": len(train_examples),
+        "held_out_examples": len(held_out),
+        "data": {"records": data.stats.read, "dropped_or_truncated": data.stats.skipped},
+        "optimizer_steps": trainer.state.global_step,
+        "final_eval": {key: value for key, value in final.items() if isinstance(value, (int, float))},
+        "held_out_per_head": per_head_metrics(final),
+    }
+    (run_dir / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

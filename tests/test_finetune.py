@@ -1,0 +1,190 @@
+"""`caft finetune` and `caft export` on tiny models: the exported model is the fine-tuned one, ntp is TRL's loss,
+a killed run resumes to the same weights, and the run folder holds what it promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caftkit.cli import main
+from caftkit.export import export_run, load_finetuned
+from caftkit.finetuning import FINAL_DIR, HEAD_LOSSES_FILE, RUN_FILE, RUN_HEADS_DIR, FinetuneSettings, finetune
+from caftkit.head_training import HeadTrainingSettings, train_heads
+from caftkit.heads import HEADS_ATTRIBUTE, get_heads
+from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer
+
+MOLECULES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C#N", "CC(C)O", "OCC(O)CO", "CC(=O)N", "CC#N", "OC(=O)c1ccccc1"]
+
+
+def write_task(path: Path, n: int = 40) -> Path:
+    path.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"molecule {i % 10}"},
+        {"role": "assistant", "content": MOLECULES[i % 10]},
+    ]}) + "\n" for i in range(n)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny llama with the tiny tokenizer, saved, and general heads trained for it."""
+    root = tmp_path_factory.mktemp("tiny-finetune")
+    model_dir = root / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = write_task(root / "general.jsonl", 24)
+    train_heads(str(root / "heads"), HeadTrainingSettings(model=str(model_dir), data=str(data), num_heads=2,
+                                                           epochs=1, batch_size=4, learning_rate=3e-3, eval_fraction=0.25),
+                progress=False)
+    return root
+
+
+def settings_for(tiny_dir, data, **overrides) -> FinetuneSettings:
+    values = dict(model=str(tiny_dir / "model"), data=str(data), heads=str(tiny_dir / "heads"), num_heads=2,
+                  epochs=2, batch_size=4, learning_rate=3e-3, eval_fraction=0.2, save_steps=4, logging_steps=2,
+                  lora_r=4, lora_alpha=8, warmup=0.0, beta=0.5)
+    values.update(overrides)
+    return FinetuneSettings(**values)
+
+
+def caft_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+PLAIN_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits.double(), sys.argv[3])
+assert not any(name.startswith("caftkit") for name in sys.modules), "caftkit was imported"
+"""
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_exported_model_has_the_fine_tuned_logits_without_caftkit(tiny_dir, tmp_path, method):
+    """The exported checkpoint, loaded in a fresh process by plain transformers (caftkit never imported),
+    gives the logits of the fine-tuned model as caftkit holds it after training, within 1e-5."""
+    data = write_task(tmp_path / "task.jsonl")
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    run = tmp_path / "run"
+    summary = finetune(str(run), settings_for(tiny_dir, data, method=method), model=model, tokenizer=tokenizer)
+    ids = torch.tensor([tokenizer("<|im_start|>user\nmolecule 3<|im_end|>\n<|im_start|>assistant\nCC")["input_ids"]])
+    trained = summary and caft_logits(model.eval(), ids)
+    assert not torch.allclose(trained, caft_logits(tiny_model("llama"), ids), atol=1e-3)  # training changed it
+
+    out = tmp_path / "model"
+    written = export_run(run, out)
+    assert written["heads"] == str(tmp_path / "model-heads")
+    assert set(load_file(str(tmp_path / "model-heads" / "heads.safetensors"))) == set(
+        load_file(str(run / RUN_HEADS_DIR / "heads.safetensors")))
+    weights = load_file(str(out / "model.safetensors"))
+    assert not any(HEADS_ATTRIBUTE in key or "lora" in key for key in weights)
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
+                   check=True, env=env, cwd=tmp_path)
+    exported = torch.load(tmp_path / "l.pt")
+    assert (exported - trained).abs().max().item() < 1e-5
+    card = (out / "README.md").read_text()
+    assert f"method `{method}`" in card and "| 2 | t+2 |" in card
+
+
+def test_ntp_loss_is_trl_sft_loss(tiny_dir, tmp_path):
+    """`mode=ntp` computes exactly the loss TRL's SFTTrainer computes on the same batch."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from caftkit import CAFTConfig, CAFTTrainer
+
+    records = [{"messages": [{"role": "user", "content": f"molecule {i}"},
+                             {"role": "assistant", "content": MOLECULES[i]}]} for i in range(6)]
+    common = dict(per_device_train_batch_size=6, report_to=[], use_cpu=True, bf16=False, assistant_only_loss=True,
+                  save_strategy="no", disable_tqdm=True)
+    ntp = CAFTTrainer(tiny_model("llama"), CAFTConfig(str(tmp_path / "a"), mode="ntp", **common),
+                      train_dataset=Dataset.from_list(records), processing_class=tiny_tokenizer())
+    sft = SFTTrainer(tiny_model("llama"), SFTConfig(str(tmp_path / "b"), **common),
+                     train_dataset=Dataset.from_list(records), processing_class=tiny_tokenizer())
+    batch = next(iter(sft.get_train_dataloader()))
+    ntp_batch = next(iter(ntp.get_train_dataloader()))
+    assert torch.equal(batch["input_ids"], ntp_batch["input_ids"]) and torch.equal(batch["labels"], ntp_batch["labels"])
+    sft.model.train(), ntp.model.train()
+    expected = sft.compute_loss(sft.model, batch)
+    actual = ntp.compute_loss(ntp.model, batch)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_run_folder_and_head_warmup(tiny_dir, tmp_path):
+    data = write_task(tmp_path / "task.jsonl")
+    run = tmp_path / "run"
+    summary = finetune(str(run), settings_for(tiny_dir, data, head_warmup="yes", epochs=1),
+                       model=tiny_model("llama"), tokenizer=tiny_tokenizer())
+    assert summary["head_warmup"]["warmed_up"] is True
+    # The warm-up trained the general heads one epoch on the task; the run used (and kept) the warmed heads.
+    warm = load_file(str(run / "warmup-heads" / "heads.safetensors"))
+    general = load_file(str(tiny_dir / "heads" / "heads.safetensors"))
+    used = load_file(str(run / RUN_HEADS_DIR / "heads.safetensors"))
+    assert all(torch.equal(warm[k], used[k]) for k in warm)
+    assert any(not torch.equal(warm[k], general[k]) for k in warm)
+    assert (run / HEAD_LOSSES_FILE).read_bytes().startswith(b"\x89PNG")
+    recorded = json.loads((run / RUN_FILE).read_text())
+    assert recorded["held_out_per_head"]["head_3"]["loss"] > 0 and recorded["train_examples"] == 32
+    assert (run / FINAL_DIR / "adapter_model.safetensors").is_file()
+
+
+def test_killed_finetune_resumes_to_the_same_weights(tiny_dir, tmp_path):
+    """A fine-tune killed (SIGKILL) after a checkpoint and resumed with --resume ends with the weights of an
+    uninterrupted run with the same seed."""
+    data = write_task(tmp_path / "task.jsonl", 60)
+    flags = ["--model", str(tiny_dir / "model"), "--data", str(data), "--heads", str(tiny_dir / "heads"),
+             "--num-heads", "2", "--epochs", "3", "--batch-size", "4", "--learning-rate", "0.003",
+             "--save-steps", "3", "--logging-steps", "3", "--lora-r", "4", "--lora-alpha", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "caftkit.cli", "finetune"]
+    subprocess.run(command + flags + ["--output", str(tmp_path / "complete")], check=True, env=env,
+                   capture_output=True)
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(command + flags + ["--output", str(interrupted)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (interrupted / "checkpoint-6" / "trainer_state.json").is_file():
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / RUN_FILE).exists(), "the run must be killed before it finished"
+    subprocess.run(command + flags + ["--output", str(interrupted), "--resume"], check=True, env=env,
+                   capture_output=True)
+    finished = load_file(str(tmp_path / "complete" / FINAL_DIR / "adapter_model.safetensors"))
+    resumed = load_file(str(interrupted / FINAL_DIR / "adapter_model.safetensors"))
+    assert set(finished) == set(resumed)
+    for name in finished:
+        torch.testing.assert_close(resumed[name], finished[name], rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):
+    data = write_task(tmp_path / "task.jsonl", 20)
+    run = tmp_path / "run"
+    assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--heads",
+                 str(tiny_dir / "heads"), "--num-heads", "2", "--mode", "ntp", "--output", str(run),
+                 "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "18 training and 2 held-out examples, 5 steps" in printed
+    assert f"next: caft export {run} --out model" in printed
+    assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--output", str(run)]) == 2
+    assert "holds an earlier run: resume it (--resume)" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--output",
+                 str(tmp_path / "r2"), "--method", "qlora"]) == 2
+    assert "method must be one of lora, full" in capsys.readouterr().err

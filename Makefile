@@ -23,7 +23,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/caft bench train
+	$(BIN)/caft demo
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -11,6 +11,7 @@ import inspect
 import json
 import re
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any, Callable
@@ -315,6 +316,47 @@ def _report_to(value: str) -> list[str]:
     return [] if value in ("", "none") else [name.strip() for name in value.split(",")]
 
 
+def demo(
+    output: str = "demo-output",
+    model: str = "smollm2-135m-instruct",
+    distill_prompts: int = 48,
+    distill_new_tokens: int = 96,
+    molecules: int = 320,
+    eval_molecules: int = 40,
+    device: str = "cpu",
+) -> dict:
+    """Run the whole CAFT pipeline on a small scale: distil, train heads, warm up, fine-tune, export, evaluate.
+
+    Self-distils a few ShareGPT prompts, trains general heads on the answers, builds molecule-design records
+    from MOSES, warms the heads up on them and fine-tunes with CAFT and LoRA, exports a plain transformers
+    model, and scores its greedy answers to held-out MOSES test prompts (valid SMILES, formula match, groups
+    present). A rerun reuses the stages already done. Prints where each artefact is and what to run next.
+
+    Args:
+        output: folder for every artefact.
+        model: transformers model id, local folder, or the bundled `smollm2-135m-instruct`.
+        distill_prompts: ShareGPT prompts to self-distil.
+        distill_new_tokens: most tokens per distilled answer.
+        molecules: molecule-design records from the MOSES train split to fine-tune on (some held out).
+        eval_molecules: MOSES test molecules to score the exported model on.
+        device: cpu, cuda, or another torch device.
+    """
+    from .demo import DemoSizes, run_demo
+
+    started = time.perf_counter()
+    report = run_demo(output, model, DemoSizes(distill_prompts=distill_prompts, distill_new_tokens=distill_new_tokens,
+                                              molecules=molecules, eval_molecules=eval_molecules), device)
+    artefacts = report["artefacts"]
+    print(f"\ndone in {time.perf_counter() - started:.0f} s. Artefacts:")
+    for name, path in artefacts.items():
+        print(f"  {name:<12} {path}")
+    print("next:")
+    print(f"  caft train-heads --data {artefacts['distilled']} --output heads      # heads on more data")
+    print(f"  caft finetune --data {artefacts['task_data']} --heads {artefacts['heads']} --output run")
+    print(f"  caft export run --out model")
+    return report
+
+
 def data_molecules(
     out: str,
     smiles: str = "moses:train",
@@ -353,6 +395,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "finetune": finetune,
     "export": export,
     "data molecules": data_molecules,
+    "demo": demo,
     "bench train": bench_train,
 }
 

@@ -135,9 +135,10 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: DistillSettings, seed: int
-                   ) -> list[tuple[list[int], str]]:
-    """Answer token ids (end-of-turn token excluded) and stop reason of each prompt, generated as one batch."""
+def generate_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0) -> list[tuple[list[int], str]]:
+    """Answer token ids (end-of-turn token excluded) and stop reason of each prompt, generated as one batch
+    (greedy when `temperature` is 0)."""
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     width = max(len(ids) for ids in prompt_ids)
@@ -145,15 +146,15 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: Dist
     # Left padding: every prompt ends at the same position, where generation starts.
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
-    sampling = settings.temperature > 0
+    sampling = temperature > 0
     torch.manual_seed(seed)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        max_new_tokens=settings.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         do_sample=sampling,
-        temperature=settings.temperature if sampling else None,
-        top_p=settings.top_p if sampling else None,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
         top_k=None,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
@@ -165,7 +166,7 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: Dist
     for row in output[:, width:].tolist():
         stop = next((i for i, token in enumerate(row) if token in eos_ids), None)
         if stop is None:
-            answers.append((row[: settings.max_new_tokens], STOP_MAX_NEW_TOKENS))
+            answers.append((row[:max_new_tokens], STOP_MAX_NEW_TOKENS))
         else:
             answers.append((row[:stop], STOP_END_OF_TURN))
     return answers
@@ -211,7 +212,8 @@ def distill(model, tokenizer, output: str | os.PathLike, settings: DistillSettin
                 continue
             # The whole planned batch is generated even when part of it was written before an interruption:
             # the same batch gives the same numbers, so the resumed file equals an uninterrupted one.
-            answers = generate_batch(model, tokenizer, [ids for _, ids in batch], settings, settings.seed + index)
+            answers = generate_batch(model, tokenizer, [ids for _, ids in batch], settings.max_new_tokens,
+                                     settings.temperature, settings.top_p, seed=settings.seed + index)
             lines = []
             for i in missing:
                 record = batch[i][0]

@@ -179,7 +179,10 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         "held_out_after": after,
     }
     save_heads(get_heads(model), output_dir, training=summary)
-    history = trainer.state.log_history
+    # The measurement before training is made before `train()` starts a fresh log; put it back at step 0.
+    initial = {"step": 0, **{f"eval_{metric}_head_{name.split('_')[1]}": value
+                             for name, metrics in before.items() for metric, value in metrics.items()}}
+    history = [initial, *trainer.state.log_history]
     (output_dir / LOG_HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
     plot_head_losses(history, output_dir / LOSS_CURVES_FILE,
                      title=f"Head training on {Path(settings.data).name}: per-head loss")

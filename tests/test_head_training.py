@@ -188,6 +188,9 @@ def test_command_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert (output / LOSS_CURVES_FILE).read_bytes().startswith(PNG_SIGNATURE)
     history = json.loads((output / "log_history.json").read_text())
     assert any("loss_head_2" in entry for entry in history) and any("eval_loss_head_3" in entry for entry in history)
+    # The measurement before training opens the history, at step 0.
+    before = config_written["training"]["held_out_before"]
+    assert history[0]["step"] == 0 and history[0]["eval_loss_head_2"] == before["head_2"]["loss"]
 
 
 @pytest.mark.parametrize(

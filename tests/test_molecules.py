@@ -115,3 +115,21 @@ def test_command_writes_the_records_and_reports_counts(tmp_path, capsys):
     assert len(output.read_text().splitlines()) == 2
     assert main(["data", "molecules", "--smiles", str(tmp_path / "missing.smi"), "--out", str(output)]) == 2
     assert "missing.smi: SMILES file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("N#Cc1ccccc1", (True, True, True)),
+        ("  c1ccc(C#N)cc1.\n", (True, True, True)),  # another SMILES of the same molecule, trailing period
+        ("Cc1ccccc1C#N", (True, False, True)),  # the groups but one carbon too many
+        ("CCCC#N", (True, False, False)),
+        ("C1CC", (False, False, False)),
+        ("", (False, False, False)),
+    ],
+)
+def test_score_answer(answer, expected):
+    from caftkit.tasks.molecules import score_answer
+
+    score = score_answer(answer, "C7H5N", ["benzene ring", "nitrile"])
+    assert (score.valid, score.formula_match, score.groups_match) == expected

@@ -191,3 +191,21 @@ def write_molecule_records(source: str, output: str | os.PathLike, n: int | None
             handle.write(json.dumps(record) + "\n")
     os.replace(staging, output)
     return stats
+
+
+@dataclass(frozen=True)
+class MoleculeScore:
+    """How an answer meets a molecule-design request: parses, has the formula, has every group."""
+
+    valid: bool
+    formula_match: bool
+    groups_match: bool
+
+
+def score_answer(answer: str, formula: str, groups: list[str] | tuple[str, ...]) -> MoleculeScore:
+    """Score a generated answer (its first whitespace-separated word is taken as the SMILES)."""
+    words = answer.strip().split()
+    facts = describe_molecule(words[0].strip("`.,")) if words else None
+    if facts is None:
+        return MoleculeScore(False, False, False)
+    return MoleculeScore(True, facts.formula == formula, set(groups) <= set(facts.groups))

@@ -188,3 +188,22 @@ def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):
     assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--output",
                  str(tmp_path / "r2"), "--method", "qlora"]) == 2
     assert "method must be one of lora, full" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threshold, warmed", [(0.0, True), (1e9, False)])
+def test_auto_head_warmup_follows_l2_at_the_start(tiny_dir, tmp_path, threshold, warmed):
+    """`head_warmup=auto` measures L2 on the held-out split with the given heads and warms up only above the
+    threshold; the recorded L2 is the naive held-out loss of those heads."""
+    from caftkit.heads import attach_heads
+    from test_head_training import naive_held_out_metrics
+
+    data = write_task(tmp_path / "task.jsonl")
+    settings = settings_for(tiny_dir, data, head_warmup="auto", epochs=1, l2_warmup_threshold=threshold)
+    summary = finetune(str(tmp_path / "run"), settings, model=tiny_model("llama"), tokenizer=tiny_tokenizer())
+    record = summary["head_warmup"]
+    assert record["warmed_up"] is warmed
+    assert (tmp_path / "run" / "warmup-heads").exists() is warmed
+    model = attach_heads(tiny_model("llama"), tiny_dir / "heads")
+    naive = naive_held_out_metrics(model, tiny_tokenizer(), HeadTrainingSettings(model="tiny", data=str(data),
+                                                                                 eval_fraction=0.2))
+    assert record["l2_at_start"] == pytest.approx(naive[2], rel=1e-5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from .head_training import HeadTrainingSettings, per_head_metrics, split_held_ou
 from .heads import attach_heads, get_heads, read_heads_config, save_heads
 from .models import load_model, load_tokenizer
 from .plots import plot_head_losses
+from .run_settings import RunSettings, trainer_arguments
 
 RUN_FILE = "caft_run.json"
 FINAL_DIR = "final"
@@ -35,11 +36,9 @@ DEFAULT_LEARNING_RATES = {"lora": 2e-4, "full": 2e-5}
 
 
 @dataclass
-class FinetuneSettings:
+class FinetuneSettings(RunSettings):
     """Everything `finetune` is run with; recorded in `caft_run.json`."""
 
-    model: str
-    data: str
     heads: str | None = None
     mode: str = "caft"
     method: str = "lora"
@@ -53,22 +52,9 @@ class FinetuneSettings:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
-    epochs: float = 1.0
-    learning_rate: float | None = None
-    lr_scheduler: str = "cosine"
     warmup: float = 0.03
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 1024
     eval_fraction: float = 0.1
-    eval_steps: int | None = None
     save_steps: int = 100
-    logging_steps: int = 5
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
-    report_to: list[str] = field(default_factory=list)
     l2_warmup_threshold: float = 4.0
 
     def __post_init__(self):
@@ -154,9 +140,7 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         # The heads the run trains with, kept with the run (and exported beside the model).
         save_heads(get_heads(model), run_dir / RUN_HEADS_DIR)
 
-    steps_per_epoch = -(-len(train_examples) // (settings.batch_size * settings.grad_accum))
     args = CAFTConfig(
-        output_dir=str(run_dir),
         mode=settings.mode,
         num_heads=settings.num_heads,
         alpha=settings.alpha,
@@ -164,29 +148,8 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         schedule=settings.schedule,
         train_heads=settings.train_heads,
         freeze_unembedding=settings.freeze_unembedding,
-        num_train_epochs=settings.epochs,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=settings.warmup,
-        weight_decay=settings.weight_decay,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        max_length=None,  # truncated (and counted) by `tokenize_source`
-        train_sampling_strategy="group_by_length",
-        eval_strategy="steps",
-        eval_steps=settings.eval_steps or max(1, steps_per_epoch // 2),
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=2,
-        logging_steps=settings.logging_steps,
         activation_checkpointing=False,
-        bf16=False,  # the model runs in the dtype it was loaded in; no autocast
-        use_cpu=settings.device == "cpu",
-        report_to=settings.report_to,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        dataloader_num_workers=0,
+        **trainer_arguments(settings, str(run_dir), len(train_examples)),
     )
     trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
                           eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer,

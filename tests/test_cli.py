@@ -11,16 +11,12 @@ import pytest
 
 from caftkit.bench import train_step_flops
 from caftkit.cli import main
-from tiny_models import tiny_model
-from tiny_tokenizer import tiny_tokenizer
+from tiny_models import saved_model_dir, tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return saved_model_dir(tmp_path_factory.mktemp("tiny-llama"), tiny_model("llama"))
 
 
 def test_bench_train_end_to_end(tiny_model_dir, tmp_path, capsys):

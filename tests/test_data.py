@@ -235,7 +235,7 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     assert [record for _, record in itertools.islice(records, 2)] == [{"prompt": "a"}, {"prompt": "b"}]
     error = raises_data_error(next, records)
     assert error.where == f"{path}:3"
-    assert f"file.jsonl:3: not valid JSON (" in str(error)
+    assert "file.jsonl:3: not valid JSON (" in str(error)
     assert "at column" in str(error)
     assert stats.read == 2
 

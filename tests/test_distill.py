@@ -17,7 +17,7 @@ import torch
 from caftkit.cli import main
 from caftkit.data import render_prompt
 from caftkit.distill import STOP_END_OF_TURN, STOP_MAX_NEW_TOKENS, DistillSettings, distill, meta_path
-from tiny_models import tiny_model
+from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 QUESTIONS = [
@@ -79,10 +79,7 @@ def test_distilled_answers_equal_unbatched_greedy_generate(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-distill-model")
-    eos_prone_model().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return saved_model_dir(tmp_path_factory.mktemp("tiny-distill-model"), eos_prone_model())
 
 
 def distill_command(model_dir: Path, prompts: Path, output: Path, **flags) -> list[str]:

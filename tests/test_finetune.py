@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from caftkit.cli import main
-from caftkit.export import export_run, load_finetuned
+from caftkit.export import export_run
 from caftkit.finetuning import FINAL_DIR, HEAD_LOSSES_FILE, RUN_FILE, RUN_HEADS_DIR, FinetuneSettings, finetune
 from caftkit.head_training import HeadTrainingSettings, train_heads
-from caftkit.heads import HEADS_ATTRIBUTE, get_heads
-from tiny_models import tiny_model
+from caftkit.heads import HEADS_ATTRIBUTE
+from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 MOLECULES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C#N", "CC(C)O", "OCC(O)CO", "CC(=O)N", "CC#N", "OC(=O)c1ccccc1"]
@@ -38,9 +38,7 @@ def write_task(path: Path, n: int = 40) -> Path:
 def tiny_dir(tmp_path_factory):
     """A tiny llama with the tiny tokenizer, saved, and general heads trained for it."""
     root = tmp_path_factory.mktemp("tiny-finetune")
-    model_dir = root / "model"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = saved_model_dir(root / "model", tiny_model("llama"))
     data = write_task(root / "general.jsonl", 24)
     train_heads(str(root / "heads"), HeadTrainingSettings(model=str(model_dir), data=str(data), num_heads=2,
                                                            epochs=1, batch_size=4, learning_rate=3e-3, eval_fraction=0.25),

@@ -23,7 +23,7 @@ from caftkit.head_training import (
 )
 from caftkit.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE, attach_heads, get_heads
 from reference import naive_head_losses
-from tiny_models import tiny_model
+from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -163,10 +163,7 @@ def test_warm_up_starts_from_existing_heads(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-heads-model")
-    tiny_model("qwen2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return saved_model_dir(tmp_path_factory.mktemp("tiny-heads-model"), tiny_model("qwen2"))
 
 
 def test_command_end_to_end(tiny_model_dir, tmp_path, capsys):

@@ -78,3 +78,12 @@ def random_batch(batch_size: int = 2, seq_len: int = 12, seed: int = 1, pad_last
         attention_mask[-1, -pad_last:] = 0
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def saved_model_dir(path, model):
+    """`model` and the tiny tokenizer saved to `path`, as a folder any `caft` command loads; returns `path`."""
+    from tiny_tokenizer import tiny_tokenizer
+
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -4,6 +4,10 @@ The output is `messages` JSONL, one record per line, written a batch at a time a
 with the same settings skips every id already written and regenerates only what is missing; a last line cut
 off by an interruption is dropped and redone. Prompts are grouped by length into batches (left-padded) in a
 fixed plan, so a resumed run writes exactly the file an uninterrupted run writes.
+
+A rerun with a larger `max_samples` extends the file: the prompts added form a plan stage of their own (the
+stages are kept in the meta file), so the batches already written stay as they were and only the new prompts
+are generated.
 """
 
 from __future__ import annotations
@@ -117,11 +121,34 @@ def select_prompts(tokenizer, settings: DistillSettings, summary: DistillSummary
     return selected
 
 
-def batch_plan(prompts: list[tuple[Record, list[int]]], batch_size: int) -> list[list[tuple[Record, list[int]]]]:
-    """Prompts grouped by length into batches, longest first (so that running out of memory shows at once)."""
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i][1]), i))
-    ordered = [prompts[i] for i in order]
-    return [ordered[i: i + batch_size] for i in range(0, len(ordered), batch_size)]
+def batch_plan(prompts: list[tuple[Record, list[int]]], batch_size: int, stages: list[int] | None = None
+               ) -> list[list[tuple[Record, list[int]]]]:
+    """Prompts grouped by length into batches, longest first (so that running out of memory shows at once).
+
+    `stages` are increasing prompt counts (the last one `len(prompts)`): each slice between two of them is
+    planned on its own, so that extending a file never regroups the prompts of an earlier stage.
+    """
+    plan = []
+    start = 0
+    for end in stages or [len(prompts)]:
+        order = sorted(range(start, end), key=lambda i: (-len(prompts[i][1]), i))
+        ordered = [prompts[i] for i in order]
+        plan += [ordered[i: i + batch_size] for i in range(0, len(ordered), batch_size)]
+        start = end
+    return plan
+
+
+def plan_stages(output: Path, num_prompts: int, already_written: int) -> list[int]:
+    """The plan stages of `output` once it holds `num_prompts` prompts: those recorded in its meta file (a file
+    written before stages were recorded is one stage of its recorded `max_samples`), cut or extended to
+    `num_prompts`."""
+    meta = meta_path(output)
+    previous: list[int] = []
+    if already_written and meta.exists():
+        recorded = json.loads(meta.read_text())
+        previous = recorded.get("plan_stages") or [recorded.get("last_run", {}).get("prompts_selected") or 0]
+    stages = [stage for stage in previous if 0 < stage < num_prompts]
+    return stages + [num_prompts]
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -199,14 +226,15 @@ def distill(model, tokenizer, output: str | os.PathLike, settings: DistillSettin
     prompts = select_prompts(tokenizer, settings, summary)
     selected_ids = {record.id for record, _ in prompts}
     summary.already_done = len(done & selected_ids)
-    _write_meta(output, settings, summary, len(done))
+    stages = plan_stages(output, len(prompts), len(done))
+    _write_meta(output, settings, summary, len(done), stages)
     if not isinstance(model, torch.nn.Module):
         model = model()
     model.eval()
     started = time.perf_counter()
     bar = tqdm(total=len(prompts), initial=summary.already_done, unit="prompt", desc="distill", disable=not progress)
     with output.open("a", encoding="utf-8") as handle:
-        for index, batch in enumerate(batch_plan(prompts, settings.batch_size)):
+        for index, batch in enumerate(batch_plan(prompts, settings.batch_size, stages)):
             missing = [i for i, (record, _) in enumerate(batch) if record.id not in done]
             if not missing:
                 continue
@@ -234,14 +262,15 @@ def distill(model, tokenizer, output: str | os.PathLike, settings: DistillSettin
     bar.close()
     summary.seconds = time.perf_counter() - started
     summary.written_total = len(done)
-    _write_meta(output, settings, summary, len(done))
+    _write_meta(output, settings, summary, len(done), stages)
     return summary
 
 
-def _write_meta(output: Path, settings: DistillSettings, summary: DistillSummary, written: int) -> None:
+def _write_meta(output: Path, settings: DistillSettings, summary: DistillSummary, written: int,
+                stages: list[int]) -> None:
     meta = {"settings": asdict(settings), "last_run": {**asdict(summary), "tokens_per_second":
                                                        round(summary.tokens_per_second, 2)},
-            "records_written": written}
+            "records_written": written, "plan_stages": stages}
     target = meta_path(output)
     staging = target.with_name(target.name + ".tmp")
     staging.write_text(json.dumps(meta, indent=2) + "\n")

@@ -211,3 +211,35 @@ def test_corrupt_existing_output_is_not_overwritten(tiny_model_dir, tmp_path, ca
     assert main(["distill", "--model", str(tiny_model_dir), "--data", str(prompts), "--output", str(output)]) == 2
     assert f"{output}:1: not a distilled record" in capsys.readouterr().err
     assert output.read_text() == "this is not a distilled record\n"
+
+
+def test_larger_max_samples_extends_the_file_generating_only_the_new_prompts(tmp_path):
+    """Raising `max_samples` on an existing file keeps its lines byte for byte and generates only the prompts
+    added; they form a plan stage of their own, recorded in the meta file, and their greedy answers are those of
+    a one-shot run over every prompt."""
+    model, tokenizer = eos_prone_model(), tiny_tokenizer()
+    prompts = write_prompts(tmp_path / "prompts.jsonl", QUESTIONS)
+    output = tmp_path / "out.jsonl"
+    first = DistillSettings(model="tiny", data=str(prompts), max_new_tokens=12, batch_size=3, max_samples=4)
+    distill(model, tokenizer, output, first, progress=False)
+    written = output.read_bytes()
+    extended = DistillSettings(model="tiny", data=str(prompts), max_new_tokens=12, batch_size=3, max_samples=10)
+    summary = distill(model, tokenizer, output, extended, progress=False)
+    assert summary.already_done == 4 and summary.generated == 6
+    assert output.read_bytes().startswith(written)
+    assert json.loads(meta_path(output).read_text())["plan_stages"] == [4, 10]
+    # Within the new stage, longest prompts first.
+    new_lengths = [len(r["messages"][0]["content"]) for r in read_records(output)[4:]]
+    assert new_lengths == sorted(new_lengths, reverse=True)
+    # An interrupted extension resumes on the same two-stage plan.
+    lines = output.read_bytes().splitlines(keepends=True)
+    output.write_bytes(b"".join(lines[:7]))
+    assert distill(model, tokenizer, output, extended, progress=False).generated == 3
+    assert json.loads(meta_path(output).read_text())["plan_stages"] == [4, 10]
+    one_shot = tmp_path / "one_shot.jsonl"
+    distill(model, tokenizer, one_shot, extended, progress=False)
+    by_id = {r["id"]: r for r in read_records(one_shot)}
+    records = read_records(output)
+    assert sorted(r["id"] for r in records) == sorted(by_id)
+    for record in records:
+        assert record["messages"] == by_id[record["id"]]["messages"]

@@ -138,6 +138,7 @@ def train_heads(
     keep_checkpoints: bool = False,
     seed: int = 0,
     dtype: str = "float32",
+    mixed_precision: str = "auto",
     device: str = "cpu",
     report_to: str = "none",
 ) -> dict:
@@ -174,7 +175,9 @@ def train_heads(
         resume: continue from the last checkpoint in `<output>/checkpoints/`.
         keep_checkpoints: keep `<output>/checkpoints/` after training ends.
         seed: seed of the split, the shuffling and the optimizer.
-        dtype: float32, bfloat16 or float16.
+        dtype: float32, bfloat16 or float16 (the dtype the weights are loaded and kept in).
+        mixed_precision: auto (bf16 autocast where the device multiplies bf16 natively: recent GPUs, CPUs with
+            AVX512-BF16 or AMX), bf16, or no.
         device: cpu, cuda, or another torch device.
         report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
     """
@@ -184,8 +187,8 @@ def train_heads(
         model=model, data=data, init=init, num_heads=num_heads, alpha=alpha, epochs=epochs,
         learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup=warmup, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, eval_fraction=eval_fraction, eval_steps=eval_steps,
-        save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype, device=device,
-        report_to=_report_to(report_to))
+        save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype, mixed_precision=mixed_precision,
+        device=device, report_to=_report_to(report_to))
     summary = run(output, settings, resume=resume, keep_checkpoints=keep_checkpoints)
     print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
           f"{summary['optimizer_steps']} steps; data: {summary['data']}")
@@ -226,6 +229,7 @@ def finetune(
     resume: bool = False,
     seed: int = 0,
     dtype: str = "float32",
+    mixed_precision: str = "no",
     device: str = "cpu",
     report_to: str = "none",
 ) -> dict:
@@ -269,7 +273,8 @@ def finetune(
         logging_steps: log the losses every this many steps.
         resume: continue from the last checkpoint in the run folder.
         seed: seed of the split, the shuffling, LoRA initialisation and dropout.
-        dtype: float32, bfloat16 or float16.
+        dtype: float32, bfloat16 or float16 (the dtype the weights are loaded and kept in).
+        mixed_precision: no, bf16 (autocast), or auto (bf16 where the device multiplies bf16 natively).
         device: cpu, cuda, or another torch device.
         report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
     """
@@ -281,8 +286,8 @@ def finetune(
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, epochs=epochs,
         learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup=warmup, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, eval_fraction=eval_fraction, eval_steps=eval_steps,
-        save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype, device=device,
-        report_to=_report_to(report_to))
+        save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype, mixed_precision=mixed_precision,
+        device=device, report_to=_report_to(report_to))
     summary = run(output, settings, resume=resume)
     print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
           f"{summary['optimizer_steps']} steps; data: {summary['data']}")
@@ -310,6 +315,131 @@ def export(run: str, /, out: str = "model", heads_out: str | None = None, dtype:
     written = export_run(run, out, heads_out, dtype)
     print(f"model written to {written['model']}" + (f"; heads to {written['heads']}" if written["heads"] else ""))
     return written
+
+
+def eval_task(
+    model: str,
+    task: str,
+    data: str | None = None,
+    output: str | None = None,
+    heads: str | None = None,
+    max_examples: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 16,
+    max_length: int = 1024,
+    seed: int = 0,
+    timeout_s: float = 10.0,
+    memory_mb: int = 1024,
+    workers: int = 2,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> dict:
+    """Score a model on a task and write `metrics.json` and the per-example results; print a table.
+
+    Tasks:
+    - molecules: greedy answers to molecule-design prompts, checked with RDKit: validity, formula match,
+      functional-group recall and match, exact match of the canonical SMILES, mean Tanimoto similarity to the
+      reference (Morgan fingerprints, radius 2, 2048 bits), uniqueness of the valid answers.
+    - humaneval: greedy answers to the HumanEval problems, each run with its tests in a separate process (time
+      and memory limits, no network, a temporary directory); pass@1.
+    - loss: each head's loss and top-1 accuracy over the assistant tokens of --data (with --heads, the
+      auxiliary heads too).
+    Answers are appended to `generations.jsonl` as they come: rerunning the command resumes.
+
+    Args:
+        model: transformers model id, local folder (e.g. from `caft export`), or the bundled
+            `smollm2-135m-instruct`.
+        task: molecules, humaneval or loss.
+        data: molecules: `moses:test` (default), `moses:train` or a JSONL of molecule records (`caft data
+            molecules`); humaneval: a problems JSONL (default: the bundled HumanEval set); loss: a JSONL/JSON
+            file of conversations (required).
+        output: folder for metrics.json, examples.jsonl and generations.jsonl (default: eval-<task>).
+        heads: a heads folder to score (loss task).
+        max_examples: score only the first this many examples.
+        max_new_tokens: most tokens per answer (default: 96 for molecules, 512 for humaneval).
+        batch_size: prompts generated (or conversations scored) together.
+        max_length: loss task: conversations are truncated to this many tokens.
+        seed: order of the molecules drawn from a MOSES split.
+        timeout_s: humaneval: wall-clock limit of one program.
+        memory_mb: humaneval: address-space limit of one program.
+        workers: humaneval: programs run in parallel.
+        dtype: float32, bfloat16 or float16.
+        device: cpu, cuda, or another torch device.
+    """
+    from .task_eval import EvalSettings, evaluate, format_metrics
+
+    settings = EvalSettings(model=model, task=task, data=data, heads=heads, max_examples=max_examples or None,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length, seed=seed,
+                            timeout_s=timeout_s, memory_mb=memory_mb, workers=workers, dtype=dtype, device=device)
+    output = output or f"eval-{task}"
+    result = evaluate(output, settings)
+    print(format_metrics(result["metrics"]))
+    print(f"results written to {output}")
+    return result
+
+
+def compare(
+    train_data: str,
+    output: str = "compare",
+    model: str = "smollm2-135m-instruct",
+    task: str = "molecules",
+    test_data: str | None = None,
+    test_examples: int | None = 500,
+    heads: str | None = None,
+    head_warmup: str = "yes",
+    method: str = "lora",
+    seeds: str = "0",
+    finetune: str | None = None,
+    max_new_tokens: int | None = None,
+    eval_batch_size: int = 16,
+    n_resamples: int = 10000,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> dict:
+    """Fine-tune with next-token loss and with CAFT on the same data, seeds and steps; evaluate both; report.
+
+    For each seed, `caft finetune --mode ntp` and `--mode caft` run with identical settings (both LoRA or both
+    full; the caft arm uses --heads, warmed up on the task unless --head-warmup no), each model is exported and
+    scored on the same test examples with `caft eval`. `report.md` and `report.png` give each metric, the
+    difference caft - ntp and its 95% confidence interval (paired bootstrap over the test examples, and over the
+    seeds when there are several). Rerunning the command resumes: finished runs, exports and evaluations are
+    kept, an interrupted run continues from its last checkpoint.
+
+    Args:
+        train_data: the task's training records (e.g. from `caft data molecules`).
+        output: the comparison folder.
+        model: transformers model id, local folder, or the bundled `smollm2-135m-instruct`.
+        task: molecules or humaneval (how the exported models are scored; see `caft eval`).
+        test_data: the test examples (default: `moses:test` for molecules, the bundled HumanEval set).
+        test_examples: score the first this many test examples; 0 or none for all.
+        heads: heads folder of the caft arm (from `caft train-heads`).
+        head_warmup: no, yes or auto: the caft arm's head warm-up on the task (see `caft finetune`).
+        method: lora or full, for both arms.
+        seeds: training seeds, comma-separated on the command line or a YAML list.
+        finetune: further `caft finetune` settings shared by both arms, as a YAML mapping (e.g. `{epochs: 1,
+            batch_size: 16}`).
+        max_new_tokens: most tokens per answer in the evaluation (default: the task's).
+        eval_batch_size: prompts generated together in the evaluation.
+        n_resamples: bootstrap resamples of the confidence intervals.
+        dtype: float32, bfloat16 or float16.
+        device: cpu, cuda, or another torch device.
+    """
+    from .compare import REPORT_FILE, CompareSettings, compare as run
+
+    seed_list = seeds if isinstance(seeds, list) else [int(s) for s in str(seeds).split(",") if s.strip()]
+    extra = yaml.safe_load(finetune) if isinstance(finetune, str) else finetune
+    if extra is not None and not isinstance(extra, dict):
+        raise CLIError(f"--finetune must be a mapping of finetune settings, got {finetune!r}")
+    settings = CompareSettings(train_data=train_data, model=model, task=task, test_data=test_data,
+                               test_examples=test_examples or None, heads=heads, head_warmup=head_warmup,
+                               method=method, seeds=seed_list, finetune=extra or {}, max_new_tokens=max_new_tokens,
+                               eval_batch_size=eval_batch_size, n_resamples=n_resamples, dtype=dtype, device=device)
+    result = run(output, settings)
+    for row in result["rows"]:
+        print(f"{row['metric']:<14} ntp {row['ntp']:.4f}  caft {row['caft']:.4f}  caft-ntp {row['difference']:+.4f}"
+              f"  95% CI [{row['low']:+.4f}, {row['high']:+.4f}]")
+    print(f"report written to {Path(output) / REPORT_FILE}")
+    return result
 
 
 def _report_to(value: str) -> list[str]:
@@ -394,6 +524,8 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "train-heads": train_heads,
     "finetune": finetune,
     "export": export,
+    "eval": eval_task,
+    "compare": compare,
     "data molecules": data_molecules,
     "demo": demo,
     "bench train": bench_train,

@@ -332,7 +332,7 @@ class TokenizedData:
         return f"{len(self.examples)} examples from {self.stats.read} records (dropped: {dropped})"
 
 
-def tokenize_source(source: str, tokenizer, max_length: int) -> TokenizedData:
+def tokenize_source(source: str, tokenizer, max_length: int | None) -> TokenizedData:
     """Read and tokenise every conversation of `source`; longer ones are truncated to `max_length` and
     counted, and those left without an assistant token are dropped and counted."""
     stats = ReadStats()

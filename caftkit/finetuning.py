@@ -88,8 +88,8 @@ def _warm_up_heads(output: Path, settings: FinetuneSettings, heads_dir: str | No
     warm = HeadTrainingSettings(
         model=settings.model, data=settings.data, init=heads_dir, num_heads=settings.num_heads, alpha=settings.alpha,
         epochs=1.0, batch_size=settings.batch_size, grad_accum=settings.grad_accum, max_length=settings.max_length,
-        eval_fraction=settings.eval_fraction, seed=settings.seed, dtype=settings.dtype, device=settings.device,
-        report_to=settings.report_to)
+        eval_fraction=settings.eval_fraction, seed=settings.seed, dtype=settings.dtype,
+        mixed_precision=settings.mixed_precision, device=settings.device, report_to=settings.report_to)
     train_heads(str(target), warm, model=model, tokenizer=tokenizer)
     return target
 

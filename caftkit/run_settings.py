@@ -5,6 +5,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+MIXED_PRECISION = ("no", "bf16", "auto")
+
+
+def bf16_is_fast(device: str) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively: a CUDA GPU with bf16 support, or a CPU with
+    AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device == "cpu":
+        # torch exposes these CPU feature checks only privately; without them, assume no native bf16.
+        checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(check() for check in checks if check is not None)
+    return False
+
+
+def resolve_mixed_precision(value: str, device: str) -> str:
+    """`no` or `bf16`: `auto` becomes bf16 autocast where `bf16_is_fast(device)`, else no autocast."""
+    if value not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {value!r}")
+    if value == "auto":
+        return "bf16" if bf16_is_fast(device) else "no"
+    return value
+
 
 @dataclass
 class RunSettings:
@@ -26,6 +51,7 @@ class RunSettings:
     logging_steps: int = 5
     seed: int = 0
     dtype: str = "float32"
+    mixed_precision: str = "no"
     device: str = "cpu"
     report_to: list[str] = field(default_factory=list)
 
@@ -52,7 +78,8 @@ def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples
         save_steps=settings.save_steps,
         save_total_limit=2,
         logging_steps=settings.logging_steps,
-        bf16=False,  # the model runs in the dtype it was loaded in; no autocast
+        # Weights stay in `dtype`; with bf16 the matrix multiplies run under autocast.
+        bf16=resolve_mixed_precision(settings.mixed_precision, settings.device) == "bf16",
         use_cpu=settings.device == "cpu",
         report_to=settings.report_to,
         seed=settings.seed,

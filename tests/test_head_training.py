@@ -22,6 +22,7 @@ from caftkit.head_training import (
     train_heads,
 )
 from caftkit.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE, attach_heads, get_heads
+from caftkit.run_settings import bf16_is_fast, resolve_mixed_precision, trainer_arguments
 from reference import naive_head_losses
 from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer
@@ -46,7 +47,8 @@ def write_conversations(path, n: int = 48, seed: int = 0):
 
 def settings_for(data, **overrides) -> HeadTrainingSettings:
     values = dict(model="tiny", data=str(data), num_heads=3, epochs=3, learning_rate=3e-3, batch_size=4,
-                  eval_fraction=0.25, save_steps=10, logging_steps=3, warmup=0.0, lr_scheduler="constant")
+                  eval_fraction=0.25, save_steps=10, logging_steps=3, warmup=0.0, lr_scheduler="constant",
+                  mixed_precision="no")  # float32 throughout: the tests compare with float32 references
     values.update(overrides)
     return HeadTrainingSettings(**values)
 
@@ -105,6 +107,39 @@ def test_training_lowers_every_head_and_keeps_the_base_bit_identical(tmp_path):
     assert set(load_file(str(output / HEADS_WEIGHTS_FILE))) == set(get_heads(model).state_dict())
     assert (output / LOSS_CURVES_FILE).read_bytes().startswith(PNG_SIGNATURE)
     assert not (output / CHECKPOINTS_DIR).exists()
+
+
+def test_bf16_autocast_trains_the_heads_and_reports_their_float32_losses_closely(tmp_path):
+    """With bf16 autocast (the default where bf16 is native) the float32 weights still train, the base stays
+    bit-identical, and the reported held-out losses are those of the saved heads up to bf16 rounding."""
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    base_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    settings = settings_for(write_conversations(tmp_path / "data.jsonl"), mixed_precision="bf16")
+    summary = train_heads(str(tmp_path / "heads"), settings, model=model, tokenizer=tokenizer, progress=False)
+    assert summary["mixed_precision"] == "bf16"
+    assert all(p.dtype == torch.float32 for p in get_heads(model).parameters())
+    for name, tensor in model.state_dict().items():
+        if not name.startswith(HEADS_ATTRIBUTE):
+            assert torch.equal(tensor, base_before[name]), name
+    before, after = summary["held_out_before"], summary["held_out_after"]
+    fresh = tiny_model("llama")
+    attach_heads(fresh, tmp_path / "heads")
+    naive = naive_held_out_metrics(fresh, tokenizer, settings)
+    for k in (2, 3, 4):
+        assert after[f"head_{k}"]["loss"] < 0.8 * before[f"head_{k}"]["loss"], k
+        assert after[f"head_{k}"]["loss"] == pytest.approx(naive[k], rel=2e-2), k
+
+
+def test_mixed_precision_setting_maps_to_autocast():
+    assert resolve_mixed_precision("no", "cpu") == "no"
+    assert resolve_mixed_precision("bf16", "cpu") == "bf16"
+    assert resolve_mixed_precision("auto", "cpu") == ("bf16" if bf16_is_fast("cpu") else "no")
+    assert resolve_mixed_precision("auto", "meta") == "no"
+    with pytest.raises(ValueError, match="mixed_precision must be one of no, bf16, auto"):
+        resolve_mixed_precision("fp8", "cpu")
+    assert trainer_arguments(settings_for("d.jsonl", mixed_precision="bf16"), "out", 8)["bf16"] is True
+    assert trainer_arguments(settings_for("d.jsonl"), "out", 8)["bf16"] is False
+    assert HeadTrainingSettings(model="m", data="d").mixed_precision == "auto"
 
 
 def test_resume_continues_to_the_same_heads(tmp_path):

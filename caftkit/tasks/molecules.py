@@ -202,10 +202,21 @@ class MoleculeScore:
     groups_match: bool
 
 
+def answer_smiles(answer: str) -> str:
+    """The SMILES a generated answer gives: its first whitespace-separated word, without surrounding backticks,
+    quotes or sentence punctuation (`.,;`); a leading Markdown code fence and its language tag are skipped.
+    Empty when the answer is blank."""
+    text = answer.strip()
+    if text.startswith("```"):
+        # Chat models often fence code; the tag after the fence (```smiles) would otherwise be read as the SMILES.
+        text = text[3:].split("\n", 1)[1] if "\n" in text else text[3:]
+    words = text.split()
+    return words[0].strip("`'\".,;") if words else ""
+
+
 def score_answer(answer: str, formula: str, groups: list[str] | tuple[str, ...]) -> MoleculeScore:
-    """Score a generated answer (its first whitespace-separated word is taken as the SMILES)."""
-    words = answer.strip().split()
-    facts = describe_molecule(words[0].strip("`.,")) if words else None
+    """Score a generated answer (the SMILES is read from it by `answer_smiles`)."""
+    facts = describe_molecule(answer_smiles(answer))
     if facts is None:
         return MoleculeScore(False, False, False)
     return MoleculeScore(True, facts.formula == formula, set(groups) <= set(facts.groups))

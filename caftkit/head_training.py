@@ -37,6 +37,8 @@ class HeadTrainingSettings(RunSettings):
     learning_rate: float | None = 1e-3
     # Only the heads train and the base runs without gradients: bf16 autocast halves the time where it is native.
     mixed_precision: str = "auto"
+    # The frozen base's outputs are kept across epochs within this budget (see `trunk_cache.py`).
+    trunk_cache_gb: float = 4.0
 
 
 def split_held_out(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -108,6 +110,7 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         mode="heads",
         num_heads=num_heads,
         alpha=settings.alpha,
+        trunk_cache_gb=settings.trunk_cache_gb,
         activation_checkpointing=False,  # the base runs without gradients; the heads are one layer each
         disable_tqdm=not progress,
         **trainer_arguments(settings, str(run_dir), len(train_examples)),
@@ -135,6 +138,9 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         "held_out_examples": len(held_out),
         "data": {"records": data.stats.read, "dropped_or_truncated": data.stats.skipped},
         "mixed_precision": resolve_mixed_precision(settings.mixed_precision, settings.device),
+        "trunk_cache": None if trainer.trunk_cache is None else {
+            "batches": len(trainer.trunk_cache), "gb": round(trainer.trunk_cache.bytes / 2**30, 3),
+            "hits": trainer.trunk_cache.hits, "misses": trainer.trunk_cache.misses},
         "optimizer_steps": trainer.state.global_step,
         "train_runtime_s": round(sum(e.get("train_runtime", 0.0) for e in trainer.state.log_history), 1),
         "held_out_before": before,

@@ -23,6 +23,7 @@ from .loss import (
     sequence_ids_from_positions,
     shifted_targets,
 )
+from .trunk_cache import CachedTrunk, TrunkCache
 
 # Batch keys the model's forward receives; everything else in a collated batch (labels, metadata) stays out.
 _MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
@@ -70,6 +71,7 @@ def head_statistics(
     main_needs_grad: bool = True,
     impl: str = "fused",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    trunk_cache: "TrunkCache | None" = None,
 ) -> HeadStatistics:
     """Run `model` (possibly PEFT/DDP-wrapped) on `batch` and score its main head and `num_aux_heads` auxiliary heads.
 
@@ -77,6 +79,9 @@ def head_statistics(
     logits of the last position are asked for, and the hidden states are taken from layer L's input and the
     final norm's output. With `train_trunk=False` the model runs without gradients (head training, eq. 3).
     `main_needs_grad=False` scores the main head without gradients (it is only logged).
+
+    With a `trunk_cache` (head training only: `train_trunk=False`, `main_needs_grad=False`), a batch whose
+    trunk outputs are cached runs only the heads; otherwise its layer-L call and main-head score are cached.
     """
     parts = find_model_parts(model)
     heads = get_heads(model)
@@ -84,27 +89,40 @@ def head_statistics(
     if num_aux > 0 and (heads is None or heads.num_heads < num_aux):
         have = 0 if heads is None else heads.num_heads
         raise ValueError(f"{num_aux} auxiliary heads requested but the model has {have}; see caftkit.attach_heads")
-    inputs = {key: batch[key] for key in _MODEL_INPUT_KEYS if key in batch}
-    inputs["use_cache"] = False
-    if _accepts_logits_to_keep(model):
-        inputs["logits_to_keep"] = 1  # the full logits are what this module exists to avoid
-    grad_context = contextlib.nullcontext() if train_trunk else torch.no_grad()
-    with grad_context, capture_layer_inputs(parts) as capture:
-        model(**inputs)
-    if capture.layer_call is None or capture.final_hidden is None:
-        raise RuntimeError("the model's forward did not call its last layer and final norm; cannot score the heads")
-
+    if trunk_cache is not None and (train_trunk or main_needs_grad):
+        raise ValueError("a trunk cache is only for head training: the trunk and the main head without gradients")
     targets = head_targets(batch, num_aux + 1)
-    hidden_per_head = [capture.final_hidden]
-    if num_aux > 0:
-        call = capture.layer_call
+    cache_key = trunk_cache.key(batch) if trunk_cache is not None else None
+    cached = trunk_cache.get(cache_key) if trunk_cache is not None else None
+    if cached is not None:
+        call, final_hidden = cached.layer_call, None
+        main_stats = (cached.main_loss_sum, cached.main_count, cached.main_correct)
+    else:
+        inputs = {key: batch[key] for key in _MODEL_INPUT_KEYS if key in batch}
+        inputs["use_cache"] = False
+        if _accepts_logits_to_keep(model):
+            inputs["logits_to_keep"] = 1  # the full logits are what this module exists to avoid
+        grad_context = contextlib.nullcontext() if train_trunk else torch.no_grad()
+        with grad_context, capture_layer_inputs(parts) as capture:
+            model(**inputs)
+        if capture.layer_call is None or capture.final_hidden is None:
+            raise RuntimeError("the model's forward did not call its last layer and final norm; cannot score the "
+                               "heads")
+        call, final_hidden, main_stats = capture.layer_call, capture.final_hidden, None
         if not train_trunk:
             call.hidden_states = call.hidden_states.detach()
+
+    hidden_per_head = [final_hidden]
+    if num_aux > 0:
         with contextlib.nullcontext() if heads_need_grad else torch.no_grad():
             hidden_per_head += [parts.final_norm(out) for out in heads(call, num_aux)]
 
     loss_sums, counts, correct = [], [], []
     for k, (hidden, target) in enumerate(zip(hidden_per_head, targets)):
+        if k == 0 and main_stats is not None:
+            for collected, value in zip((loss_sums, counts, correct), main_stats):
+                collected.append(value)
+            continue
         needs_grad = main_needs_grad if k == 0 else heads_need_grad
         mask = target != IGNORE_INDEX
         with contextlib.nullcontext() if needs_grad else torch.no_grad():
@@ -120,6 +138,8 @@ def head_statistics(
         loss_sums.append(loss_sum)
         counts.append(mask.sum())
         correct.append(num_correct)
+        if k == 0 and trunk_cache is not None:
+            trunk_cache.put(cache_key, CachedTrunk(call, loss_sum.detach(), counts[0], num_correct))
     return HeadStatistics(loss_sums, torch.stack(counts), torch.stack(correct))
 
 

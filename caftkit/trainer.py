@@ -23,6 +23,7 @@ from .heads import HEADS_ATTRIBUTE, HEADS_WEIGHTS_FILE, attach_heads, get_heads,
 from .loss import MODES, SCHEDULES, gamma_schedule, head_loss_weights
 from .models import resolve_model_path
 from .multitoken import count_targets, head_statistics, weighted_loss
+from .trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
 
 CHECKPOINT_HEADS_DIR = "caft_heads"
 
@@ -78,6 +79,13 @@ class CAFTConfig(SFTConfig):
                   "pass (fastest), `checkpoint` recomputes each chunk in backward through the `lm_head` module "
                   "(needed for a PEFT-wrapped or FSDP-sharded `lm_head`).", "choices": ["fused", "checkpoint"]},
     )
+    trunk_cache_gb: float = field(
+        default=0.0,
+        metadata={"help": "Head training (`mode='heads'`) only: keep up to this many GB of the frozen base's "
+                  "per-batch outputs, so that later epochs and repeated evaluations run only the heads. Training "
+                  "batches are then formed once and only their order changes between epochs. 0 turns it off; it "
+                  "is also off when the base has dropout."},
+    )
     l2_warning_threshold: float = field(
         default=4.0,
         metadata={"help": "Warn once when the first auxiliary loss L2 exceeds this: the paper's sign that the heads "
@@ -96,6 +104,8 @@ class CAFTConfig(SFTConfig):
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.loss_impl not in ("fused", "checkpoint"):
             raise ValueError(f"loss_impl must be 'fused' or 'checkpoint', got {self.loss_impl!r}")
+        if self.trunk_cache_gb < 0:
+            raise ValueError(f"trunk_cache_gb must be 0 or more, got {self.trunk_cache_gb}")
         if self.num_heads < 1 and self.mode != "ntp":
             raise ValueError(f"num_heads must be at least 1 in {self.mode!r} mode, got {self.num_heads}")
 
@@ -173,6 +183,13 @@ class CAFTTrainer(SFTTrainer):
         heads = get_heads(self.model)
         if heads is not None and (args.mode == "heads" or args.train_heads):
             heads.requires_grad_(True)
+        self.trunk_cache = None
+        if args.mode == "heads" and args.trunk_cache_gb > 0:
+            if trunk_is_deterministic(unwrap_model(self.model), heads):
+                self.trunk_cache = TrunkCache(int(args.trunk_cache_gb * 2**30))
+            else:
+                warnings.warn("the base model has dropout: its outputs differ between epochs and are not cached",
+                              UserWarning, stacklevel=2)
 
     @staticmethod
     def _head_module_names(model) -> list[str]:
@@ -208,10 +225,12 @@ class CAFTTrainer(SFTTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if self.trunk_cache is not None and isinstance(sampler, LengthGroupedSampler):
+            # Cached trunk outputs are per batch: the same batches must come back every epoch.
+            return FixedBatchesSampler(sampler.lengths, sampler.batch_size, seed=seed)
         if isinstance(sampler, LengthGroupedSampler):
-            sampler = SeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
-                                                 seed=self.args.data_seed if self.args.data_seed is not None
-                                                 else self.args.seed)
+            sampler = SeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed)
         return sampler
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -243,6 +262,7 @@ class CAFTTrainer(SFTTrainer):
             heads_need_grad=mode != "ntp",
             main_needs_grad=mode != "heads",
             impl=self.args.loss_impl,
+            trunk_cache=self.trunk_cache,
         )
         if split == "train" and self._step_counts is not None:
             counts = self._step_counts

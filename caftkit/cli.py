@@ -123,7 +123,7 @@ def train_heads(
     init: str | None = None,
     num_heads: int = 4,
     alpha: float = 0.8,
-    epochs: float = 1.0,
+    epochs: float = 2.0,
     learning_rate: float = 1e-3,
     lr_scheduler: str = "cosine",
     warmup: float = 0.05,

@@ -1,0 +1,199 @@
+"""Greedy self-speculative decoding with the auxiliary heads: the model drafts several tokens per forward pass.
+
+At the last accepted position the main head gives the next token (the greedy one, so always right) and the
+auxiliary heads guess the tokens after it. One forward pass of the model over the drafted block verifies them:
+the logits at each drafted position give the greedy token that must follow it, so the longest prefix of
+drafts that agrees with them is exactly what plain greedy decoding would have produced, and the logits at the
+last accepted position give the next token for free. The model's KV cache is then cut back to what was
+accepted; the heads keep their own caches (each head is a copy of layer L and attends over layer L's inputs),
+fed with the layer-L inputs the verification pass computed anyway.
+
+Rows of a batch accept different numbers of tokens. The caches keep the longest acceptance of the batch, and
+the rejected positions of the other rows are masked out for the rest of the generation (holes in the
+attention mask, positions given explicitly), which is exact for full attention. A model with sliding-window
+attention counts its window in cache slots, which holes would stretch: it keeps the shortest acceptance of
+the batch instead (still lossless, fewer tokens per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .architecture import find_model_parts
+from .heads import _CACHE_ARGUMENTS, AuxiliaryHeads, LayerCall, capture_layer_inputs, get_heads
+
+
+@dataclass
+class GenerationOutput:
+    """New tokens of each row (stop token included when one ended it) and how the decoding went."""
+
+    sequences: list[list[int]]
+    forward_passes: int = 0
+    accepted_per_step: list[float] = field(default_factory=list)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens accepted per verification pass (over rows still generating at that pass)."""
+        return sum(self.accepted_per_step) / len(self.accepted_per_step) if self.accepted_per_step else 0.0
+
+
+def _uses_sliding_window(config) -> bool:
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any("sliding" in str(kind) for kind in layer_types):
+        return True
+    window = getattr(config, "sliding_window", None)
+    return window is not None and getattr(config, "use_sliding_window", True) is not False
+
+
+def _stop_ids(model, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        eos_token_id = model.generation_config.eos_token_id
+    if eos_token_id is None:
+        return set()
+    return {int(i) for i in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
+
+
+class _HeadDrafter:
+    """The auxiliary heads with one KV cache each, kept as long as the model's cache."""
+
+    def __init__(self, model, heads: AuxiliaryHeads, num_heads: int):
+        from transformers import DynamicCache
+
+        self.parts = find_model_parts(model)
+        self.layers = list(heads.layers[:num_heads])
+        self.caches = [DynamicCache() for _ in self.layers]
+
+    def run(self, call: LayerCall) -> torch.Tensor:
+        """Feed a block of layer-L inputs to every head (extending its cache); returns each head's greedy token
+        at every position of the block: `[batch, block, num_heads]`."""
+        tokens = []
+        for layer, cache in zip(self.layers, self.caches):
+            kwargs = dict(call.kwargs)
+            name = next((n for n in _CACHE_ARGUMENTS if n in kwargs), "past_key_values")
+            kwargs[name] = cache
+            out = layer(call.hidden_states, *call.args, **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            tokens.append(self.parts.lm_head(self.parts.final_norm(hidden)).argmax(-1))
+        return torch.stack(tokens, dim=-1)
+
+    def crop(self, tokens: int) -> None:
+        for cache in self.caches:
+            cache.crop(-tokens)
+
+    def select(self, rows: torch.Tensor) -> None:
+        for cache in self.caches:
+            cache.batch_select_indices(rows)
+
+
+def _forward(model, parts, input_ids, attention_mask, position_ids, cache):
+    with capture_layer_inputs(parts) as capture:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=cache, use_cache=True)
+    if capture.layer_call is None:
+        raise RuntimeError("the model's forward did not call its last layer; cannot draft with the heads")
+    return out.logits, capture.layer_call
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    heads: AuxiliaryHeads | None = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 128,
+    eos_token_id: int | list[int] | None = None,
+    num_heads: int | None = None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+) -> GenerationOutput:
+    """Greedy decoding of `input_ids` (left-padded, with `attention_mask`), sped up by the auxiliary heads.
+
+    The output tokens are those of `model.generate(do_sample=False)`: heads only propose, the model decides.
+    `heads` defaults to the heads attached to `model`; `num_heads` uses only the first few of them (0 decodes
+    one token per pass, plain greedy). A row stops at one of `eos_token_id` (default: the model's generation
+    config) or after `max_new_tokens`. `on_tokens(row, tokens)` is called with each row's newly accepted tokens
+    as they come (for streaming).
+    """
+    if input_ids is None:
+        raise ValueError("input_ids are required")
+    heads = heads if heads is not None else get_heads(model)
+    available = heads.num_heads if heads is not None else 0
+    num_heads = available if num_heads is None else num_heads
+    if num_heads > available:
+        raise ValueError(f"{num_heads} heads asked for, but {available} are available")
+    from transformers import DynamicCache
+
+    parts = find_model_parts(model)
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    stop_ids = _stop_ids(model, eos_token_id)
+    keep_longest = not _uses_sliding_window(model.config)
+    drafter = _HeadDrafter(model, heads, num_heads) if num_heads > 0 else None
+
+    # Prefill: the prompt through the model and the heads; left padding gets position 0 like generate() does.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    logits, call = _forward(model, parts, input_ids, attention_mask, position_ids, cache)
+    next_token = logits[:, -1].argmax(-1)
+    guesses = drafter.run(call)[:, -1] if drafter else next_token.new_zeros(batch, 0)
+    mask = attention_mask.clone()
+    next_position = attention_mask.long().sum(-1)
+
+    output = GenerationOutput([[] for _ in range(batch)], forward_passes=1)
+    rows = torch.arange(batch, device=device)  # original row of each row still generating
+    while rows.numel() > 0:
+        block = torch.cat([next_token[:, None], guesses], dim=-1)  # [n, 1 + num_heads]
+        width = block.shape[1]
+        block_mask = torch.cat([mask, mask.new_ones(rows.numel(), width)], dim=-1)
+        positions = next_position[:, None] + torch.arange(width, device=device)
+        logits, call = _forward(model, parts, block, block_mask, positions, cache)
+        output.forward_passes += 1
+        greedy = logits.argmax(-1)  # greedy[:, j]: the token that must follow block[:, j]
+        agree = (block[:, 1:] == greedy[:, :-1]).long().cumprod(-1)
+        accepted = 1 + agree.sum(-1)  # block[:, :accepted] is what greedy decoding produces
+        keep = int(accepted.max() if keep_longest else accepted.min())
+        taken = accepted if keep_longest else torch.full_like(accepted, keep)
+        head_guesses = drafter.run(call) if drafter else None
+
+        finished = torch.zeros(rows.numel(), dtype=torch.bool, device=device)
+        step_tokens = []
+        for i, row in enumerate(rows.tolist()):
+            tokens = block[i, : taken[i]].tolist()
+            room = max_new_tokens - len(output.sequences[row])
+            stop = next((j for j, token in enumerate(tokens) if token in stop_ids), None)
+            if stop is not None and stop < room:
+                tokens, finished[i] = tokens[: stop + 1], True
+            elif len(tokens) >= room:
+                tokens, finished[i] = tokens[:room], True
+            output.sequences[row].extend(tokens)
+            step_tokens.append(len(tokens))
+            if on_tokens is not None and tokens:
+                on_tokens(row, tokens)
+        output.accepted_per_step.append(sum(step_tokens) / len(step_tokens))
+
+        cache.crop(-(width - keep))
+        if drafter:
+            drafter.crop(width - keep)
+        # Rows that accepted fewer than `keep` tokens mask the rest out: those slots hold rejected drafts.
+        kept = (torch.arange(keep, device=device)[None, :] < taken[:, None]).to(mask.dtype)
+        mask = torch.cat([mask, kept], dim=-1)
+        next_position = next_position + taken
+        last = (taken - 1)[:, None]
+        next_token = greedy.gather(1, last).squeeze(1)
+        guesses = (head_guesses.gather(1, last[:, :, None].expand(-1, 1, num_heads)).squeeze(1) if drafter
+                   else next_token.new_zeros(rows.numel(), 0))
+
+        if finished.any():
+            alive = (~finished).nonzero().squeeze(1)
+            rows, mask, next_position = rows[alive], mask[alive], next_position[alive]
+            next_token, guesses = next_token[alive], guesses[alive]
+            cache.batch_select_indices(alive)
+            if drafter:
+                drafter.select(alive)
+    return output

@@ -1,0 +1,84 @@
+"""Self-speculative decoding is lossless: its tokens are `model.generate(do_sample=False)`'s, on every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caftkit.heads import attach_heads, get_heads
+from caftkit.speculative import generate
+from tiny_models import ARCHITECTURES, tiny_model
+
+EOS = [2, 5]
+PROMPTS = [[1, 17, 23, 9, 40, 41, 12], [1, 33, 8], [1, 60, 61, 62, 63, 64, 65, 66, 67, 68, 3], [1, 50, 51, 52]]
+
+
+def reference(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Plain greedy `generate()` of one prompt alone, stop token kept, as speculative decoding reports it."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=EOS, pad_token_id=0)[0, len(prompt):].tolist()
+    stop = next((i for i, token in enumerate(out) if token in EOS), None)
+    return out if stop is None else out[: stop + 1]
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def repetitive_model(model_type: str):
+    """A tiny model with heads (copies of its last layer) whose greedy text often repeats token 9, so that
+    drafts are accepted in part: the unembedding of token 9 is pushed toward the mean direction."""
+    model = tiny_model(model_type, seed=3)
+    with torch.no_grad():
+        weight = model.get_output_embeddings().weight
+        weight[9] += 0.3 * weight.mean(0) / weight.mean(0).norm()
+    attach_heads(model, 3)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_speculative_tokens_equal_greedy_generate(model_type):
+    model = repetitive_model(model_type)
+    expected = [reference(model, prompt, 24) for prompt in PROMPTS]
+    ids, mask = left_padded(PROMPTS)
+    batched = generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=EOS)
+    assert batched.sequences == expected  # batch of 4 prompts of different lengths
+    for prompt, tokens in zip(PROMPTS, expected):
+        single = generate(model, input_ids=torch.tensor([prompt]), max_new_tokens=24, eos_token_id=EOS)
+        assert single.sequences == [tokens]
+        assert single.forward_passes <= 1 + len(tokens)
+
+
+def test_drafts_are_accepted_and_save_forward_passes():
+    """The test models' heads do guess right often enough for several tokens per pass to be exercised."""
+    model = repetitive_model("llama")
+    out = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[])
+    assert out.sequences == [reference(model, PROMPTS[0], 40)] and len(out.sequences[0]) == 40
+    assert out.mean_accepted > 1.2
+    assert out.forward_passes < 40  # plain greedy needs 1 prefill + 39 decoding passes
+
+
+@pytest.mark.parametrize("num_heads", [0, 1, 3])
+def test_fewer_heads_and_streaming(num_heads):
+    model = repetitive_model("qwen2")
+    streamed: dict[int, list[int]] = {}
+    ids, mask = left_padded(PROMPTS[:2])
+    out = generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=16, eos_token_id=EOS,
+                   num_heads=num_heads, on_tokens=lambda row, tokens: streamed.setdefault(row, []).extend(tokens))
+    assert out.sequences == [reference(model, p, 16) for p in PROMPTS[:2]]
+    assert [streamed.get(i, []) for i in range(2)] == out.sequences
+    if num_heads == 0:
+        assert out.mean_accepted == 1.0
+
+
+def test_max_new_tokens_and_too_many_heads():
+    model = repetitive_model("llama")
+    out = generate(model, input_ids=torch.tensor([PROMPTS[1]]), max_new_tokens=1, eos_token_id=[])
+    assert out.sequences == [reference(model, PROMPTS[1], 1)] and len(out.sequences[0]) == 1
+    with pytest.raises(ValueError, match="4 heads asked for, but 3 are available"):
+        generate(model, input_ids=torch.tensor([PROMPTS[1]]), num_heads=4)
+    assert get_heads(model).num_heads == 3

@@ -60,6 +60,154 @@ def bench_train(
     return result
 
 
+def bench_generate(
+    model: str = "smollm2-135m-instruct",
+    heads: str | None = None,
+    data: str = "sharegpt",
+    exclude: str | None = None,
+    skip: int = 0,
+    num_prompts: int = 16,
+    batch_sizes: str = "1,8",
+    max_new_tokens: int = 128,
+    num_heads: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    output: str | None = None,
+) -> dict:
+    """Plain greedy `generate()` against self-speculative decoding with the heads, on the same prompts.
+
+    Both sides run in this process on the same batches (chat template applied, prompts grouped by length,
+    left-padded), after an untimed warm-up. Prints, per batch size, new tokens per second of each side, the
+    speedup, the mean tokens accepted per verification pass, and how many answers are token for token the same
+    (all should be).
+
+    Args:
+        model: transformers model id, local folder, or the bundled `smollm2-135m-instruct`.
+        heads: heads folder (from `caft train-heads` or `caft export`) (required).
+        data: prompts: `sharegpt` (the bundled set) or a JSONL/JSON file of conversations.
+        exclude: a JSONL file whose record ids are left out (e.g. the distilled data the heads learned from).
+        skip: skip this many usable prompts first.
+        num_prompts: prompts to generate for.
+        batch_sizes: comma-separated batch sizes to measure.
+        max_new_tokens: most new tokens per answer.
+        num_heads: heads used for drafting (default: all).
+        dtype: float32, bfloat16 or float16.
+        device: cpu or cuda.
+        output: also write the JSON to this file.
+    """
+    from .generation_bench import bench_generate as run, bench_prompts, rows_as_dict
+    from .heads import attach_heads
+    from .models import load_model, load_tokenizer
+
+    if heads is None:
+        raise CLIError("missing --heads (a heads folder to draft with)")
+    tokenizer = load_tokenizer(model)
+    prompts = bench_prompts(tokenizer, data, num_prompts, skip=skip, exclude=exclude)
+    loaded = load_model(model, dtype).to(device)
+    attach_heads(loaded, heads)
+    sizes = [int(size) for size in str(batch_sizes).split(",") if size.strip()]
+    rows = rows_as_dict(run(loaded, tokenizer, prompts, sizes, max_new_tokens, num_heads))
+    result = {"model": model, "heads": heads, "device": device, "dtype": dtype, "max_new_tokens": max_new_tokens,
+              "num_heads": num_heads, "rows": rows}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n")
+    return result
+
+
+def generate(
+    prompt: str,
+    model: str = "smollm2-135m-instruct",
+    heads: str | None = None,
+    speculative: bool = False,
+    num_heads: int | None = None,
+    max_new_tokens: int = 256,
+    system: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> dict:
+    """Answer a prompt with greedy decoding through the model's chat template, streaming to the terminal.
+
+    With --speculative the auxiliary heads draft several tokens per forward pass and the model verifies them:
+    the text is the same as without, only faster when the heads guess well.
+
+    Args:
+        prompt: the user message.
+        model: transformers model id, local folder (e.g. from `caft export`), or the bundled
+            `smollm2-135m-instruct`.
+        heads: heads folder for --speculative (from `caft train-heads`, or `<model>-heads` from `caft export`).
+        speculative: draft with the heads (self-speculative decoding).
+        num_heads: heads used for drafting (default: all).
+        max_new_tokens: most new tokens.
+        system: an optional system message.
+        dtype: float32, bfloat16 or float16.
+        device: cpu or cuda.
+    """
+    import torch
+
+    from .data import render_prompt
+    from .distill import _eos_ids
+    from .heads import attach_heads
+    from .models import load_model, load_tokenizer
+    from .speculative import generate as speculative_generate
+
+    if speculative and heads is None:
+        raise CLIError("--speculative needs --heads (a heads folder)")
+    tokenizer = load_tokenizer(model)
+    loaded = load_model(model, dtype).to(device).eval()
+    if speculative:
+        attach_heads(loaded, heads)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = ids.to(device)
+    stop_ids = _eos_ids(loaded, tokenizer)
+    answer: list[int] = []
+    shown = ""
+
+    def show(_row: int, tokens: list[int]) -> None:
+        nonlocal shown
+        answer.extend(tokens)
+        # Decode the whole answer each time: a character may span tokens that arrive in different steps.
+        text = tokenizer.decode(answer, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    started = time.perf_counter()
+    if speculative:
+        result = speculative_generate(loaded, input_ids=ids, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                      num_heads=num_heads, on_tokens=show)
+        passes, accepted = result.forward_passes, result.mean_accepted
+    else:
+        from transformers.generation.streamers import BaseStreamer
+
+        class TokenStream(BaseStreamer):
+            """Hands each generated token to `show`; the first `put` is the prompt."""
+
+            prompt_seen = False
+
+            def put(self, value):
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                show(0, value.reshape(-1).tolist())
+
+            def end(self):
+                pass
+
+        with torch.no_grad():
+            loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                            do_sample=False, eos_token_id=stop_ids, streamer=TokenStream(), top_k=None, top_p=None,
+                            temperature=None, pad_token_id=tokenizer.pad_token_id or stop_ids[0])
+        passes, accepted = len(answer), 1.0  # one token per forward pass
+    seconds = time.perf_counter() - started
+    print()
+    new_tokens = len(answer)
+    print(f"[{new_tokens} tokens in {seconds:.2f} s, {new_tokens / max(seconds, 1e-9):.1f} tokens/s, "
+          f"{passes} forward passes, {accepted:.2f} tokens per pass]", file=sys.stderr)
+    return {"tokens": answer, "seconds": seconds, "forward_passes": passes, "mean_accepted": accepted}
+
+
 def distill(
     output: str = "distilled.jsonl",
     model: str = "smollm2-135m-instruct",
@@ -532,7 +680,9 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "compare": compare,
     "data molecules": data_molecules,
     "demo": demo,
+    "generate": generate,
     "bench train": bench_train,
+    "bench generate": bench_generate,
 }
 
 

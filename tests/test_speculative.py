@@ -82,3 +82,53 @@ def test_max_new_tokens_and_too_many_heads():
     with pytest.raises(ValueError, match="4 heads asked for, but 3 are available"):
         generate(model, input_ids=torch.tensor([PROMPTS[1]]), num_heads=4)
     assert get_heads(model).num_heads == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from caftkit.heads import save_heads
+    from tiny_models import saved_model_dir
+
+    root = tmp_path_factory.mktemp("tiny-speculative")
+    model = repetitive_model("llama")
+    save_heads(get_heads(model), root / "heads")
+    from caftkit.heads import detach_heads
+
+    detach_heads(model)
+    saved_model_dir(root / "model", model)
+    return root
+
+
+def test_generate_command_streams_the_same_text_with_and_without_heads(tiny_dir, capsys):
+    from caftkit.cli import main
+
+    texts = []
+    for extra in ([], ["--heads", str(tiny_dir / "heads"), "--speculative"]):
+        assert main(["generate", "--model", str(tiny_dir / "model"), "--prompt", "molecule 3",
+                     "--max-new-tokens", "20", *extra]) == 0
+        captured = capsys.readouterr()
+        texts.append(captured.out)
+        assert "tokens per pass]" in captured.err
+    assert texts[0] == texts[1] and texts[0].strip()
+
+
+def test_bench_generate_reports_identical_answers(tiny_dir, tmp_path, capsys):
+    import json
+
+    from caftkit.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"say {i} " * (i + 1)}]})
+                               + "\n" for i in range(6)))
+    output = tmp_path / "bench.json"
+    assert main(["bench", "generate", "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),
+                 "--data", str(prompts), "--num-prompts", "5", "--skip", "1", "--batch-sizes", "1,4",
+                 "--max-new-tokens", "12", "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert [row["batch_size"] for row in result["rows"]] == [1, 4]
+    for row in result["rows"]:
+        assert row["prompts"] == 5 and row["identical"] == 5
+        assert row["plain_tokens"] == row["speculative_tokens"] > 0
+        assert row["speedup"] == pytest.approx(row["speculative_tokens_per_second"] / row["plain_tokens_per_second"],
+                                               rel=1e-2)
+        assert row["mean_accepted"] >= 1.0

@@ -1,0 +1,151 @@
+"""`caft bench generate`: plain greedy `generate()` against self-speculative decoding, on the same prompts.
+
+Both sides run in one process on the same batches of prompts (chat template applied, left-padded, grouped by
+length), after one untimed warm-up batch each. Reported per batch size: new tokens per second of each side,
+their ratio, the mean tokens accepted per verification pass, and whether every answer is token for token the
+same.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .data import ReadStats, iter_prompts, render_prompt
+from .speculative import generate
+
+
+@dataclass
+class GenerationBenchRow:
+    """One batch size of `caft bench generate`."""
+
+    batch_size: int
+    prompts: int
+    plain_tokens: int
+    plain_seconds: float
+    speculative_tokens: int
+    speculative_seconds: float
+    mean_accepted: float
+    identical: int
+
+    @property
+    def plain_tokens_per_second(self) -> float:
+        return self.plain_tokens / self.plain_seconds
+
+    @property
+    def speculative_tokens_per_second(self) -> float:
+        return self.speculative_tokens / self.speculative_seconds
+
+    @property
+    def speedup(self) -> float:
+        """Speculative tokens/s over plain tokens/s."""
+        return self.speculative_tokens_per_second / self.plain_tokens_per_second
+
+
+def bench_prompts(tokenizer, data: str, num_prompts: int, skip: int = 0, exclude: str | None = None,
+                  max_prompt_tokens: int = 512) -> list[list[int]]:
+    """Token ids of `num_prompts` prompts of `data` (first user turns, chat template applied): the first ones
+    after skipping `skip`, leaving out ids found in the JSONL file `exclude` (e.g. the heads' training data)."""
+    excluded: set[str] = set()
+    if exclude:
+        with open(exclude, encoding="utf-8") as handle:
+            excluded = {json.loads(line).get("id") for line in handle if line.strip()}
+    prompts, seen = [], 0
+    for record in iter_prompts(data, ReadStats()):
+        if record.id in excluded:
+            continue
+        ids = tokenizer(render_prompt(tokenizer, record.messages), add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            continue
+        seen += 1
+        if seen <= skip:
+            continue
+        prompts.append(ids)
+        if len(prompts) == num_prompts:
+            break
+    if len(prompts) < num_prompts:
+        raise ValueError(f"{data}: only {len(prompts)} usable prompts after skipping and excluding, {num_prompts} "
+                         "asked for")
+    return prompts
+
+
+def _batches(prompts: list[list[int]], batch_size: int, pad_id: int, device) -> list[tuple[torch.Tensor,
+                                                                                            torch.Tensor]]:
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        group = [prompts[i] for i in order[start: start + batch_size]]
+        width = max(map(len, group))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in group], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
+        batches.append((ids, mask))
+    return batches
+
+
+def _cut(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    stop = next((i for i, token in enumerate(tokens) if token in stop_ids), None)
+    return tokens if stop is None else tokens[: stop + 1]
+
+
+def _plain(model, ids, mask, max_new_tokens, stop_ids, pad_id) -> list[list[int]]:
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=sorted(stop_ids), pad_token_id=pad_id, top_k=None, top_p=None,
+                         temperature=None)
+    return [_cut(row, stop_ids) for row in out[:, ids.shape[1]:].tolist()]
+
+
+def _synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
+                   num_heads: int | None = None) -> list[GenerationBenchRow]:
+    """Time plain greedy `generate()` and speculative decoding on the same prompts at each batch size."""
+    from .distill import _eos_ids
+
+    device = next(model.parameters()).device
+    stop_ids = set(_eos_ids(model, tokenizer))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    model.eval()
+    rows = []
+    for batch_size in batch_sizes:
+        batches = _batches(prompts, batch_size, pad_id, device)
+        # Warm-up: first calls pay for allocations and lazy initialisation, on both sides.
+        _plain(model, *batches[0], min(8, max_new_tokens), stop_ids, pad_id)
+        generate(model, input_ids=batches[0][0], attention_mask=batches[0][1], max_new_tokens=min(8, max_new_tokens),
+                 eos_token_id=sorted(stop_ids), num_heads=num_heads)
+        plain_out, speculative_out, accepted = [], [], []
+        plain_seconds = speculative_seconds = 0.0
+        for ids, mask in batches:
+            _synchronize(device)
+            started = time.perf_counter()
+            plain_out += _plain(model, ids, mask, max_new_tokens, stop_ids, pad_id)
+            _synchronize(device)
+            plain_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            result = generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                              eos_token_id=sorted(stop_ids), num_heads=num_heads)
+            _synchronize(device)
+            speculative_seconds += time.perf_counter() - started
+            speculative_out += result.sequences
+            accepted += result.accepted_per_step
+        rows.append(GenerationBenchRow(
+            batch_size=batch_size, prompts=len(prompts), plain_tokens=sum(map(len, plain_out)),
+            plain_seconds=plain_seconds, speculative_tokens=sum(map(len, speculative_out)),
+            speculative_seconds=speculative_seconds, mean_accepted=sum(accepted) / len(accepted),
+            identical=sum(a == b for a, b in zip(plain_out, speculative_out))))
+    return rows
+
+
+def rows_as_dict(rows: list[GenerationBenchRow]) -> list[dict]:
+    """Each row with its derived rates, rounded for printing and JSON."""
+    return [{**asdict(row), "plain_seconds": round(row.plain_seconds, 3),
+             "speculative_seconds": round(row.speculative_seconds, 3),
+             "plain_tokens_per_second": round(row.plain_tokens_per_second, 2),
+             "speculative_tokens_per_second": round(row.speculative_tokens_per_second, 2),
+             "speedup": round(row.speedup, 3), "mean_accepted": round(row.mean_accepted, 3)} for row in rows]
+

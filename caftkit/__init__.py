@@ -17,6 +17,7 @@ from .heads import (
 )
 from .loss import gamma_schedule, head_loss_weights, linear_cross_entropy
 from .multitoken import head_statistics, weighted_loss
+from .speculative import GenerationOutput, generate
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "AuxiliaryHeads",
     "CAFTConfig",
     "CAFTTrainer",
+    "GenerationOutput",
     "HeadsMismatchError",
     "ModelParts",
     "UnsupportedModelError",
@@ -42,6 +44,7 @@ __all__ = [
     "detach_heads",
     "find_model_parts",
     "gamma_schedule",
+    "generate",
     "get_heads",
     "head_loss_weights",
     "head_statistics",

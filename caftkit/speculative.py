@@ -67,18 +67,21 @@ class _HeadDrafter:
         self.layers = list(heads.layers[:num_heads])
         self.caches = [DynamicCache() for _ in self.layers]
 
-    def run(self, call: LayerCall) -> torch.Tensor:
-        """Feed a block of layer-L inputs to every head (extending its cache); returns each head's greedy token
-        at every position of the block: `[batch, block, num_heads]`."""
-        tokens = []
+    def run(self, call: LayerCall, positions: torch.Tensor) -> torch.Tensor:
+        """Feed a block of layer-L inputs to every head (extending its cache) and return each head's greedy token
+        at `positions[row]` of the block: `[batch, num_heads]`."""
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        picked = []
         for layer, cache in zip(self.layers, self.caches):
             kwargs = dict(call.kwargs)
             name = next((n for n in _CACHE_ARGUMENTS if n in kwargs), "past_key_values")
             kwargs[name] = cache
             out = layer(call.hidden_states, *call.args, **kwargs)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
-            tokens.append(self.parts.lm_head(self.parts.final_norm(hidden)).argmax(-1))
-        return torch.stack(tokens, dim=-1)
+            picked.append(hidden[rows, positions])
+        # One unembedding product for all heads: at batch 1 its cost is reading the vocabulary matrix, once.
+        stacked = torch.stack(picked, dim=1)  # [batch, num_heads, hidden]
+        return self.parts.lm_head(self.parts.final_norm(stacked)).argmax(-1)
 
     def crop(self, tokens: int) -> None:
         for cache in self.caches:
@@ -141,7 +144,8 @@ def generate(
     cache = DynamicCache()
     logits, call = _forward(model, parts, input_ids, attention_mask, position_ids, cache)
     next_token = logits[:, -1].argmax(-1)
-    guesses = drafter.run(call)[:, -1] if drafter else next_token.new_zeros(batch, 0)
+    last_position = torch.full((batch,), input_ids.shape[1] - 1, device=device)
+    guesses = drafter.run(call, last_position) if drafter else next_token.new_zeros(batch, 0)
     mask = attention_mask.clone()
     next_position = attention_mask.long().sum(-1)
 
@@ -159,7 +163,9 @@ def generate(
         accepted = 1 + agree.sum(-1)  # block[:, :accepted] is what greedy decoding produces
         keep = int(accepted.max() if keep_longest else accepted.min())
         taken = accepted if keep_longest else torch.full_like(accepted, keep)
-        head_guesses = drafter.run(call) if drafter else None
+        # The heads read the whole block (their caches must match the model's) and guess from the last accepted
+        # position of each row.
+        guesses = drafter.run(call, taken - 1) if drafter else None
 
         finished = torch.zeros(rows.numel(), dtype=torch.bool, device=device)
         step_tokens = []
@@ -184,10 +190,9 @@ def generate(
         kept = (torch.arange(keep, device=device)[None, :] < taken[:, None]).to(mask.dtype)
         mask = torch.cat([mask, kept], dim=-1)
         next_position = next_position + taken
-        last = (taken - 1)[:, None]
-        next_token = greedy.gather(1, last).squeeze(1)
-        guesses = (head_guesses.gather(1, last[:, :, None].expand(-1, 1, num_heads)).squeeze(1) if drafter
-                   else next_token.new_zeros(rows.numel(), 0))
+        next_token = greedy.gather(1, (taken - 1)[:, None]).squeeze(1)
+        if guesses is None:
+            guesses = next_token.new_zeros(rows.numel(), 0)
 
         if finished.any():
             alive = (~finished).nonzero().squeeze(1)

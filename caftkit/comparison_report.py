@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .plots import save_figure
+
 SetMetric = Callable[[np.ndarray, Mapping[str, Sequence]], float]
 """A metric of a set of examples: `(indices, records) -> float`, `indices` a 1-D array of example positions."""
 
@@ -466,12 +468,7 @@ def plot_differences(rows: Sequence[ComparisonRow], path: str | os.PathLike,
         axes.set_ylabel(f"caft - ntp ({unit})")
         axes.grid(axis="y", alpha=0.3)
     figure.suptitle(f"{title} ({100 * confidence:g}% CI)")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def write_report(path_md: str | os.PathLike, path_png: str | os.PathLike, rows: Sequence[ComparisonRow],

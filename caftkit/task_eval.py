@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .data import DataError, iter_raw_records, render_prompt, to_messages
+from .resumable_jsonl import read_complete_records
 
 TASKS = ("molecules", "humaneval", "loss")
 GENERATIONS_FILE = "generations.jsonl"
@@ -129,21 +130,8 @@ def _check_resumable(output_dir: Path, settings: EvalSettings) -> None:
 
 def _read_generations(path: Path) -> dict[str, str]:
     """Answers already generated; a last line cut off by an interruption is dropped (and regenerated)."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(len(complete))
-    answers = {}
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        try:
-            record = json.loads(line)
-            answers[record["id"]] = record["output"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{number}", "not a generation record; remove the file to start over") from None
-    return answers
+    return {record["id"]: record["output"]
+            for record in read_complete_records(path, ("id", "output"), "a generation record")}
 
 
 def _batches(model, tokenizer, examples: list[EvalExample], batch_size: int) -> Iterator[list[tuple[EvalExample,

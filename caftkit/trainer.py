@@ -233,6 +233,13 @@ class CAFTTrainer(SFTTrainer):
             sampler = SeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed)
         return sampler
 
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        # accelerate puts autocast around the model's forward only; the heads and the chunked cross-entropy run
+        # outside it, in `compute_loss`, and must be under the same mixed precision.
+        if self.args.bf16 or self.args.fp16:
+            return self.accelerator.autocast()
+        return super().autocast_smart_context_manager(cache_enabled)
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         # Every head's mean is taken over its valid targets in the whole optimisation step: all accumulated

@@ -115,8 +115,16 @@ def test_bf16_autocast_trains_the_heads_and_reports_their_float32_losses_closely
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     base_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     settings = settings_for(write_conversations(tmp_path / "data.jsonl"), mixed_precision="bf16")
-    summary = train_heads(str(tmp_path / "heads"), settings, model=model, tokenizer=tokenizer, progress=False)
+    # The heads run outside the model's forward: they must be under autocast too, not only the base.
+    output_dtypes: dict[int, set] = {}
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: output_dtypes.setdefault(id(module), set()).add(getattr(output, "dtype", None)))
+    try:
+        summary = train_heads(str(tmp_path / "heads"), settings, model=model, tokenizer=tokenizer, progress=False)
+    finally:
+        hook.remove()
     assert summary["mixed_precision"] == "bf16"
+    assert output_dtypes[id(get_heads(model).layers[0].mlp.down_proj)] == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in get_heads(model).parameters())
     for name, tensor in model.state_dict().items():
         if not name.startswith(HEADS_ATTRIBUTE):

@@ -26,6 +26,7 @@ from typing import Any
 from .comparison_report import comparison_table, uniqueness_metric, write_report
 from .export import export_run
 from .finetuning import RUN_FILE, FinetuneSettings, finetune
+from .resumable_jsonl import read_complete_records
 from .task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
 
 ARMS = ("ntp", "caft")
@@ -141,7 +142,7 @@ def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timing
 
 def read_examples(eval_dir: Path) -> list[dict[str, Any]]:
     """The per-example rows `caft eval` wrote."""
-    return [json.loads(line) for line in (eval_dir / EXAMPLES_FILE).read_text(encoding="utf-8").splitlines()]
+    return read_complete_records(eval_dir / EXAMPLES_FILE, required=(), what="a per-example row of caft eval")
 
 
 def arm_records(output: Path, settings: CompareSettings, arm: str) -> tuple[list[dict[str, list]], list[str]]:

@@ -15,6 +15,7 @@ from .export import export_run
 from .finetuning import FinetuneSettings, finetune
 from .head_training import HeadTrainingSettings, format_head_table, train_heads
 from .models import load_model, load_tokenizer
+from .resumable_jsonl import read_complete_records
 from .tasks.molecules import score_answer, write_molecule_records
 
 
@@ -103,7 +104,7 @@ def _score_exported(model_dir: Path, root: Path, sizes: DemoSizes, device: str) 
     # Molecules from the MOSES test split: never seen in training (the task data comes from the train split).
     held_out = root / "molecules-test.jsonl"
     write_molecule_records("moses:test", held_out, n=sizes.eval_molecules, seed=1)
-    records = [json.loads(line) for line in held_out.read_text().splitlines()]
+    records = read_complete_records(held_out, required=("messages", "meta"), what="a molecule record")
     answers = greedy_answers(model, tokenizer, [r["messages"][:1] for r in records], max_new_tokens=96)
     scores = [score_answer(a, r["meta"]["formula"], r["meta"]["groups"]) for a, r in zip(answers, records)]
     n = len(scores)

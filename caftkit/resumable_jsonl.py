@@ -19,7 +19,9 @@ def read_complete_records(path: Path, required: tuple[str, ...], what: str) -> l
         with path.open("r+b") as handle:
             handle.truncate(len(complete))
     records = []
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and the like, which JSON written
+    # with ensure_ascii=False leaves unescaped inside strings.
+    for number, line in enumerate(complete.decode("utf-8").split("\n")[:-1], start=1):
         try:
             record = json.loads(line)
             if not isinstance(record, dict) or any(name not in record for name in required):

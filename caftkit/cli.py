@@ -69,7 +69,7 @@ def bench_generate(
     num_prompts: int = 16,
     batch_sizes: str = "1,8",
     max_new_tokens: int = 128,
-    num_heads: int | None = None,
+    drafts: str | None = None,
     dtype: str = "float32",
     device: str = "cpu",
     output: str | None = None,
@@ -77,9 +77,9 @@ def bench_generate(
     """Plain greedy `generate()` against self-speculative decoding with the heads, on the same prompts.
 
     Both sides run in this process on the same batches (chat template applied, prompts grouped by length,
-    left-padded), after an untimed warm-up. Prints, per batch size, new tokens per second of each side, the
-    speedup, the mean tokens accepted per verification pass, and how many answers are token for token the same
-    (all should be).
+    left-padded), after an untimed warm-up; each batch is decoded plainly and then with every draft shape. Prints,
+    per batch size and draft shape, new tokens per second of each side, the speedup, the mean tokens accepted per
+    verification pass, and how many answers are token for token the same (all should be).
 
     Args:
         model: transformers model id, local folder, or the bundled `smollm2-135m-instruct`.
@@ -90,25 +90,32 @@ def bench_generate(
         num_prompts: prompts to generate for.
         batch_sizes: comma-separated batch sizes to measure.
         max_new_tokens: most new tokens per answer.
-        num_heads: heads used for drafting (default: all).
+        drafts: comma-separated draft shapes to measure: H (a chain through the first H heads), HxK (a tree
+            through the top K candidates of H heads) or HxK:N (that tree cut to its N likeliest drafts per pass);
+            default: a chain through all heads.
         dtype: float32, bfloat16 or float16.
         device: cpu or cuda.
         output: also write the JSON to this file.
     """
-    from .generation_bench import bench_generate as run, bench_prompts, rows_as_dict
-    from .heads import attach_heads
+    from .generation_bench import DraftShape, bench_generate as run, bench_prompts, rows_as_dict
+    from .heads import attach_heads, get_heads
     from .models import load_model, load_tokenizer
 
     if heads is None:
         raise CLIError("missing --heads (a heads folder to draft with)")
+    try:  # before any loading: a typo should not cost the wait
+        shapes = [DraftShape.parse(text) for text in str(drafts).split(",") if text.strip()] if drafts else None
+    except ValueError as error:
+        raise CLIError(f"--drafts: {error}") from None
     tokenizer = load_tokenizer(model)
     prompts = bench_prompts(tokenizer, data, num_prompts, skip=skip, exclude=exclude)
     loaded = load_model(model, dtype).to(device)
     attach_heads(loaded, heads)
+    shapes = shapes or [DraftShape(get_heads(loaded).num_heads)]
     sizes = [int(size) for size in str(batch_sizes).split(",") if size.strip()]
-    rows = rows_as_dict(run(loaded, tokenizer, prompts, sizes, max_new_tokens, num_heads))
+    rows = rows_as_dict(run(loaded, tokenizer, prompts, sizes, max_new_tokens, shapes))
     result = {"model": model, "heads": heads, "device": device, "dtype": dtype, "max_new_tokens": max_new_tokens,
-              "num_heads": num_heads, "rows": rows}
+              "rows": rows}
     text = json.dumps(result, indent=2)
     print(text)
     if output:
@@ -122,6 +129,8 @@ def generate(
     heads: str | None = None,
     speculative: bool = False,
     num_heads: int | None = None,
+    top_k: int = 1,
+    tree_size: int | None = None,
     max_new_tokens: int = 256,
     system: str | None = None,
     dtype: str = "float32",
@@ -139,6 +148,8 @@ def generate(
         heads: heads folder for --speculative (from `caft train-heads`, or `<model>-heads` from `caft export`).
         speculative: draft with the heads (self-speculative decoding).
         num_heads: heads used for drafting (default: all).
+        top_k: candidates per head; above 1, each pass verifies a tree of drafts instead of a chain.
+        tree_size: drafts verified per pass with --top-k above 1 (default: num_heads * (2 * top_k - 1)).
         max_new_tokens: most new tokens.
         system: an optional system message.
         dtype: float32, bfloat16 or float16.
@@ -176,7 +187,7 @@ def generate(
     started = time.perf_counter()
     if speculative:
         result = speculative_generate(loaded, input_ids=ids, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                      num_heads=num_heads, on_tokens=show)
+                                      num_heads=num_heads, top_k=top_k, tree_size=tree_size, on_tokens=show)
         passes, accepted = result.forward_passes, result.mean_accepted
     else:
         from transformers.generation.streamers import BaseStreamer

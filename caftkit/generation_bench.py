@@ -1,9 +1,13 @@
 """`caft bench generate`: plain greedy `generate()` against self-speculative decoding, on the same prompts.
 
 Both sides run in one process on the same batches of prompts (chat template applied, left-padded, grouped by
-length), after one untimed warm-up batch each. Reported per batch size: new tokens per second of each side,
-their ratio, the mean tokens accepted per verification pass, and whether every answer is token for token the
-same.
+length), after one untimed warm-up batch each; each batch is decoded plainly and then with every draft shape
+asked for, so that all are timed under the same conditions. Reported per batch size and draft shape: new tokens
+per second of each side, their ratio, the mean tokens accepted per verification pass, and whether every answer
+is token for token the same.
+
+A draft shape is `H` (a chain: the best candidate of each of the first H heads), `HxK` (a tree through the top K
+candidates of H heads, of the default size) or `HxK:N` (the same tree cut to its N likeliest drafts).
 """
 
 from __future__ import annotations
@@ -15,14 +19,42 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .data import ReadStats, iter_prompts, render_prompt
-from .speculative import generate
+from .speculative import default_tree_size, generate
+
+
+@dataclass(frozen=True)
+class DraftShape:
+    """How many heads draft, how many candidates each proposes, and how many drafts a pass verifies."""
+
+    num_heads: int
+    top_k: int = 1
+    tree_size: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "DraftShape":
+        """`H`, `HxK` or `HxK:N` (see the module docstring)."""
+        try:
+            heads, _, rest = text.strip().partition("x")
+            top_k, _, size = rest.partition(":")
+            return cls(int(heads), int(top_k) if top_k else 1, int(size) if size else None)
+        except ValueError:
+            raise ValueError(f"draft shape {text!r}: expected H, HxK or HxK:N (heads, candidates per head, "
+                             "drafts per pass), e.g. 4 or 4x3:16") from None
+
+    @property
+    def drafts_per_pass(self) -> int:
+        return self.tree_size if self.tree_size is not None else default_tree_size(self.num_heads, self.top_k)
+
+    def __str__(self) -> str:
+        return str(self.num_heads) if self.top_k == 1 else f"{self.num_heads}x{self.top_k}:{self.drafts_per_pass}"
 
 
 @dataclass
 class GenerationBenchRow:
-    """One batch size of `caft bench generate`."""
+    """One batch size and draft shape of `caft bench generate`."""
 
     batch_size: int
+    draft: str
     prompts: int
     plain_tokens: int
     plain_seconds: float
@@ -102,9 +134,24 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _speculative(model, ids, mask, max_new_tokens, stop_ids, shape: DraftShape):
+    return generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                    eos_token_id=sorted(stop_ids), num_heads=shape.num_heads, top_k=shape.top_k,
+                    tree_size=shape.tree_size)
+
+
+def _timed(device, run):
+    _synchronize(device)
+    started = time.perf_counter()
+    result = run()
+    _synchronize(device)
+    return result, time.perf_counter() - started
+
+
 def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
-                   num_heads: int | None = None) -> list[GenerationBenchRow]:
-    """Time plain greedy `generate()` and speculative decoding on the same prompts at each batch size."""
+                   shapes: list[DraftShape]) -> list[GenerationBenchRow]:
+    """Time plain greedy `generate()` and speculative decoding with each draft shape on the same prompts, at each
+    batch size."""
     from .distill import _eos_ids
 
     device = next(model.parameters()).device
@@ -114,30 +161,28 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
     rows = []
     for batch_size in batch_sizes:
         batches = _batches(prompts, batch_size, pad_id, device)
-        # Warm-up: first calls pay for allocations and lazy initialisation, on both sides.
+        # Warm-up: first calls pay for allocations and lazy initialisation, on every side.
         _plain(model, *batches[0], min(8, max_new_tokens), stop_ids, pad_id)
-        generate(model, input_ids=batches[0][0], attention_mask=batches[0][1], max_new_tokens=min(8, max_new_tokens),
-                 eos_token_id=sorted(stop_ids), num_heads=num_heads)
-        plain_out, speculative_out, accepted = [], [], []
-        plain_seconds = speculative_seconds = 0.0
+        for shape in shapes:
+            _speculative(model, *batches[0], min(8, max_new_tokens), stop_ids, shape)
+        plain_out, plain_seconds = [], 0.0
+        drafted = {shape: {"out": [], "seconds": 0.0, "accepted": []} for shape in shapes}
         for ids, mask in batches:
-            _synchronize(device)
-            started = time.perf_counter()
-            plain_out += _plain(model, ids, mask, max_new_tokens, stop_ids, pad_id)
-            _synchronize(device)
-            plain_seconds += time.perf_counter() - started
-            started = time.perf_counter()
-            result = generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                              eos_token_id=sorted(stop_ids), num_heads=num_heads)
-            _synchronize(device)
-            speculative_seconds += time.perf_counter() - started
-            speculative_out += result.sequences
-            accepted += result.accepted_per_step
-        rows.append(GenerationBenchRow(
-            batch_size=batch_size, prompts=len(prompts), plain_tokens=sum(map(len, plain_out)),
-            plain_seconds=plain_seconds, speculative_tokens=sum(map(len, speculative_out)),
-            speculative_seconds=speculative_seconds, mean_accepted=sum(accepted) / len(accepted),
-            identical=sum(a == b for a, b in zip(plain_out, speculative_out))))
+            out, seconds = _timed(device, lambda: _plain(model, ids, mask, max_new_tokens, stop_ids, pad_id))
+            plain_out += out
+            plain_seconds += seconds
+            for shape in shapes:
+                result, seconds = _timed(device, lambda: _speculative(model, ids, mask, max_new_tokens, stop_ids,
+                                                                      shape))
+                drafted[shape]["out"] += result.sequences
+                drafted[shape]["seconds"] += seconds
+                drafted[shape]["accepted"] += result.accepted_per_step
+        for shape, side in drafted.items():
+            rows.append(GenerationBenchRow(
+                batch_size=batch_size, draft=str(shape), prompts=len(prompts), plain_tokens=sum(map(len, plain_out)),
+                plain_seconds=plain_seconds, speculative_tokens=sum(map(len, side["out"])),
+                speculative_seconds=side["seconds"], mean_accepted=sum(side["accepted"]) / len(side["accepted"]),
+                identical=sum(a == b for a, b in zip(plain_out, side["out"]))))
     return rows
 
 

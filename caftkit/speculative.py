@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .architecture import find_model_parts
+from .draft_tree import DraftBlock, DraftTree, accept
 from .heads import _CACHE_ARGUMENTS, AuxiliaryHeads, LayerCall, capture_layer_inputs, get_heads
 
 
@@ -60,16 +61,17 @@ def _stop_ids(model, eos_token_id) -> set[int]:
 class _HeadDrafter:
     """The auxiliary heads with one KV cache each, kept as long as the model's cache."""
 
-    def __init__(self, model, heads: AuxiliaryHeads, num_heads: int):
-        from transformers import DynamicCache
+    def __init__(self, model, heads: AuxiliaryHeads, num_heads: int, top_k: int):
+        from .draft_cache import DraftCache
 
         self.parts = find_model_parts(model)
         self.layers = list(heads.layers[:num_heads])
-        self.caches = [DynamicCache() for _ in self.layers]
+        self.caches = [DraftCache() for _ in self.layers]
+        self.top_k = top_k
 
-    def run(self, call: LayerCall, positions: torch.Tensor) -> torch.Tensor:
-        """Feed a block of layer-L inputs to every head (extending its cache) and return each head's greedy token
-        at `positions[row]` of the block: `[batch, num_heads]`."""
+    def run(self, call: LayerCall, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed a block of layer-L inputs to every head (extending its cache) and return each head's `top_k`
+        candidates at `positions[row]` of the block and their log-probabilities: `[batch, num_heads, top_k]`."""
         rows = torch.arange(positions.shape[0], device=positions.device)
         picked = []
         for layer, cache in zip(self.layers, self.caches):
@@ -81,11 +83,20 @@ class _HeadDrafter:
             picked.append(hidden[rows, positions])
         # One unembedding product for all heads: at batch 1 its cost is reading the vocabulary matrix, once.
         stacked = torch.stack(picked, dim=1)  # [batch, num_heads, hidden]
-        return self.parts.lm_head(self.parts.final_norm(stacked)).argmax(-1)
+        logits = self.parts.lm_head(self.parts.final_norm(stacked)).float()
+        if self.top_k == 1:  # a chain: the scores are never compared
+            tokens = logits.argmax(-1, keepdim=True)
+            return tokens, torch.zeros_like(tokens, dtype=logits.dtype)
+        logprobs, tokens = logits.log_softmax(-1).topk(self.top_k, dim=-1)
+        return tokens, logprobs
 
     def crop(self, tokens: int) -> None:
         for cache in self.caches:
             cache.crop(-tokens)
+
+    def keep_block_slots(self, width: int, slots: torch.Tensor) -> None:
+        for cache in self.caches:
+            cache.keep_block_slots(width, slots)
 
     def select(self, rows: torch.Tensor) -> None:
         for cache in self.caches:
@@ -101,6 +112,20 @@ def _forward(model, parts, input_ids, attention_mask, position_ids, cache):
     return out.logits, capture.layer_call
 
 
+def _tree_mask(mask: torch.Tensor, attends: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D additive attention mask of a tree block: each node sees the kept cache slots of its row and its own
+    ancestors."""
+    width = attends.shape[1]
+    allowed = torch.cat([mask.bool()[:, None, :].expand(-1, width, -1), attends], dim=-1)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def default_tree_size(num_heads: int, top_k: int) -> int:
+    """Drafted tokens verified per pass when none is given: the chain's `num_heads`, or twice as many per extra
+    candidate for a tree."""
+    return num_heads if top_k == 1 else num_heads * (2 * top_k - 1)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -111,15 +136,19 @@ def generate(
     max_new_tokens: int = 128,
     eos_token_id: int | list[int] | None = None,
     num_heads: int | None = None,
+    top_k: int = 1,
+    tree_size: int | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
 ) -> GenerationOutput:
     """Greedy decoding of `input_ids` (left-padded, with `attention_mask`), sped up by the auxiliary heads.
 
     The output tokens are those of `model.generate(do_sample=False)`: heads only propose, the model decides.
     `heads` defaults to the heads attached to `model`; `num_heads` uses only the first few of them (0 decodes
-    one token per pass, plain greedy). A row stops at one of `eos_token_id` (default: the model's generation
-    config) or after `max_new_tokens`. `on_tokens(row, tokens)` is called with each row's newly accepted tokens
-    as they come (for streaming).
+    one token per pass, plain greedy). With `top_k` 1 each pass verifies a chain of one draft per head; with
+    more, a tree of the `tree_size` likeliest paths through the heads' `top_k` candidates (full-attention models
+    only; default size: `default_tree_size`). A row stops at one of `eos_token_id` (default: the model's
+    generation config) or after `max_new_tokens`. `on_tokens(row, tokens)` is called with each row's newly
+    accepted tokens as they come (for streaming).
     """
     if input_ids is None:
         raise ValueError("input_ids are required")
@@ -128,7 +157,18 @@ def generate(
     num_heads = available if num_heads is None else num_heads
     if num_heads > available:
         raise ValueError(f"{num_heads} heads asked for, but {available} are available")
-    from transformers import DynamicCache
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    sliding = _uses_sliding_window(model.config)
+    if top_k > 1 and sliding:
+        raise ValueError("draft trees (top_k > 1) need full attention in every layer; this model has sliding-window "
+                         "layers: use top_k=1 (a chain)")
+    tree = DraftTree(num_heads, top_k, input_ids.device) if num_heads > 0 else None
+    size = tree_size if tree_size is not None else default_tree_size(num_heads, top_k)
+    if tree is not None and size < 1:
+        raise ValueError(f"tree_size must be at least 1, got {size}")
+
+    from .draft_cache import DraftCache
 
     parts = find_model_parts(model)
     device = input_ids.device
@@ -136,41 +176,50 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     stop_ids = _stop_ids(model, eos_token_id)
-    keep_longest = not _uses_sliding_window(model.config)
-    drafter = _HeadDrafter(model, heads, num_heads) if num_heads > 0 else None
+    keep_longest = not sliding
+    drafter = _HeadDrafter(model, heads, num_heads, top_k) if tree is not None else None
 
     # Prefill: the prompt through the model and the heads; left padding gets position 0 like generate() does.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    cache = DraftCache()
     logits, call = _forward(model, parts, input_ids, attention_mask, position_ids, cache)
     next_token = logits[:, -1].argmax(-1)
     last_position = torch.full((batch,), input_ids.shape[1] - 1, device=device)
-    guesses = drafter.run(call, last_position) if drafter else next_token.new_zeros(batch, 0)
+    candidates = drafter.run(call, last_position) if drafter else None
     mask = attention_mask.clone()
     next_position = attention_mask.long().sum(-1)
 
     output = GenerationOutput([[] for _ in range(batch)], forward_passes=1)
     rows = torch.arange(batch, device=device)  # original row of each row still generating
     while rows.numel() > 0:
-        block = torch.cat([next_token[:, None], guesses], dim=-1)  # [n, 1 + num_heads]
-        width = block.shape[1]
-        block_mask = torch.cat([mask, mask.new_ones(rows.numel(), width)], dim=-1)
-        positions = next_position[:, None] + torch.arange(width, device=device)
-        logits, call = _forward(model, parts, block, block_mask, positions, cache)
+        if tree is None:
+            block = DraftBlock(tokens=next_token[:, None], parent=next_token.new_zeros(rows.numel(), 1),
+                               depth=next_token.new_zeros(rows.numel(), 1), attends=None)
+        else:
+            block = tree.choose(next_token, *candidates, size)
+        width = block.tokens.shape[1]
+        positions = next_position[:, None] + block.depth
+        if tree is None or tree.is_chain:
+            # A chain is causal within the block: the plain 2D mask serves, sliding windows included.
+            block_mask = torch.cat([mask, mask.new_ones(rows.numel(), width)], dim=-1)
+        else:
+            block_mask = _tree_mask(mask, block.attends, logits.dtype)
+        logits, call = _forward(model, parts, block.tokens, block_mask, positions, cache)
         output.forward_passes += 1
-        greedy = logits.argmax(-1)  # greedy[:, j]: the token that must follow block[:, j]
-        agree = (block[:, 1:] == greedy[:, :-1]).long().cumprod(-1)
-        accepted = 1 + agree.sum(-1)  # block[:, :accepted] is what greedy decoding produces
-        keep = int(accepted.max() if keep_longest else accepted.min())
-        taken = accepted if keep_longest else torch.full_like(accepted, keep)
+        greedy = logits.argmax(-1)  # greedy[:, j]: the token that must follow node j
+        path = accept(block, greedy)
+        keep = int(path.length.max() if keep_longest else path.length.min())
+        taken = path.length if keep_longest else torch.full_like(path.length, keep)
+        last = path.nodes.gather(1, (taken - 1)[:, None]).squeeze(1)
         # The heads read the whole block (their caches must match the model's) and guess from the last accepted
-        # position of each row.
-        guesses = drafter.run(call, taken - 1) if drafter else None
+        # node of each row.
+        candidates = drafter.run(call, last) if drafter else None
 
         finished = torch.zeros(rows.numel(), dtype=torch.bool, device=device)
         step_tokens = []
+        accepted_tokens = block.tokens.gather(1, path.nodes)
         for i, row in enumerate(rows.tolist()):
-            tokens = block[i, : taken[i]].tolist()
+            tokens = accepted_tokens[i, : taken[i]].tolist()
             room = max_new_tokens - len(output.sequences[row])
             stop = next((j for j, token in enumerate(tokens) if token in stop_ids), None)
             if stop is not None and stop < room:
@@ -183,22 +232,24 @@ def generate(
                 on_tokens(row, tokens)
         output.accepted_per_step.append(sum(step_tokens) / len(step_tokens))
 
-        cache.crop(-(width - keep))
-        if drafter:
-            drafter.crop(width - keep)
+        if tree is None or tree.is_chain:  # the accepted path is a prefix of the block
+            cache.crop(-(width - keep))
+            if drafter:
+                drafter.crop(width - keep)
+        else:
+            cache.keep_block_slots(width, path.nodes[:, :keep])
+            drafter.keep_block_slots(width, path.nodes[:, :keep])
         # Rows that accepted fewer than `keep` tokens mask the rest out: those slots hold rejected drafts.
         kept = (torch.arange(keep, device=device)[None, :] < taken[:, None]).to(mask.dtype)
         mask = torch.cat([mask, kept], dim=-1)
         next_position = next_position + taken
-        next_token = greedy.gather(1, (taken - 1)[:, None]).squeeze(1)
-        if guesses is None:
-            guesses = next_token.new_zeros(rows.numel(), 0)
+        next_token = greedy.gather(1, last[:, None]).squeeze(1)
 
         if finished.any():
             alive = (~finished).nonzero().squeeze(1)
-            rows, mask, next_position = rows[alive], mask[alive], next_position[alive]
-            next_token, guesses = next_token[alive], guesses[alive]
+            rows, mask, next_position, next_token = rows[alive], mask[alive], next_position[alive], next_token[alive]
             cache.batch_select_indices(alive)
             if drafter:
+                candidates = tuple(c[alive] for c in candidates)
                 drafter.select(alive)
     return output

@@ -40,17 +40,30 @@ def repetitive_model(model_type: str):
     return model
 
 
+SLIDING = {"gemma3_text"}  # tiny models with sliding-window layers: chains only
+DRAFTS = [{"top_k": 1}, {"top_k": 3, "tree_size": 8}, {"top_k": 2, "tree_size": 14}]
+
+
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-def test_speculative_tokens_equal_greedy_generate(model_type):
+@pytest.mark.parametrize("draft", DRAFTS, ids=["chain", "tree-3x8", "tree-2x14"])
+def test_speculative_tokens_equal_greedy_generate(model_type, draft):
+    if draft["top_k"] > 1 and model_type in SLIDING:
+        return test_trees_are_refused_on_sliding_window_models(model_type, draft)
     model = repetitive_model(model_type)
     expected = [reference(model, prompt, 24) for prompt in PROMPTS]
     ids, mask = left_padded(PROMPTS)
-    batched = generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=EOS)
+    batched = generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=EOS, **draft)
     assert batched.sequences == expected  # batch of 4 prompts of different lengths
     for prompt, tokens in zip(PROMPTS, expected):
-        single = generate(model, input_ids=torch.tensor([prompt]), max_new_tokens=24, eos_token_id=EOS)
+        single = generate(model, input_ids=torch.tensor([prompt]), max_new_tokens=24, eos_token_id=EOS, **draft)
         assert single.sequences == [tokens]
         assert single.forward_passes <= 1 + len(tokens)
+
+
+def test_trees_are_refused_on_sliding_window_models(model_type="gemma3_text", draft=DRAFTS[1]):
+    model = repetitive_model(model_type)
+    with pytest.raises(ValueError, match="sliding-window layers: use top_k=1"):
+        generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=4, **draft)
 
 
 def test_drafts_are_accepted_and_save_forward_passes():
@@ -60,6 +73,9 @@ def test_drafts_are_accepted_and_save_forward_passes():
     assert out.sequences == [reference(model, PROMPTS[0], 40)] and len(out.sequences[0]) == 40
     assert out.mean_accepted > 1.2
     assert out.forward_passes < 40  # plain greedy needs 1 prefill + 39 decoding passes
+    tree = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[], top_k=3,
+                    tree_size=12)
+    assert tree.sequences == out.sequences and tree.mean_accepted > 1.2
 
 
 @pytest.mark.parametrize("num_heads", [0, 1, 3])
@@ -103,13 +119,22 @@ def test_generate_command_streams_the_same_text_with_and_without_heads(tiny_dir,
     from caftkit.cli import main
 
     texts = []
-    for extra in ([], ["--heads", str(tiny_dir / "heads"), "--speculative"]):
+    speculative = ["--heads", str(tiny_dir / "heads"), "--speculative"]
+    for extra in ([], speculative, speculative + ["--top-k", "2", "--tree-size", "5"]):
         assert main(["generate", "--model", str(tiny_dir / "model"), "--prompt", "molecule 3",
                      "--max-new-tokens", "20", *extra]) == 0
         captured = capsys.readouterr()
         texts.append(captured.out)
         assert "tokens per pass]" in captured.err
-    assert texts[0] == texts[1] and texts[0].strip()
+    assert texts[0] == texts[1] == texts[2] and texts[0].strip()
+
+
+def test_bad_draft_shape_is_a_clear_error(tiny_dir, capsys):
+    from caftkit.cli import main
+
+    assert main(["bench", "generate", "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),
+                 "--drafts", "3,three"]) != 0
+    assert "--drafts: draft shape 'three': expected H, HxK or HxK:N" in capsys.readouterr().err
 
 
 def test_bench_generate_reports_identical_answers(tiny_dir, tmp_path, capsys):
@@ -123,9 +148,10 @@ def test_bench_generate_reports_identical_answers(tiny_dir, tmp_path, capsys):
     output = tmp_path / "bench.json"
     assert main(["bench", "generate", "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),
                  "--data", str(prompts), "--num-prompts", "5", "--skip", "1", "--batch-sizes", "1,4",
-                 "--max-new-tokens", "12", "--output", str(output)]) == 0
+                 "--max-new-tokens", "12", "--drafts", "3,2,3x2:6", "--output", str(output)]) == 0
     result = json.loads(output.read_text())
-    assert [row["batch_size"] for row in result["rows"]] == [1, 4]
+    assert [(row["batch_size"], row["draft"]) for row in result["rows"]] == [
+        (1, "3"), (1, "2"), (1, "3x2:6"), (4, "3"), (4, "2"), (4, "3x2:6")]
     for row in result["rows"]:
         assert row["prompts"] == 5 and row["identical"] == 5
         assert row["plain_tokens"] == row["speculative_tokens"] > 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import tokenize_source
+from .distributed import is_main_process, wait_for_everyone
 from .evaluation import head_metrics
 from .head_training import HeadTrainingSettings, per_head_metrics, split_held_out, train_heads
 from .heads import attach_heads, get_heads, read_heads_config, save_heads
@@ -158,12 +159,11 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
     final = trainer.evaluate()
 
     final_dir = run_dir / FINAL_DIR
-    shutil.rmtree(final_dir, ignore_errors=True)
+    if is_main_process():
+        shutil.rmtree(final_dir, ignore_errors=True)
+    wait_for_everyone()
     trainer.save_model(str(final_dir))
     history = trainer.state.log_history
-    (run_dir / LOG_HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
-    plot_head_losses(history, run_dir / HEAD_LOSSES_FILE,
-                     title=f"{settings.mode} fine-tuning on {Path(settings.data).name}: per-head loss")
     summary = {
         "settings": asdict(settings),
         "base_model": settings.model,
@@ -176,5 +176,10 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         "final_eval": {key: value for key, value in final.items() if isinstance(value, (int, float))},
         "held_out_per_head": per_head_metrics(final),
     }
-    (run_dir / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main_process():
+        (run_dir / LOG_HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
+        plot_head_losses(history, run_dir / HEAD_LOSSES_FILE,
+                         title=f"{settings.mode} fine-tuning on {Path(settings.data).name}: per-head loss")
+        (run_dir / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    wait_for_everyone()
     return summary

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .data import tokenize_source
+from .distributed import is_main_process, wait_for_everyone
 from .heads import HEADS_CONFIG_FILE, attach_heads, get_heads, save_heads
 from .models import load_model, load_tokenizer
 from .plots import plot_head_losses
 from .run_settings import RunSettings, resolve_mixed_precision, trainer_arguments
 
 CHECKPOINTS_DIR = "checkpoints"
-INITIAL_EVAL_FILE = "initial_eval.json"
 LOSS_CURVES_FILE = "loss_curves.png"
 LOG_HISTORY_FILE = "log_history.json"
 
@@ -115,19 +115,20 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         trunk_cache_gb=settings.trunk_cache_gb,
         activation_checkpointing=False,  # the base runs without gradients; the heads are one layer each
         disable_tqdm=not progress,
+        # The held-out split is measured before the first step inside `train()` (it is then in the log history,
+        # which checkpoints keep for a resumed run). Calling `evaluate()` before `train()` instead would leave
+        # the model unwrapped by DDP: accelerate marks it prepared for evaluation.
+        eval_on_start=checkpoint is None,
         **trainer_arguments(settings, str(run_dir), len(train_examples)),
     )
     trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
                           eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer)
-
-    initial_file = run_dir / INITIAL_EVAL_FILE
-    if checkpoint is not None and initial_file.is_file():
-        before = json.loads(initial_file.read_text())
-    else:
-        before = per_head_metrics(trainer.evaluate())
-        run_dir.mkdir(parents=True, exist_ok=True)
-        initial_file.write_text(json.dumps(before, indent=2) + "\n")
     trainer.train(resume_from_checkpoint=checkpoint)
+    history = trainer.state.log_history
+    start = next((entry for entry in history if entry.get("step") == 0 and "eval_loss_head_2" in entry), None)
+    if start is None:
+        raise RuntimeError(f"{run_dir}: the log history has no held-out measurement before training")
+    before = per_head_metrics(start)
     last_eval = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss_head_2" in entry), None)
     if last_eval is not None and last_eval.get("step") == trainer.state.global_step:
         after = per_head_metrics(last_eval)  # the held-out split was just measured on the final heads
@@ -149,15 +150,13 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         "held_out_after": after,
     }
     save_heads(get_heads(model), output_dir, training=summary)
-    # The measurement before training is made before `train()` starts a fresh log; put it back at step 0.
-    initial = {"step": 0, **{f"eval_{metric}_head_{name.split('_')[1]}": value
-                             for name, metrics in before.items() for metric, value in metrics.items()}}
-    history = [initial, *trainer.state.log_history]
-    (output_dir / LOG_HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
-    plot_head_losses(history, output_dir / LOSS_CURVES_FILE,
-                     title=f"Head training on {Path(settings.data).name}: per-head loss")
-    if not keep_checkpoints:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if is_main_process():
+        (output_dir / LOG_HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
+        plot_head_losses(history, output_dir / LOSS_CURVES_FILE,
+                         title=f"Head training on {Path(settings.data).name}: per-head loss")
+        if not keep_checkpoints:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    wait_for_everyone()  # the heads folder is complete before any process goes on to read it
     return summary
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architecture import ModelParts, find_model_parts, unwrap_model
+from .distributed import is_main_process, whole_tensor
 
 HEADS_ATTRIBUTE = "caft_heads"
 HEADS_WEIGHTS_FILE = "heads.safetensors"
@@ -220,9 +221,20 @@ def detach_heads(model: nn.Module) -> AuxiliaryHeads | None:
     return heads
 
 
-def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: dict[str, Any] | None = None) -> Path:
-    """Write `heads.safetensors` and `heads_config.json` (architecture, base fingerprint, training) to a folder."""
+def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: dict[str, Any] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `heads.safetensors` and `heads_config.json` (architecture, base fingerprint, training) to a folder.
+
+    Under several processes every one must call it (sharded heads are gathered); the main process writes.
+    `state_dict` gives the weights already gathered (keys as in `heads.state_dict()`), and then only the process
+    that writes needs to call it."""
     directory = Path(directory)
+    if state_dict is None:
+        # Sharded heads (FSDP2) are gathered whole on every process.
+        state_dict = {key: whole_tensor(tensor.detach()) for key, tensor in heads.state_dict().items()}
+    state = {key: tensor.detach().to("cpu").contiguous() for key, tensor in state_dict.items()}
+    if not is_main_process():
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     layer = heads.layers[0]
     config = {
@@ -234,7 +246,6 @@ def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: di
         "base_fingerprint": heads.metadata.get("base_fingerprint"),
         "training": training if training is not None else heads.metadata.get("training"),
     }
-    state = {key: tensor.detach().to("cpu").contiguous() for key, tensor in heads.state_dict().items()}
     # Write to temporary names first: an interrupted save never leaves a half-written heads folder behind.
     weights_tmp = directory / (HEADS_WEIGHTS_FILE + ".tmp")
     config_tmp = directory / (HEADS_CONFIG_FILE + ".tmp")
@@ -243,6 +254,14 @@ def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: di
     os.replace(weights_tmp, directory / HEADS_WEIGHTS_FILE)
     os.replace(config_tmp, directory / HEADS_CONFIG_FILE)
     return directory
+
+
+def heads_state_from_model_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The heads' entries of a whole model's state dict (e.g. gathered from FSDP shards, whatever wrapper prefixes
+    its keys), keyed as in `AuxiliaryHeads.state_dict()`; None when it has none."""
+    marker = f"{HEADS_ATTRIBUTE}."
+    found = {key.split(marker, 1)[1]: tensor for key, tensor in model_state.items() if marker in key}
+    return found or None
 
 
 def read_heads_config(directory: str | os.PathLike) -> dict[str, Any]:

@@ -138,7 +138,9 @@ def linear_cross_entropy(
         # A head can have no valid target in a micro-batch; keep the graph connected so that backward (and DDP)
         # still sees the hidden states, with an exact zero.
         return hidden.sum() * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device)
-    rows = chunk_rows(lm_head.weight.shape[0], chunk_elements)
+    # A ZeRO-3 partitioned weight is empty outside the module's forward; `ds_shape` keeps its real shape.
+    vocab_size = getattr(lm_head.weight, "ds_shape", lm_head.weight.shape)[0]
+    rows = chunk_rows(vocab_size, chunk_elements)
     if impl == "fused":
         if not isinstance(lm_head, nn.Linear):
             raise ValueError(

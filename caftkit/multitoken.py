@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .architecture import find_model_parts, unwrap_model
+from .distributed import gather_for_loss, loss_impl_for
 from .heads import capture_layer_inputs, get_heads
 from .loss import (
     DEFAULT_CHUNK_ELEMENTS,
@@ -111,6 +112,10 @@ def head_statistics(
         call, final_hidden, main_stats = capture.layer_call, capture.final_hidden, None
         if not train_trunk:
             call.hidden_states = call.hidden_states.detach()
+    # The norm and the unembedding are used below, after the forward: under FSDP2 they must be whole again, and
+    # under ZeRO-3 the unembedding is called through its module.
+    gather_for_loss(model, unwrap_model(model), parts.lm_head, parts.final_norm)
+    impl = loss_impl_for(parts.lm_head, impl)
 
     hidden_per_head = [final_hidden]
     if num_aux > 0:

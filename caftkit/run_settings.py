@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .distributed import world_size
+
 MIXED_PRECISION = ("no", "bf16", "auto")
 
 
@@ -58,8 +60,9 @@ class RunSettings:
 
 def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples: int) -> dict[str, Any]:
     """`CAFTConfig` keyword arguments common to every run: schedule, batches, evaluation twice per epoch unless
-    `eval_steps` is set, checkpoints, reporting and seeds."""
-    steps_per_epoch = -(-num_train_examples // (settings.batch_size * settings.grad_accum))
+    `eval_steps` is set, checkpoints, reporting and seeds. `batch_size` is per process: a step takes
+    `batch_size * grad_accum` examples from each."""
+    steps_per_epoch = -(-num_train_examples // (settings.batch_size * settings.grad_accum * world_size()))
     return dict(
         output_dir=output_dir,
         num_train_epochs=settings.epochs,

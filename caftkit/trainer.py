@@ -19,7 +19,15 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTConfig, SFTTrainer
 
 from .architecture import find_model_parts, unwrap_model
-from .heads import HEADS_ATTRIBUTE, HEADS_WEIGHTS_FILE, attach_heads, get_heads, save_heads
+from .distributed import average_gradients
+from .heads import (
+    HEADS_ATTRIBUTE,
+    HEADS_WEIGHTS_FILE,
+    attach_heads,
+    get_heads,
+    heads_state_from_model_state,
+    save_heads,
+)
 from .loss import MODES, SCHEDULES, gamma_schedule, head_loss_weights
 from .models import resolve_model_path
 from .multitoken import count_targets, head_statistics, weighted_loss
@@ -226,12 +234,15 @@ class CAFTTrainer(SFTTrainer):
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        if self.trunk_cache is not None and isinstance(sampler, LengthGroupedSampler):
+        if not isinstance(sampler, LengthGroupedSampler):
+            return sampler
+        # Batches are formed at the size of the whole step (all processes): accelerate hands each process its
+        # consecutive slice of them, so that any number of processes sees the batches one process would.
+        step_batch = sampler.batch_size * self.args.world_size
+        if self.trunk_cache is not None:
             # Cached trunk outputs are per batch: the same batches must come back every epoch.
-            return FixedBatchesSampler(sampler.lengths, sampler.batch_size, seed=seed)
-        if isinstance(sampler, LengthGroupedSampler):
-            sampler = SeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed)
-        return sampler
+            return FixedBatchesSampler(sampler.lengths, step_batch, seed=seed)
+        return SeededLengthGroupedSampler(step_batch, lengths=sampler.lengths, seed=seed)
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
         # accelerate puts autocast around the model's forward only; the heads and the chunked cross-entropy run
@@ -252,6 +263,27 @@ class CAFTTrainer(SFTTrainer):
             counts = self.accelerator.reduce(counts, reduction="sum")
         self._step_counts = counts
         return batch_samples, num_items_in_batch
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._averages_gradients_itself(model):
+            average_gradients(p for p in model.parameters() if p.requires_grad)
+        return loss
+
+    def _averages_gradients_itself(self, model) -> bool:
+        """Whether this optimisation step's gradients are averaged over processes here rather than by DDP.
+
+        DDP averages through hooks that its forward arms only when that forward records gradients: in head
+        training it runs without them (the base is frozen). And a model that accelerate did not wrap at all
+        (e.g. one already prepared for evaluation) is not synchronised either. FSDP and DeepSpeed reduce
+        gradients in their own backward."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.num_processes == 1 or not self.accelerator.sync_gradients:
+            return False
+        if self.accelerator.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+            return False
+        return self.args.mode == "heads" or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
     def current_gamma(self) -> float:
         """gamma(step) of the configured schedule at the current optimisation step."""
@@ -338,8 +370,10 @@ class CAFTTrainer(SFTTrainer):
         # train are saved beside it so that resuming restores them.
         if heads is not None and any(p.requires_grad for p in heads.parameters()) and self.args.should_save:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
-            save_heads(heads, Path(output_dir) / CHECKPOINT_HEADS_DIR, training={"mode": self.args.mode,
-                                                                          "global_step": self.state.global_step})
+            # Under FSDP only the main process gets here, with the model's state already gathered whole.
+            gathered = heads_state_from_model_state(state_dict) if state_dict is not None else None
+            save_heads(heads, Path(output_dir) / CHECKPOINT_HEADS_DIR, state_dict=gathered,
+                       training={"mode": self.args.mode, "global_step": self.state.global_step})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.args.mode != "heads":  # head-training checkpoints hold only the heads (see `_save`)

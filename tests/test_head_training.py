@@ -162,7 +162,6 @@ def test_resume_continues_to_the_same_heads(tmp_path):
     (partial / CHECKPOINTS_DIR).mkdir(parents=True)
     source = complete / CHECKPOINTS_DIR
     shutil.copytree(source / "checkpoint-15", partial / CHECKPOINTS_DIR / "checkpoint-15")
-    shutil.copy(source / "initial_eval.json", partial / CHECKPOINTS_DIR / "initial_eval.json")
     checkpoint_heads = load_file(str(partial / CHECKPOINTS_DIR / "checkpoint-15" / "caft_heads" / HEADS_WEIGHTS_FILE))
     assert not (partial / CHECKPOINTS_DIR / "checkpoint-15" / "model.safetensors").exists()  # heads only
 

@@ -344,6 +344,7 @@ def train_heads(
         device: cpu, cuda, or another torch device.
         report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
     """
+    from .distributed import is_main_process
     from .head_training import HeadTrainingSettings, format_head_table, train_heads as run
 
     settings = HeadTrainingSettings(
@@ -353,6 +354,8 @@ def train_heads(
         save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype, mixed_precision=mixed_precision,
         trunk_cache_gb=trunk_cache_gb, device=device, report_to=_report_to(report_to))
     summary = run(output, settings, resume=resume, keep_checkpoints=keep_checkpoints)
+    if not is_main_process():  # under a launcher, one process reports
+        return summary
     print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
           f"{summary['optimizer_steps']} steps; data: {summary['data']}")
     print("held-out loss and top-1 accuracy per head:")
@@ -441,6 +444,7 @@ def finetune(
         device: cpu, cuda, or another torch device.
         report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
     """
+    from .distributed import is_main_process
     from .finetuning import FinetuneSettings, finetune as run
 
     settings = FinetuneSettings(
@@ -452,6 +456,8 @@ def finetune(
         save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype, mixed_precision=mixed_precision,
         device=device, report_to=_report_to(report_to))
     summary = run(output, settings, resume=resume)
+    if not is_main_process():  # under a launcher, one process reports
+        return summary
     print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
           f"{summary['optimizer_steps']} steps; data: {summary['data']}")
     for name, metrics in summary["held_out_per_head"].items():

@@ -115,3 +115,50 @@ def test_ddp_train_heads_equals_one_process_with_the_same_global_batch(tiny_run_
     assert one["optimizer_steps"] == two["optimizer_steps"] == 16
     for head, metrics in one["held_out_after"].items():
         assert two["held_out_after"][head]["loss"] == pytest.approx(metrics["loss"], rel=1e-5), head
+
+
+# --- the accelerate configs ----------------------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+
+
+def test_accelerate_configs_load_and_keep_what_caftkit_relies_on():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    loaded = {path.stem: load_config_from_file(str(path)) for path in sorted(CONFIGS.glob("*.yaml"))}
+    assert set(loaded) == {"ddp", "fsdp2", "deepspeed-zero2", "deepspeed-zero3"}
+    assert loaded["ddp"].distributed_type == DistributedType.MULTI_GPU
+    fsdp = loaded["fsdp2"].fsdp_config
+    assert loaded["fsdp2"].distributed_type == DistributedType.FSDP and fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"  # decoder layers and heads are units
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # whole files in checkpoints and final/
+    zero2, zero3 = loaded["deepspeed-zero2"].deepspeed_config, loaded["deepspeed-zero3"].deepspeed_config
+    assert zero2["zero_stage"] == 2 and zero3["zero_stage"] == 3
+    assert zero3["zero3_init_flag"] is False  # heads are copied from a whole last layer
+    assert zero3["zero3_save_16bit_model"] is True  # whole files on save
+    for name, config in loaded.items():
+        assert config.mixed_precision == "no" and config.use_cpu is False, name  # caft's flags decide
+    guide = (CONFIGS.parent.parent / "docs" / "distributed.md").read_text()
+    assert all(f"configs/accelerate/{name}.yaml" in guide for name in loaded)
+
+
+def test_a_zero3_partitioned_unembedding_is_called_through_its_module():
+    """DeepSpeed ZeRO-3 leaves a partitioned weight empty outside its module's forward and marks it with `ds_id`
+    and `ds_shape`: the loss then switches to the implementation that calls the module, and chunks by the real
+    vocabulary size."""
+    from torch import nn
+
+    from caftkit.distributed import loss_impl_for
+    from caftkit.loss import linear_cross_entropy
+
+    head = nn.Linear(8, 50, bias=False)
+    assert loss_impl_for(head, "fused") == "fused"
+    torch.manual_seed(0)
+    hidden, targets = torch.randn(6, 8), torch.randint(0, 50, (6,))
+    expected, _ = linear_cross_entropy(hidden, head, targets, impl="fused", chunk_elements=8 * 10)
+    head.weight.ds_id, head.weight.ds_shape = 3, torch.Size([50, 8])
+    assert loss_impl_for(head, "fused") == "checkpoint"
+    assert loss_impl_for(head, "checkpoint") == "checkpoint"
+    loss, _ = linear_cross_entropy(hidden, head, targets, impl=loss_impl_for(head, "fused"), chunk_elements=8 * 10)
+    torch.testing.assert_close(loss, expected)

@@ -149,7 +149,7 @@ def generate(
         speculative: draft with the heads (self-speculative decoding).
         num_heads: heads used for drafting (default: all).
         top_k: candidates per head; above 1, each pass verifies a tree of drafts instead of a chain.
-        tree_size: drafts verified per pass with --top-k above 1 (default: num_heads * (2 * top_k - 1)).
+        tree_size: drafts verified per pass with --top-k above 1 (default: num_heads * top_k).
         max_new_tokens: most new tokens.
         system: an optional system message.
         dtype: float32, bfloat16 or float16.

@@ -8,6 +8,9 @@ last accepted position give the next token for free. The model's KV cache is the
 accepted; the heads keep their own caches (each head is a copy of layer L and attends over layer L's inputs),
 fed with the layer-L inputs the verification pass computed anyway.
 
+With `top_k` above 1 the heads propose several candidates each and a pass verifies a small tree of them
+(`draft_tree.py`); the cache then keeps the accepted path's slots (`draft_cache.py`).
+
 Rows of a batch accept different numbers of tokens. The caches keep the longest acceptance of the batch, and
 the rejected positions of the other rows are masked out for the rest of the generation (holes in the
 attention mask, positions given explicitly), which is exact for full attention. A model with sliding-window
@@ -121,9 +124,9 @@ def _tree_mask(mask: torch.Tensor, attends: torch.Tensor, dtype: torch.dtype) ->
 
 
 def default_tree_size(num_heads: int, top_k: int) -> int:
-    """Drafted tokens verified per pass when none is given: the chain's `num_heads`, or twice as many per extra
-    candidate for a tree."""
-    return num_heads if top_k == 1 else num_heads * (2 * top_k - 1)
+    """Drafted tokens verified per pass when none is given: `num_heads * top_k` (for 4 heads with 3 candidates,
+    12: the best of the tree sizes measured on the bundled model in docs/benchmarks.md)."""
+    return num_heads * top_k
 
 
 @torch.no_grad()

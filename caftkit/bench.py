@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .models import BUNDLED_MODEL
+from .run_settings import resolve_device
 
 
 @dataclass
@@ -132,12 +133,13 @@ def train_step_flops(config, batch_size: int, seq_len: int, num_heads: int) -> d
 
 
 def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 512, num_heads: int = 4,
-                steps: int = 5, warmup: int = 1, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> dict:
+                steps: int = 5, warmup: int = 1, dtype: str = "float32", device: str = "auto", seed: int = 0) -> dict:
     """Run both sides, each in a fresh process, and return the ratios (CAFT / plain) with the raw figures."""
     from transformers import AutoConfig
 
     from .models import resolve_model_path
 
+    device = resolve_device(device)
     resolve_model_path(model)  # convert the bundled model once, before the two timed processes
     results = {}
     for side in ("plain", "caft"):

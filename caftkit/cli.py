@@ -27,7 +27,7 @@ def bench_train(
     steps: int = 5,
     warmup: int = 1,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str = "auto",
     seed: int = 0,
     output: str | None = None,
 ) -> dict:
@@ -45,7 +45,7 @@ def bench_train(
         steps: timed steps per side (the median is reported).
         warmup: untimed steps before them.
         dtype: float32, bfloat16 or float16.
-        device: cpu or cuda.
+        device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
         seed: seed of the random tokens.
         output: also write the JSON to this file.
     """
@@ -71,7 +71,7 @@ def bench_generate(
     max_new_tokens: int = 128,
     drafts: str | None = None,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str = "auto",
     output: str | None = None,
 ) -> dict:
     """Plain greedy `generate()` against self-speculative decoding with the heads, on the same prompts.
@@ -94,15 +94,17 @@ def bench_generate(
             through the top K candidates of H heads) or HxK:N (that tree cut to its N likeliest drafts per pass);
             default: a chain through all heads.
         dtype: float32, bfloat16 or float16.
-        device: cpu or cuda.
+        device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
         output: also write the JSON to this file.
     """
     from .generation_bench import DraftShape, bench_generate as run, bench_prompts, rows_as_dict
     from .heads import attach_heads, get_heads
     from .models import load_model, load_tokenizer
+    from .run_settings import resolve_device
 
     if heads is None:
         raise CLIError("missing --heads (a heads folder to draft with)")
+    device = resolve_device(device)
     try:  # before any loading: a typo should not cost the wait
         shapes = [DraftShape.parse(text) for text in str(drafts).split(",") if text.strip()] if drafts else None
     except ValueError as error:
@@ -134,7 +136,7 @@ def generate(
     max_new_tokens: int = 256,
     system: str | None = None,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str = "auto",
 ) -> dict:
     """Answer a prompt with greedy decoding through the model's chat template, streaming to the terminal.
 
@@ -153,7 +155,7 @@ def generate(
         max_new_tokens: most new tokens.
         system: an optional system message.
         dtype: float32, bfloat16 or float16.
-        device: cpu or cuda.
+        device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
     import torch
 
@@ -161,10 +163,12 @@ def generate(
     from .distill import _eos_ids
     from .heads import attach_heads
     from .models import load_model, load_tokenizer
+    from .run_settings import resolve_device
     from .speculative import generate as speculative_generate
 
     if speculative and heads is None:
         raise CLIError("--speculative needs --heads (a heads folder)")
+    device = resolve_device(device)
     tokenizer = load_tokenizer(model)
     loaded = load_model(model, dtype).to(device).eval()
     if speculative:
@@ -231,7 +235,7 @@ def distill(
     top_p: float = 1.0,
     seed: int = 0,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str = "auto",
 ) -> dict:
     """Generate the base model's own answers to a set of prompts (self-distillation) as `messages` JSONL.
 
@@ -253,10 +257,13 @@ def distill(
         top_p: nucleus sampling threshold when sampling.
         seed: sampling seed (each batch is seeded from it, so resumed runs sample the same).
         dtype: float32, bfloat16 or float16.
-        device: cpu, cuda, or another torch device.
+        device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
     from .distill import DistillSettings, distill as run
     from .models import load_model, load_tokenizer
+    from .run_settings import resolve_device
+
+    device = resolve_device(device)
 
     settings = DistillSettings(model=model, data=data, max_new_tokens=max_new_tokens,
                                max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, temperature=temperature,
@@ -299,7 +306,7 @@ def train_heads(
     dtype: str = "float32",
     mixed_precision: str = "auto",
     trunk_cache_gb: float = 4.0,
-    device: str = "cpu",
+    device: str = "auto",
     report_to: str = "none",
 ) -> dict:
     """Train the auxiliary heads (paper eq. 3) with the base model frozen, and write a `heads/` folder.
@@ -341,7 +348,7 @@ def train_heads(
         trunk_cache_gb: keep up to this many GB of the frozen base's outputs per batch, so that later epochs and
             held-out evaluations run only the heads (batches are then fixed, their order reshuffled each epoch);
             0 turns it off.
-        device: cpu, cuda, or another torch device.
+        device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
         report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
     """
     from .distributed import is_main_process
@@ -396,7 +403,7 @@ def finetune(
     seed: int = 0,
     dtype: str = "float32",
     mixed_precision: str = "no",
-    device: str = "cpu",
+    device: str = "auto",
     report_to: str = "none",
 ) -> dict:
     """Fine-tune a model on a task with CAFT (paper eq. 4), or the plain next-token baseline (`--mode ntp`).
@@ -441,7 +448,7 @@ def finetune(
         seed: seed of the split, the shuffling, LoRA initialisation and dropout.
         dtype: float32, bfloat16 or float16 (the dtype the weights are loaded and kept in).
         mixed_precision: no, bf16 (autocast), or auto (bf16 where the device multiplies bf16 natively).
-        device: cpu, cuda, or another torch device.
+        device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
         report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
     """
     from .distributed import is_main_process
@@ -501,7 +508,7 @@ def eval_task(
     memory_mb: int = 1024,
     workers: int = 2,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str = "auto",
 ) -> dict:
     """Score a model on a task and write `metrics.json` and the per-example results; print a table.
 
@@ -533,7 +540,7 @@ def eval_task(
         memory_mb: humaneval: address-space limit of one program.
         workers: humaneval: programs run in parallel.
         dtype: float32, bfloat16 or float16.
-        device: cpu, cuda, or another torch device.
+        device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
     from .task_eval import EvalSettings, evaluate, format_metrics
 
@@ -563,7 +570,7 @@ def compare(
     eval_batch_size: int = 16,
     n_resamples: int = 10000,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str = "auto",
 ) -> dict:
     """Fine-tune with next-token loss and with CAFT on the same data, seeds and steps; evaluate both; report.
 
@@ -591,7 +598,7 @@ def compare(
         eval_batch_size: prompts generated together in the evaluation.
         n_resamples: bootstrap resamples of the confidence intervals.
         dtype: float32, bfloat16 or float16.
-        device: cpu, cuda, or another torch device.
+        device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
     from .compare import REPORT_FILE, CompareSettings, compare as run
 
@@ -622,7 +629,7 @@ def demo(
     distill_new_tokens: int = 96,
     molecules: int = 320,
     eval_molecules: int = 40,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> dict:
     """Run the whole CAFT pipeline on a small scale: distil, train heads, warm up, fine-tune, export, evaluate.
 
@@ -638,7 +645,7 @@ def demo(
         distill_new_tokens: most tokens per distilled answer.
         molecules: molecule-design records from the MOSES train split to fine-tune on (some held out).
         eval_molecules: MOSES test molecules to score the exported model on.
-        device: cpu, cuda, or another torch device.
+        device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
     from .demo import DemoSizes, run_demo
 
@@ -820,6 +827,11 @@ def main(argv: list[str] | None = None) -> int:
             shown = [name.upper() if parameters[name].kind is inspect.Parameter.POSITIONAL_ONLY
                      else "--" + name.replace("_", "-") for name in missing]
             raise CLIError(f"missing {', '.join(shown)} (give it on the command line or in --config)")
+        if "device" in parameters:
+            from .run_settings import resolve_device  # torch: imported only for commands that use a device
+
+            # Checked before the command starts, so a typo or a missing GPU costs no loading.
+            options["device"] = resolve_device(options.get("device", parameters["device"].default))
         positional = [options.pop(name) for name, param in parameters.items()
                       if param.kind is inspect.Parameter.POSITIONAL_ONLY]
         function(*positional, **options)

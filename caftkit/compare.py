@@ -74,7 +74,7 @@ class CompareSettings:
     eval_batch_size: int = 16
     n_resamples: int = 10000
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = "auto"
 
     def __post_init__(self):
         if self.task not in _TASK_COLUMNS:

@@ -16,6 +16,7 @@ from .finetuning import FinetuneSettings, finetune
 from .head_training import HeadTrainingSettings, format_head_table, train_heads
 from .models import load_model, load_tokenizer
 from .resumable_jsonl import read_complete_records
+from .run_settings import resolve_device
 from .tasks.molecules import score_answer, write_molecule_records
 
 
@@ -43,8 +44,9 @@ def _stage(name: str, timings: dict[str, float]):
     return Timer()
 
 
-def run_demo(output: str, model_name: str, sizes: DemoSizes, device: str = "cpu") -> dict[str, Any]:
+def run_demo(output: str, model_name: str, sizes: DemoSizes, device: str = "auto") -> dict[str, Any]:
     """Run every stage into `output`; returns where each artefact is and the evaluation scores."""
+    device = resolve_device(device)
     root = Path(output)
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

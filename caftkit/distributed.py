@@ -16,16 +16,20 @@ import torch
 from torch import nn
 
 
+def _group_exists() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def process_index() -> int:
     """This process's global rank: from the process group once it exists, from the launcher's `RANK` before."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _group_exists():
         return torch.distributed.get_rank()
     return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
     """How many processes train together: from the process group once it exists, from `WORLD_SIZE` before."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _group_exists():
         return torch.distributed.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -37,7 +41,7 @@ def is_main_process() -> bool:
 
 def wait_for_everyone() -> None:
     """A barrier across processes (nothing in a single process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _group_exists():
         torch.distributed.barrier()
 
 
@@ -74,7 +78,7 @@ def gather_for_loss(*modules: nn.Module) -> None:
 
 def average_gradients(params) -> None:
     """Average the `.grad` of `params` over all processes, in one all-reduce (nothing in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _group_exists():
         return
     grads = [param.grad for param in params if param.grad is not None]
     if not grads:

@@ -22,7 +22,7 @@ from .head_training import HeadTrainingSettings, per_head_metrics, split_held_ou
 from .heads import attach_heads, get_heads, read_heads_config, save_heads
 from .models import load_model, load_tokenizer
 from .plots import plot_head_losses
-from .run_settings import RunSettings, trainer_arguments
+from .run_settings import RunSettings, resolve_device, trainer_arguments
 
 RUN_FILE = "caft_run.json"
 FINAL_DIR = "final"
@@ -172,6 +172,7 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         "train_examples": len(train_examples),
         "held_out_examples": len(held_out),
         "data": {"records": data.stats.read, "dropped_or_truncated": data.stats.skipped},
+        "device": resolve_device(settings.device),
         "optimizer_steps": trainer.state.global_step,
         "final_eval": {key: value for key, value in final.items() if isinstance(value, (int, float))},
         "held_out_per_head": per_head_metrics(final),

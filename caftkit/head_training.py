@@ -20,7 +20,7 @@ from .distributed import is_main_process, wait_for_everyone
 from .heads import HEADS_CONFIG_FILE, attach_heads, get_heads, save_heads
 from .models import load_model, load_tokenizer
 from .plots import plot_head_losses
-from .run_settings import RunSettings, resolve_mixed_precision, trainer_arguments
+from .run_settings import RunSettings, resolve_device, resolve_mixed_precision, trainer_arguments
 
 CHECKPOINTS_DIR = "checkpoints"
 LOSS_CURVES_FILE = "loss_curves.png"
@@ -140,7 +140,8 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         "train_examples": len(train_examples),
         "held_out_examples": len(held_out),
         "data": {"records": data.stats.read, "dropped_or_truncated": data.stats.skipped},
-        "mixed_precision": resolve_mixed_precision(settings.mixed_precision, settings.device),
+        "device": resolve_device(settings.device),
+        "mixed_precision": resolve_mixed_precision(settings.mixed_precision, resolve_device(settings.device)),
         "trunk_cache": None if trainer.trunk_cache is None else {
             "batches": len(trainer.trunk_cache), "gb": round(trainer.trunk_cache.bytes / 2**30, 3),
             "hits": trainer.trunk_cache.hits, "misses": trainer.trunk_cache.misses},

@@ -12,6 +12,23 @@ from .distributed import world_size
 MIXED_PRECISION = ("no", "bf16", "auto")
 
 
+def resolve_device(device: str) -> str:
+    """The torch device a run uses: `auto` becomes `cuda` where torch sees a CUDA GPU, else `cpu`; any other name
+    is checked here, so a typo or a missing GPU fails before a model is loaded."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or another torch device, got {device!r}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is visible to torch (use --device cpu or auto)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 def bf16_is_fast(device: str) -> bool:
     """Whether `device` multiplies bfloat16 matrices natively: a CUDA GPU with bf16 support, or a CPU with
     AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
@@ -54,7 +71,7 @@ class RunSettings:
     seed: int = 0
     dtype: str = "float32"
     mixed_precision: str = "no"
-    device: str = "cpu"
+    device: str = "auto"
     report_to: list[str] = field(default_factory=list)
 
 
@@ -62,6 +79,7 @@ def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples
     """`CAFTConfig` keyword arguments common to every run: schedule, batches, evaluation twice per epoch unless
     `eval_steps` is set, checkpoints, reporting and seeds. `batch_size` is per process: a step takes
     `batch_size * grad_accum` examples from each."""
+    device = resolve_device(settings.device)
     steps_per_epoch = -(-num_train_examples // (settings.batch_size * settings.grad_accum * world_size()))
     return dict(
         output_dir=output_dir,
@@ -82,8 +100,8 @@ def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples
         save_total_limit=2,
         logging_steps=settings.logging_steps,
         # Weights stay in `dtype`; with bf16 the matrix multiplies run under autocast.
-        bf16=resolve_mixed_precision(settings.mixed_precision, settings.device) == "bf16",
-        use_cpu=settings.device == "cpu",
+        bf16=resolve_mixed_precision(settings.mixed_precision, device) == "bf16",
+        use_cpu=device == "cpu",
         report_to=settings.report_to,
         seed=settings.seed,
         data_seed=settings.seed,

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from .data import DataError, iter_raw_records, render_prompt, to_messages
 from .resumable_jsonl import read_complete_records
+from .run_settings import resolve_device
 
 TASKS = ("molecules", "humaneval", "loss")
 GENERATIONS_FILE = "generations.jsonl"
@@ -48,7 +49,7 @@ class EvalSettings:
     memory_mb: int = 1024
     workers: int = 2
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = "auto"
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -258,7 +259,7 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
         examples = humaneval_examples(settings.data, settings.max_examples)
     _check_resumable(output_dir, settings)
     if model is None:
-        model = load_model(settings.model, settings.dtype).to(settings.device)
+        model = load_model(settings.model, settings.dtype).to(resolve_device(settings.device))
 
     if settings.task == "loss":
         if settings.heads:

@@ -70,6 +70,19 @@ def test_malformed_config_names_the_line(tmp_path, capsys):
     assert str(config) in error and "line 3" in error
 
 
+@pytest.mark.parametrize("command", [
+    ["finetune", "--data", "task.jsonl"],
+    ["eval", "--model", "smollm2-135m-instruct", "--task", "molecules"],
+    ["generate", "--prompt", "Hello"],
+])
+def test_unknown_device_is_refused_before_anything_loads(command, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main([*command, "--output", str(output), "--device", "gpu"] if command[0] != "generate"
+                else [*command, "--device", "gpu"]) == 2
+    assert "device must be auto, cpu, cuda, cuda:N or another torch device, got 'gpu'" in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_missing_config_file(tmp_path, capsys):
     assert main(["bench", "train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: config file not found" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from caftkit.head_training import (
     train_heads,
 )
 from caftkit.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE, attach_heads, get_heads
-from caftkit.run_settings import bf16_is_fast, resolve_mixed_precision, trainer_arguments
+from caftkit.run_settings import bf16_is_fast, resolve_device, resolve_mixed_precision, trainer_arguments
 from reference import naive_head_losses
 from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer
@@ -148,6 +148,28 @@ def test_mixed_precision_setting_maps_to_autocast():
     assert trainer_arguments(settings_for("d.jsonl", mixed_precision="bf16"), "out", 8)["bf16"] is True
     assert trainer_arguments(settings_for("d.jsonl"), "out", 8)["bf16"] is False
     assert HeadTrainingSettings(model="m", data="d").mixed_precision == "auto"
+
+
+def test_device_auto_picks_a_visible_gpu_and_cuda_without_one_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert HeadTrainingSettings(model="m", data="d").device == "auto"
+    assert resolve_device("auto") == "cpu"
+    assert resolve_device("cpu") == "cpu"
+    assert trainer_arguments(settings_for("d.jsonl"), "out", 8)["use_cpu"] is True
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device '{name}': no CUDA GPU is visible to torch"):
+            resolve_device(name)
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda, cuda:N or another torch device, got 'gpu'"):
+        resolve_device("gpu")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="device 'cuda:2': torch sees 2 CUDA GPU"):
+        resolve_device("cuda:2")
+    assert trainer_arguments(settings_for("d.jsonl"), "out", 8)["use_cpu"] is False
+    assert trainer_arguments(settings_for("d.jsonl", device="cpu"), "out", 8)["use_cpu"] is True
 
 
 def test_resume_continues_to_the_same_heads(tmp_path):

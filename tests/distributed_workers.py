@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -80,5 +81,11 @@ def fsdp_worker(rank: int, world: int, port: int, out: str, impl: str) -> None:
         save_heads(get_heads(model), os.path.join(out, "heads"))
         if rank == 0:
             torch.save({"loss": total, "grads": grads}, os.path.join(out, "fsdp.pt"))
+        # A worker now and then died at exit (SIGABRT, `terminate called without an active exception`): gloo
+        # was torn down while FSDP's state (its hooks form reference cycles, freed only at interpreter exit)
+        # or the other process still used it. Free that state now and wait for both processes first.
+        del model, loss
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()

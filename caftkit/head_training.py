@@ -135,13 +135,14 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
     else:
         after = per_head_metrics(trainer.evaluate())
 
+    device = resolve_device(settings.device)
     summary = {
         "settings": asdict(settings),
         "train_examples": len(train_examples),
         "held_out_examples": len(held_out),
         "data": {"records": data.stats.read, "dropped_or_truncated": data.stats.skipped},
-        "device": resolve_device(settings.device),
-        "mixed_precision": resolve_mixed_precision(settings.mixed_precision, resolve_device(settings.device)),
+        "device": device,
+        "mixed_precision": resolve_mixed_precision(settings.mixed_precision, device),
         "trunk_cache": None if trainer.trunk_cache is None else {
             "batches": len(trainer.trunk_cache), "gb": round(trainer.trunk_cache.bytes / 2**30, 3),
             "hits": trainer.trunk_cache.hits, "misses": trainer.trunk_cache.misses},

@@ -78,6 +78,7 @@ def test_training_lowers_every_head_and_keeps_the_base_bit_identical(tmp_path):
     settings = settings_for(write_conversations(tmp_path / "data.jsonl"))
     output = tmp_path / "heads"
     summary = train_heads(str(output), settings, model=model, tokenizer=tokenizer, progress=False)
+    assert summary["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # `auto`, resolved
 
     # Every base weight is exactly as it was; only the heads moved.
     for name, tensor in model.state_dict().items():

@@ -13,6 +13,7 @@ from .heads import (
     detach_heads,
     get_heads,
     load_heads,
+    rebase_heads,
     save_heads,
 )
 from .loss import gamma_schedule, head_loss_weights, linear_cross_entropy
@@ -50,6 +51,7 @@ __all__ = [
     "head_statistics",
     "linear_cross_entropy",
     "load_heads",
+    "rebase_heads",
     "save_heads",
     "weighted_loss",
 ]

@@ -79,7 +79,10 @@ def bench_generate(
     Both sides run in this process on the same batches (chat template applied, prompts grouped by length,
     left-padded), after an untimed warm-up; each batch is decoded plainly and then with every draft shape. Prints,
     per batch size and draft shape, new tokens per second of each side, the speedup, the mean tokens accepted per
-    verification pass, and how many answers are token for token the same (all should be).
+    verification pass, and how many answers are token for token the same (all should be). The speedup is split
+    into `pass_reduction` (plain forward passes over speculative ones: what the heads save) and `pass_cost` (a
+    speculative pass's time in plain one-token steps: what the device charges): speedup = pass_reduction /
+    pass_cost.
 
     Args:
         model: transformers model id, local folder, or the bundled `smollm2-135m-instruct`.
@@ -478,7 +481,8 @@ def export(run: str, /, out: str = "model", heads_out: str | None = None, dtype:
 
     The model folder gets the weights, config, tokenizer and a model card (base, data, CAFT settings, final
     held-out metrics), and loads with `AutoModelForCausalLM.from_pretrained` without caftkit. The heads the run
-    used are copied beside it, for reuse and for speculative decoding.
+    used are copied beside it, for reuse and for speculative decoding, recorded as heads of the exported model
+    (`caft generate --model OUT --heads OUT-heads --speculative` accepts the pair).
 
     Args:
         run: the run folder written by `caft finetune`.

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
-from .heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config
+from .heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config, rebase_heads
 from .models import load_model, load_tokenizer
 from .trainer import CHECKPOINT_HEADS_DIR
 
@@ -94,7 +94,8 @@ def model_card(run: dict[str, Any]) -> str:
 def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | None = None,
                dtype: str | None = None) -> dict[str, Any]:
     """Write the run's model to `out` (plain transformers, with tokenizer and model card) and its heads to
-    `heads_out` (default: `<out>-heads`). Returns the paths written."""
+    `heads_out` (default: `<out>-heads`), recorded as heads of the exported model (`rebase_heads`). Returns the
+    paths written."""
     run_dir, out = Path(run_dir), Path(out)
     run = read_run(run_dir)
     model, tokenizer = load_finetuned(run_dir, dtype)
@@ -109,5 +110,8 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
         read_heads_config(source)  # a broken heads folder fails here, not at generation time
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)
+        # Fine-tuning changed layer L under the heads; they go with the exported model, so that
+        # `caft generate --model out --heads out-heads --speculative` accepts the pair.
+        rebase_heads(target, model)
         written["heads"] = str(target)
     return written

@@ -6,6 +6,12 @@ asked for, so that all are timed under the same conditions. Reported per batch s
 per second of each side, their ratio, the mean tokens accepted per verification pass, and whether every answer
 is token for token the same.
 
+The ratio is split in two factors, so that a slow result says what to improve: `pass_reduction`, how many times
+fewer forward passes speculative decoding made (what the heads' acceptance buys), and `pass_cost`, how many plain
+one-token steps a speculative pass (verification of the drafted block plus drafting) costs in time (what the
+device charges for a wider pass). With the same tokens on both sides, speedup = pass_reduction / pass_cost; at
+batch 1 a speedup of 2 needs `mean_accepted` of about twice `pass_cost`.
+
 A draft shape is `H` (a chain: the best candidate of each of the first H heads), `HxK` (a tree through the top K
 candidates of H heads, of the default size) or `HxK:N` (the same tree cut to its N likeliest drafts).
 """
@@ -62,6 +68,8 @@ class GenerationBenchRow:
     speculative_seconds: float
     mean_accepted: float
     identical: int
+    plain_passes: int
+    speculative_passes: int
 
     @property
     def plain_tokens_per_second(self) -> float:
@@ -75,6 +83,16 @@ class GenerationBenchRow:
     def speedup(self) -> float:
         """Speculative tokens/s over plain tokens/s."""
         return self.speculative_tokens_per_second / self.plain_tokens_per_second
+
+    @property
+    def pass_reduction(self) -> float:
+        """Forward passes of plain decoding over those of speculative decoding (prefill included on both sides)."""
+        return self.plain_passes / self.speculative_passes
+
+    @property
+    def pass_cost(self) -> float:
+        """Mean time of a speculative pass (verification and drafting) over that of a plain decoding step."""
+        return (self.speculative_seconds / self.speculative_passes) / (self.plain_seconds / self.plain_passes)
 
 
 def bench_prompts(tokenizer, data: str, num_prompts: int, skip: int = 0, exclude: str | None = None,
@@ -122,6 +140,23 @@ def _cut(tokens: list[int], stop_ids: set[int]) -> list[int]:
     return tokens if stop is None else tokens[: stop + 1]
 
 
+class _ForwardCounter:
+    """Counts the forward calls of a model (a hook on the instance; removed on exit)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __enter__(self):
+        self._handle = self.model.register_forward_pre_hook(self._count)
+        return self
+
+    def _count(self, module, args):
+        self.calls += 1
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
 def _plain(model, ids, mask, max_new_tokens, stop_ids, pad_id) -> list[list[int]]:
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=sorted(stop_ids), pad_token_id=pad_id, top_k=None, top_p=None,
@@ -165,24 +200,28 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
         _plain(model, *batches[0], min(8, max_new_tokens), stop_ids, pad_id)
         for shape in shapes:
             _speculative(model, *batches[0], min(8, max_new_tokens), stop_ids, shape)
-        plain_out, plain_seconds = [], 0.0
-        drafted = {shape: {"out": [], "seconds": 0.0, "accepted": []} for shape in shapes}
+        plain_out, plain_seconds, plain_passes = [], 0.0, 0
+        drafted = {shape: {"out": [], "seconds": 0.0, "accepted": [], "passes": 0} for shape in shapes}
         for ids, mask in batches:
-            out, seconds = _timed(device, lambda: _plain(model, ids, mask, max_new_tokens, stop_ids, pad_id))
+            with _ForwardCounter(model) as counter:
+                out, seconds = _timed(device, lambda: _plain(model, ids, mask, max_new_tokens, stop_ids, pad_id))
             plain_out += out
             plain_seconds += seconds
+            plain_passes += counter.calls
             for shape in shapes:
                 result, seconds = _timed(device, lambda: _speculative(model, ids, mask, max_new_tokens, stop_ids,
                                                                       shape))
                 drafted[shape]["out"] += result.sequences
                 drafted[shape]["seconds"] += seconds
                 drafted[shape]["accepted"] += result.accepted_per_step
+                drafted[shape]["passes"] += result.forward_passes
         for shape, side in drafted.items():
             rows.append(GenerationBenchRow(
                 batch_size=batch_size, draft=str(shape), prompts=len(prompts), plain_tokens=sum(map(len, plain_out)),
                 plain_seconds=plain_seconds, speculative_tokens=sum(map(len, side["out"])),
                 speculative_seconds=side["seconds"], mean_accepted=sum(side["accepted"]) / len(side["accepted"]),
-                identical=sum(a == b for a, b in zip(plain_out, side["out"]))))
+                identical=sum(a == b for a, b in zip(plain_out, side["out"])), plain_passes=plain_passes,
+                speculative_passes=side["passes"]))
     return rows
 
 
@@ -192,5 +231,6 @@ def rows_as_dict(rows: list[GenerationBenchRow]) -> list[dict]:
              "speculative_seconds": round(row.speculative_seconds, 3),
              "plain_tokens_per_second": round(row.plain_tokens_per_second, 2),
              "speculative_tokens_per_second": round(row.speculative_tokens_per_second, 2),
-             "speedup": round(row.speedup, 3), "mean_accepted": round(row.mean_accepted, 3)} for row in rows]
+             "speedup": round(row.speedup, 3), "mean_accepted": round(row.mean_accepted, 3),
+             "pass_reduction": round(row.pass_reduction, 3), "pass_cost": round(row.pass_cost, 3)} for row in rows]
 

@@ -256,6 +256,25 @@ def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: di
     return directory
 
 
+def rebase_heads(directory: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
+    """Record `model` as the base of the heads saved in `directory`, so that they attach to it.
+
+    For a fine-tuned model whose layer L changed under the heads it was trained with (LoRA merged or full
+    fine-tuning): the heads belong to that model now. The fingerprint they had moves to
+    `previous_base_fingerprints` (oldest first). Returns the new config."""
+    config = read_heads_config(directory)
+    fingerprint = base_fingerprint(unwrap_model(model))
+    if config["base_fingerprint"] != fingerprint:
+        config["previous_base_fingerprints"] = config.get("previous_base_fingerprints", []) + [
+            config["base_fingerprint"]]
+        config["base_fingerprint"] = fingerprint
+        path = Path(directory) / HEADS_CONFIG_FILE
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(temporary, path)
+    return config
+
+
 def heads_state_from_model_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """The heads' entries of a whole model's state dict (e.g. gathered from FSDP shards, whatever wrapper prefixes
     its keys), keyed as in `AuxiliaryHeads.state_dict()`; None when it has none."""

@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from caftkit.cli import main
 from caftkit.export import export_run
 from caftkit.finetuning import FINAL_DIR, HEAD_LOSSES_FILE, RUN_FILE, RUN_HEADS_DIR, FinetuneSettings, finetune
 from caftkit.head_training import HeadTrainingSettings, train_heads
-from caftkit.heads import HEADS_ATTRIBUTE
+from caftkit.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
+from caftkit.speculative import generate
 from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
@@ -89,6 +91,15 @@ def test_exported_model_has_the_fine_tuned_logits_without_caftkit(tiny_dir, tmp_
         load_file(str(run / RUN_HEADS_DIR / "heads.safetensors")))
     weights = load_file(str(out / "model.safetensors"))
     assert not any(HEADS_ATTRIBUTE in key or "lora" in key for key in weights)
+    # The exported heads are the exported model's: they attach to it (fingerprint checked) and draft for it.
+    exported_model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    heads_config = json.loads((tmp_path / "model-heads" / "heads_config.json").read_text())
+    assert heads_config["base_fingerprint"] == base_fingerprint(exported_model)
+    assert heads_config["previous_base_fingerprints"] == [base_fingerprint(tiny_model("llama"))]
+    attach_heads(exported_model, str(tmp_path / "model-heads"))
+    plain = exported_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                    eos_token_id=[], pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert generate(exported_model, input_ids=ids, max_new_tokens=8, eos_token_id=[]).sequences == [plain]
     torch.save(ids, tmp_path / "ids.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],

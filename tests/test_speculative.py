@@ -68,8 +68,13 @@ def test_trees_are_refused_on_sliding_window_models(model_type="gemma3_text", dr
 
 def test_drafts_are_accepted_and_save_forward_passes():
     """The test models' heads do guess right often enough for several tokens per pass to be exercised."""
+    from caftkit.generation_bench import _ForwardCounter
+
     model = repetitive_model("llama")
-    out = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[])
+    with _ForwardCounter(model) as counter:
+        out = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[])
+    # forward_passes counts every call of the model: the prefill, then one verification pass per step.
+    assert counter.calls == out.forward_passes == 1 + len(out.accepted_per_step)
     assert out.sequences == [reference(model, PROMPTS[0], 40)] and len(out.sequences[0]) == 40
     assert out.mean_accepted > 1.2
     assert out.forward_passes < 40  # plain greedy needs 1 prefill + 39 decoding passes
@@ -158,3 +163,8 @@ def test_bench_generate_reports_identical_answers(tiny_dir, tmp_path, capsys):
         assert row["speedup"] == pytest.approx(row["speculative_tokens_per_second"] / row["plain_tokens_per_second"],
                                                rel=1e-2)
         assert row["mean_accepted"] >= 1.0
+        # The split of the speedup: the two factors multiply back to it.
+        assert row["speedup"] == pytest.approx(row["pass_reduction"] / row["pass_cost"], rel=1e-2)
+        # generate() runs one forward pass per new token of the longest answer of a batch; at batch 1, of the answer.
+        if row["batch_size"] == 1:
+            assert row["plain_passes"] == row["plain_tokens"]

@@ -100,6 +100,14 @@ def test_exported_model_has_the_fine_tuned_logits_without_caftkit(tiny_dir, tmp_
     plain = exported_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                                     eos_token_id=[], pad_token_id=0)[0, ids.shape[1]:].tolist()
     assert generate(exported_model, input_ids=ids, max_new_tokens=8, eos_token_id=[]).sequences == [plain]
+    # ... and re-fitting them to the exported model (`caft train-heads --init model-heads`) is accepted too.
+    train_heads(str(tmp_path / "tuned"), HeadTrainingSettings(
+        model=str(out), data=str(data), init=str(tmp_path / "model-heads"), epochs=1, batch_size=4,
+        learning_rate=3e-3, eval_fraction=0.25), progress=False)
+    tuned = json.loads((tmp_path / "tuned" / "heads_config.json").read_text())
+    assert tuned["base_fingerprint"] == heads_config["base_fingerprint"]
+    before, after = tuned["training"]["held_out_before"], tuned["training"]["held_out_after"]
+    assert after["head_2"]["loss"] < before["head_2"]["loss"]
     torch.save(ids, tmp_path / "ids.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],

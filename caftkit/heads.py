@@ -246,6 +246,8 @@ def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: di
         "base_fingerprint": heads.metadata.get("base_fingerprint"),
         "training": training if training is not None else heads.metadata.get("training"),
     }
+    if heads.metadata.get("previous_base_fingerprints"):  # heads re-fitted after `rebase_heads` keep their history
+        config["previous_base_fingerprints"] = heads.metadata["previous_base_fingerprints"]
     # Write to temporary names first: an interrupted save never leaves a half-written heads folder behind.
     weights_tmp = directory / (HEADS_WEIGHTS_FILE + ".tmp")
     config_tmp = directory / (HEADS_CONFIG_FILE + ".tmp")
@@ -321,5 +323,5 @@ def load_heads(directory: str | os.PathLike, model: nn.Module, *, check_base: bo
             f"{Path(directory) / HEADS_WEIGHTS_FILE}: weights do not fit {config['num_heads']} copies of "
             f"{config['layer_class']} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    heads.metadata = {"base_fingerprint": config["base_fingerprint"], "training": config.get("training")}
+    heads.metadata = {key: config.get(key) for key in ("base_fingerprint", "training", "previous_base_fingerprints")}
     return heads

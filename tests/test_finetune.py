@@ -106,6 +106,7 @@ def test_exported_model_has_the_fine_tuned_logits_without_caftkit(tiny_dir, tmp_
         learning_rate=3e-3, eval_fraction=0.25), progress=False)
     tuned = json.loads((tmp_path / "tuned" / "heads_config.json").read_text())
     assert tuned["base_fingerprint"] == heads_config["base_fingerprint"]
+    assert tuned["previous_base_fingerprints"] == heads_config["previous_base_fingerprints"]
     before, after = tuned["training"]["held_out_before"], tuned["training"]["held_out_after"]
     assert after["head_2"]["loss"] < before["head_2"]["loss"]
     torch.save(ids, tmp_path / "ids.pt")

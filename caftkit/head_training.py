@@ -17,7 +17,7 @@ from typing import Any
 
 from .data import tokenize_source
 from .distributed import is_main_process, wait_for_everyone
-from .heads import HEADS_CONFIG_FILE, attach_heads, get_heads, save_heads
+from .heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, attach_heads, get_heads, save_heads
 from .models import load_model, load_tokenizer
 from .plots import plot_head_losses
 from .run_settings import RunSettings, resolve_device, resolve_mixed_precision, trainer_arguments
@@ -80,8 +80,9 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
 
     Checkpoints go to `output/checkpoints/` while training runs (removed at the end unless
     `keep_checkpoints`); `resume=True` continues from the last one. `model` and `tokenizer` may be given
-    already loaded (`settings.model` is then only recorded); the heads stay attached to the model. Returns the
-    held-out metrics before and after training and what the data held.
+    already loaded (`settings.model` is then only recorded); the heads stay attached to the model, and its other
+    parameters get back the `requires_grad` they came with (training freezes them). Returns the held-out metrics
+    before and after training and what the data held.
     """
     from datasets import Dataset
 
@@ -104,6 +105,9 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         model = load_model(settings.model, settings.dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Eq. 3 freezes the base. A model passed in gets its flags back at the end: the task warm-up inside
+    # `caft finetune` goes on to fine-tune this very model.
+    trainable_before = {name for name, param in model.named_parameters() if param.requires_grad}
     attach_heads(model, settings.init if settings.init else settings.num_heads, trainable=True)
     heads = get_heads(model)
     num_heads = min(settings.num_heads, heads.num_heads) if settings.init else heads.num_heads
@@ -134,6 +138,9 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         after = per_head_metrics(last_eval)  # the held-out split was just measured on the final heads
     else:
         after = per_head_metrics(trainer.evaluate())
+    for name, param in model.named_parameters():
+        if f"{HEADS_ATTRIBUTE}." not in name:
+            param.requires_grad_(name in trainable_before)
 
     device = resolve_device(settings.device)
     summary = {

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import distributed_workers as workers
-from caftkit.heads import HEADS_WEIGHTS_FILE, get_heads
+from caftkit.heads import HEADS_WEIGHTS_FILE, attach_heads, get_heads
 from tiny_models import saved_model_dir, tiny_model
 
 
@@ -76,10 +76,13 @@ def train_losses(history: list[dict]) -> list[tuple[int, dict]]:
             for entry in history if "loss" in entry]
 
 
-def test_ddp_finetune_equals_one_process_with_the_same_global_batch(tiny_run_inputs, tmp_path):
+@pytest.mark.parametrize("head_warmup", ["no", "yes"])
+def test_ddp_finetune_equals_one_process_with_the_same_global_batch(tiny_run_inputs, tmp_path, head_warmup):
+    """Also with the task head warm-up run inside `finetune` first (one epoch of head training, then CAFT)."""
     flags = ["finetune", "--model", str(tiny_run_inputs / "model"), "--data", str(tiny_run_inputs / "task.jsonl"),
              "--method", "full", "--num-heads", "2", "--beta", "0.5", "--epochs", "1", "--learning-rate", "0.001",
-             "--logging-steps", "1", "--warmup", "0", "--eval-fraction", "0.2", "--save-steps", "100"]
+             "--logging-steps", "1", "--warmup", "0", "--eval-fraction", "0.2", "--save-steps", "100",
+             "--head-warmup", head_warmup]
     run_caft(flags + ["--batch-size", "4", "--output", str(tmp_path / "one")], 1, tmp_path)
     run_caft(flags + ["--batch-size", "2", "--output", str(tmp_path / "two")], 2, tmp_path)
     one = json.loads((tmp_path / "one" / "log_history.json").read_text())
@@ -90,6 +93,16 @@ def test_ddp_finetune_equals_one_process_with_the_same_global_batch(tiny_run_inp
         assert set(a) == set(b) == {"loss", "loss_head_1", "loss_head_2", "loss_head_3"}, step
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (step, key)
+    if head_warmup == "yes":  # the warmed-up heads, trained by both processes and written by one, are the same
+        warm_one = load_file(str(tmp_path / "one" / "warmup-heads" / HEADS_WEIGHTS_FILE))
+        warm_two = load_file(str(tmp_path / "two" / "warmup-heads" / HEADS_WEIGHTS_FILE))
+        untrained = get_heads(attach_heads(tiny_model("llama", seed=1), 2)).state_dict()
+        assert set(warm_one) == set(warm_two) == set(untrained)
+        assert any(not torch.equal(warm_one[name], untrained[name]) for name in warm_one)  # they did train
+        for name in warm_one:
+            torch.testing.assert_close(warm_two[name], warm_one[name], rtol=1e-5, atol=1e-5, msg=name)
+        run = json.loads((tmp_path / "two" / "caft_run.json").read_text())
+        assert run["head_warmup"]["warmed_up"] is True
     single = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     double = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     assert set(single) == set(double) and not any("caft_heads" in name for name in single)

@@ -75,10 +75,16 @@ def naive_held_out_metrics(model, tokenizer, settings: HeadTrainingSettings) -> 
 def test_training_lowers_every_head_and_keeps_the_base_bit_identical(tmp_path):
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     base_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.get_input_embeddings().requires_grad_(False)  # a caller's own choice of what trains next
+    flags_before = {name: param.requires_grad for name, param in model.named_parameters()}
     settings = settings_for(write_conversations(tmp_path / "data.jsonl"))
     output = tmp_path / "heads"
     summary = train_heads(str(output), settings, model=model, tokenizer=tokenizer, progress=False)
     assert summary["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # `auto`, resolved
+    # Training froze the base; the model comes back with the flags it came with (the heads stay trainable).
+    flags_after = {name: param.requires_grad for name, param in model.named_parameters()}
+    assert {name: flag for name, flag in flags_after.items() if not name.startswith(HEADS_ATTRIBUTE)} == flags_before
+    assert False in flags_before.values() and True in flags_before.values()
 
     # Every base weight is exactly as it was; only the heads moved.
     for name, tensor in model.state_dict().items():

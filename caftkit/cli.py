@@ -71,6 +71,7 @@ def bench_generate(
     max_new_tokens: int = 128,
     drafts: str | None = None,
     dtype: str = "float32",
+    draft_dtype: str | None = None,
     device: str = "auto",
     output: str | None = None,
 ) -> dict:
@@ -97,17 +98,21 @@ def bench_generate(
             through the top K candidates of H heads) or HxK:N (that tree cut to its N likeliest drafts per pass);
             default: a chain through all heads.
         dtype: float32, bfloat16 or float16.
+        draft_dtype: draft with the heads in this dtype (e.g. bfloat16 for a float32 model: cheaper drafts, the
+            model still verifies in --dtype); default: --dtype.
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
         output: also write the JSON to this file.
     """
     from .generation_bench import DraftShape, bench_generate as run, bench_prompts, rows_as_dict
     from .heads import attach_heads, get_heads
-    from .models import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, parse_dtype
     from .run_settings import resolve_device
 
     if heads is None:
         raise CLIError("missing --heads (a heads folder to draft with)")
     device = resolve_device(device)
+    if draft_dtype is not None:
+        parse_dtype(draft_dtype)  # a typo fails before anything loads
     try:  # before any loading: a typo should not cost the wait
         shapes = [DraftShape.parse(text) for text in str(drafts).split(",") if text.strip()] if drafts else None
     except ValueError as error:
@@ -118,9 +123,9 @@ def bench_generate(
     attach_heads(loaded, heads)
     shapes = shapes or [DraftShape(get_heads(loaded).num_heads)]
     sizes = [int(size) for size in str(batch_sizes).split(",") if size.strip()]
-    rows = rows_as_dict(run(loaded, tokenizer, prompts, sizes, max_new_tokens, shapes))
-    result = {"model": model, "heads": heads, "device": device, "dtype": dtype, "max_new_tokens": max_new_tokens,
-              "rows": rows}
+    rows = rows_as_dict(run(loaded, tokenizer, prompts, sizes, max_new_tokens, shapes, draft_dtype))
+    result = {"model": model, "heads": heads, "device": device, "dtype": dtype, "draft_dtype": draft_dtype or dtype,
+              "max_new_tokens": max_new_tokens, "rows": rows}
     text = json.dumps(result, indent=2)
     print(text)
     if output:
@@ -139,6 +144,7 @@ def generate(
     max_new_tokens: int = 256,
     system: str | None = None,
     dtype: str = "float32",
+    draft_dtype: str | None = None,
     device: str = "auto",
 ) -> dict:
     """Answer a prompt with greedy decoding through the model's chat template, streaming to the terminal.
@@ -158,6 +164,8 @@ def generate(
         max_new_tokens: most new tokens.
         system: an optional system message.
         dtype: float32, bfloat16 or float16.
+        draft_dtype: with --speculative, draft with the heads in this dtype (e.g. bfloat16 for a float32 model:
+            cheaper drafts, same text); default: --dtype.
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
     import torch
@@ -165,13 +173,15 @@ def generate(
     from .data import render_prompt
     from .distill import _eos_ids
     from .heads import attach_heads
-    from .models import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, parse_dtype
     from .run_settings import resolve_device
     from .speculative import generate as speculative_generate
 
     if speculative and heads is None:
         raise CLIError("--speculative needs --heads (a heads folder)")
     device = resolve_device(device)
+    if draft_dtype is not None:
+        parse_dtype(draft_dtype)  # a typo fails before anything loads
     tokenizer = load_tokenizer(model)
     loaded = load_model(model, dtype).to(device).eval()
     if speculative:
@@ -194,7 +204,8 @@ def generate(
     started = time.perf_counter()
     if speculative:
         result = speculative_generate(loaded, input_ids=ids, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                      num_heads=num_heads, top_k=top_k, tree_size=tree_size, on_tokens=show)
+                                      num_heads=num_heads, top_k=top_k, tree_size=tree_size, on_tokens=show,
+                                      draft_dtype=draft_dtype)
         passes, accepted = result.forward_passes, result.mean_accepted
     else:
         from transformers.generation.streamers import BaseStreamer

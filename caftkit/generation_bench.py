@@ -169,10 +169,10 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _speculative(model, ids, mask, max_new_tokens, stop_ids, shape: DraftShape):
+def _speculative(model, ids, mask, max_new_tokens, stop_ids, shape: DraftShape, draft_dtype):
     return generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                     eos_token_id=sorted(stop_ids), num_heads=shape.num_heads, top_k=shape.top_k,
-                    tree_size=shape.tree_size)
+                    tree_size=shape.tree_size, draft_dtype=draft_dtype)
 
 
 def _timed(device, run):
@@ -184,9 +184,9 @@ def _timed(device, run):
 
 
 def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
-                   shapes: list[DraftShape]) -> list[GenerationBenchRow]:
+                   shapes: list[DraftShape], draft_dtype=None) -> list[GenerationBenchRow]:
     """Time plain greedy `generate()` and speculative decoding with each draft shape on the same prompts, at each
-    batch size."""
+    batch size (drafting in `draft_dtype`, default the model's)."""
     from .distill import _eos_ids
 
     device = next(model.parameters()).device
@@ -199,7 +199,7 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
         # Warm-up: first calls pay for allocations and lazy initialisation, on every side.
         _plain(model, *batches[0], min(8, max_new_tokens), stop_ids, pad_id)
         for shape in shapes:
-            _speculative(model, *batches[0], min(8, max_new_tokens), stop_ids, shape)
+            _speculative(model, *batches[0], min(8, max_new_tokens), stop_ids, shape, draft_dtype)
         plain_out, plain_seconds, plain_passes = [], 0.0, 0
         drafted = {shape: {"out": [], "seconds": 0.0, "accepted": [], "passes": 0} for shape in shapes}
         for ids, mask in batches:
@@ -210,7 +210,7 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
             plain_passes += counter.calls
             for shape in shapes:
                 result, seconds = _timed(device, lambda: _speculative(model, ids, mask, max_new_tokens, stop_ids,
-                                                                      shape))
+                                                                      shape, draft_dtype))
                 drafted[shape]["out"] += result.sequences
                 drafted[shape]["seconds"] += seconds
                 drafted[shape]["accepted"] += result.accepted_per_step

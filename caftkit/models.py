@@ -80,7 +80,9 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype named `float32`, `bfloat16` or `float16` (a torch dtype passes through); other names are an
+    error listing those."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -107,11 +109,11 @@ def load_model(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "fl
     """A causal LM from a local directory, hub id (offline cache) or the bundled model, in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    dtype = _dtype(dtype)
+    dtype = parse_dtype(dtype)
     return AutoModelForCausalLM.from_pretrained(_local_or_offline(name_or_path), dtype=dtype, **kwargs)
 
 
 def load_model_and_tokenizer(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "float32", **kwargs):
     """Load a causal LM and its tokenizer from a local directory, hub id (offline cache) or the bundled name."""
-    dtype = _dtype(dtype)  # a bad dtype fails before anything is loaded
+    dtype = parse_dtype(dtype)  # a bad dtype fails before anything is loaded
     return load_model(name_or_path, dtype, **kwargs), load_tokenizer(name_or_path)

@@ -20,6 +20,7 @@ the batch instead (still lossless, fewer tokens per step).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,14 +62,35 @@ def _stop_ids(model, eos_token_id) -> set[int]:
     return {int(i) for i in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
 
 
-class _HeadDrafter:
-    """The auxiliary heads with one KV cache each, kept as long as the model's cache."""
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors of a layer call (also inside tuples, like rotary cos/sin) in `dtype`, kept finite: an
+    additive attention mask holds the smallest float32, which is -inf in bfloat16."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        info = torch.finfo(dtype)
+        return value.to(dtype).clamp(info.min, info.max)
+    if isinstance(value, tuple):
+        return tuple(_cast(item, dtype) for item in value)
+    return value
 
-    def __init__(self, model, heads: AuxiliaryHeads, num_heads: int, top_k: int):
+
+class _HeadDrafter:
+    """The auxiliary heads with one KV cache each, kept as long as the model's cache.
+
+    With a `dtype` other than the model's, the heads draft from copies of themselves, of the final norm and of
+    the unembedding in that dtype (made once per generation): cheaper guesses, while the model still verifies
+    in its own dtype, so the output tokens do not change."""
+
+    def __init__(self, model, heads: AuxiliaryHeads, num_heads: int, top_k: int, dtype: torch.dtype | None = None):
         from .draft_cache import DraftCache
 
-        self.parts = find_model_parts(model)
-        self.layers = list(heads.layers[:num_heads])
+        parts = find_model_parts(model)
+        layers, self.final_norm, self.lm_head = list(heads.layers[:num_heads]), parts.final_norm, parts.lm_head
+        self.dtype = dtype if dtype is not None and dtype != next(parts.lm_head.parameters()).dtype else None
+        if self.dtype is not None:
+            layers = [copy.deepcopy(layer).to(self.dtype) for layer in layers]
+            self.final_norm = copy.deepcopy(self.final_norm).to(self.dtype)
+            self.lm_head = copy.deepcopy(self.lm_head).to(self.dtype)
+        self.layers = layers
         self.caches = [DraftCache() for _ in self.layers]
         self.top_k = top_k
 
@@ -76,17 +98,20 @@ class _HeadDrafter:
         """Feed a block of layer-L inputs to every head (extending its cache) and return each head's `top_k`
         candidates at `positions[row]` of the block and their log-probabilities: `[batch, num_heads, top_k]`."""
         rows = torch.arange(positions.shape[0], device=positions.device)
+        hidden_states, args, kwargs = call.hidden_states, call.args, dict(call.kwargs)
+        if self.dtype is not None:
+            hidden_states, args = _cast(hidden_states, self.dtype), _cast(args, self.dtype)
+            kwargs = {key: _cast(value, self.dtype) for key, value in kwargs.items()}
+        name = next((n for n in _CACHE_ARGUMENTS if n in kwargs), "past_key_values")
         picked = []
         for layer, cache in zip(self.layers, self.caches):
-            kwargs = dict(call.kwargs)
-            name = next((n for n in _CACHE_ARGUMENTS if n in kwargs), "past_key_values")
             kwargs[name] = cache
-            out = layer(call.hidden_states, *call.args, **kwargs)
+            out = layer(hidden_states, *args, **kwargs)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
             picked.append(hidden[rows, positions])
         # One unembedding product for all heads: at batch 1 its cost is reading the vocabulary matrix, once.
         stacked = torch.stack(picked, dim=1)  # [batch, num_heads, hidden]
-        logits = self.parts.lm_head(self.parts.final_norm(stacked)).float()
+        logits = self.lm_head(self.final_norm(stacked)).float()
         if self.top_k == 1:  # a chain: the scores are never compared
             tokens = logits.argmax(-1, keepdim=True)
             return tokens, torch.zeros_like(tokens, dtype=logits.dtype)
@@ -142,6 +167,7 @@ def generate(
     top_k: int = 1,
     tree_size: int | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
+    draft_dtype: torch.dtype | str | None = None,
 ) -> GenerationOutput:
     """Greedy decoding of `input_ids` (left-padded, with `attention_mask`), sped up by the auxiliary heads.
 
@@ -151,7 +177,8 @@ def generate(
     more, a tree of the `tree_size` likeliest paths through the heads' `top_k` candidates (full-attention models
     only; default size: `default_tree_size`). A row stops at one of `eos_token_id` (default: the model's
     generation config) or after `max_new_tokens`. `on_tokens(row, tokens)` is called with each row's newly
-    accepted tokens as they come (for streaming).
+    accepted tokens as they come (for streaming). `draft_dtype` (e.g. `torch.bfloat16` for a float32 model) runs
+    the heads and their unembedding in a cheaper dtype: the drafts may change, the output tokens do not.
     """
     if input_ids is None:
         raise ValueError("input_ids are required")
@@ -180,7 +207,11 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     stop_ids = _stop_ids(model, eos_token_id)
     keep_longest = not sliding
-    drafter = _HeadDrafter(model, heads, num_heads, top_k) if tree is not None else None
+    if isinstance(draft_dtype, str):
+        from .models import parse_dtype
+
+        draft_dtype = parse_dtype(draft_dtype)
+    drafter = _HeadDrafter(model, heads, num_heads, top_k, draft_dtype) if tree is not None else None
 
     # Prefill: the prompt through the model and the heads; left padding gets position 0 like generate() does.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -41,11 +41,12 @@ def repetitive_model(model_type: str):
 
 
 SLIDING = {"gemma3_text"}  # tiny models with sliding-window layers: chains only
-DRAFTS = [{"top_k": 1}, {"top_k": 3, "tree_size": 8}, {"top_k": 2, "tree_size": 14}]
+DRAFTS = [{"top_k": 1}, {"top_k": 3, "tree_size": 8}, {"top_k": 2, "tree_size": 14},
+          {"top_k": 1, "draft_dtype": torch.bfloat16}, {"top_k": 3, "tree_size": 8, "draft_dtype": "bfloat16"}]
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-@pytest.mark.parametrize("draft", DRAFTS, ids=["chain", "tree-3x8", "tree-2x14"])
+@pytest.mark.parametrize("draft", DRAFTS, ids=["chain", "tree-3x8", "tree-2x14", "chain-bf16", "tree-3x8-bf16"])
 def test_speculative_tokens_equal_greedy_generate(model_type, draft):
     if draft["top_k"] > 1 and model_type in SLIDING:
         return test_trees_are_refused_on_sliding_window_models(model_type, draft)
@@ -81,6 +82,22 @@ def test_drafts_are_accepted_and_save_forward_passes():
     tree = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[], top_k=3,
                     tree_size=12)
     assert tree.sequences == out.sequences and tree.mean_accepted > 1.2
+
+
+def test_bfloat16_drafts_come_from_copies_and_leave_the_heads_alone():
+    from caftkit.speculative import _HeadDrafter
+
+    model = repetitive_model("llama")
+    heads_before = {name: tensor.clone() for name, tensor in get_heads(model).state_dict().items()}
+    drafter = _HeadDrafter(model, get_heads(model), 3, 1, torch.bfloat16)
+    assert {p.dtype for layer in drafter.layers for p in layer.parameters()} == {torch.bfloat16}
+    assert drafter.lm_head.weight.dtype == torch.bfloat16 and drafter.lm_head is not model.lm_head
+    assert _HeadDrafter(model, get_heads(model), 3, 1, torch.float32).lm_head is model.lm_head  # no copy needed
+    out = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[],
+                   draft_dtype=torch.bfloat16)
+    assert out.sequences == [reference(model, PROMPTS[0], 40)] and out.mean_accepted > 1.2
+    for name, tensor in get_heads(model).state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, heads_before[name]), name
 
 
 @pytest.mark.parametrize("num_heads", [0, 1, 3])
@@ -125,13 +142,14 @@ def test_generate_command_streams_the_same_text_with_and_without_heads(tiny_dir,
 
     texts = []
     speculative = ["--heads", str(tiny_dir / "heads"), "--speculative"]
-    for extra in ([], speculative, speculative + ["--top-k", "2", "--tree-size", "5"]):
+    for extra in ([], speculative, speculative + ["--top-k", "2", "--tree-size", "5"],
+                  speculative + ["--draft-dtype", "bfloat16"]):
         assert main(["generate", "--model", str(tiny_dir / "model"), "--prompt", "molecule 3",
                      "--max-new-tokens", "20", *extra]) == 0
         captured = capsys.readouterr()
         texts.append(captured.out)
         assert "tokens per pass]" in captured.err
-    assert texts[0] == texts[1] == texts[2] and texts[0].strip()
+    assert texts[0] == texts[1] == texts[2] == texts[3] and texts[0].strip()
 
 
 def test_bad_draft_shape_is_a_clear_error(tiny_dir, capsys):
@@ -140,6 +158,10 @@ def test_bad_draft_shape_is_a_clear_error(tiny_dir, capsys):
     assert main(["bench", "generate", "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),
                  "--drafts", "3,three"]) != 0
     assert "--drafts: draft shape 'three': expected H, HxK or HxK:N" in capsys.readouterr().err
+    for command in (["bench", "generate"], ["generate", "--prompt", "hi", "--speculative"]):
+        assert main([*command, "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),
+                     "--draft-dtype", "bfloat8"]) != 0
+        assert "unknown dtype 'bfloat8'; expected one of float64, float32" in capsys.readouterr().err
 
 
 def test_bench_generate_reports_identical_answers(tiny_dir, tmp_path, capsys):
@@ -153,8 +175,10 @@ def test_bench_generate_reports_identical_answers(tiny_dir, tmp_path, capsys):
     output = tmp_path / "bench.json"
     assert main(["bench", "generate", "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),
                  "--data", str(prompts), "--num-prompts", "5", "--skip", "1", "--batch-sizes", "1,4",
-                 "--max-new-tokens", "12", "--drafts", "3,2,3x2:6", "--output", str(output)]) == 0
+                 "--max-new-tokens", "12", "--drafts", "3,2,3x2:6", "--draft-dtype", "bfloat16",
+                 "--output", str(output)]) == 0
     result = json.loads(output.read_text())
+    assert (result["dtype"], result["draft_dtype"]) == ("float32", "bfloat16")
     assert [(row["batch_size"], row["draft"]) for row in result["rows"]] == [
         (1, "3"), (1, "2"), (1, "3x2:6"), (4, "3"), (4, "2"), (4, "3x2:6")]
     for row in result["rows"]:

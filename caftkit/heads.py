@@ -2,7 +2,8 @@
 
 Head k (k = 2..n) is an independent copy of layer L, initialised from its weights. It reads z, the hidden
 state entering layer L, with exactly the attention mask, position embeddings and position ids layer L got
-(captured by a forward pre-hook), then goes through the model's own final norm and `lm_head`.
+(captured by a forward pre-hook, the KV cache left out: `core/layer_call.py`), then goes through the model's own
+final norm and `lm_head`.
 
 The heads live on the model as `model.caft_heads`, so optimizers, checkpoints and sharding see them, but they
 never run in the model's own forward and `save_pretrained()` leaves them out: the model's logits,
@@ -11,13 +12,10 @@ never run in the model's own forward and `save_pretrained()` leaves them out: th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import inspect
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .architecture import ModelParts, find_model_parts, unwrap_model
+from .architecture import find_model_parts, unwrap_model
+from .core.layer_call import LayerCall
 from .distributed import is_main_process, whole_tensor
 
 HEADS_ATTRIBUTE = "caft_heads"
 HEADS_WEIGHTS_FILE = "heads.safetensors"
 HEADS_CONFIG_FILE = "heads_config.json"
 HEADS_FORMAT_VERSION = 1
-
-# Names decoder layers use for their KV cache argument. A head must never read or write the model's cache:
-# it would overwrite layer L's entries.
-_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
-
 
 class HeadsMismatchError(ValueError):
     """Heads were trained for a different base model than the one they are attached to."""
@@ -87,78 +81,13 @@ class AuxiliaryHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.layers)
 
-    def forward(self, call: "LayerCall", num_heads: int | None = None) -> list[torch.Tensor]:
+    def forward(self, call: LayerCall, num_heads: int | None = None) -> list[torch.Tensor]:
         """Run the first `num_heads` heads on a captured call of layer L; returns their outputs before the norm."""
         outputs = []
         for layer in self.layers[: num_heads or self.num_heads]:
             out = layer(call.hidden_states, *call.args, **call.kwargs)
             outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outputs
-
-
-@dataclass
-class LayerCall:
-    """The inputs of one call of layer L: the hidden state z and every other argument, cache removed."""
-
-    hidden_states: torch.Tensor
-    args: tuple = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Capture:
-    """What one forward pass of the model handed to layer L and what its final norm returned."""
-
-    layer_call: LayerCall | None = None
-    final_hidden: torch.Tensor | None = None
-
-
-def _without_cache(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> LayerCall:
-    # Name every argument, so that a cache passed positionally (GPT-2 passes it second) can be dropped too.
-    signature = inspect.signature(layer.forward)
-    bound = signature.bind(*args, **kwargs)
-    named = dict(bound.arguments)
-    first = next(iter(signature.parameters))
-    hidden = named.pop(first)
-    extra = {}
-    for name, value in named.items():
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            extra.update(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            raise ValueError(f"{type(layer).__name__}.forward takes *args; caftkit cannot replay its calls")
-        else:
-            extra[name] = value
-    for name in _CACHE_ARGUMENTS:
-        if name in extra:
-            extra[name] = None
-    if "use_cache" in extra:
-        extra["use_cache"] = False
-    return LayerCall(hidden, (), extra)
-
-
-@contextlib.contextmanager
-def capture_layer_inputs(parts: ModelParts):
-    """Record the first call of layer L (its inputs) and of the final norm (its output) inside the block."""
-    capture = Capture()
-
-    def before_last_layer(module, args, kwargs):
-        if capture.layer_call is None:
-            capture.layer_call = _without_cache(module, args, kwargs)
-
-    def after_final_norm(module, args, output):
-        if capture.final_hidden is None:
-            capture.final_hidden = output
-
-    handles = [
-        parts.last_layer.register_forward_pre_hook(before_last_layer, with_kwargs=True),
-        parts.final_norm.register_forward_hook(after_final_norm),
-    ]
-    try:
-        yield capture
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def get_heads(model: nn.Module) -> AuxiliaryHeads | None:

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from .architecture import find_model_parts, unwrap_model
+from .core.layer_call import capture_layer_inputs
 from .distributed import gather_for_loss, loss_impl_for
-from .heads import capture_layer_inputs, get_heads
+from .heads import get_heads
 from .loss import (
     DEFAULT_CHUNK_ELEMENTS,
     IGNORE_INDEX,

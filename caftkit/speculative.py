@@ -27,9 +27,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .architecture import find_model_parts
+from .architecture import find_model_parts, unwrap_model
+from .core.layer_call import LayerCall, cache_parameter, capture_layer_inputs
 from .draft_tree import DraftBlock, DraftTree, accept
-from .heads import _CACHE_ARGUMENTS, AuxiliaryHeads, LayerCall, capture_layer_inputs, get_heads
+from .heads import AuxiliaryHeads, get_heads
 
 
 @dataclass
@@ -101,6 +102,11 @@ class _HeadDrafter:
         self.layers = layers
         self.caches = [DraftCache() for _ in self.layers]
         self.top_k = top_k
+        # The captured call holds no cache (`head_call`); each head gets its own under the name its layer takes.
+        self.cache_argument = cache_parameter(layers[0].forward)
+        if self.cache_argument is None:
+            raise ValueError(f"{type(layers[0]).__name__}.forward takes no KV cache argument: the heads cannot draft "
+                             "incrementally; generate with num_heads=0")
 
     def run(self, call: LayerCall, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed a block of layer-L inputs to every head (extending its cache) and return each head's `top_k`
@@ -110,10 +116,9 @@ class _HeadDrafter:
         if self.dtype is not None:
             hidden_states, args = _cast(hidden_states, self.dtype), _cast(args, self.dtype)
             kwargs = {key: _cast(value, self.dtype) for key, value in kwargs.items()}
-        name = next((n for n in _CACHE_ARGUMENTS if n in kwargs), "past_key_values")
         picked = []
         for layer, cache in zip(self.layers, self.caches):
-            kwargs[name] = cache
+            kwargs[self.cache_argument] = cache
             out = layer(hidden_states, *args, **kwargs)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
             picked.append(hidden[rows, positions])
@@ -139,10 +144,10 @@ class _HeadDrafter:
             cache.batch_select_indices(rows)
 
 
-def _forward(model, parts, input_ids, attention_mask, position_ids, cache):
+def _forward(model, parts, input_ids, attention_mask, position_ids, cache, cache_argument):
     with capture_layer_inputs(parts) as capture:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{cache_argument: cache})
     if capture.layer_call is None:
         raise RuntimeError("the model's forward did not call its last layer; cannot draft with the heads")
     return out.logits, capture.layer_call
@@ -209,6 +214,10 @@ def generate(
     from .draft_cache import DraftCache
 
     parts = find_model_parts(model)
+    # The model takes its cache under the name of the installed transformers release (`cache` since 5.24).
+    cache_argument = cache_parameter(unwrap_model(model).forward)
+    if cache_argument is None:
+        raise ValueError(f"{type(unwrap_model(model)).__name__}.forward takes no KV cache argument")
     device = input_ids.device
     batch = input_ids.shape[0]
     if attention_mask is None:
@@ -224,7 +233,7 @@ def generate(
     # Prefill: the prompt through the model and the heads; left padding gets position 0 like generate() does.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = DraftCache()
-    logits, call = _forward(model, parts, input_ids, attention_mask, position_ids, cache)
+    logits, call = _forward(model, parts, input_ids, attention_mask, position_ids, cache, cache_argument)
     next_token = logits[:, -1].argmax(-1)
     last_position = torch.full((batch,), input_ids.shape[1] - 1, device=device)
     candidates = drafter.run(call, last_position) if drafter else None
@@ -246,7 +255,7 @@ def generate(
             block_mask = torch.cat([mask, mask.new_ones(rows.numel(), width)], dim=-1)
         else:
             block_mask = _tree_mask(mask, block.attends, logits.dtype)
-        logits, call = _forward(model, parts, block.tokens, block_mask, positions, cache)
+        logits, call = _forward(model, parts, block.tokens, block_mask, positions, cache, cache_argument)
         output.forward_passes += 1
         greedy = logits.argmax(-1)  # greedy[:, j]: the token that must follow node j
         path = accept(block, greedy)

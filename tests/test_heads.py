@@ -19,7 +19,6 @@ from caftkit.heads import (
     HeadsMismatchError,
     attach_heads,
     base_fingerprint,
-    capture_layer_inputs,
     detach_heads,
     get_heads,
     load_heads,
@@ -340,52 +339,3 @@ def test_fingerprint_is_dtype_independent(arch):
     with torch.no_grad():
         next(p for p in find_model_parts(other).layers[0].parameters() if p.dim() > 1).view(-1)[0] += 1.0
     assert base_fingerprint(other) == fingerprint
-
-
-# --- 8. the captured call of layer L --------------------------------------------------------------------------------
-
-
-def _replay(layer, call):
-    out = layer(call.hidden_states, *call.args, **call.kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@pytest.mark.parametrize("use_cache", [False, True])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_captured_call_reproduces_last_layer(arch, use_cache):
-    model = tiny_model(arch)
-    parts = find_model_parts(model)
-    batch = _model_inputs(random_batch(batch_size=2, seq_len=12, pad_last=3))
-    with torch.no_grad():
-        with capture_layer_inputs(parts) as capture:
-            out = model(**batch, use_cache=use_cache, output_hidden_states=True)
-        call = capture.layer_call
-        assert call is not None and capture.final_hidden is not None
-        # z is the state entering layer L.
-        assert torch.equal(call.hidden_states, out.hidden_states[-2])
-        for name in ("past_key_values", "past_key_value", "layer_past"):
-            assert call.kwargs.get(name) is None, name
-        assert call.kwargs.get("use_cache") in (None, False)
-
-        replayed = parts.final_norm(_replay(parts.last_layer, call))
-        assert replayed.shape == capture.final_hidden.shape
-        assert torch.allclose(replayed, capture.final_hidden, atol=1e-6, rtol=0)
-        # The model's last hidden state is the final norm's output as well.
-        assert torch.allclose(out.hidden_states[-1], capture.final_hidden, atol=1e-6, rtol=0)
-
-        # The same call through AuxiliaryHeads (heads initialised from layer L) gives the same result.
-        heads = AuxiliaryHeads(parts.last_layer, 2)
-        for head_out in heads(call):
-            assert torch.allclose(parts.final_norm(head_out), capture.final_hidden, atol=1e-6, rtol=0)
-
-        if use_cache:
-            # Replaying layer L and the heads left the model's KV cache alone.
-            assert out.past_key_values is not None
-            assert out.past_key_values.get_seq_length() == batch["input_ids"].shape[1]
-
-    # Hooks are removed after the block: a second forward does not update the capture.
-    first = capture.layer_call
-    with torch.no_grad():
-        model(**batch)
-    assert capture.layer_call is first
-    assert not parts.last_layer._forward_pre_hooks and not parts.final_norm._forward_hooks

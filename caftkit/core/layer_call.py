@@ -48,10 +48,9 @@ def cache_parameter(function: Callable) -> str | None:
              if parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
     for name in named:
         annotation = parameters[name].annotation
-        if annotation is not inspect.Parameter.empty and name != "cache_position":
-            text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", repr(annotation))
-            if _CACHE_ANNOTATION.search(str(text)):
-                return name
+        # A string under `from __future__ import annotations`, else a type whose str() names its classes.
+        if annotation is not inspect.Parameter.empty and _CACHE_ANNOTATION.search(str(annotation)):
+            return name
     return next((name for name in reversed(KV_CACHE_NAMES) if name in named), None)
 
 

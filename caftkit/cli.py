@@ -171,7 +171,7 @@ def generate(
     import torch
 
     from .data import render_prompt
-    from .distill import _eos_ids
+    from .distill import stop_token_ids
     from .heads import attach_heads
     from .models import load_model, load_tokenizer, parse_dtype
     from .run_settings import resolve_device
@@ -189,7 +189,7 @@ def generate(
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = ids.to(device)
-    stop_ids = _eos_ids(loaded, tokenizer)
+    stop_ids = stop_token_ids(loaded, tokenizer)
     answer: list[int] = []
     shown = ""
 

@@ -139,7 +139,8 @@ def plan_stages(output: Path, num_prompts: int, already_written: int) -> list[in
     return stages + [num_prompts]
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids greedy generation stops on: the generation config's end-of-sequence ids and the tokenizer's."""
     configured = model.generation_config.eos_token_id
     ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -154,7 +155,7 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
                    top_p: float = 1.0, seed: int = 0) -> list[tuple[list[int], str]]:
     """Answer token ids (end-of-turn token excluded) and stop reason of each prompt, generated as one batch
     (greedy when `temperature` is 0)."""
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     width = max(len(ids) for ids in prompt_ids)
     device = next(model.parameters()).device

@@ -187,10 +187,10 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
                    shapes: list[DraftShape], draft_dtype=None) -> list[GenerationBenchRow]:
     """Time plain greedy `generate()` and speculative decoding with each draft shape on the same prompts, at each
     batch size (drafting in `draft_dtype`, default the model's)."""
-    from .distill import _eos_ids
+    from .distill import stop_token_ids
 
     device = next(model.parameters()).device
-    stop_ids = set(_eos_ids(model, tokenizer))
+    stop_ids = set(stop_token_ids(model, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
     model.eval()
     rows = []

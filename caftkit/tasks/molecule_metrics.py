@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Sequence
 
-from .molecules import FUNCTIONAL_GROUPS, _rdkit, answer_smiles, describe_molecule
+from .molecules import FUNCTIONAL_GROUPS, rdkit_modules, answer_smiles, describe_molecule
 
 # Morgan fingerprints of radius 2 folded to 2048 bits (ECFP4-like), the usual setting for molecule similarity.
 FINGERPRINT_RADIUS = 2
@@ -63,7 +63,7 @@ class MoleculeCheck:
 
 @lru_cache(maxsize=1)
 def _morgan_generator():
-    _rdkit()  # names the fix when RDKit is missing
+    rdkit_modules()  # names the fix when RDKit is missing
     from rdkit.Chem import rdFingerprintGenerator
 
     return rdFingerprintGenerator.GetMorganGenerator(radius=FINGERPRINT_RADIUS, fpSize=FINGERPRINT_BITS)
@@ -72,7 +72,7 @@ def _morgan_generator():
 def tanimoto_similarity(first_smiles: str, second_smiles: str) -> float:
     """Tanimoto similarity (shared on-bits / on-bits of either) of the Morgan fingerprints, radius 2 and 2048 bits,
     of two valid SMILES."""
-    Chem, _ = _rdkit()
+    Chem, _ = rdkit_modules()
     from rdkit import DataStructs
 
     generator = _morgan_generator()

@@ -42,7 +42,8 @@ _MOSES_PACKAGE = "moses"
 _MOSES_DATA = "dataset/data"
 
 
-def _rdkit():
+def rdkit_modules():
+    """RDKit's `Chem` and `rdMolDescriptors`, its per-molecule log silenced; one clear error when it is missing."""
     try:
         from rdkit import Chem, RDLogger
         from rdkit.Chem import rdMolDescriptors
@@ -57,7 +58,7 @@ _PATTERNS: dict[str, Any] = {}
 
 def _patterns() -> dict[str, Any]:
     if not _PATTERNS:
-        Chem, _ = _rdkit()
+        Chem, _ = rdkit_modules()
         for name, smarts in FUNCTIONAL_GROUPS.items():
             _PATTERNS[name] = Chem.MolFromSmarts(smarts)
     return _PATTERNS
@@ -74,7 +75,7 @@ class MoleculeFacts:
 
 def describe_molecule(smiles: str) -> MoleculeFacts | None:
     """Canonical SMILES, formula and functional groups of `smiles`; None when RDKit cannot parse it."""
-    Chem, rdMolDescriptors = _rdkit()
+    Chem, rdMolDescriptors = rdkit_modules()
     molecule = Chem.MolFromSmiles(smiles) if smiles else None
     if molecule is None:
         return None

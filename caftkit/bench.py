@@ -34,13 +34,21 @@ class TrainBenchResult:
     loss: float
 
 
-def _reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak-memory measurement of this process on `device` (see `peak_memory_bytes`)."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
         # Linux resets the process's peak resident set size ("high water mark") on writing 5 to clear_refs.
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """This process's peak memory since `reset_peak_memory`: CUDA's `max_memory_allocated` on a GPU, the peak
+    resident set size (VmHWM) on the CPU."""
+    return _memory(torch.device(device), peak=True)
 
 
 def _memory(device: torch.device, peak: bool) -> int:
@@ -92,7 +100,7 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_head
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     before = _memory(device, peak=False)
-    _reset_peak_memory(device)
+    reset_peak_memory(device)
     times, loss = [], float("nan")
     for _ in range(steps):
         start = time.perf_counter()

@@ -60,6 +60,59 @@ def bench_train(
     return result
 
 
+def bench_precision(
+    data: str,
+    model: str = "smollm2-135m-instruct",
+    mode: str = "caft",
+    method: str = "lora",
+    heads: str | None = None,
+    steps: int = 20,
+    tolerance: float = 0.02,
+    seed: int = 0,
+    device: str = "auto",
+    finetune: str | None = None,
+    output: str | None = None,
+) -> dict:
+    """bf16 autocast against float32 over the first steps of a real `caft finetune` run.
+
+    The same run (data, seed, mode, heads, learning-rate and gamma schedules of the whole run) is started twice,
+    with `--mixed-precision no` and `bf16`, each in a fresh process and stopped after `--steps` optimisation
+    steps, without head warm-up. Prints JSON with `time_ratio` (median step time, bf16 / float32),
+    `peak_memory_ratio` (peak memory during training), `largest_relative_loss_difference` (over the steps and
+    the heads, of each head's training loss) and `within_tolerance`.
+
+    Args:
+        data: the task's training records, as for `caft finetune`.
+        model: transformers model id, local folder, or the bundled `smollm2-135m-instruct`.
+        mode: caft or ntp.
+        method: lora or full.
+        heads: a heads folder from `caft train-heads` (caft mode).
+        steps: optimisation steps per side.
+        tolerance: the largest relative loss difference accepted (0.02: 2%).
+        seed: seed of the run (split, shuffling, LoRA initialisation, dropout), the same on both sides.
+        device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
+        finetune: further `caft finetune` settings, as a YAML mapping (e.g. `{batch_size: 8, epochs: 1}`).
+        output: also write the JSON to this file.
+    """
+    from .finetuning import FinetuneSettings
+    from .precision_bench import bench_precision as run
+
+    extra = _settings_mapping("--finetune", finetune)
+    given = {"model", "data", "mode", "method", "heads", "seed", "device", "mixed_precision"}
+    unknown = sorted(set(extra) - set(FinetuneSettings.__dataclass_fields__) | set(extra) & given)
+    if unknown:
+        raise CLIError(f"--finetune: {unknown} are not further finetune settings (the flags of this command, and "
+                       f"mixed_precision, are set by it); see `caft finetune --help`")
+    settings = FinetuneSettings(model=model, data=data, mode=mode, method=method, heads=heads, seed=seed,
+                                device=device, **extra)
+    result = run(settings, steps=steps, tolerance=tolerance)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n")
+    return result
+
+
 def bench_generate(
     model: str = "smollm2-135m-instruct",
     heads: str | None = None,
@@ -618,9 +671,7 @@ def compare(
     from .compare import REPORT_FILE, CompareSettings, compare as run
 
     seed_list = seeds if isinstance(seeds, list) else [int(s) for s in str(seeds).split(",") if s.strip()]
-    extra = yaml.safe_load(finetune) if isinstance(finetune, str) else finetune
-    if extra is not None and not isinstance(extra, dict):
-        raise CLIError(f"--finetune must be a mapping of finetune settings, got {finetune!r}")
+    extra = _settings_mapping("--finetune", finetune)
     settings = CompareSettings(train_data=train_data, model=model, task=task, test_data=test_data,
                                test_examples=test_examples or None, heads=heads, head_warmup=head_warmup,
                                method=method, seeds=seed_list, finetune=extra or {}, max_new_tokens=max_new_tokens,
@@ -631,6 +682,14 @@ def compare(
               f"  95% CI [{row['low']:+.4f}, {row['high']:+.4f}]")
     print(f"report written to {Path(output) / REPORT_FILE}")
     return result
+
+
+def _settings_mapping(flag: str, value: str | dict | None) -> dict:
+    """A YAML mapping of further settings given on the command line (text) or in a config file (a mapping)."""
+    mapping = yaml.safe_load(value) if isinstance(value, str) else value
+    if mapping is not None and not isinstance(mapping, dict):
+        raise CLIError(f"{flag} must be a mapping of settings, got {value!r}")
+    return mapping or {}
 
 
 def _report_to(value: str) -> list[str]:
@@ -722,6 +781,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "generate": generate,
     "bench train": bench_train,
     "bench generate": bench_generate,
+    "bench precision": bench_precision,
 }
 
 

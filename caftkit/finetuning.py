@@ -95,9 +95,12 @@ def _warm_up_heads(output: Path, settings: FinetuneSettings, heads_dir: str | No
     return target
 
 
-def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, model=None, tokenizer=None
-             ) -> dict[str, Any]:
-    """Fine-tune `settings.model` on `settings.data` into the run folder `output`; see the module docstring."""
+def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, model=None, tokenizer=None,
+             callbacks: list | None = None) -> dict[str, Any]:
+    """Fine-tune `settings.model` on `settings.data` into the run folder `output`; see the module docstring.
+
+    `model` and `tokenizer` replace loading `settings.model`; `callbacks` are further `TrainerCallback`s of the
+    fine-tuning Trainer (not of the head warm-up)."""
     from datasets import Dataset
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -154,7 +157,8 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
     )
     trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
                           eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer,
-                          peft_config=lora_config(settings) if settings.method == "lora" else None)
+                          peft_config=lora_config(settings) if settings.method == "lora" else None,
+                          callbacks=callbacks)
     trainer.train(resume_from_checkpoint=checkpoint)
     final = trainer.evaluate()
 

@@ -634,20 +634,23 @@ def compare(
     method: str = "lora",
     seeds: str = "0",
     finetune: str | None = None,
+    arms: str | None = None,
     max_new_tokens: int | None = None,
     eval_batch_size: int = 16,
     n_resamples: int = 10000,
     dtype: str = "float32",
     device: str = "auto",
 ) -> dict:
-    """Fine-tune with next-token loss and with CAFT on the same data, seeds and steps; evaluate both; report.
+    """Fine-tune with next-token loss and with CAFT on the same data, seeds and steps; evaluate every arm; report.
 
-    For each seed, `caft finetune --mode ntp` and `--mode caft` run with identical settings (both LoRA or both
-    full; the caft arm uses --heads, warmed up on the task unless --head-warmup no), each model is exported and
-    scored on the same test examples with `caft eval`. `report.md` and `report.png` give each metric, the
-    difference caft - ntp and its 95% confidence interval (paired bootstrap over the test examples, and over the
-    seeds when there are several). Rerunning the command resumes: finished runs, exports and evaluations are
-    kept, an interrupted run continues from its last checkpoint.
+    Each arm is fine-tuned with `caft finetune` (its mode, method, seeds, heads and warm-up, and the shared
+    settings with its own overrides), exported and scored on the same test examples with `caft eval`. Without
+    --arms there are two, ntp and caft, alike in everything but the loss. `report.md` gives, for each caft arm
+    against its baseline (the ntp arm of the same method unless it names one), each metric, the difference and
+    its 95% confidence interval (paired bootstrap over the test examples, and over the seeds both arms ran), the
+    per-seed values, and the heads' held-out top-1 accuracy before and after warm-up. Rerunning the command
+    resumes: finished runs, exports and evaluations are kept when made with the same settings, an interrupted run
+    continues from its last checkpoint.
 
     Args:
         train_data: the task's training records (e.g. from `caft data molecules`).
@@ -656,12 +659,16 @@ def compare(
         task: molecules or humaneval (how the exported models are scored; see `caft eval`).
         test_data: the test examples (default: `moses:test` for molecules, the bundled HumanEval set).
         test_examples: score the first this many test examples; 0 or none for all.
-        heads: heads folder of the caft arm (from `caft train-heads`).
-        head_warmup: no, yes or auto: the caft arm's head warm-up on the task (see `caft finetune`).
-        method: lora or full, for both arms.
-        seeds: training seeds, comma-separated on the command line or a YAML list.
-        finetune: further `caft finetune` settings shared by both arms, as a YAML mapping (e.g. `{epochs: 1,
+        heads: heads folder of the caft arms (from `caft train-heads`); the default of every arm.
+        head_warmup: no, yes or auto: the caft arms' head warm-up on the task (see `caft finetune`).
+        method: lora or full; the default of every arm.
+        seeds: training seeds, comma-separated on the command line or a YAML list; the default of every arm.
+        finetune: further `caft finetune` settings shared by every arm, as a YAML mapping (e.g. `{epochs: 1,
             batch_size: 16}`).
+        arms: the arms, as a YAML mapping from a name to its settings: mode (ntp or caft, required), method,
+            seeds, heads, head_warmup, baseline (caft arms: the ntp arm to measure against) and finetune (its
+            overrides of the shared settings), e.g. `{ntp: {mode: ntp}, caft-beta0.5: {mode: caft, finetune:
+            {beta: 0.5}}}`. Default: ntp and caft.
         max_new_tokens: most tokens per answer in the evaluation (default: the task's).
         eval_batch_size: prompts generated together in the evaluation.
         n_resamples: bootstrap resamples of the confidence intervals.
@@ -671,15 +678,18 @@ def compare(
     from .compare import REPORT_FILE, CompareSettings, compare as run
 
     seed_list = seeds if isinstance(seeds, list) else [int(s) for s in str(seeds).split(",") if s.strip()]
-    extra = _settings_mapping("--finetune", finetune)
     settings = CompareSettings(train_data=train_data, model=model, task=task, test_data=test_data,
                                test_examples=test_examples or None, heads=heads, head_warmup=head_warmup,
-                               method=method, seeds=seed_list, finetune=extra or {}, max_new_tokens=max_new_tokens,
+                               method=method, seeds=seed_list, finetune=_settings_mapping("--finetune", finetune),
+                               arms=_settings_mapping("--arms", arms) or None, max_new_tokens=max_new_tokens,
                                eval_batch_size=eval_batch_size, n_resamples=n_resamples, dtype=dtype, device=device)
     result = run(output, settings)
-    for row in result["rows"]:
-        print(f"{row['metric']:<14} ntp {row['ntp']:.4f}  caft {row['caft']:.4f}  caft-ntp {row['difference']:+.4f}"
-              f"  95% CI [{row['low']:+.4f}, {row['high']:+.4f}]")
+    for comparison in result["comparisons"]:
+        arm, baseline = comparison["arm"], comparison["baseline"]
+        print(f"{arm} against {baseline}, seeds {', '.join(map(str, comparison['seeds']))}:")
+        for row in comparison["rows"]:
+            print(f"  {row['metric']:<14} {baseline} {row['ntp']:.4f}  {arm} {row['caft']:.4f}  "
+                  f"difference {row['difference']:+.4f}  95% CI [{row['low']:+.4f}, {row['high']:+.4f}]")
     print(f"report written to {Path(output) / REPORT_FILE}")
     return result
 

@@ -1,39 +1,51 @@
-"""`caft compare`: CAFT against next-token fine-tuning on the same data, seeds, steps and evaluation.
+"""`caft compare`: CAFT arms against next-token fine-tuning on the same data, seeds, steps and evaluation.
 
-For each seed, both arms are fine-tuned with identical settings (`caft finetune --mode ntp` and `--mode caft`,
-both LoRA or both full), exported, and scored on the same test examples with `caft eval`. The report gives each
-metric for both arms, the difference caft - ntp and its paired bootstrap confidence interval
-(`comparison_report`).
+An arm is one way of fine-tuning: a mode (`ntp` or `caft`), a method (LoRA or full), its seeds, its heads and
+warm-up, and its own overrides of the shared fine-tuning settings (`beta: 0.5`, ...). Each CAFT arm is measured
+against a baseline arm, the ntp arm of the same method unless it names another. For each arm and seed the model is
+fine-tuned (`caft finetune`), exported and scored on the same test examples (`caft eval`). The report gives, per
+CAFT arm, each metric for it and its baseline, the difference and its paired bootstrap confidence interval over the
+seeds both ran (`comparison_report`), and the held-out top-1 accuracy of the heads before and after warm-up.
+
+Without `arms`, the comparison has two: `ntp` and `caft`, with the top-level method, seeds, heads and warm-up.
+With `arms`, those top-level values are the defaults of every arm.
 
 The folder is resumable: a finished fine-tuning run, export or evaluation is not redone, an interrupted
-fine-tuning run resumes from its last checkpoint, and an interrupted evaluation keeps its answers.
+fine-tuning run resumes from its last checkpoint, and an interrupted evaluation keeps its answers. A finished
+step is reused only when it was made with the settings asked for now; otherwise the comparison stops and names
+the settings that differ. CAFT arms of one seed whose head warm-up is the same (it does not depend on beta, the
+schedule or the method) share it: the warmed-up heads of the first are copied into the next.
 
     <output>/seed-<s>/<arm>/run/     the fine-tuning run (`caft finetune`)
     <output>/seed-<s>/<arm>/model/   the exported model (`caft export`)
     <output>/seed-<s>/<arm>/eval/    metrics.json, examples.jsonl (`caft eval`)
     <output>/timings.json            wall time of every stage that ran
-    <output>/report.md, report.png, comparison.json
+    <output>/report.md, report-<arm>.png, comparison.json
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .comparison_report import comparison_table, uniqueness_metric, write_report
+from .comparison_report import (ComparisonRow, comparison_table, format_context, format_value, plot_differences,
+                                reading_section, results_section, uniqueness_metric)
 from .export import export_run
-from .finetuning import RUN_FILE, FinetuneSettings, finetune
+from .finetuning import RUN_FILE, WARMUP_HEADS_DIR, FinetuneSettings, finetune, warmup_settings
+from .heads import HEADS_CONFIG_FILE
 from .resumable_jsonl import read_complete_records
 from .task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
 
-ARMS = ("ntp", "caft")
+DEFAULT_ARMS = {"ntp": {"mode": "ntp"}, "caft": {"mode": "caft"}}
 TIMINGS_FILE = "timings.json"
 REPORT_FILE = "report.md"
-CHART_FILE = "report.png"
 COMPARISON_FILE = "comparison.json"
+ARM_SETTINGS_FILE = "arm_settings.json"
 
 # What each task's report compares: the per-example columns of `examples.jsonl` (report name -> column).
 _TASK_COLUMNS = {
@@ -54,11 +66,31 @@ DEFINITIONS = {
     },
     "humaneval": {"pass@1": "the greedy completion passes the problem's tests."},
 }
+# Fine-tuning settings that compare sets itself, per arm.
+_ARM_KEYS = {"model", "data", "mode", "method", "seed", "heads", "head_warmup", "dtype", "device"}
+# Settings that do not change what a finished step produced, so a step made with other values is reused.
+_NOT_COMPARED = {"device", "report_to", "save_steps", "logging_steps"}
+_EVAL_NOT_COMPARED = {"model", "device", "batch_size", "workers"}
+_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass
+class ArmSettings:
+    """One arm of a comparison: how its models are fine-tuned, on which seeds, and what it is measured against."""
+
+    mode: str
+    method: str = "lora"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    heads: str | None = None
+    head_warmup: str = "yes"
+    baseline: str | None = None
+    finetune: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class CompareSettings:
-    """What `compare` trains and evaluates; every arm and seed shares all of it but the mode and the seed."""
+    """What `compare` trains and evaluates. The top-level method, seeds, heads and head warm-up are the defaults of
+    every arm; `finetune` holds the fine-tuning settings every arm shares, which an arm's own `finetune` overrides."""
 
     train_data: str
     model: str = "smollm2-135m-instruct"
@@ -70,6 +102,7 @@ class CompareSettings:
     method: str = "lora"
     seeds: list[int] = field(default_factory=lambda: [0])
     finetune: dict[str, Any] = field(default_factory=dict)
+    arms: dict[str, dict[str, Any]] | None = None
     max_new_tokens: int | None = None
     eval_batch_size: int = 16
     n_resamples: int = 10000
@@ -80,22 +113,81 @@ class CompareSettings:
         if self.task not in _TASK_COLUMNS:
             raise ValueError(f"caft compare scores generated answers: task must be one of "
                              f"{', '.join(_TASK_COLUMNS)}, got {self.task!r}")
-        if not self.seeds:
-            raise ValueError("seeds: give at least one seed")
-        reserved = {"model", "data", "mode", "method", "seed", "heads", "head_warmup", "dtype", "device"}
-        clash = sorted(reserved & set(self.finetune))
-        if clash:
-            raise ValueError(f"finetune settings {clash} are set by compare itself; use its own keys")
-        unknown = sorted(set(self.finetune) - set(FinetuneSettings.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown finetune settings {unknown}; see `caft finetune --help`")
+        _check_finetune_keys(self.finetune, "finetune settings")
+        self.arm_settings = {name: self._arm(name, values) for name, values in (self.arms or DEFAULT_ARMS).items()}
+        if not self.arm_settings:
+            raise ValueError("arms: give at least one arm")
+        self.baselines = {name: self._baseline(name, arm) for name, arm in self.arm_settings.items()
+                          if arm.mode == "caft"}
+        for name in self.arm_settings:  # every setting of every arm is checked before anything runs
+            for seed in self.arm_settings[name].seeds:
+                self.finetune_settings(name, seed)
 
-    def finetune_settings(self, mode: str, seed: int) -> FinetuneSettings:
+    def _arm(self, name: str, values: dict[str, Any]) -> ArmSettings:
+        if not isinstance(name, str) or not _ARM_NAME.fullmatch(name) or name.startswith("seed-"):
+            raise ValueError(f"arm name {name!r}: use letters, digits, '.', '_' and '-' (a folder name)")
+        if not isinstance(values, dict):
+            raise ValueError(f"arm {name}: expected a mapping of arm settings, got {values!r}")
+        known = {f.name for f in fields(ArmSettings)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"arm {name}: unknown settings {unknown}; expected some of {sorted(known)}")
+        if "mode" not in values:
+            raise ValueError(f"arm {name}: give its mode, ntp or caft")
+        defaults = {"method": self.method, "seeds": list(self.seeds), "heads": self.heads,
+                    "head_warmup": self.head_warmup}
+        arm = ArmSettings(**{**defaults, **values})
+        if arm.mode not in ("ntp", "caft"):
+            raise ValueError(f"arm {name}: mode must be ntp or caft, got {arm.mode!r}")
+        if not arm.seeds or len(set(arm.seeds)) != len(arm.seeds):
+            raise ValueError(f"arm {name}: seeds must be a non-empty list of distinct seeds, got {arm.seeds}")
+        _check_finetune_keys(arm.finetune, f"arm {name}: finetune settings")
+        if arm.mode == "ntp" and arm.baseline is not None:
+            raise ValueError(f"arm {name}: an ntp arm is a baseline; only caft arms name one")
+        return arm
+
+    def _baseline(self, name: str, arm: ArmSettings) -> str:
+        ntp_arms = {other: settings for other, settings in self.arm_settings.items() if settings.mode == "ntp"}
+        if arm.baseline is not None:
+            if arm.baseline not in ntp_arms:
+                raise ValueError(f"arm {name}: baseline {arm.baseline!r} is not an ntp arm of this comparison "
+                                 f"(ntp arms: {sorted(ntp_arms) or 'none'})")
+            baseline = arm.baseline
+        else:
+            same_method = sorted(other for other, settings in ntp_arms.items() if settings.method == arm.method)
+            if len(same_method) != 1:
+                raise ValueError(f"arm {name}: name its baseline; the ntp arms with method {arm.method} are "
+                                 f"{same_method or 'none'}")
+            baseline = same_method[0]
+        if not set(arm.seeds) & set(self.arm_settings[baseline].seeds):
+            raise ValueError(f"arm {name}: no seed in common with its baseline {baseline} "
+                             f"({arm.seeds} against {self.arm_settings[baseline].seeds})")
+        return baseline
+
+    def finetune_settings(self, arm_name: str, seed: int) -> FinetuneSettings:
         """The fine-tuning settings of one arm and seed."""
-        return FinetuneSettings(model=self.model, data=self.train_data, mode=mode, method=self.method, seed=seed,
-                                heads=self.heads if mode == "caft" else None,
-                                head_warmup=self.head_warmup if mode == "caft" else "no", dtype=self.dtype,
-                                device=self.device, **self.finetune)
+        arm = self.arm_settings[arm_name]
+        caft = arm.mode == "caft"
+        return FinetuneSettings(model=self.model, data=self.train_data, mode=arm.mode, method=arm.method, seed=seed,
+                                heads=arm.heads if caft else None, head_warmup=arm.head_warmup if caft else "no",
+                                dtype=self.dtype, device=self.device, **{**self.finetune, **arm.finetune})
+
+    def eval_settings(self, model_dir: Path) -> EvalSettings:
+        """How every exported model is scored."""
+        return EvalSettings(model=str(model_dir), task=self.task, data=self.test_data, max_examples=self.test_examples,
+                            max_new_tokens=self.max_new_tokens, batch_size=self.eval_batch_size, dtype=self.dtype,
+                            device=self.device)
+
+
+def _check_finetune_keys(values: dict[str, Any], what: str) -> None:
+    if not isinstance(values, dict):
+        raise ValueError(f"{what}: expected a mapping, got {values!r}")
+    clash = sorted(_ARM_KEYS & set(values))
+    if clash:
+        raise ValueError(f"{what} {clash} are set by compare itself; use its own keys")
+    unknown = sorted(set(values) - {f.name for f in fields(FinetuneSettings)})
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; see `caft finetune --help`")
 
 
 class _Timings:
@@ -109,22 +201,90 @@ class _Timings:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
         self.path.write_text(json.dumps(self.seconds, indent=2) + "\n")
 
+    def arm_total(self, arm: str) -> float:
+        return round(sum(value for key, value in self.seconds.items() if key.split("/")[1:2] == [arm]), 1)
 
-def _arm_dir(output: Path, seed: int, arm: str) -> Path:
+
+def arm_dir(output: Path, seed: int, arm: str) -> Path:
+    """The folder of one arm and seed."""
     return output / f"seed-{seed}" / arm
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _differences(done: dict[str, Any], wanted: Any, ignored: set[str]) -> list[str]:
+    """`key=done (asked: wanted)` for every setting of the dataclass `wanted` that differs from the recorded `done`.
+    A setting the earlier step did not record counts as its default: what that step ran with."""
+    defaults = {f.name: f.default for f in fields(wanted) if f.default is not MISSING}
+    defaults.update({f.name: f.default_factory() for f in fields(wanted) if f.default_factory is not MISSING})
+    done = {**_as_json(defaults), **done}
+    return [f"{key}={done.get(key)!r} (asked: {value!r})" for key, value in _as_json(asdict(wanted)).items()
+            if key not in ignored and done.get(key) != value]
+
+
+def _check_reusable(root: Path, settings: FinetuneSettings, eval_settings: EvalSettings) -> None:
+    """Stop when a finished or started step of this arm and seed was made with other settings than asked now."""
+    recorded = []
+    if (root / ARM_SETTINGS_FILE).exists():
+        recorded.append((root / ARM_SETTINGS_FILE, json.loads((root / ARM_SETTINGS_FILE).read_text())["finetune"]))
+    if (root / "run" / RUN_FILE).exists():
+        recorded.append((root / "run" / RUN_FILE, json.loads((root / "run" / RUN_FILE).read_text())["settings"]))
+    differing = []
+    for path, done in recorded:
+        differing += [f"{path}: {item}" for item in _differences(done, settings, _NOT_COMPARED)]
+    metrics = root / "eval" / METRICS_FILE
+    if metrics.exists():
+        done = json.loads(metrics.read_text()).get("settings", {})
+        differing += [f"{metrics}: {item}" for item in _differences(done, eval_settings, _EVAL_NOT_COMPARED)]
+    if differing:
+        raise ValueError(f"{root} was made with other settings than asked now: {'; '.join(differing)}. Remove "
+                         f"that folder to redo it, or choose another --output")
+
+
+def _share_warmup(output: Path, settings: CompareSettings, arm_name: str, seed: int, run_dir: Path) -> str | None:
+    """Copy the warmed-up heads of another arm of this seed whose warm-up is this arm's; returns that arm."""
+    arm = settings.arm_settings[arm_name]
+    if arm.mode != "caft" or arm.head_warmup == "no" or (run_dir / WARMUP_HEADS_DIR).exists():
+        return None
+    wanted = _as_json(asdict(warmup_settings(settings.finetune_settings(arm_name, seed), arm.heads)))
+    wanted.pop("device")
+    for other in settings.arm_settings:
+        source = arm_dir(output, seed, other) / "run" / WARMUP_HEADS_DIR
+        config = source / HEADS_CONFIG_FILE
+        if other == arm_name or not config.exists():
+            continue
+        done = dict(json.loads(config.read_text()).get("training", {}).get("settings", {}))
+        done.pop("device", None)
+        if done == wanted:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source, run_dir / WARMUP_HEADS_DIR)
+            return other
+    return None
 
 
 def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timings: _Timings,
             progress: bool = True) -> dict[str, Any]:
     """Fine-tune, export and evaluate one arm and seed, skipping what an earlier invocation finished."""
-    root = _arm_dir(output, seed, arm)
+    root = arm_dir(output, seed, arm)
     run_dir, model_dir, eval_dir = root / "run", root / "model", root / "eval"
+    finetune_settings = settings.finetune_settings(arm, seed)
+    eval_settings = settings.eval_settings(model_dir)
+    _check_reusable(root, finetune_settings, eval_settings)
     if not (run_dir / RUN_FILE).exists():
         from transformers.trainer_utils import get_last_checkpoint
 
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / ARM_SETTINGS_FILE).exists():
+            (root / ARM_SETTINGS_FILE).write_text(json.dumps({"finetune": asdict(finetune_settings)}, indent=2) + "\n")
         resume = run_dir.is_dir() and get_last_checkpoint(str(run_dir)) is not None
+        shared_from = None if resume else _share_warmup(output, settings, arm, seed, run_dir)
+        if shared_from is not None:
+            (root / ARM_SETTINGS_FILE).write_text(json.dumps(
+                {"finetune": asdict(finetune_settings), "warmup_shared_from": shared_from}, indent=2) + "\n")
         started = time.perf_counter()
-        finetune(str(run_dir), settings.finetune_settings(arm, seed), resume=resume)
+        finetune(str(run_dir), finetune_settings, resume=resume)
         timings.record(f"seed-{seed}/{arm}/finetune", time.perf_counter() - started)
     if not (model_dir / "config.json").exists():
         started = time.perf_counter()
@@ -132,10 +292,7 @@ def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timing
         timings.record(f"seed-{seed}/{arm}/export", time.perf_counter() - started)
     if not (eval_dir / METRICS_FILE).exists():
         started = time.perf_counter()
-        evaluate(eval_dir, EvalSettings(model=str(model_dir), task=settings.task, data=settings.test_data,
-                                        max_examples=settings.test_examples, max_new_tokens=settings.max_new_tokens,
-                                        batch_size=settings.eval_batch_size, dtype=settings.dtype,
-                                        device=settings.device), progress=progress)
+        evaluate(eval_dir, eval_settings, progress=progress)
         timings.record(f"seed-{seed}/{arm}/eval", time.perf_counter() - started)
     return json.loads((eval_dir / METRICS_FILE).read_text())
 
@@ -145,15 +302,17 @@ def read_examples(eval_dir: Path) -> list[dict[str, Any]]:
     return read_complete_records(eval_dir / EXAMPLES_FILE, required=(), what="a per-example row of caft eval")
 
 
-def arm_records(output: Path, settings: CompareSettings, arm: str) -> tuple[list[dict[str, list]], list[str]]:
+def arm_records(output: Path, settings: CompareSettings, arm: str, seeds: list[int] | None = None
+                ) -> tuple[list[dict[str, list]], list[str]]:
     """Per-seed record sets of one arm (report name -> per-example values), and the example ids."""
     columns = _TASK_COLUMNS[settings.task]
     records, ids = [], None
-    for seed in settings.seeds:
-        rows = read_examples(_arm_dir(output, seed, arm) / "eval")
+    seeds = settings.arm_settings[arm].seeds if seeds is None else seeds
+    for seed in seeds:
+        rows = read_examples(arm_dir(output, seed, arm) / "eval")
         seed_ids = [row["id"] for row in rows]
         if ids is not None and seed_ids != ids:
-            raise ValueError(f"seed {seed} of {arm} was scored on other test examples than seed {settings.seeds[0]}")
+            raise ValueError(f"seed {seed} of {arm} was scored on other test examples than seed {seeds[0]}")
         ids = seed_ids
         record = {name: [float(row[column]) for row in rows] for name, column in columns.items()}
         if settings.task == "molecules":
@@ -162,45 +321,160 @@ def arm_records(output: Path, settings: CompareSettings, arm: str) -> tuple[list
     return records, ids or []
 
 
-def _budget(output: Path, settings: CompareSettings) -> dict[str, Any]:
-    run = json.loads((_arm_dir(output, settings.seeds[0], "caft") / "run" / RUN_FILE).read_text())
+def _run_summary(output: Path, seed: int, arm: str) -> dict[str, Any]:
+    return json.loads((arm_dir(output, seed, arm) / "run" / RUN_FILE).read_text())
+
+
+def _budget(run: dict[str, Any]) -> dict[str, Any]:
     used = run["settings"]
     return {"training examples": run["train_examples"], "held-out examples": run["held_out_examples"],
             "optimizer steps per run": run["optimizer_steps"], "epochs": used["epochs"],
             "batch size": used["batch_size"] * used["grad_accum"], "learning rate": used["learning_rate"]}
 
 
-def compare(output: str, settings: CompareSettings, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) every arm and seed, then write the report; returns the table and where it is."""
-    output_dir = Path(output)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    timings = _Timings(output_dir / TIMINGS_FILE)
-    for seed in settings.seeds:
-        for arm in ARMS:
-            run_arm(output_dir, settings, seed, arm, timings, progress)
+@dataclass
+class ArmComparison:
+    """One CAFT arm against its baseline, over the seeds both ran."""
 
-    ntp, ntp_ids = arm_records(output_dir, settings, "ntp")
-    caft, caft_ids = arm_records(output_dir, settings, "caft")
-    if ntp_ids != caft_ids:
-        raise ValueError("the two arms were scored on different test examples; remove their eval/ folders")
+    arm: str
+    baseline: str
+    seeds: list[int]
+    rows: list[ComparisonRow]
+
+
+def compare_arms(output: Path, settings: CompareSettings) -> list[ArmComparison]:
+    """Every CAFT arm against its baseline, paired by seed on the seeds both ran."""
     set_metrics = {"uniqueness": uniqueness_metric("answer", "validity")} if settings.task == "molecules" else {}
-    rows = comparison_table(ntp, caft, metrics=list(_TASK_COLUMNS[settings.task]), set_metrics=set_metrics,
-                            n_resamples=settings.n_resamples)
+    comparisons = []
+    for arm, baseline in settings.baselines.items():
+        seeds = [seed for seed in settings.arm_settings[arm].seeds if seed in settings.arm_settings[baseline].seeds]
+        base_records, base_ids = arm_records(output, settings, baseline, seeds)
+        arm_records_, ids = arm_records(output, settings, arm, seeds)
+        if ids != base_ids:
+            raise ValueError(f"{arm} and {baseline} were scored on different test examples; remove their eval/ "
+                             f"folders")
+        rows = comparison_table(base_records, arm_records_, metrics=list(_TASK_COLUMNS[settings.task]),
+                                set_metrics=set_metrics, n_resamples=settings.n_resamples)
+        comparisons.append(ArmComparison(arm, baseline, seeds, rows))
+    return comparisons
+
+
+def _arm_overview(output: Path, settings: CompareSettings, timings: _Timings) -> list[str]:
+    lines = ["| arm | mode | method | seeds | heads, warm-up | own settings | baseline | wall time (s) |",
+             "|---|---|---|---|---|---|---|---:|"]
+    for name, arm in settings.arm_settings.items():
+        heads = f"{arm.heads or 'copies of the last layer'}, {arm.head_warmup}" if arm.mode == "caft" else "-"
+        own = format_context(arm.finetune) if arm.finetune else "-"
+        lines.append(f"| {name} | {arm.mode} | {arm.method} | {format_context(arm.seeds)} | {heads} | {own} "
+                     f"| {settings.baselines.get(name, '-')} | {timings.arm_total(name):.0f} |")
+    return lines + [""]
+
+
+def _summary_table(comparisons: list[ArmComparison], settings: CompareSettings) -> list[str]:
+    """Each metric of every arm: the mean over its seeds in the comparison, with the per-seed values."""
+    values: dict[str, dict[str, tuple[float, tuple[float, ...], bool]]] = {}
+    for comparison in comparisons:
+        for row in comparison.rows:
+            values.setdefault(row.metric, {})
+            values[row.metric].setdefault(comparison.baseline, (row.ntp, row.ntp_per_seed, row.percent))
+            values[row.metric][comparison.arm] = (row.caft, row.caft_per_seed, row.percent)
+    arms = [name for name in settings.arm_settings if any(name in by_arm for by_arm in values.values())]
+    lines = ["| metric | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
+    for metric, by_arm in values.items():
+        cells = []
+        for name in arms:
+            mean, per_seed, percent = by_arm[name]
+            seeds = f" ({', '.join(format_value(v, percent) for v in per_seed)})" if len(per_seed) > 1 else ""
+            cells.append(format_value(mean, percent) + seeds)
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _heads_table(output: Path, settings: CompareSettings) -> list[str]:
+    """Held-out top-1 accuracy of each auxiliary head of every CAFT run: at the start (the given heads on the task),
+    after the warm-up, and at the end of fine-tuning (the heads frozen, the model moved under them)."""
+    lines = []
+    for name, arm in settings.arm_settings.items():
+        if arm.mode != "caft":
+            continue
+        for seed in arm.seeds:
+            run = _run_summary(output, seed, name)
+            record = run.get("head_warmup") or {}
+            warm_config = arm_dir(output, seed, name) / "run" / WARMUP_HEADS_DIR / HEADS_CONFIG_FILE
+            training = json.loads(warm_config.read_text()).get("training", {}) if warm_config.exists() else {}
+            start = training.get("held_out_before") or record.get("held_out_at_start") or {}
+            warmed = training.get("held_out_after") or {}
+            end = run.get("held_out_per_head", {})
+            for head in sorted((h for h in end if h != "head_1"), key=lambda h: int(h.split("_")[1])):
+                k = int(head.split("_")[1])
+                cell = [start.get(head, {}).get("accuracy"), warmed.get(head, {}).get("accuracy"),
+                        end[head].get("accuracy")]
+                text = ["-" if value is None else f"{value:.3f}" for value in cell]
+                lines.append(f"| {name} | {seed} | t+{k} | {text[0]} | {text[1]} | {text[2]} |")
+    if not lines:
+        return []
+    return ["| arm | seed | head | top-1 at start | after warm-up | after fine-tuning |", "|---|---:|---|---:|---:|---:|",
+            *lines, ""]
+
+
+def write_comparison_report(output: Path, settings: CompareSettings, comparisons: list[ArmComparison],
+                            timings: _Timings) -> Path:
+    """Write `report.md` (context, arms, summary, one section per CAFT arm with its chart, heads) and the charts."""
+    first = next(iter(settings.arm_settings))
+    n_examples = comparisons[0].rows[0].n_examples if comparisons else 0
     context = {
         "base model": settings.model,
         "task": settings.task,
         "training data": settings.train_data,
-        "test data": f"{settings.test_data or 'default'} ({len(ntp_ids)} examples)",
-        "method": settings.method,
-        "seeds": settings.seeds,
-        "caft heads": f"{settings.heads or 'copies of the last layer'}, warm-up: {settings.head_warmup}",
-        "budget (same for both arms)": _budget(output_dir, settings),
-        "fine-tuning overrides": settings.finetune or "none",
-        "wall time (s)": {arm: round(sum(v for k, v in timings.seconds.items() if f"/{arm}/" in k), 1)
-                          for arm in ARMS},
+        "test data": f"{settings.test_data or 'default'} ({n_examples} examples)",
+        "budget (every run)": _budget(_run_summary(output, settings.arm_settings[first].seeds[0], first)),
+        "shared fine-tuning settings": settings.finetune or "defaults",
+        "evaluation": f"greedy, batch {settings.eval_batch_size}, dtype {settings.dtype}",
     }
-    write_report(output_dir / REPORT_FILE, output_dir / CHART_FILE, rows, context,
-                 definitions={name: text for name, text in DEFINITIONS[settings.task].items()})
-    result = {"settings": asdict(settings), "rows": [asdict(row) for row in rows], "timings_s": timings.seconds}
+    lines = ["# CAFT against next-token fine-tuning", "", "## Context", ""]
+    lines += [f"- **{key}**: {format_context(value)}" for key, value in context.items()]
+    lines += ["", "## Arms", ""] + _arm_overview(output, settings, timings)
+    if comparisons:
+        lines += ["## Summary", "", "Each arm's mean over the seeds it is compared on; per-seed values in brackets.",
+                  ""] + _summary_table(comparisons, settings)
+    for comparison in comparisons:
+        title = f"{comparison.arm} against {comparison.baseline}"
+        chart = f"report-{comparison.arm}.png"
+        plot_differences(comparison.rows, output / chart, title=f"{comparison.arm} - {comparison.baseline} per metric",
+                         difference=f"{comparison.arm} - {comparison.baseline}")
+        lines += [f"## {title}", ""]
+        lines += results_section(comparison.rows, comparison.baseline, comparison.arm)
+        lines += reading_section(comparison.rows, comparison.baseline, comparison.arm)
+        lines += [f"![{comparison.arm} - {comparison.baseline} per metric, with "
+                  f"{100 * comparison.rows[0].confidence:g}% CI]({chart})", ""]
+    heads = _heads_table(output, settings)
+    if heads:
+        lines += ["## Auxiliary heads: held-out top-1 accuracy", "",
+                  "On the held-out split of the training data: the given heads at the start, after the warm-up on "
+                  "the task (eq. 3, the base frozen), and at the end of fine-tuning (the heads frozen while the model "
+                  "moved under them).", ""] + heads
+    lines += ["## Definitions", ""]
+    lines += [f"- **{name}**: {text}" for name, text in DEFINITIONS[settings.task].items()]
+    path = output / REPORT_FILE
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def compare(output: str, settings: CompareSettings, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every arm and seed, then write the report; returns the comparisons and where they are."""
+    output_dir = Path(output)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    timings = _Timings(output_dir / TIMINGS_FILE)
+    seeds = sorted({seed for arm in settings.arm_settings.values() for seed in arm.seeds})
+    for seed in seeds:  # seed by seed: a comparison stopped early already has every arm of its first seeds
+        for name, arm in settings.arm_settings.items():
+            if seed in arm.seeds:
+                run_arm(output_dir, settings, seed, name, timings, progress)
+    comparisons = compare_arms(output_dir, settings)
+    write_comparison_report(output_dir, settings, comparisons, timings)
+    result = _as_json({"settings": asdict(settings),
+              "comparisons": [{"arm": c.arm, "baseline": c.baseline, "seeds": c.seeds,
+                               "rows": [asdict(row) for row in c.rows]} for c in comparisons],
+              "timings_s": timings.seconds})
     (output_dir / COMPARISON_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result

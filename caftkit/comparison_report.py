@@ -236,7 +236,8 @@ def uniqueness_metric(answer_column: str = "answer", valid_column: str = "validi
 class ComparisonRow:
     """One metric of the comparison: each arm's value, the difference caft - ntp and its confidence interval.
 
-    `percent` says the metric is a rate shown in percent (its difference in percentage points)."""
+    `percent` says the metric is a rate shown in percent (its difference in percentage points); `ntp_per_seed` and
+    `caft_per_seed` hold each arm's metric per seed (their means are `ntp` and `caft`)."""
 
     metric: str
     ntp: float
@@ -250,6 +251,8 @@ class ComparisonRow:
     n_examples: int
     n_seeds: int
     n_resamples: int
+    ntp_per_seed: tuple[float, ...] = ()
+    caft_per_seed: tuple[float, ...] = ()
 
 
 def comparison_table(ntp: Records | Sequence[Records], caft: Records | Sequence[Records], *,
@@ -340,7 +343,8 @@ def _row(name: str, result: BootstrapResult, percent: bool) -> ComparisonRow:
     return ComparisonRow(metric=name, ntp=result.a_value, caft=result.b_value, difference=result.estimate,
                          low=result.low, high=result.high, excludes_zero=result.excludes_zero, percent=percent,
                          confidence=result.confidence, n_examples=result.n_examples, n_seeds=result.n_seeds,
-                         n_resamples=result.n_resamples)
+                         n_resamples=result.n_resamples, ntp_per_seed=result.a_per_seed,
+                         caft_per_seed=result.b_per_seed)
 
 
 def format_value(value: float, percent: bool) -> str:
@@ -364,15 +368,16 @@ def _rounded(value: float, digits: int) -> float:
     return 0.0 if number == 0 else number
 
 
-def _format_context(value) -> str:
+def format_context(value) -> str:
+    """A context value for a report line: mappings as `key=value, ...`, lists comma-separated, floats short."""
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, Mapping):
-        return ", ".join(f"{key}={_format_context(item)}" for key, item in value.items())
+        return ", ".join(f"{key}={format_context(item)}" for key, item in value.items())
     if isinstance(value, (list, tuple)):
-        return ", ".join(_format_context(item) for item in value)
+        return ", ".join(format_context(item) for item in value)
     return str(value)
 
 
@@ -390,49 +395,69 @@ def report_markdown(rows: Sequence[ComparisonRow], context: Mapping, *, definiti
     """The Markdown text of `write_report` (deterministic: everything in it comes from the arguments)."""
     if not rows:
         raise ValueError("no rows to report")
-    confidence, n_examples, n_seeds, n_resamples = _method(rows)
-    level = f"{100 * confidence:g}%"
     lines = [f"# {title}", ""]
     if context:
         lines += ["## Context", ""]
-        lines += [f"- **{key}**: {_format_context(value)}" for key, value in context.items()]
+        lines += [f"- **{key}**: {format_context(value)}" for key, value in context.items()]
         lines.append("")
-    seeds = f"{n_seeds} seeds per arm (seed k of ntp paired with seed k of caft)" if n_seeds > 1 else "one seed per arm"
-    lines += ["## Results", "",
-              f"Both models answer the same {n_examples} test examples, {seeds}. Each arm's value is the mean over "
-              f"seeds; the interval is a {level} paired percentile bootstrap interval of caft - ntp over "
-              f"{n_resamples} resamples of the test examples"
-              + (" and of the seeds." if n_seeds > 1 else ".")
-              + " Rates are in percent and their differences in percentage points (pp).", "",
-              f"| metric | ntp | caft | caft - ntp | {level} CI low | {level} CI high | CI excludes 0 |",
-              "|---|---:|---:|---:|---:|---:|:---:|"]
-    for row in rows:
-        lines.append(f"| {row.metric} | {format_value(row.ntp, row.percent)} | {format_value(row.caft, row.percent)} "
-                     f"| {format_difference(row.difference, row.percent)} "
-                     f"| {format_difference(row.low, row.percent)} | {format_difference(row.high, row.percent)} "
-                     f"| {'yes' if row.excludes_zero else 'no'} |")
-    lines.append("")
+    lines += ["## Results", ""] + results_section(rows)
     if definitions:
         lines += ["Definitions:", ""]
         lines += [f"- **{name}**: {text}" for name, text in definitions.items()]
         lines.append("")
-    lines += ["## Reading", ""]
+    lines += ["## Reading", ""] + reading_section(rows)
+    if chart is not None:
+        lines += [f"![caft - ntp per metric, with {100 * rows[0].confidence:g}% CI]({chart})", ""]
+    return "\n".join(lines)
+
+
+def results_section(rows: Sequence[ComparisonRow], baseline: str = "ntp", arm: str = "caft") -> list[str]:
+    """Markdown lines: how the interval was obtained, then the table of `rows` (each arm's value, the per-seed
+    values when there are several seeds, the difference `arm - baseline` and its interval)."""
+    confidence, n_examples, n_seeds, n_resamples = _method(rows)
+    level = f"{100 * confidence:g}%"
+    seeds = (f"{n_seeds} seeds per arm (seed k of {baseline} paired with seed k of {arm})" if n_seeds > 1
+             else "one seed per arm")
+    lines = [f"Both models answer the same {n_examples} test examples, {seeds}. Each arm's value is the mean over "
+             f"seeds; the interval is a {level} paired percentile bootstrap interval of {arm} - {baseline} over "
+             f"{n_resamples} resamples of the test examples" + (" and of the seeds." if n_seeds > 1 else ".")
+             + " Rates are in percent and their differences in percentage points (pp).", ""]
+    per_seed = n_seeds > 1 and all(len(row.ntp_per_seed) == len(row.caft_per_seed) == n_seeds for row in rows)
+    seed_columns = f" {baseline} per seed | {arm} per seed |" if per_seed else ""
+    lines += [f"| metric | {baseline} | {arm} | {arm} - {baseline} | {level} CI low | {level} CI high | CI excludes 0 |"
+              + seed_columns,
+              "|---|---:|---:|---:|---:|---:|:---:|" + ("---|---|" if per_seed else "")]
+    for row in rows:
+        line = (f"| {row.metric} | {format_value(row.ntp, row.percent)} | {format_value(row.caft, row.percent)} "
+                f"| {format_difference(row.difference, row.percent)} "
+                f"| {format_difference(row.low, row.percent)} | {format_difference(row.high, row.percent)} "
+                f"| {'yes' if row.excludes_zero else 'no'} |")
+        if per_seed:
+            line += (f" {', '.join(format_value(v, row.percent) for v in row.ntp_per_seed)} "
+                     f"| {', '.join(format_value(v, row.percent) for v in row.caft_per_seed)} |")
+        lines.append(line)
+    lines.append("")
+    return lines
+
+
+def reading_section(rows: Sequence[ComparisonRow], baseline: str = "ntp", arm: str = "caft") -> list[str]:
+    """Markdown lines: one neutral sentence per metric saying whether its interval excludes zero."""
+    level = f"{100 * _method(rows)[0]:g}%"
+    lines = []
     for row in rows:
         interval = f"[{format_difference(row.low, row.percent)}, {format_difference(row.high, row.percent)}]"
         if row.percent:  # one unit for the pair: [+1.0, +6.0] pp
             interval = interval.replace(" pp", "") + " pp"
         verdict = "excludes zero" if row.excludes_zero else "contains zero"
-        lines.append(f"- {row.metric}: the difference caft - ntp is {format_difference(row.difference, row.percent)};"
-                     f" its {level} CI {interval} {verdict}.")
+        lines.append(f"- {row.metric}: the difference {arm} - {baseline} is "
+                     f"{format_difference(row.difference, row.percent)}; its {level} CI {interval} {verdict}.")
     lines.append("")
-    if chart is not None:
-        lines += [f"![caft - ntp per metric, with {level} CI]({chart})", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def plot_differences(rows: Sequence[ComparisonRow], path: str | os.PathLike,
-                     title: str = "caft - ntp per metric") -> Path:
-    """Write a PNG bar chart of each metric's difference caft - ntp with its confidence interval.
+                     title: str = "caft - ntp per metric", difference: str = "caft - ntp") -> Path:
+    """Write a PNG bar chart of each metric's difference (`difference` names it) with its confidence interval.
 
     Rates (in percentage points) and other metrics (in their own units) get separate panels, since one axis
     cannot show both scales."""
@@ -465,7 +490,7 @@ def plot_differences(rows: Sequence[ComparisonRow], path: str | os.PathLike,
         axes.axhline(0.0, color="grey", linewidth=0.8)
         axes.set_xticks(positions, [row.metric for row in group], rotation=20, ha="right")
         axes.set_xlim(-0.7, len(group) - 0.3)
-        axes.set_ylabel(f"caft - ntp ({unit})")
+        axes.set_ylabel(f"{difference} ({unit})")
         axes.grid(axis="y", alpha=0.3)
     figure.suptitle(f"{title} ({100 * confidence:g}% CI)")
     return save_figure(figure, path)
@@ -490,5 +515,6 @@ def write_report(path_md: str | os.PathLike, path_png: str | os.PathLike, rows: 
 
 
 __all__ = ["BootstrapResult", "ComparisonRow", "Records", "Resamples", "SetMetric", "comparison_table",
-           "draw_resamples", "format_difference", "format_value", "paired_bootstrap", "plot_differences",
-           "report_markdown", "uniqueness_metric", "write_report"]
+           "draw_resamples", "format_context", "format_difference", "format_value", "paired_bootstrap",
+           "plot_differences", "reading_section", "report_markdown", "results_section", "uniqueness_metric",
+           "write_report"]

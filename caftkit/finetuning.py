@@ -78,20 +78,25 @@ def lora_config(settings: FinetuneSettings):
                       target_modules="all-linear", task_type="CAUSAL_LM")
 
 
+def warmup_settings(settings: FinetuneSettings, heads_dir: str | None) -> HeadTrainingSettings:
+    """The head training of the task warm-up: one epoch on the run's training split, from `heads_dir`. Runs whose
+    warm-up settings are equal get the same warmed-up heads (`caft compare` shares them between its arms)."""
+    return HeadTrainingSettings(
+        model=settings.model, data=settings.data, init=heads_dir, num_heads=settings.num_heads, alpha=settings.alpha,
+        epochs=1.0, batch_size=settings.batch_size, grad_accum=settings.grad_accum, max_length=settings.max_length,
+        eval_fraction=settings.eval_fraction, seed=settings.seed, dtype=settings.dtype,
+        mixed_precision=settings.mixed_precision, device=settings.device, report_to=settings.report_to)
+
+
 def _warm_up_heads(output: Path, settings: FinetuneSettings, heads_dir: str | None, model, tokenizer) -> Path:
     """One epoch of head training (eq. 3) on the task's training split, starting from `heads_dir`."""
     target = output / WARMUP_HEADS_DIR
     try:
         read_heads_config(target)
-        return target  # done by an earlier, interrupted invocation of this run
+        return target  # done by an earlier, interrupted invocation of this run (or given by `caft compare`)
     except FileNotFoundError:
         pass
-    warm = HeadTrainingSettings(
-        model=settings.model, data=settings.data, init=heads_dir, num_heads=settings.num_heads, alpha=settings.alpha,
-        epochs=1.0, batch_size=settings.batch_size, grad_accum=settings.grad_accum, max_length=settings.max_length,
-        eval_fraction=settings.eval_fraction, seed=settings.seed, dtype=settings.dtype,
-        mixed_precision=settings.mixed_precision, device=settings.device, report_to=settings.report_to)
-    train_heads(str(target), warm, model=model, tokenizer=tokenizer)
+    train_heads(str(target), warmup_settings(settings, heads_dir), model=model, tokenizer=tokenizer)
     return target
 
 
@@ -136,7 +141,8 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
             start = head_metrics(model, held_out, pad_token_id=tokenizer.pad_token_id, batch_size=settings.batch_size)
             l2 = start["head_2"]["loss"]
             warm = l2 > settings.l2_warmup_threshold
-            warmup_record = {"l2_at_start": l2, "threshold": settings.l2_warmup_threshold, "warmed_up": warm}
+            warmup_record = {"l2_at_start": l2, "threshold": settings.l2_warmup_threshold, "warmed_up": warm,
+                             "held_out_at_start": start}
         if warm:
             heads_dir = str(_warm_up_heads(run_dir, settings, heads_dir, model, tokenizer))
             attach_heads(model, heads_dir)

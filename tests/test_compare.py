@@ -71,7 +71,9 @@ def test_comparison_trains_both_arms_alike_and_reports_the_paired_difference(tin
     assert runs["caft"]["head_warmup"]["warmed_up"] is True
     assert (output / "seed-0" / "caft" / "model" / "config.json").exists()
 
-    rows = {row["metric"]: row for row in result["rows"]}
+    [comparison] = result["comparisons"]
+    assert (comparison["arm"], comparison["baseline"], comparison["seeds"]) == ("caft", "ntp", [0])
+    rows = {row["metric"]: row for row in comparison["rows"]}
     assert rows["validity"]["ntp"] == pytest.approx(3 / 6) and rows["validity"]["caft"] == pytest.approx(1.0)
     assert rows["exact_match"]["ntp"] == pytest.approx(2 / 6) and rows["exact_match"]["caft"] == pytest.approx(5 / 6)
     assert rows["exact_match"]["difference"] == pytest.approx(3 / 6)
@@ -83,13 +85,13 @@ def test_comparison_trains_both_arms_alike_and_reports_the_paired_difference(tin
     report = (output / REPORT_FILE).read_text()
     assert "| exact_match | 33.3% | 83.3% | +50.0 pp |" in report
     assert f"optimizer steps per run={runs['caft']['optimizer_steps']}" in report
-    assert (output / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((output / COMPARISON_FILE).read_text())["rows"] == result["rows"]
+    assert (output / "report-caft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((output / COMPARISON_FILE).read_text())["comparisons"] == result["comparisons"]
 
     # A rerun redoes nothing: no stage is timed again and the runs are untouched.
     timings = (output / TIMINGS_FILE).read_text()
     stamp = (output / "seed-0" / "caft" / "run" / RUN_FILE).stat().st_mtime_ns
-    assert compare(str(output), settings, progress=False)["rows"] == result["rows"]
+    assert compare(str(output), settings, progress=False)["comparisons"] == result["comparisons"]
     assert (output / TIMINGS_FILE).read_text() == timings
     assert (output / "seed-0" / "caft" / "run" / RUN_FILE).stat().st_mtime_ns == stamp
 
@@ -104,3 +106,108 @@ def test_compare_command_checks_its_settings(tiny_setup, tmp_path, capsys):
     assert "unknown finetune settings ['epochz']" in capsys.readouterr().err
     assert main(["compare", "--train-data", "x.jsonl", "--task", "loss"]) == 2
     assert "task must be one of molecules, humaneval" in capsys.readouterr().err
+
+
+def write_answers(output, settings, arm: str, seed: int, answers: list[str]) -> None:
+    """Answers the evaluation of one arm and seed scores instead of generating."""
+    ids = [example.id for example in molecule_examples(settings.test_data)]
+    eval_dir = output / f"seed-{seed}" / arm / "eval"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / GENERATIONS_FILE).write_text("".join(json.dumps({"id": i, "output": a}) + "\n"
+                                                     for i, a in zip(ids, answers)))
+
+
+ARMS = {"ntp": {"mode": "ntp", "seeds": [0, 1]},
+        "caft": {"mode": "caft", "seeds": [0, 1]},
+        "caft-beta0.5": {"mode": "caft", "seeds": [1], "finetune": {"beta": 0.5}}}
+
+
+def test_several_arms_against_one_baseline_share_the_warm_up_and_pair_by_seed(tiny_setup, tmp_path):
+    output = tmp_path / "compare"
+    settings = settings_for(tiny_setup, arms=ARMS)
+    answers = {("ntp", 0): NTP_ANSWERS, ("ntp", 1): ["CCO", "CC", "C1CC", "CC", "CC", "CCO"],
+               ("caft", 0): CAFT_ANSWERS, ("caft", 1): ["CCC", "Oc1ccccc1", "CC", "CC#N", "CCN", "CC(=O)N"],
+               ("caft-beta0.5", 1): ["C1CC", "C1CC", "C1CC", "CC#N", "CCN", "CC(=O)N"]}
+    for (arm, seed), arm_answers in answers.items():
+        write_answers(output, settings, arm, seed, arm_answers)
+    result = compare(str(output), settings, progress=False)
+
+    runs = {key: json.loads((output / f"seed-{key[1]}" / key[0] / "run" / RUN_FILE).read_text()) for key in answers}
+    assert runs[("caft-beta0.5", 1)]["settings"]["beta"] == 0.5 and runs[("caft", 1)]["settings"]["beta"] == 0.01
+    assert {runs[key]["settings"]["seed"] for key in answers} == {0, 1}
+    # the beta arm's warm-up is caft's of seed 1 (beta does not enter it): copied, not trained again
+    shared = json.loads((output / "seed-1" / "caft-beta0.5" / "arm_settings.json").read_text())
+    assert shared["warmup_shared_from"] == "caft"
+    warm = [(output / "seed-1" / arm / "run" / "warmup-heads" / "heads.safetensors").read_bytes()
+            for arm in ("caft", "caft-beta0.5")]
+    assert warm[0] == warm[1]
+    assert (output / "seed-0" / "caft" / "run" / "warmup-heads" / "heads.safetensors").read_bytes() != warm[0]
+
+    comparisons = {c["arm"]: c for c in result["comparisons"]}
+    assert comparisons["caft"]["baseline"] == "ntp" and comparisons["caft"]["seeds"] == [0, 1]
+    assert comparisons["caft-beta0.5"]["baseline"] == "ntp" and comparisons["caft-beta0.5"]["seeds"] == [1]
+    exact = {c: {row["metric"]: row for row in comparisons[c]["rows"]}["exact_match"] for c in comparisons}
+    # exact matches: ntp 2/6 and 1/6, caft 5/6 and 4/6, caft-beta0.5 (seed 1 only) 3/6
+    assert exact["caft"]["ntp_per_seed"] == pytest.approx([2 / 6, 1 / 6])
+    assert exact["caft"]["caft_per_seed"] == pytest.approx([5 / 6, 4 / 6])
+    assert exact["caft"]["difference"] == pytest.approx(3 / 6)
+    assert exact["caft-beta0.5"]["ntp"] == pytest.approx(1 / 6) and exact["caft-beta0.5"]["caft"] == pytest.approx(3 / 6)
+
+    report = (output / REPORT_FILE).read_text()
+    assert "## caft against ntp" in report and "## caft-beta0.5 against ntp" in report
+    assert "| exact_match | 25.0% | 75.0% | +50.0 pp |" in report
+    assert "| 33.3%, 16.7% | 83.3%, 66.7% |" in report  # per-seed values of the two-seed comparison
+    # the summary: each arm's mean over its seeds in the comparison, per-seed values in brackets
+    assert "| exact_match | 25.0% (33.3%, 16.7%) | 75.0% (83.3%, 66.7%) | 50.0% |" in report
+    assert "| caft-beta0.5 | caft | lora | 1 | " in report and "| beta=0.5 | ntp |" in report
+    heads_rows = [line for line in report.splitlines() if line.startswith("| caft-beta0.5 | 1 | t+")]
+    caft_rows = [line for line in report.splitlines() if line.startswith("| caft | 1 | t+")]
+    assert len(heads_rows) == 2  # two auxiliary heads
+    # the same warm-up: the same accuracy at the start and after it, another after fine-tuning with another beta
+    assert [row.split("|")[4:6] for row in heads_rows] == [row.split("|")[4:6] for row in caft_rows]
+    assert (output / "report-caft-beta0.5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_step_made_with_other_settings_is_not_reused(tiny_setup, tmp_path):
+    output = tmp_path / "compare"
+    settings = settings_for(tiny_setup, arms={"ntp": {"mode": "ntp"}})
+    write_answers(output, settings, "ntp", 0, NTP_ANSWERS)
+    compare(str(output), settings, progress=False)
+    changed = settings_for(tiny_setup, arms={"ntp": {"mode": "ntp", "finetune": {"learning_rate": 1e-3}}})
+    with pytest.raises(ValueError, match=r"seed-0/ntp was made with other settings than asked now: .*"
+                                         r"learning_rate=0.003 \(asked: 0.001\)"):
+        compare(str(output), changed, progress=False)
+    with pytest.raises(ValueError, match=r"metrics.json: max_examples=None \(asked: 3\)"):
+        compare(str(output), settings_for(tiny_setup, arms={"ntp": {"mode": "ntp"}}, test_examples=3),
+                progress=False)
+    # the eval batch size and the device do not change what was made: reused
+    again = settings_for(tiny_setup, arms={"ntp": {"mode": "ntp"}}, eval_batch_size=2, device="cpu")
+    assert compare(str(output), again, progress=False)["comparisons"] == []
+
+
+@pytest.mark.parametrize("arms, message", [
+    ({"ntp": {"mode": "ntp"}, "caft": {"mode": "caft", "method": "full"}},
+     "arm caft: name its baseline; the ntp arms with method full are none"),
+    ({"ntp": {"mode": "ntp"}, "caft": {"mode": "caft", "baseline": "caft"}},
+     "arm caft: baseline 'caft' is not an ntp arm of this comparison"),
+    ({"ntp": {"mode": "ntp", "seeds": [0]}, "caft": {"mode": "caft", "seeds": [1]}},
+     r"arm caft: no seed in common with its baseline ntp \(\[1\] against \[0\]\)"),
+    ({"ntp": {"mode": "ntp"}, "caft": {"mode": "caft", "beta": 0.5}}, r"arm caft: unknown settings \['beta'\]"),
+    ({"ntp": {"mode": "ntp"}, "caft": {"mode": "caft", "finetune": {"seed": 3}}},
+     r"arm caft: finetune settings \['seed'\] are set by compare itself"),
+    ({"ntp": {"method": "lora"}}, "arm ntp: give its mode, ntp or caft"),
+    ({"../x": {"mode": "ntp"}}, "arm name '../x': use letters"),
+    ({"ntp": {"mode": "ntp", "seeds": []}}, "arm ntp: seeds must be a non-empty list"),
+])
+def test_arms_are_checked_before_anything_runs(tiny_setup, arms, message):
+    with pytest.raises(ValueError, match=message):
+        settings_for(tiny_setup, arms=arms)
+
+
+def test_compare_command_takes_arms_from_the_config(tiny_setup, tmp_path, capsys):
+    config = tmp_path / "compare.yaml"
+    config.write_text(f"train_data: {tiny_setup / 'train.jsonl'}\nmodel: {tiny_setup / 'model'}\n"
+                      "arms:\n  ntp: {mode: ntp}\n  caft-full: {mode: caft, method: full}\n")
+    assert main(["compare", "--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    assert "arm caft-full: name its baseline; the ntp arms with method full are none" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -4,8 +4,8 @@
     trainer = caftkit.CAFTTrainer(model=model, args=caftkit.CAFTConfig(...), train_dataset=...)
 """
 
-from .architecture import ModelParts, UnsupportedModelError, find_model_parts
-from .heads import (
+from .core.architecture import ModelParts, UnsupportedModelError, find_model_parts
+from .core.heads import (
     AuxiliaryHeads,
     HeadsMismatchError,
     attach_heads,
@@ -16,9 +16,9 @@ from .heads import (
     rebase_heads,
     save_heads,
 )
-from .loss import gamma_schedule, head_loss_weights, linear_cross_entropy
-from .multitoken import head_statistics, weighted_loss
-from .speculative import GenerationOutput, generate
+from .core.loss import gamma_schedule, head_loss_weights, linear_cross_entropy
+from .core.multitoken import head_statistics, weighted_loss
+from .decoding.speculative import GenerationOutput, generate
 
 __version__ = "0.1.0"
 
@@ -26,9 +26,9 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # The trainer imports TRL, which is slow to import; load it only when asked for.
     if name in ("CAFTTrainer", "CAFTConfig"):
-        from . import trainer
+        from .training.trainer import CAFTConfig, CAFTTrainer
 
-        return getattr(trainer, name)
+        return {"CAFTConfig": CAFTConfig, "CAFTTrainer": CAFTTrainer}[name]
     raise AttributeError(f"module 'caftkit' has no attribute {name!r}")
 
 

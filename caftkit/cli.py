@@ -49,7 +49,7 @@ def bench_train(
         seed: seed of the random tokens.
         output: also write the JSON to this file.
     """
-    from .bench import bench_train as run
+    from .bench.train_step import bench_train as run
 
     result = run(model=model, batch_size=batch_size, seq_len=seq_len, num_heads=num_heads, steps=steps,
                  warmup=warmup, dtype=dtype, device=device, seed=seed)
@@ -94,8 +94,8 @@ def bench_precision(
         finetune: further `caft finetune` settings, as a YAML mapping (e.g. `{batch_size: 8, epochs: 1}`).
         output: also write the JSON to this file.
     """
-    from .finetuning import FinetuneSettings
-    from .precision_bench import bench_precision as run
+    from .training.finetuning import FinetuneSettings
+    from .bench.precision import bench_precision as run
 
     extra = _settings_mapping("--finetune", finetune)
     given = {"model", "data", "mode", "method", "heads", "seed", "device", "mixed_precision"}
@@ -156,10 +156,10 @@ def bench_generate(
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
         output: also write the JSON to this file.
     """
-    from .generation_bench import DraftShape, bench_generate as run, bench_prompts, rows_as_dict
-    from .heads import attach_heads, get_heads
+    from .bench.generation import DraftShape, bench_generate as run, bench_prompts, rows_as_dict
+    from .core.heads import attach_heads, get_heads
     from .models import load_model, load_tokenizer, parse_dtype
-    from .run_settings import resolve_device
+    from .models import resolve_device
 
     if heads is None:
         raise CLIError("missing --heads (a heads folder to draft with)")
@@ -224,11 +224,11 @@ def generate(
     import torch
 
     from .data import render_prompt
-    from .distill import stop_token_ids
-    from .heads import attach_heads
+    from .decoding.greedy import stop_token_ids
+    from .core.heads import attach_heads
     from .models import load_model, load_tokenizer, parse_dtype
-    from .run_settings import resolve_device
-    from .speculative import generate as speculative_generate
+    from .models import resolve_device
+    from .decoding.speculative import generate as speculative_generate
 
     if speculative and heads is None:
         raise CLIError("--speculative needs --heads (a heads folder)")
@@ -326,9 +326,9 @@ def distill(
         dtype: float32, bfloat16 or float16.
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
-    from .distill import DistillSettings, distill as run
+    from .training.distill import DistillSettings, distill as run
     from .models import load_model, load_tokenizer
-    from .run_settings import resolve_device
+    from .models import resolve_device
 
     device = resolve_device(device)
 
@@ -418,8 +418,8 @@ def train_heads(
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
         report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
     """
-    from .distributed import is_main_process
-    from .head_training import HeadTrainingSettings, format_head_table, train_heads as run
+    from .core.distributed import is_main_process
+    from .training.head_training import HeadTrainingSettings, format_head_table, train_heads as run
 
     settings = HeadTrainingSettings(
         model=model, data=data, init=init, num_heads=num_heads, alpha=alpha, epochs=epochs,
@@ -518,8 +518,8 @@ def finetune(
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
         report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
     """
-    from .distributed import is_main_process
-    from .finetuning import FinetuneSettings, finetune as run
+    from .core.distributed import is_main_process
+    from .training.finetuning import FinetuneSettings, finetune as run
 
     settings = FinetuneSettings(
         model=model, data=data, heads=heads, mode=mode, method=method, head_warmup=head_warmup, num_heads=num_heads,
@@ -554,7 +554,7 @@ def export(run: str, /, out: str = "model", heads_out: str | None = None, dtype:
         heads_out: where to copy the heads (default: `<out>-heads`).
         dtype: dtype of the saved weights (default: the one the run trained in).
     """
-    from .export import export_run
+    from .training.export import export_run
 
     written = export_run(run, out, heads_out, dtype)
     print(f"model written to {written['model']}" + (f"; heads to {written['heads']}" if written["heads"] else ""))
@@ -610,7 +610,7 @@ def eval_task(
         dtype: float32, bfloat16 or float16.
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
-    from .task_eval import EvalSettings, evaluate, format_metrics
+    from .evaluation.task_eval import EvalSettings, evaluate, format_metrics
 
     settings = EvalSettings(model=model, task=task, data=data, heads=heads, max_examples=max_examples or None,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length, seed=seed,
@@ -675,7 +675,7 @@ def compare(
         dtype: float32, bfloat16 or float16.
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
-    from .compare import REPORT_FILE, CompareSettings, compare as run
+    from .workflows.compare import REPORT_FILE, CompareSettings, compare as run
 
     seed_list = seeds if isinstance(seeds, list) else [int(s) for s in str(seeds).split(",") if s.strip()]
     settings = CompareSettings(train_data=train_data, model=model, task=task, test_data=test_data,
@@ -731,7 +731,7 @@ def demo(
         eval_molecules: MOSES test molecules to score the exported model on.
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
-    from .demo import DemoSizes, run_demo
+    from .workflows.demo import DemoSizes, run_demo
 
     started = time.perf_counter()
     report = run_demo(output, model, DemoSizes(distill_prompts=distill_prompts, distill_new_tokens=distill_new_tokens,
@@ -913,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
                      else "--" + name.replace("_", "-") for name in missing]
             raise CLIError(f"missing {', '.join(shown)} (give it on the command line or in --config)")
         if "device" in parameters:
-            from .run_settings import resolve_device  # torch: imported only for commands that use a device
+            from .models import resolve_device  # torch: imported only for commands that use a device
 
             # Checked before the command starts, so a typo or a missing GPU costs no loading.
             options["device"] = resolve_device(options.get("device", parameters["device"].default))

@@ -8,10 +8,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from caftkit.distributed import whole_tensor
-from caftkit.heads import attach_heads, get_heads, save_heads
-from caftkit.loss import head_loss_weights
-from caftkit.multitoken import count_targets, head_statistics, weighted_loss
+from caftkit.core.distributed import whole_tensor
+from caftkit.core.heads import attach_heads, get_heads, save_heads
+from caftkit.core.loss import head_loss_weights
+from caftkit.core.multitoken import count_targets, head_statistics, weighted_loss
 from tiny_models import tiny_model
 
 NUM_HEADS = 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from caftkit.architecture import find_model_parts
-from caftkit.heads import get_heads
+from caftkit.core.architecture import find_model_parts
+from caftkit.core.heads import get_heads
 
 
 def naive_head_losses(model, batch: dict, num_heads: int, run_last_layer_copy=None) -> list[torch.Tensor]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caftkit.heads import attach_heads, get_heads
-from caftkit.loss import head_loss_weights
+from caftkit.core.heads import attach_heads, get_heads
+from caftkit.core.loss import head_loss_weights
 from caftkit.models import BUNDLED_MODEL, load_model_and_tokenizer
-from caftkit.multitoken import head_statistics, weighted_loss
+from caftkit.core.multitoken import head_statistics, weighted_loss
 from reference import naive_head_losses
 
 
@@ -52,6 +52,6 @@ def test_multi_token_loss_on_smollm_matches_naive_reference(smollm):
             )
         assert torch.equal(model.generate(**prompt, max_new_tokens=10, do_sample=False), before)
     finally:
-        from caftkit.heads import detach_heads
+        from caftkit.core.heads import detach_heads
 
         detach_heads(model)

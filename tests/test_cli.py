@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from caftkit.bench import train_step_flops
+from caftkit.bench.train_step import train_step_flops
 from caftkit.cli import main
 from tiny_models import saved_model_dir, tiny_model
 

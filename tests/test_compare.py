@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from caftkit.cli import main
-from caftkit.compare import COMPARISON_FILE, REPORT_FILE, TIMINGS_FILE, CompareSettings, compare
-from caftkit.finetuning import RUN_FILE
-from caftkit.head_training import HeadTrainingSettings, train_heads
-from caftkit.task_eval import GENERATIONS_FILE, molecule_examples
+from caftkit.workflows.compare import COMPARISON_FILE, REPORT_FILE, TIMINGS_FILE, CompareSettings, compare
+from caftkit.training.finetuning import RUN_FILE
+from caftkit.training.head_training import HeadTrainingSettings, train_heads
+from caftkit.evaluation.task_eval import GENERATIONS_FILE, molecule_examples
 from caftkit.tasks.molecules import describe_molecule, molecule_record
 from tiny_models import saved_model_dir, tiny_model
 

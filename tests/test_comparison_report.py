@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from caftkit.comparison_report import (ComparisonRow, comparison_table, draw_resamples, format_difference,
+from caftkit.evaluation.comparison_report import (ComparisonRow, comparison_table, draw_resamples, format_difference,
                                        format_value, paired_bootstrap, report_markdown, uniqueness_metric,
                                        write_report)
 

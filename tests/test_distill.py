@@ -16,7 +16,8 @@ import torch
 
 from caftkit.cli import main
 from caftkit.data import render_prompt
-from caftkit.distill import STOP_END_OF_TURN, STOP_MAX_NEW_TOKENS, DistillSettings, distill, meta_path
+from caftkit.training.distill import DistillSettings, distill, meta_path
+from caftkit.decoding.greedy import STOP_END_OF_TURN, STOP_MAX_NEW_TOKENS
 from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import distributed_workers as workers
-from caftkit.heads import HEADS_WEIGHTS_FILE, attach_heads, get_heads
+from caftkit.core.heads import HEADS_WEIGHTS_FILE, attach_heads, get_heads
 from tiny_models import saved_model_dir, tiny_model
 
 
@@ -162,8 +162,8 @@ def test_a_zero3_partitioned_unembedding_is_called_through_its_module():
     vocabulary size."""
     from torch import nn
 
-    from caftkit.distributed import loss_impl_for
-    from caftkit.loss import linear_cross_entropy
+    from caftkit.core.distributed import loss_impl_for
+    from caftkit.core.loss import linear_cross_entropy
 
     head = nn.Linear(8, 50, bias=False)
     assert loss_impl_for(head, "fused") == "fused"

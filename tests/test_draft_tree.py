@@ -2,7 +2,7 @@
 
 import torch
 
-from caftkit.draft_tree import DraftTree, accept
+from caftkit.decoding.draft_tree import DraftTree, accept
 
 # Two heads with two candidates each: the first head proposes 10 or 11, the second 20 or 21.
 TOKENS = torch.tensor([[[10, 11], [20, 21]]])

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from caftkit.cli import main
-from caftkit.export import export_run
-from caftkit.finetuning import FINAL_DIR, HEAD_LOSSES_FILE, RUN_FILE, RUN_HEADS_DIR, FinetuneSettings, finetune
-from caftkit.head_training import HeadTrainingSettings, train_heads
-from caftkit.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
-from caftkit.speculative import generate
+from caftkit.training.export import export_run
+from caftkit.training.finetuning import FINAL_DIR, HEAD_LOSSES_FILE, RUN_FILE, RUN_HEADS_DIR, FinetuneSettings, finetune
+from caftkit.training.head_training import HeadTrainingSettings, train_heads
+from caftkit.core.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
+from caftkit.decoding.speculative import generate
 from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
@@ -214,7 +214,7 @@ def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):
 def test_auto_head_warmup_follows_l2_at_the_start(tiny_dir, tmp_path, threshold, warmed):
     """`head_warmup=auto` measures L2 on the held-out split with the given heads and warms up only above the
     threshold; the recorded L2 is the naive held-out loss of those heads."""
-    from caftkit.heads import attach_heads
+    from caftkit.core.heads import attach_heads
     from test_head_training import naive_held_out_metrics
 
     data = write_task(tmp_path / "task.jsonl")

@@ -14,15 +14,16 @@ from safetensors.torch import load_file
 
 from caftkit.cli import main
 from caftkit.data import tokenize_source
-from caftkit.head_training import (
+from caftkit.training.head_training import (
     CHECKPOINTS_DIR,
     LOSS_CURVES_FILE,
     HeadTrainingSettings,
     split_held_out,
     train_heads,
 )
-from caftkit.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE, attach_heads, get_heads
-from caftkit.run_settings import bf16_is_fast, resolve_device, resolve_mixed_precision, trainer_arguments
+from caftkit.core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE, attach_heads, get_heads
+from caftkit.models import bf16_is_fast, resolve_device, resolve_mixed_precision
+from caftkit.training.settings import trainer_arguments
 from reference import naive_head_losses
 from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caftkit.architecture import UnsupportedModelError, find_model_parts
-from caftkit.heads import (
+from caftkit.core.architecture import UnsupportedModelError, find_model_parts
+from caftkit.core.heads import (
     HEADS_ATTRIBUTE,
     HEADS_CONFIG_FILE,
     HEADS_WEIGHTS_FILE,

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from transformers import Cache, DynamicCache
 
-from caftkit.architecture import find_model_parts
+from caftkit.core.architecture import find_model_parts
 from caftkit.core.layer_call import cache_parameter, capture_layer_inputs, head_call, is_cache_object
-from caftkit.heads import AuxiliaryHeads, attach_heads, detach_heads, get_heads
-from caftkit.speculative import generate
+from caftkit.core.heads import AuxiliaryHeads, attach_heads, detach_heads, get_heads
+from caftkit.decoding.speculative import generate
 from tiny_models import ARCHITECTURES, random_batch, tiny_model
 
 

@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caftkit.heads import attach_heads, get_heads
-from caftkit.loss import (
+from caftkit.core.heads import attach_heads, get_heads
+from caftkit.core.loss import (
     gamma_schedule,
     head_loss_weights,
     linear_cross_entropy,
     sequence_ids_from_positions,
     shifted_targets,
 )
-from caftkit.multitoken import count_targets, head_statistics, weighted_loss
+from caftkit.core.multitoken import count_targets, head_statistics, weighted_loss
 from reference import naive_head_losses
 from tiny_models import ARCHITECTURES, random_batch, tiny_model
 

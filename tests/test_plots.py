@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from caftkit.plots import head_loss_series, plot_head_losses
+from caftkit.evaluation.charts import head_loss_series, plot_head_losses
 
 LOG = [
     {"eval_loss_head_1": 2.0, "eval_loss_head_2": 6.0, "eval_accuracy_head_2": 0.1, "step": 0},

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from caftkit.cli import main
-from caftkit.finetuning import LOG_HISTORY_FILE, FinetuneSettings, finetune
-from caftkit.precision_bench import bench_precision, largest_relative_difference, run_side
+from caftkit.training.finetuning import LOG_HISTORY_FILE, FinetuneSettings, finetune
+from caftkit.bench.precision import bench_precision, largest_relative_difference, run_side
 from tiny_models import saved_model_dir, tiny_model
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore:no --heads given")]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caftkit.heads import attach_heads, get_heads
-from caftkit.speculative import generate
+from caftkit.core.heads import attach_heads, get_heads
+from caftkit.decoding.speculative import generate
 from tiny_models import ARCHITECTURES, tiny_model
 
 EOS = [2, 5]
@@ -69,7 +69,7 @@ def test_trees_are_refused_on_sliding_window_models(model_type="gemma3_text", dr
 
 def test_drafts_are_accepted_and_save_forward_passes():
     """The test models' heads do guess right often enough for several tokens per pass to be exercised."""
-    from caftkit.generation_bench import _ForwardCounter
+    from caftkit.bench.generation import _ForwardCounter
 
     model = repetitive_model("llama")
     with _ForwardCounter(model) as counter:
@@ -85,7 +85,7 @@ def test_drafts_are_accepted_and_save_forward_passes():
 
 
 def test_bfloat16_drafts_come_from_copies_and_leave_the_heads_alone():
-    from caftkit.speculative import _HeadDrafter
+    from caftkit.decoding.speculative import _HeadDrafter
 
     model = repetitive_model("llama")
     heads_before = {name: tensor.clone() for name, tensor in get_heads(model).state_dict().items()}
@@ -124,13 +124,13 @@ def test_max_new_tokens_and_too_many_heads():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from caftkit.heads import save_heads
+    from caftkit.core.heads import save_heads
     from tiny_models import saved_model_dir
 
     root = tmp_path_factory.mktemp("tiny-speculative")
     model = repetitive_model("llama")
     save_heads(get_heads(model), root / "heads")
-    from caftkit.heads import detach_heads
+    from caftkit.core.heads import detach_heads
 
     detach_heads(model)
     saved_model_dir(root / "model", model)

@@ -9,9 +9,9 @@ import torch
 
 from caftkit.cli import main
 from caftkit.data import render_prompt
-from caftkit.evaluation import head_metrics
-from caftkit.heads import attach_heads, save_heads, get_heads
-from caftkit.task_eval import (
+from caftkit.evaluation.head_metrics import head_metrics
+from caftkit.core.heads import attach_heads, save_heads, get_heads
+from caftkit.evaluation.task_eval import (
     EXAMPLES_FILE,
     GENERATIONS_FILE,
     METRICS_FILE,

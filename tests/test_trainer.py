@@ -11,8 +11,8 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from caftkit import CAFTConfig, CAFTTrainer
-from caftkit.heads import attach_heads, get_heads
-from caftkit.trainer import CHECKPOINT_HEADS_DIR
+from caftkit.core.heads import attach_heads, get_heads
+from caftkit.training.trainer import CHECKPOINT_HEADS_DIR
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 

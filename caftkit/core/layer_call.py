@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from ..architecture import ModelParts
+from .architecture import ModelParts
 
 # Names the decoder layers of transformers 4.x and 5.x give their KV cache, in the order they were introduced.
 KV_CACHE_NAMES = ("past_key_value", "layer_past", "past_key_values", "cache_params", "cache")

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .data import ReadStats, iter_prompts, render_prompt
-from .speculative import default_tree_size, generate
+from ..data import ReadStats, iter_prompts, render_prompt
+from ..decoding.speculative import default_tree_size, generate
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
                    shapes: list[DraftShape], draft_dtype=None) -> list[GenerationBenchRow]:
     """Time plain greedy `generate()` and speculative decoding with each draft shape on the same prompts, at each
     batch size (drafting in `draft_dtype`, default the model's)."""
-    from .distill import stop_token_ids
+    from ..decoding.greedy import stop_token_ids
 
     device = next(model.parameters()).device
     stop_ids = set(stop_token_ids(model, tokenizer))

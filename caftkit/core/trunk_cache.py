@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from .core.layer_call import LayerCall
+from .layer_call import LayerCall
 
 # Config attributes that put dropout into a transformer's forward pass in training mode.
 _DROPOUT_ATTRIBUTES = ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop",

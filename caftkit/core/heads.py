@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architecture import find_model_parts, unwrap_model
-from .core.layer_call import LayerCall
+from .layer_call import LayerCall
 from .distributed import is_main_process, whole_tensor
 
 HEADS_ATTRIBUTE = "caft_heads"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import save_figure
+from .charts import save_figure
 
 SetMetric = Callable[[np.ndarray, Mapping[str, Sequence]], float]
 """A metric of a set of examples: `(indices, records) -> float`, `indices` a 1-D array of example positions."""

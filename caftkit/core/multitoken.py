@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .architecture import find_model_parts, unwrap_model
-from .core.layer_call import capture_layer_inputs
+from .layer_call import capture_layer_inputs
 from .distributed import gather_for_loss, loss_impl_for
 from .heads import get_heads
 from .loss import (

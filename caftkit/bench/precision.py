@@ -23,17 +23,17 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from .bench import peak_memory_bytes, reset_peak_memory
-from .finetuning import LOG_HISTORY_FILE, FinetuneSettings
-from .plots import head_loss_series
-from .run_settings import bf16_is_fast, resolve_device
+from .train_step import peak_memory_bytes, reset_peak_memory
+from ..training.finetuning import LOG_HISTORY_FILE, FinetuneSettings
+from ..evaluation.charts import head_loss_series
+from ..models import bf16_is_fast, resolve_device
 
 PRECISIONS = ("no", "bf16")
 
 
 def step_timer_and_stop(steps: int, device: str = "cpu"):
     """A TrainerCallback that times every optimisation step, ends training after `steps` of them, and starts the
-    peak-memory measurement (`bench.reset_peak_memory`) when training starts, after loading and warm-up."""
+    peak-memory measurement (`train_step.reset_peak_memory`) when training starts, after loading and warm-up."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -60,7 +60,7 @@ def run_side(settings: FinetuneSettings, steps: int, output: str) -> dict[str, A
     """Run one side in this process: `settings` fine-tuned for `steps` steps into `output`, losses logged at
     every step, without head warm-up. Returns the step times, the process's peak memory during training and the
     training loss of each head per step."""
-    from .finetuning import finetune
+    from ..training.finetuning import finetune
 
     # the head warm-up is not what is measured: it would run before the fine-tuning steps on both sides
     settings = replace(settings, logging_steps=1, save_steps=10**9, eval_steps=10**9, head_warmup="no")
@@ -110,7 +110,7 @@ def bench_precision(settings: FinetuneSettings, steps: int = 20, tolerance: floa
             side = replace(settings, mixed_precision=precision, device=device)
             print(f"caft bench precision: mixed_precision={precision}, {steps} steps in a fresh process...",
                   file=sys.stderr, flush=True)
-            command = [sys.executable, "-m", "caftkit.precision_bench", json.dumps(asdict(side)), str(steps),
+            command = [sys.executable, "-m", "caftkit.bench.precision", json.dumps(asdict(side)), str(steps),
                        str(Path(scratch) / precision)]
             completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
             if completed.returncode != 0:

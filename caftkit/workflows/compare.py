@@ -33,13 +33,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .comparison_report import (ComparisonRow, comparison_table, format_context, format_value, plot_differences,
+from ..evaluation.comparison_report import (ComparisonRow, comparison_table, format_context, format_value, plot_differences,
                                 reading_section, results_section, uniqueness_metric)
-from .export import export_run
-from .finetuning import RUN_FILE, WARMUP_HEADS_DIR, FinetuneSettings, finetune, warmup_settings
-from .heads import HEADS_CONFIG_FILE
-from .resumable_jsonl import read_complete_records
-from .task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
+from ..training.export import export_run
+from ..training.finetuning import RUN_FILE, WARMUP_HEADS_DIR, FinetuneSettings, finetune, warmup_settings
+from ..core.heads import HEADS_CONFIG_FILE
+from ..resumable_jsonl import read_complete_records
+from ..evaluation.task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
 
 DEFAULT_ARMS = {"ntp": {"mode": "ntp"}, "caft": {"mode": "caft"}}
 TIMINGS_FILE = "timings.json"

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
-from .heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config, rebase_heads
-from .models import load_model, load_tokenizer
+from ..core.heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config, rebase_heads
+from ..models import load_model, load_tokenizer
 from .trainer import CHECKPOINT_HEADS_DIR
 
 

@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .architecture import find_model_parts, unwrap_model
-from .core.layer_call import LayerCall, cache_parameter, capture_layer_inputs
+from ..core.architecture import find_model_parts, unwrap_model
+from ..core.layer_call import LayerCall, cache_parameter, capture_layer_inputs
 from .draft_tree import DraftBlock, DraftTree, accept
-from .heads import AuxiliaryHeads, get_heads
+from ..core.heads import AuxiliaryHeads, get_heads
 
 
 @dataclass
@@ -225,7 +225,7 @@ def generate(
     stop_ids = _stop_ids(model, eos_token_id)
     keep_longest = not sliding
     if draft_dtype is not None:
-        from .models import parse_dtype
+        from ..models import parse_dtype
 
         draft_dtype = parse_dtype(draft_dtype)
     drafter = _HeadDrafter(model, heads, num_heads, top_k, draft_dtype) if tree is not None else None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .heads import get_heads
-from .loss import IGNORE_INDEX
-from .multitoken import head_statistics
+from ..core.heads import get_heads
+from ..core.loss import IGNORE_INDEX
+from ..core.multitoken import head_statistics
 
 
 def collate_examples(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -52,21 +52,3 @@ def head_metrics(model, examples: list[dict[str, list[int]]], *, pad_token_id: i
         raise ValueError("no examples to evaluate")
     return {f"head_{k}": {"loss": float(loss[k - 1] / count[k - 1]), "accuracy": float(correct[k - 1] / count[k - 1])}
             for k in range(1, n + 2) if count[k - 1] > 0}
-
-
-def greedy_answers(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 128,
-                   batch_size: int = 16) -> list[str]:
-    """The model's greedy answer to each prompt (a list of messages), through its chat template, batched by
-    length with left padding."""
-    from .data import render_prompt
-    from .distill import generate_batch
-
-    ids = [tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"] for messages in prompts]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    answers: list[str] = [""] * len(ids)
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        for i, (tokens, _) in zip(chunk, generate_batch(model, tokenizer, [ids[i] for i in chunk], max_new_tokens)):
-            answers[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-    return answers

@@ -5,49 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from .distributed import world_size
-
-MIXED_PRECISION = ("no", "bf16", "auto")
-
-
-def resolve_device(device: str) -> str:
-    """The torch device a run uses: `auto` becomes `cuda` where torch sees a CUDA GPU, else `cpu`; any other name
-    is checked here, so a typo or a missing GPU fails before a model is loaded."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or another torch device, got {device!r}") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: no CUDA GPU is visible to torch (use --device cpu or auto)")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-    return device
-
-
-def bf16_is_fast(device: str) -> bool:
-    """Whether `device` multiplies bfloat16 matrices natively: a CUDA GPU with bf16 support, or a CPU with
-    AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device == "cpu":
-        # torch exposes these CPU feature checks only privately; without them, assume no native bf16.
-        checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return any(check() for check in checks if check is not None)
-    return False
-
-
-def resolve_mixed_precision(value: str, device: str) -> str:
-    """`no` or `bf16`: `auto` becomes bf16 autocast where `bf16_is_fast(device)`, else no autocast."""
-    if value not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {value!r}")
-    if value == "auto":
-        return "bf16" if bf16_is_fast(device) else "no"
-    return value
+from ..core.distributed import world_size
+from ..models import resolve_device, resolve_mixed_precision
 
 
 @dataclass

@@ -18,9 +18,9 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTConfig, SFTTrainer
 
-from .architecture import find_model_parts, unwrap_model
-from .distributed import average_gradients
-from .heads import (
+from ..core.architecture import find_model_parts, unwrap_model
+from ..core.distributed import average_gradients
+from ..core.heads import (
     HEADS_ATTRIBUTE,
     HEADS_WEIGHTS_FILE,
     attach_heads,
@@ -28,10 +28,10 @@ from .heads import (
     heads_state_from_model_state,
     save_heads,
 )
-from .loss import MODES, SCHEDULES, gamma_schedule, head_loss_weights
-from .models import resolve_model_path
-from .multitoken import count_targets, head_statistics, weighted_loss
-from .trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
+from ..core.loss import MODES, SCHEDULES, gamma_schedule, head_loss_weights
+from ..models import resolve_model_path
+from ..core.multitoken import count_targets, head_statistics, weighted_loss
+from ..core.trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
 
 CHECKPOINT_HEADS_DIR = "caft_heads"
 

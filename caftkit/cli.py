@@ -13,8 +13,9 @@ import re
 import sys
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -94,8 +95,8 @@ def bench_precision(
         finetune: further `caft finetune` settings, as a YAML mapping (e.g. `{batch_size: 8, epochs: 1}`).
         output: also write the JSON to this file.
     """
-    from .training.finetuning import FinetuneSettings
     from .bench.precision import bench_precision as run
+    from .training.finetuning import FinetuneSettings
 
     extra = _settings_mapping("--finetune", finetune)
     given = {"model", "data", "mode", "method", "heads", "seed", "device", "mixed_precision"}
@@ -156,10 +157,10 @@ def bench_generate(
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
         output: also write the JSON to this file.
     """
-    from .bench.generation import DraftShape, bench_generate as run, bench_prompts, rows_as_dict
+    from .bench.generation import DraftShape, bench_prompts, rows_as_dict
+    from .bench.generation import bench_generate as run
     from .core.heads import attach_heads, get_heads
-    from .models import load_model, load_tokenizer, parse_dtype
-    from .models import resolve_device
+    from .models import load_model, load_tokenizer, parse_dtype, resolve_device
 
     if heads is None:
         raise CLIError("missing --heads (a heads folder to draft with)")
@@ -223,12 +224,11 @@ def generate(
     """
     import torch
 
+    from .core.heads import attach_heads
     from .data import render_prompt
     from .decoding.greedy import stop_token_ids
-    from .core.heads import attach_heads
-    from .models import load_model, load_tokenizer, parse_dtype
-    from .models import resolve_device
     from .decoding.speculative import generate as speculative_generate
+    from .models import load_model, load_tokenizer, parse_dtype, resolve_device
 
     if speculative and heads is None:
         raise CLIError("--speculative needs --heads (a heads folder)")
@@ -326,9 +326,9 @@ def distill(
         dtype: float32, bfloat16 or float16.
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
-    from .training.distill import DistillSettings, distill as run
-    from .models import load_model, load_tokenizer
-    from .models import resolve_device
+    from .models import load_model, load_tokenizer, resolve_device
+    from .training.distill import DistillSettings
+    from .training.distill import distill as run
 
     device = resolve_device(device)
 
@@ -419,7 +419,8 @@ def train_heads(
         report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
     """
     from .core.distributed import is_main_process
-    from .training.head_training import HeadTrainingSettings, format_head_table, train_heads as run
+    from .training.head_training import HeadTrainingSettings, format_head_table
+    from .training.head_training import train_heads as run
 
     settings = HeadTrainingSettings(
         model=model, data=data, init=init, num_heads=num_heads, alpha=alpha, epochs=epochs,
@@ -519,7 +520,8 @@ def finetune(
         report_to: where to log besides the console: none, or comma-separated integrations (tensorboard, trackio).
     """
     from .core.distributed import is_main_process
-    from .training.finetuning import FinetuneSettings, finetune as run
+    from .training.finetuning import FinetuneSettings
+    from .training.finetuning import finetune as run
 
     settings = FinetuneSettings(
         model=model, data=data, heads=heads, mode=mode, method=method, head_warmup=head_warmup, num_heads=num_heads,
@@ -675,7 +677,8 @@ def compare(
         dtype: float32, bfloat16 or float16.
         device: auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device.
     """
-    from .workflows.compare import REPORT_FILE, CompareSettings, compare as run
+    from .workflows.compare import REPORT_FILE, CompareSettings
+    from .workflows.compare import compare as run
 
     seed_list = seeds if isinstance(seeds, list) else [int(s) for s in str(seeds).split(",") if s.strip()]
     settings = CompareSettings(train_data=train_data, model=model, task=task, test_data=test_data,

@@ -13,9 +13,10 @@ own chat template, and only the assistant's tokens (their content and end-of-tur
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .package_data import package_file
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import naive_head_losses
 
 from caftkit.core.heads import attach_heads, get_heads
 from caftkit.core.loss import head_loss_weights
-from caftkit.models import BUNDLED_MODEL, load_model_and_tokenizer
 from caftkit.core.multitoken import head_statistics, weighted_loss
-from reference import naive_head_losses
+from caftkit.models import BUNDLED_MODEL, load_model_and_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def test_bundled_model_is_smollm2_and_answers(smollm):
 
 def test_multi_token_loss_on_smollm_matches_naive_reference(smollm):
     model, tokenizer = smollm
-    text = ["Concept-aware fine-tuning teaches a model to see several tokens ahead.", "CC(=O)Nc1ccc(O)cc1 is paracetamol."]
+    text = ["Concept-aware fine-tuning teaches a model to see several tokens ahead.",
+            "CC(=O)Nc1ccc(O)cc1 is paracetamol."]
     tokenizer.padding_side = "right"
     batch = dict(tokenizer(text, return_tensors="pt", padding=True))
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -47,7 +48,7 @@ def test_multi_token_loss_on_smollm_matches_naive_reference(smollm):
                 torch.testing.assert_close(loss_sum / count, expected, rtol=1e-5, atol=0)
             weights = head_loss_weights("caft", 4)
             torch.testing.assert_close(
-                weighted_loss(stats, weights, stats.counts), sum(w * l for w, l in zip(weights, reference)),
+                weighted_loss(stats, weights, stats.counts), sum(w * loss for w, loss in zip(weights, reference)),
                 rtol=1e-5, atol=0,
             )
         assert torch.equal(model.generate(**prompt, max_new_tokens=10, do_sample=False), before)

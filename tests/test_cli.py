@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
+from tiny_models import saved_model_dir, tiny_model
 
 from caftkit.bench.train_step import train_step_flops
 from caftkit.cli import main
-from tiny_models import saved_model_dir, tiny_model
 
 
 @pytest.fixture(scope="module")

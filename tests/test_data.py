@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_tokenizer import tiny_tokenizer
 
 from caftkit.data import (
     ChatTemplateError,
@@ -27,7 +28,6 @@ from caftkit.data import (
     tokenize_conversation,
     tokenize_source,
 )
-from tiny_tokenizer import tiny_tokenizer
 
 W = "f.jsonl:1"  # a `where` for records checked without a file
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import saved_model_dir, tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
 from caftkit.cli import main
 from caftkit.data import render_prompt
-from caftkit.training.distill import DistillSettings, distill, meta_path
 from caftkit.decoding.greedy import STOP_END_OF_TURN, STOP_MAX_NEW_TOKENS
-from tiny_models import saved_model_dir, tiny_model
-from tiny_tokenizer import tiny_tokenizer
+from caftkit.training.distill import DistillSettings, distill, meta_path
 
 QUESTIONS = [
     "What is CCO?", "Name a ring.", "Why?", "Write a SMILES string for benzene, please.", "Hi", "2+2=?",

@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import distributed_workers as workers
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import distributed_workers as workers
-from caftkit.core.heads import HEADS_WEIGHTS_FILE, attach_heads, get_heads
 from tiny_models import saved_model_dir, tiny_model
+
+from caftkit.core.heads import HEADS_WEIGHTS_FILE, attach_heads, get_heads
 
 
 def free_port() -> int:
@@ -72,7 +72,8 @@ def run_caft(command: list[str], processes: int, cwd: Path) -> None:
 
 
 def train_losses(history: list[dict]) -> list[tuple[int, dict]]:
-    return [(entry["step"], {key: value for key, value in entry.items() if key == "loss" or key.startswith("loss_head")})
+    return [(entry["step"], {key: value for key, value in entry.items()
+                             if key == "loss" or key.startswith("loss_head")})
             for entry in history if "loss" in entry]
 
 

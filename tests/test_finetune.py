@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import saved_model_dir, tiny_model
+from tiny_tokenizer import tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from caftkit.cli import main
+from caftkit.core.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
+from caftkit.decoding.speculative import generate
 from caftkit.training.export import export_run
 from caftkit.training.finetuning import FINAL_DIR, HEAD_LOSSES_FILE, RUN_FILE, RUN_HEADS_DIR, FinetuneSettings, finetune
 from caftkit.training.head_training import HeadTrainingSettings, train_heads
-from caftkit.core.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
-from caftkit.decoding.speculative import generate
-from tiny_models import saved_model_dir, tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 MOLECULES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C#N", "CC(C)O", "OCC(O)CO", "CC(=O)N", "CC#N", "OC(=O)c1ccccc1"]
 
@@ -43,7 +43,8 @@ def tiny_dir(tmp_path_factory):
     model_dir = saved_model_dir(root / "model", tiny_model("llama"))
     data = write_task(root / "general.jsonl", 24)
     train_heads(str(root / "heads"), HeadTrainingSettings(model=str(model_dir), data=str(data), num_heads=2,
-                                                           epochs=1, batch_size=4, learning_rate=3e-3, eval_fraction=0.25),
+                                                           epochs=1, batch_size=4, learning_rate=3e-3,
+                                                           eval_fraction=0.25),
                 progress=False)
     return root
 
@@ -214,8 +215,9 @@ def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):
 def test_auto_head_warmup_follows_l2_at_the_start(tiny_dir, tmp_path, threshold, warmed):
     """`head_warmup=auto` measures L2 on the held-out split with the given heads and warms up only above the
     threshold; the recorded L2 is the naive held-out loss of those heads."""
-    from caftkit.core.heads import attach_heads
     from test_head_training import naive_held_out_metrics
+
+    from caftkit.core.heads import attach_heads
 
     data = write_task(tmp_path / "task.jsonl")
     settings = settings_for(tiny_dir, data, head_warmup="auto", epochs=1, l2_warmup_threshold=threshold)

@@ -10,10 +10,15 @@ import shutil
 
 import pytest
 import torch
+from reference import naive_head_losses
 from safetensors.torch import load_file
+from tiny_models import saved_model_dir, tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
 from caftkit.cli import main
+from caftkit.core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE, attach_heads, get_heads
 from caftkit.data import tokenize_source
+from caftkit.models import bf16_is_fast, resolve_device, resolve_mixed_precision
 from caftkit.training.head_training import (
     CHECKPOINTS_DIR,
     LOSS_CURVES_FILE,
@@ -21,12 +26,7 @@ from caftkit.training.head_training import (
     split_held_out,
     train_heads,
 )
-from caftkit.core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE, attach_heads, get_heads
-from caftkit.models import bf16_is_fast, resolve_device, resolve_mixed_precision
 from caftkit.training.settings import trainer_arguments
-from reference import naive_head_losses
-from tiny_models import saved_model_dir, tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -250,7 +250,7 @@ def test_command_end_to_end(tiny_model_dir, tmp_path, capsys):
     table = [line.split() for line in printed.splitlines() if line.startswith("head_")]
     assert [row[:2] for row in table] == [["head_1", "t+1"], ["head_2", "t+2"], ["head_3", "t+3"]]
     config_written = json.loads((output / HEADS_CONFIG_FILE).read_text())
-    for name, _, loss_before, loss_after, acc_before, acc_after in table:
+    for name, _, _loss_before, loss_after, _acc_before, acc_after in table:
         after = config_written["training"]["held_out_after"][name]
         assert float(loss_after) == pytest.approx(after["loss"], abs=1e-4)
         assert float(acc_after) == pytest.approx(after["accuracy"], abs=1e-4)
@@ -265,7 +265,8 @@ def test_command_end_to_end(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "content, expected",
     [
-        ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"data.jsonl:1: the conversation has no assistant turn"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n',
+         r"data.jsonl:1: the conversation has no assistant turn"),
         ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}\n',
          r"data.jsonl:1: field 'messages\[1\].content': missing"),
         ("not json\n", r"data.jsonl:1: not valid JSON"),

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import ARCHITECTURES, HIDDEN, VOCAB, random_batch, tiny_model
 
 from caftkit.core.architecture import UnsupportedModelError, find_model_parts
 from caftkit.core.heads import (
@@ -24,14 +25,11 @@ from caftkit.core.heads import (
     load_heads,
     save_heads,
 )
-from tiny_models import ARCHITECTURES, HIDDEN, VOCAB, random_batch, tiny_model
 
 # Where each architecture keeps its parts, written out independently of caftkit's own table.
 EXPECTED_PATHS = {
-    **{
-        arch: ("model.layers", "model.norm", "lm_head")
-        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3")
-    },
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3"),
+                    ("model.layers", "model.norm", "lm_head")),
     "gpt2": ("transformer.h", "transformer.ln_f", "lm_head"),
     "gpt_neox": ("gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head"),
 }

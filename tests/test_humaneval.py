@@ -3,9 +3,9 @@ them (reference solutions pass, wrong ones fail, loops, allocations, sockets and
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
-import ast
 import os
 import socket
 import tempfile
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from caftkit.data import DataError
 from caftkit import package_data
+from caftkit.data import DataError
 from caftkit.tasks import humaneval
 from caftkit.tasks.humaneval import (
     ExecutionResult,

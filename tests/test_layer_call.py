@@ -8,15 +8,14 @@ import typing
 
 import pytest
 import torch
+from tiny_models import ARCHITECTURES, random_batch, tiny_model
 from torch import nn
 from transformers import Cache, DynamicCache
 
 from caftkit.core.architecture import find_model_parts
-from caftkit.core.layer_call import cache_parameter, capture_layer_inputs, head_call, is_cache_object
 from caftkit.core.heads import AuxiliaryHeads, attach_heads, detach_heads, get_heads
+from caftkit.core.layer_call import cache_parameter, capture_layer_inputs, head_call, is_cache_object
 from caftkit.decoding.speculative import generate
-from tiny_models import ARCHITECTURES, random_batch, tiny_model
-
 
 # Tiny models: one thread each (see conftest.single_thread).
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -235,6 +234,8 @@ def test_cache_parameter_is_read_from_the_signature(arch):
     def evaluated(hidden_states, position_ids=None, state=None):  # annotations as objects, not strings
         return hidden_states
 
-    evaluated.__annotations__ = {"position_ids": torch.LongTensor, "state": typing.Optional[MambaStyleCache]}
+    # typing.Optional on purpose: its __name__ is "Optional", which once hid the cache class
+    evaluated.__annotations__ = {"position_ids": torch.LongTensor,
+                                 "state": typing.Optional[MambaStyleCache]}  # noqa: UP045
     assert cache_parameter(evaluated) == "state"
     assert cache_parameter(nn.Linear(2, 2).forward) is None

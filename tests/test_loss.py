@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import naive_head_losses
+from tiny_models import ARCHITECTURES, random_batch, tiny_model
 from torch import nn
 
 from caftkit.core.heads import attach_heads, get_heads
@@ -18,8 +20,6 @@ from caftkit.core.loss import (
     shifted_targets,
 )
 from caftkit.core.multitoken import count_targets, head_statistics, weighted_loss
-from reference import naive_head_losses
-from tiny_models import ARCHITECTURES, random_batch, tiny_model
 
 IMPLS = ["fused", "checkpoint"]
 
@@ -107,7 +107,7 @@ def test_multi_token_loss_and_gradients_match_naive_reference(arch, impl):
     model.zero_grad(set_to_none=True)
 
     reference_losses = naive_head_losses(model, batch, 4)
-    reference = sum(w * l for w, l in zip(weights, reference_losses))
+    reference = sum(w * loss for w, loss in zip(weights, reference_losses))
     reference.backward()
     expected = _parameter_grads(model)
 

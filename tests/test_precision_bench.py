@@ -4,14 +4,13 @@ and both sides run in fresh processes with their own precision."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from tiny_models import saved_model_dir, tiny_model
 
+from caftkit.bench.precision import bench_precision, largest_relative_difference, run_side
 from caftkit.cli import main
 from caftkit.training.finetuning import LOG_HISTORY_FILE, FinetuneSettings, finetune
-from caftkit.bench.precision import bench_precision, largest_relative_difference, run_side
-from tiny_models import saved_model_dir, tiny_model
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore:no --heads given")]
 

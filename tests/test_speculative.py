@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import ARCHITECTURES, tiny_model
 
 from caftkit.core.heads import attach_heads, get_heads
 from caftkit.decoding.speculative import generate
-from tiny_models import ARCHITECTURES, tiny_model
 
 EOS = [2, 5]
 PROMPTS = [[1, 17, 23, 9, 40, 41, 12], [1, 33, 8], [1, 60, 61, 62, 63, 64, 65, 66, 67, 68, 3], [1, 50, 51, 52]]
@@ -124,8 +124,9 @@ def test_max_new_tokens_and_too_many_heads():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from caftkit.core.heads import save_heads
     from tiny_models import saved_model_dir
+
+    from caftkit.core.heads import save_heads
 
     root = tmp_path_factory.mktemp("tiny-speculative")
     model = repetitive_model("llama")
@@ -170,7 +171,8 @@ def test_bench_generate_reports_identical_answers(tiny_dir, tmp_path, capsys):
     from caftkit.cli import main
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"say {i} " * (i + 1)}]})
+    prompts.write_text("".join(json.dumps({"id": f"p{i}",
+                                           "messages": [{"role": "user", "content": f"say {i} " * (i + 1)}]})
                                + "\n" for i in range(6)))
     output = tmp_path / "bench.json"
     assert main(["bench", "generate", "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),

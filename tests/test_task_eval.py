@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+from tiny_models import saved_model_dir, tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
 from caftkit.cli import main
+from caftkit.core.heads import attach_heads, get_heads, save_heads
 from caftkit.data import render_prompt
 from caftkit.evaluation.head_metrics import head_metrics
-from caftkit.core.heads import attach_heads, save_heads, get_heads
 from caftkit.evaluation.task_eval import (
     EXAMPLES_FILE,
     GENERATIONS_FILE,
@@ -22,8 +24,6 @@ from caftkit.evaluation.task_eval import (
 from caftkit.tasks.humaneval import read_problems
 from caftkit.tasks.molecule_metrics import check_molecule, molecule_metrics
 from caftkit.tasks.molecules import describe_molecule, molecule_record
-from tiny_models import saved_model_dir, tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 # Reference molecules of the test set: ethanol, phenol, benzoic acid, acetonitrile.
 REFERENCES = ["CCO", "Oc1ccccc1", "OC(=O)c1ccccc1", "CC#N"]

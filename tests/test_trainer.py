@@ -9,12 +9,12 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
+from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
 from caftkit import CAFTConfig, CAFTTrainer
 from caftkit.core.heads import attach_heads, get_heads
 from caftkit.training.trainer import CHECKPOINT_HEADS_DIR
-from tiny_models import tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 MOLECULES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C#N", "CC(C)O", "OCC(O)CO", "CC(=O)N"]
 
@@ -87,7 +87,8 @@ def test_head_training_changes_only_the_heads(tmp_path):
 
 def _train_weights(tmp_path, name, **overrides):
     model = tiny_model("llama")
-    args = config(tmp_path / name, max_steps=overrides.pop("max_steps", 2), learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+    args = config(tmp_path / name, max_steps=overrides.pop("max_steps", 2), learning_rate=0.5, optim="sgd",
+                  lr_scheduler_type="constant",
                   max_grad_norm=0.0, beta=0.5, num_heads=2, train_heads=True, **overrides)
     trainer = CAFTTrainer(model=model, args=args, train_dataset=chat_dataset(16), processing_class=tiny_tokenizer())
     trainer.train()

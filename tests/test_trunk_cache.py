@@ -7,14 +7,14 @@ import random
 
 import pytest
 import torch
+from tiny_models import random_batch, tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
-from caftkit.training.head_training import HeadTrainingSettings, train_heads
 from caftkit.core.heads import attach_heads, get_heads
 from caftkit.core.loss import head_loss_weights
 from caftkit.core.multitoken import head_statistics, weighted_loss
 from caftkit.core.trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
-from tiny_models import random_batch, tiny_model
-from tiny_tokenizer import tiny_tokenizer
+from caftkit.training.head_training import HeadTrainingSettings, train_heads
 
 
 def stats_and_grads(model, batch, cache):

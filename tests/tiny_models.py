@@ -44,7 +44,8 @@ CONFIGS = {
         final_logit_softcapping=30.0,
     ),
     "phi3": lambda: Phi3Config(**_COMMON),
-    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=256, tie_word_embeddings=False,
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=256,
+                               tie_word_embeddings=False,
                                 bos_token_id=1, eos_token_id=2, pad_token_id=0),
     "gpt_neox": lambda: GPTNeoXConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -63,7 +64,7 @@ def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32):
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random weights with a larger spread than the default init, so that heads and layers differ visibly.
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.2)
     return model.eval()

@@ -37,7 +37,7 @@ class DraftShape:
     tree_size: int | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "DraftShape":
+    def parse(cls, text: str) -> DraftShape:
         """`H`, `HxK` or `HxK:N` (see the module docstring)."""
         try:
             heads, _, rest = text.strip().partition("x")
@@ -204,13 +204,14 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
         drafted = {shape: {"out": [], "seconds": 0.0, "accepted": [], "passes": 0} for shape in shapes}
         for ids, mask in batches:
             with _ForwardCounter(model) as counter:
-                out, seconds = _timed(device, lambda: _plain(model, ids, mask, max_new_tokens, stop_ids, pad_id))
+                out, seconds = _timed(device, lambda ids=ids, mask=mask: _plain(
+                    model, ids, mask, max_new_tokens, stop_ids, pad_id))
             plain_out += out
             plain_seconds += seconds
             plain_passes += counter.calls
             for shape in shapes:
-                result, seconds = _timed(device, lambda: _speculative(model, ids, mask, max_new_tokens, stop_ids,
-                                                                      shape, draft_dtype))
+                result, seconds = _timed(device, lambda ids=ids, mask=mask, shape=shape: _speculative(
+                    model, ids, mask, max_new_tokens, stop_ids, shape, draft_dtype))
                 drafted[shape]["out"] += result.sequences
                 drafted[shape]["seconds"] += seconds
                 drafted[shape]["accepted"] += result.accepted_per_step

@@ -23,10 +23,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from .train_step import peak_memory_bytes, reset_peak_memory
-from ..training.finetuning import LOG_HISTORY_FILE, FinetuneSettings
 from ..evaluation.charts import head_loss_series
 from ..models import bf16_is_fast, resolve_device
+from ..training.finetuning import LOG_HISTORY_FILE, FinetuneSettings
+from .train_step import peak_memory_bytes, reset_peak_memory
 
 PRECISIONS = ("no", "bf16")
 
@@ -85,7 +85,7 @@ def largest_relative_difference(reference: dict[str, list], other: dict[str, lis
     `reference` and `other` map a head number to `[[step, loss], ...]`, as `run_side` returns them."""
     per_head = {}
     for head, series in reference.items():
-        theirs = dict((step, loss) for step, loss in other.get(head, []))
+        theirs = dict(other.get(head, []))
         differences = [abs(theirs[step] - loss) / abs(loss) for step, loss in series if step in theirs and loss]
         if not differences:
             raise ValueError(f"head {head}: no step logged by both sides")

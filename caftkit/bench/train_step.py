@@ -17,8 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..models import BUNDLED_MODEL
-from ..models import resolve_device
+from ..models import BUNDLED_MODEL, resolve_device
 
 
 @dataclass
@@ -65,11 +64,11 @@ def _memory(device: torch.device, peak: bool) -> int:
 def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_heads: int, steps: int, warmup: int,
              dtype: str, device: str, seed: int) -> TrainBenchResult:
     """Measure one side in this process: `warmup` untimed steps, then `steps` timed forward+backward steps."""
+    from ..core.architecture import find_model_parts
     from ..core.heads import attach_heads
     from ..core.loss import head_loss_weights
-    from ..models import load_model_and_tokenizer
     from ..core.multitoken import head_statistics, weighted_loss
-    from ..core.architecture import find_model_parts
+    from ..models import load_model_and_tokenizer
 
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -153,7 +152,8 @@ def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 
     for side in ("plain", "caft"):
         print(f"caft bench train: {side} side, {warmup} warm-up + {steps} timed steps in a fresh process...",
               file=sys.stderr, flush=True)
-        command = [sys.executable, "-m", "caftkit.bench.train_step", side, model, str(batch_size), str(seq_len), str(num_heads),
+        command = [sys.executable, "-m", "caftkit.bench.train_step", side, model, str(batch_size), str(seq_len),
+                   str(num_heads),
                    str(steps), str(warmup), dtype, device, str(seed)]
         completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         if completed.returncode != 0:

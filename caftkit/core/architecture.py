@@ -82,7 +82,8 @@ def _find_generic(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None,
         if candidate is None:
             continue
         layers = next(
-            (getattr(candidate, n) for n in _GENERIC_LAYER_NAMES if isinstance(getattr(candidate, n, None), nn.ModuleList)),
+            (getattr(candidate, n) for n in _GENERIC_LAYER_NAMES
+             if isinstance(getattr(candidate, n, None), nn.ModuleList)),
             None,
         )
         if layers is not None:
@@ -134,6 +135,7 @@ def find_model_parts(model: nn.Module) -> ModelParts:
         raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers")
     if getattr(lm_head, "weight", None) is None:
         # A PEFT-wrapped lm_head still has its base weight; the fused loss asks for a plain nn.Linear itself.
-        raise UnsupportedModelError(f"the output embedding of {type(model).__name__} ({type(lm_head).__name__}) has no weight")
+        raise UnsupportedModelError(f"the output embedding of {type(model).__name__} ({type(lm_head).__name__}) "
+                                    "has no weight")
     scale, softcap = _logit_transform(config)
     return ModelParts(model_type, layers, norm, lm_head, rotary, scale, softcap)

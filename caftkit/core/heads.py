@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architecture import find_model_parts, unwrap_model
-from .layer_call import LayerCall
 from .distributed import is_main_process, whole_tensor
+from .layer_call import LayerCall
 
 HEADS_ATTRIBUTE = "caft_heads"
 HEADS_WEIGHTS_FILE = "heads.safetensors"
@@ -50,7 +50,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
         digest.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return {
         "model_type": parts.model_type,
-        "hidden_size": int(getattr(config, "hidden_size", None) or getattr(config, "n_embd")),
+        "hidden_size": int(getattr(config, "hidden_size", None) or config.n_embd),
         "vocab_size": int(parts.lm_head.weight.shape[0]),
         "num_hidden_layers": len(parts.layers),
         "last_layer_sha256": digest.hexdigest(),
@@ -169,7 +169,7 @@ def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: di
     config = {
         "format_version": HEADS_FORMAT_VERSION,
         "num_heads": heads.num_heads,
-        "predicts_offsets": [k for k in range(2, heads.num_heads + 2)],
+        "predicts_offsets": list(range(2, heads.num_heads + 2)),
         "layer_class": type(layer).__name__,
         "dtype": str(next(heads.parameters()).dtype).removeprefix("torch."),
         "base_fingerprint": heads.metadata.get("base_fingerprint"),
@@ -220,7 +220,8 @@ def read_heads_config(directory: str | os.PathLike) -> dict[str, Any]:
     config_path = directory / HEADS_CONFIG_FILE
     for path in (config_path, directory / HEADS_WEIGHTS_FILE):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; a heads folder holds {HEADS_CONFIG_FILE} and {HEADS_WEIGHTS_FILE}")
+            raise FileNotFoundError(f"{path}: missing; a heads folder holds {HEADS_CONFIG_FILE} and "
+                                    f"{HEADS_WEIGHTS_FILE}")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:

@@ -144,7 +144,8 @@ def linear_cross_entropy(
     if impl == "fused":
         if not isinstance(lm_head, nn.Linear):
             raise ValueError(
-                f"impl='fused' needs lm_head to be a plain nn.Linear, got {type(lm_head).__name__}; use impl='checkpoint'"
+                f"impl='fused' needs lm_head to be a plain nn.Linear, got {type(lm_head).__name__}; "
+                "use impl='checkpoint'"
             )
         return _FusedLinearCrossEntropy.apply(
             hidden, lm_head.weight, lm_head.bias, targets, logit_scale, logit_softcap, rows

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .architecture import find_model_parts, unwrap_model
-from .layer_call import capture_layer_inputs
 from .distributed import gather_for_loss, loss_impl_for
 from .heads import get_heads
+from .layer_call import capture_layer_inputs
 from .loss import (
     DEFAULT_CHUNK_ELEMENTS,
     IGNORE_INDEX,
@@ -53,7 +53,7 @@ def count_targets(batch: dict, num_aux_heads: int) -> torch.Tensor:
     return torch.stack([(t != IGNORE_INDEX).sum() for t in head_targets(batch, num_aux_heads + 1)])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _class_accepts_logits_to_keep(model_class: type) -> bool:
     # Read once per model class: this runs on every training step.
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
@@ -73,7 +73,7 @@ def head_statistics(
     main_needs_grad: bool = True,
     impl: str = "fused",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    trunk_cache: "TrunkCache | None" = None,
+    trunk_cache: TrunkCache | None = None,
 ) -> HeadStatistics:
     """Run `model` (possibly PEFT/DDP-wrapped) on `batch` and score its main head and `num_aux_heads` auxiliary heads.
 

@@ -10,8 +10,9 @@ run only the heads. For batches to recur, the training batches must be the same 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn

@@ -21,16 +21,16 @@ the batch instead (still lossless, fewer tokens per step).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..core.architecture import find_model_parts, unwrap_model
+from ..core.heads import AuxiliaryHeads, get_heads
 from ..core.layer_call import LayerCall, cache_parameter, capture_layer_inputs
 from .draft_tree import DraftBlock, DraftTree, accept
-from ..core.heads import AuxiliaryHeads, get_heads
 
 
 @dataclass

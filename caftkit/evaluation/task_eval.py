@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..data import DataError, iter_raw_records, render_prompt, to_messages
-from ..resumable_jsonl import read_complete_records
 from ..models import resolve_device
+from ..resumable_jsonl import read_complete_records
 
 TASKS = ("molecules", "humaneval", "loss")
 GENERATIONS_FILE = "generations.jsonl"

@@ -31,10 +31,11 @@ import tempfile
 import textwrap
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..data import DataError
 from ..package_data import package_file

@@ -8,11 +8,11 @@ the request was made from; `molecule_metrics` aggregates the checks of a test se
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
 
-from .molecules import FUNCTIONAL_GROUPS, rdkit_modules, answer_smiles, describe_molecule
+from .molecules import FUNCTIONAL_GROUPS, answer_smiles, describe_molecule, rdkit_modules
 
 # Morgan fingerprints of radius 2 folded to 2048 bits (ECFP4-like), the usual setting for molecule similarity.
 FINGERPRINT_RADIUS = 2

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from ..data import ReadStats, Record, iter_prompts, render_prompt
+from ..decoding.greedy import STOP_END_OF_TURN, generate_batch
 from ..resumable_jsonl import read_complete_records
-from ..decoding.greedy import STOP_END_OF_TURN, STOP_MAX_NEW_TOKENS, generate_batch
 
 # Settings that change what is generated: a resumed run must use the same ones.
 _GENERATION_SETTINGS = ("model", "data", "max_new_tokens", "max_prompt_tokens", "batch_size", "temperature",

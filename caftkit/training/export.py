@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
 from ..core.heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config, rebase_heads
 from ..models import load_model, load_tokenizer
+from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
 from .trainer import CHECKPOINT_HEADS_DIR
 
 

@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import tokenize_source
 from ..core.distributed import is_main_process, wait_for_everyone
-from ..evaluation.head_metrics import head_metrics
-from .head_training import HeadTrainingSettings, per_head_metrics, split_held_out, train_heads
 from ..core.heads import attach_heads, get_heads, read_heads_config, save_heads
-from ..models import load_model, load_tokenizer
+from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
-from ..models import resolve_device
+from ..evaluation.head_metrics import head_metrics
+from ..models import load_model, load_tokenizer, resolve_device
+from .head_training import HeadTrainingSettings, per_head_metrics, split_held_out, train_heads
 from .settings import RunSettings, trainer_arguments
 
 RUN_FILE = "caft_run.json"

@@ -15,12 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import tokenize_source
 from ..core.distributed import is_main_process, wait_for_everyone
 from ..core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, attach_heads, get_heads, save_heads
-from ..models import load_model, load_tokenizer
+from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
-from ..models import resolve_device, resolve_mixed_precision
+from ..models import load_model, load_tokenizer, resolve_device, resolve_mixed_precision
 from .settings import RunSettings, trainer_arguments
 
 CHECKPOINTS_DIR = "checkpoints"

@@ -29,9 +29,9 @@ from ..core.heads import (
     save_heads,
 )
 from ..core.loss import MODES, SCHEDULES, gamma_schedule, head_loss_weights
-from ..models import resolve_model_path
 from ..core.multitoken import count_targets, head_statistics, weighted_loss
 from ..core.trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
+from ..models import resolve_model_path
 
 CHECKPOINT_HEADS_DIR = "caft_heads"
 
@@ -348,7 +348,8 @@ class CAFTTrainer(SFTTrainer):
         if l2 > self.args.l2_warning_threshold:
             self._warned_unstable_heads = True
             warnings.warn(
-                f"auxiliary loss L2 = {l2:.2f} > {self.args.l2_warning_threshold}: the heads predict this task's tokens "
+                f"auxiliary loss L2 = {l2:.2f} > {self.args.l2_warning_threshold}: the heads predict this task's "
+                "tokens "
                 "too badly to help (the paper's rule of thumb). Warm them up first: one epoch of head training "
                 "(mode='heads') on this task's training set, starting from these heads.",
                 UserWarning,

@@ -33,13 +33,21 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.comparison_report import (ComparisonRow, comparison_table, format_context, format_value, plot_differences,
-                                reading_section, results_section, uniqueness_metric)
+from ..core.heads import HEADS_CONFIG_FILE
+from ..evaluation.comparison_report import (
+    ComparisonRow,
+    comparison_table,
+    format_context,
+    format_value,
+    plot_differences,
+    reading_section,
+    results_section,
+    uniqueness_metric,
+)
+from ..evaluation.task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
+from ..resumable_jsonl import read_complete_records
 from ..training.export import export_run
 from ..training.finetuning import RUN_FILE, WARMUP_HEADS_DIR, FinetuneSettings, finetune, warmup_settings
-from ..core.heads import HEADS_CONFIG_FILE
-from ..resumable_jsonl import read_complete_records
-from ..evaluation.task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
 
 DEFAULT_ARMS = {"ntp": {"mode": "ntp"}, "caft": {"mode": "caft"}}
 TIMINGS_FILE = "timings.json"
@@ -413,7 +421,8 @@ def _heads_table(output: Path, settings: CompareSettings) -> list[str]:
                 lines.append(f"| {name} | {seed} | t+{k} | {text[0]} | {text[1]} | {text[2]} |")
     if not lines:
         return []
-    return ["| arm | seed | head | top-1 at start | after warm-up | after fine-tuning |", "|---|---:|---|---:|---:|---:|",
+    return ["| arm | seed | head | top-1 at start | after warm-up | after fine-tuning |",
+            "|---|---:|---|---:|---:|---:|",
             *lines, ""]
 
 

@@ -9,15 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..training.distill import DistillSettings, distill
 from ..decoding.greedy import greedy_answers
+from ..models import load_model, load_tokenizer, resolve_device
+from ..resumable_jsonl import read_complete_records
+from ..tasks.molecules import score_answer, write_molecule_records
+from ..training.distill import DistillSettings, distill
 from ..training.export import export_run
 from ..training.finetuning import FinetuneSettings, finetune
 from ..training.head_training import HeadTrainingSettings, format_head_table, train_heads
-from ..models import load_model, load_tokenizer
-from ..resumable_jsonl import read_complete_records
-from ..models import resolve_device
-from ..tasks.molecules import score_answer, write_molecule_records
 
 
 @dataclass

@@ -91,19 +91,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _local_or_offline(name_or_path: str) -> str:
+def pretrained_source(name_or_path: str) -> tuple[str, dict[str, bool]]:
+    """Where `from_pretrained` reads `name_or_path` from, and the keyword arguments that keep it offline: a local
+    folder as it is, a hub id only from the Hugging Face cache (`local_files_only`), never downloaded. Nothing
+    process-wide is changed, so the caller's own program keeps its hub settings."""
     path = resolve_model_path(name_or_path)
-    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") is None:
-        # caftkit never downloads: a name that is not a local folder must already be in the Hugging Face cache.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    return path
+    return path, ({} if Path(path).exists() else {"local_files_only": True})
 
 
 def load_tokenizer(name_or_path: str = BUNDLED_MODEL):
     """The tokenizer of a local directory, hub id (offline cache) or the bundled model."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_local_or_offline(name_or_path))
+    path, offline = pretrained_source(name_or_path)
+    return AutoTokenizer.from_pretrained(path, **offline)
 
 
 def load_model(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "float32", **kwargs):
@@ -111,7 +112,8 @@ def load_model(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "fl
     from transformers import AutoModelForCausalLM
 
     dtype = parse_dtype(dtype)
-    return AutoModelForCausalLM.from_pretrained(_local_or_offline(name_or_path), dtype=dtype, **kwargs)
+    path, offline = pretrained_source(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **{**offline, **kwargs})
 
 
 def load_model_and_tokenizer(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "float32", **kwargs):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from reference import naive_head_losses
@@ -56,3 +58,15 @@ def test_multi_token_loss_on_smollm_matches_naive_reference(smollm):
         from caftkit.core.heads import detach_heads
 
         detach_heads(model)
+
+
+def test_loading_stays_offline_without_changing_the_environment(tmp_path, monkeypatch):
+    """A hub id is read from the cache only (`local_files_only`); no process-wide setting is written."""
+    from caftkit.models import load_tokenizer, pretrained_source
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert pretrained_source("no-such-org/no-such-model") == ("no-such-org/no-such-model", {"local_files_only": True})
+    assert pretrained_source(str(tmp_path)) == (str(tmp_path), {})
+    with pytest.raises(OSError):
+        load_tokenizer("no-such-org/no-such-model")
+    assert "HF_HUB_OFFLINE" not in os.environ

@@ -162,3 +162,9 @@ def test_lora_stays_out_of_the_heads(tmp_path):
     assert trainable and all("lora_" in name for name in trainable)
     trainer.train()
     assert "loss_head_3" in trainer.state.log_history[0]
+
+
+def test_trl_loss_type_is_pinned_to_nll(tmp_path):
+    assert config(tmp_path).loss_type == "nll"
+    with pytest.raises(ValueError, match="computes the CAFT loss itself: loss_type must be 'nll', got 'dft'"):
+        config(tmp_path, loss_type="dft")

@@ -144,7 +144,7 @@ def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 
     """Run both sides, each in a fresh process, and return the ratios (CAFT / plain) with the raw figures."""
     from transformers import AutoConfig
 
-    from ..models import resolve_model_path
+    from ..models import pretrained_source, resolve_model_path
 
     device = resolve_device(device)
     resolve_model_path(model)  # convert the bundled model once, before the two timed processes
@@ -159,7 +159,8 @@ def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 
         if completed.returncode != 0:
             raise RuntimeError(f"the {side} side failed:\n{completed.stderr[-4000:]}")
         results[side] = json.loads(completed.stdout.strip().splitlines()[-1])
-    flops = train_step_flops(AutoConfig.from_pretrained(resolve_model_path(model)), batch_size, seq_len, num_heads)
+    path, offline = pretrained_source(model)
+    flops = train_step_flops(AutoConfig.from_pretrained(path, **offline), batch_size, seq_len, num_heads)
     plain, caft = results["plain"], results["caft"]
     return {
         "model": model,

@@ -31,7 +31,7 @@ from ..core.heads import (
 from ..core.loss import MODES, SCHEDULES, gamma_schedule, head_loss_weights
 from ..core.multitoken import count_targets, head_statistics, weighted_loss
 from ..core.trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
-from ..models import resolve_model_path
+from ..models import pretrained_source
 
 CHECKPOINT_HEADS_DIR = "caft_heads"
 
@@ -46,6 +46,14 @@ class CAFTConfig(SFTConfig):
     next-token fine-tuning through the same code path.
     """
 
+    # CAFT computes its loss itself (`compute_loss`), so SFTTrainer's own loss is never used. It is pinned to plain
+    # negative log-likelihood so that no TRL default routes a step through another loss (DFT). SFTTrainer also wraps
+    # the model instance's `forward` with a fused LM head; the wrapper acts only on `fused_lm_head=True`, which
+    # caftkit never passes, so training, generation and export run the model's own forward.
+    loss_type: str = field(
+        default="nll",
+        metadata={"help": "SFTTrainer's loss; CAFT computes its own, so only `nll` (the default) is accepted."},
+    )
     mode: str = field(
         default="caft",
         metadata={"help": "`caft`: next-token loss plus weighted auxiliary-head losses (eq. 4). `ntp`: the plain "
@@ -106,6 +114,9 @@ class CAFTConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.loss_type != "nll":
+            raise ValueError(f"CAFTConfig computes the CAFT loss itself: loss_type must be 'nll', "
+                             f"got {self.loss_type!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.schedule not in SCHEDULES:
@@ -171,7 +182,8 @@ class CAFTTrainer(SFTTrainer):
         if not isinstance(args, CAFTConfig):
             raise TypeError(f"CAFTTrainer needs a CAFTConfig, got {type(args).__name__}")
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), **(args.model_init_kwargs or {}))
+            path, offline = pretrained_source(model)
+            model = AutoModelForCausalLM.from_pretrained(path, **{**offline, **(args.model_init_kwargs or {})})
         self._prepare_heads(model, args)
         if peft_config is not None and get_heads(model) is not None:
             # Keep LoRA out of the heads: they are frozen copies, trained only in head training.

@@ -697,6 +697,20 @@ def compare(
     return result
 
 
+def env() -> dict:
+    """Print the versions caftkit runs with and what the machine offers it, as JSON.
+
+    Python, platform, the versions of caftkit, torch, transformers, TRL, PEFT, accelerate, datasets and
+    safetensors, the CPU cores and torch threads, and each CUDA GPU, each with whether it multiplies bf16
+    natively (where `--mixed-precision auto` turns bf16 autocast on). Paste it into a bug report.
+    """
+    from .environment import environment
+
+    result = environment()
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def _settings_mapping(flag: str, value: str | dict | None) -> dict:
     """A YAML mapping of further settings given on the command line (text) or in a config file (a mapping)."""
     mapping = yaml.safe_load(value) if isinstance(value, str) else value
@@ -795,6 +809,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "bench train": bench_train,
     "bench generate": bench_generate,
     "bench precision": bench_precision,
+    "env": env,
 }
 
 
@@ -860,7 +875,10 @@ def _add_command(subparsers, name: str, function: Callable) -> argparse.Argument
 
 def build_parser() -> argparse.ArgumentParser:
     """The `caft` argument parser with every command."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="caft", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"caft {__version__}")
     top = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, Any] = {}
     for name, function in COMMANDS.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 from pathlib import Path
 
@@ -97,3 +98,27 @@ def test_example_configs_are_valid_for_their_command(path):
     command = re.search(r"`caft ([a-z -]+?) --config", first_line).group(1)
     options = load_config(str(path), COMMANDS[command])
     assert options and set(options) <= set(inspect.signature(COMMANDS[command]).parameters)
+
+
+def test_version_and_env(capsys):
+    import importlib.metadata
+
+    import torch
+    import transformers
+
+    import caftkit
+    from caftkit.models import bf16_is_fast
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"caft {caftkit.__version__}\n"
+    assert caftkit.__version__ == importlib.metadata.version("caftkit")
+
+    assert main(["env"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["packages"]["torch"] == torch.__version__
+    assert report["packages"]["transformers"] == transformers.__version__
+    assert report["cpu"] == {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                             "bf16_native": bf16_is_fast("cpu")}
+    assert report["cuda"]["available"] is torch.cuda.is_available()

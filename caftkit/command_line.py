@@ -1,0 +1,244 @@
+"""Command-line flags and YAML configs built from settings dataclasses: each setting is declared once.
+
+A setting is a dataclass field declared with `setting(default, help=..., choices=...)`; its type annotation says how
+a value is read. A flag and a YAML key go through the same converter, so `--learning-rate 2e-4` and
+`learning-rate: 2e-4` (which YAML reads as a string) give the same float:
+
+- `int`, `float`, `str`: converted, with the field named in the error;
+- `bool`: `--x` / `--no-x` on the command line; in YAML true/false (or yes/no, on/off, 1/0); any other word is
+  refused;
+- `X | None`: also `none` (or `null`, or an empty value);
+- `list[int]`, `list[str]`: comma-separated on the command line, a YAML list or a comma-separated string in YAML;
+- `dict[str, Any]`: a YAML mapping, or on the command line YAML text such as `{beta: 0.5}`;
+- `choices`: listed in the help and in the error.
+
+Flags are `--with-dashes`, and `--with_underscores` is accepted too; YAML keys may use either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_NONE = ("none", "null", "")
+
+
+class SettingsError(ValueError):
+    """A value that cannot be a setting: printed as one line naming where it came from and the setting."""
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A settings field with its help text (and the values it may take): the one declaration of that setting."""
+    metadata = {"help": help, **({"choices": tuple(choices)} if choices else {})}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_name(name: str) -> str:
+    """`--learning-rate` for the setting `learning_rate`."""
+    return "--" + name.replace("_", "-")
+
+
+def _kind(annotation: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported settings type {annotation}")
+        return args[0], True
+    return annotation, False
+
+
+def convert(field: dataclasses.Field, annotation: Any, value: Any) -> Any:
+    """`value` (a flag's text, or what YAML read) as the setting `field` of type `annotation`; a `SettingsError`
+    says why it cannot be."""
+    base, optional = _kind(annotation)
+    name = flag_name(field.name)
+    if optional and (value is None or isinstance(value, str) and value.strip().lower() in _NONE):
+        return None
+    if value is None:
+        raise SettingsError(f"{name}: a value is required")
+    origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            converted = _boolean(value)
+        elif base in (int, float):
+            if isinstance(value, bool):
+                raise ValueError
+            converted = base(value) if not isinstance(value, str) else base(value.strip())
+            if base is int and isinstance(value, float) and value != int(value):
+                raise ValueError
+        elif base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            converted = str(value)
+        elif origin is list:
+            (item,) = typing.get_args(base)
+            items = value if isinstance(value, list) else [part for part in str(value).split(",") if part.strip()]
+            converted = [item(part.strip()) if isinstance(part, str) else item(part) for part in items]
+        elif origin is dict or base is dict:
+            converted = yaml.safe_load(value) if isinstance(value, str) else value
+            if converted is None:
+                converted = {}
+            if not isinstance(converted, dict):
+                raise ValueError
+        else:
+            raise TypeError(f"unsupported settings type {annotation}")
+    except (ValueError, TypeError, yaml.YAMLError) as error:
+        if isinstance(error, TypeError) and "unsupported settings type" in str(error):
+            raise
+        raise SettingsError(f"{name}: expected {_describe(base, optional)}, got {value!r}") from None
+    choices = field.metadata.get("choices")
+    if choices and converted not in choices:
+        raise SettingsError(f"{name}: {converted!r} is not one of {', '.join(map(str, choices))}")
+    return converted
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError
+
+
+def _describe(base: Any, optional: bool) -> str:
+    if base is bool:
+        text = "true or false"
+    elif typing.get_origin(base) is list:
+        text = f"a comma-separated list of {typing.get_args(base)[0].__name__}"
+    elif typing.get_origin(base) is dict or base is dict:
+        text = "a mapping such as {key: value}"
+    else:
+        text = {int: "an integer", float: "a number", str: "text"}.get(base, str(base))
+    return text + (" or none" if optional else "")
+
+
+def fields_of(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """The init fields of a settings dataclass with their resolved type annotations."""
+    hints = typing.get_type_hints(cls)
+    return [(field, hints[field.name]) for field in dataclasses.fields(cls) if field.init]
+
+
+def default_of(field: dataclasses.Field) -> Any:
+    """A field's default value (`MISSING` when it has none)."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def add_settings(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
+    """One argument per setting of `cls`: a flag (`--x-y`, also `--x_y`), or a positional argument for the names
+    in `positional`. Arguments left out are absent from the parsed namespace (their default applies later), so a
+    YAML config can fill them."""
+    for field, annotation in fields_of(cls):
+        base, _ = _kind(annotation)
+        default = default_of(field)
+        help_text = field.metadata.get("help", "")
+        choices = field.metadata.get("choices")
+        if choices:
+            help_text += f" One of: {', '.join(map(str, choices))}."
+        if default is dataclasses.MISSING:
+            help_text += " (required)"
+        elif default not in (None, "", [], {}):
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_text += f" (default: {shown})"
+        converter = _flag_converter(field, annotation)
+        if field.name in positional:
+            parser.add_argument(field.name, nargs="?", type=converter, default=argparse.SUPPRESS, help=help_text,
+                                metavar=field.name.upper())
+            continue
+        names = [flag_name(field.name)]
+        if "_" in field.name:
+            names.append("--" + field.name)
+        if base is bool:
+            names += [f"--no-{field.name.replace('_', '-')}"] + ([f"--no_{field.name}"] if "_" in field.name else [])
+            parser.add_argument(*names, dest=field.name, action=_BooleanFlag, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(*names, dest=field.name, type=converter, default=argparse.SUPPRESS, help=help_text,
+                                metavar=field.name.upper().replace("_", "-"))
+
+
+class _BooleanFlag(argparse.Action):
+    """`--x` sets true and `--no-x` false; no value is taken, so `--resume flase` cannot pass for anything."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no"))
+
+
+def _flag_converter(field: dataclasses.Field, annotation: Any):
+    def converted(text: str) -> Any:
+        try:
+            return convert(field, annotation, text)
+        except SettingsError as error:
+            # argparse prints "argument --x: <message>"
+            raise argparse.ArgumentTypeError(str(error).split(": ", 1)[1]) from None
+
+    converted.__name__ = field.name  # argparse names the converter in some messages
+    return converted
+
+
+def read_config(path: str | Path, cls: type) -> dict[str, Any]:
+    """The settings of `cls` in a YAML file, converted like flags; an unknown key or a bad value stops with one line
+    naming the file, the line and the setting."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise SettingsError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of setting names to values")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    known = {field.name: (field, annotation) for field, annotation in fields_of(cls)}
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        where = f"{path}:{lines.get(key, '?')}"
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
+            raise SettingsError(f"{where}: unknown setting {key!r}{hint}")
+        try:
+            values[name] = convert(*known[name], value)
+        except SettingsError as error:
+            raise SettingsError(f"{where}: {error}") from None
+    return values
+
+
+def build_settings(cls: type, given: dict[str, Any], config: str | Path | None = None) -> Any:
+    """`cls` from its defaults, then the YAML `config`, then the flags in `given` (already converted)."""
+    values = read_config(config, cls) if config else {}
+    values.update(given)
+    missing = [flag_name(field.name) for field, _ in fields_of(cls)
+               if default_of(field) is dataclasses.MISSING and field.name not in values]
+    if missing:
+        raise SettingsError(f"missing {', '.join(missing)} (give it on the command line or in --config)")
+    return cls(**values)

@@ -20,8 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import inspect
+import sys
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +41,24 @@ class SettingsError(ValueError):
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
-            default_factory: Any = dataclasses.MISSING) -> Any:
-    """A settings field with its help text (and the values it may take): the one declaration of that setting."""
-    metadata = {"help": help, **({"choices": tuple(choices)} if choices else {})}
+            default_factory: Any = dataclasses.MISSING, formerly: tuple[str, ...] = ()) -> Any:
+    """A settings field with its help text (and the values it may take): the one declaration of that setting.
+    `formerly` lists earlier names still accepted, as flags and in YAML, with a note naming the new one."""
+    metadata = {"help": help, **({"choices": tuple(choices)} if choices else {}),
+                **({"formerly": tuple(formerly)} if formerly else {})}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_choices(settings: Any) -> None:
+    """Refuse a settings object any of whose fields holds a value outside its declared choices (settings built in
+    Python, not from flags, are checked here)."""
+    for field in dataclasses.fields(settings):
+        choices = field.metadata.get("choices")
+        if choices and getattr(settings, field.name) not in choices:
+            raise ValueError(f"{field.name} must be one of {', '.join(map(str, choices))}, "
+                             f"got {getattr(settings, field.name)!r}")
 
 
 def flag_name(name: str) -> str:
@@ -167,6 +183,10 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, positional: tuple[s
         names = [flag_name(field.name)]
         if "_" in field.name:
             names.append("--" + field.name)
+        former = [flag_name(old) for old in field.metadata.get("formerly", ())]
+        if former:
+            parser.add_argument(*former, dest=field.name, type=converter, default=argparse.SUPPRESS,
+                                action=_FormerName, new_name=names[0], help=argparse.SUPPRESS)
         if base is bool:
             names += [f"--no-{field.name.replace('_', '-')}"] + ([f"--no_{field.name}"] if "_" in field.name else [])
             parser.add_argument(*names, dest=field.name, action=_BooleanFlag, default=argparse.SUPPRESS,
@@ -174,6 +194,18 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, positional: tuple[s
         else:
             parser.add_argument(*names, dest=field.name, type=converter, default=argparse.SUPPRESS, help=help_text,
                                 metavar=field.name.upper().replace("_", "-"))
+
+
+class _FormerName(argparse.Action):
+    """An earlier name of a flag: still accepted, with a note on stderr naming the current one."""
+
+    def __init__(self, option_strings, dest, new_name: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new_name = new_name
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: note: {option_string} is now {self.new_name}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 class _BooleanFlag(argparse.Action):
@@ -198,9 +230,9 @@ def _flag_converter(field: dataclasses.Field, annotation: Any):
     return converted
 
 
-def read_config(path: str | Path, cls: type) -> dict[str, Any]:
-    """The settings of `cls` in a YAML file, converted like flags; an unknown key or a bad value stops with one line
-    naming the file, the line and the setting."""
+def read_config(path: str | Path, *classes: type) -> dict[str, Any]:
+    """The settings of `classes` in a YAML file, converted like flags; an unknown key or a bad value stops with one
+    line naming the file, the line and the setting."""
     path = Path(path)
     if not path.is_file():
         raise SettingsError(f"{path}: config file not found")
@@ -217,11 +249,15 @@ def read_config(path: str | Path, cls: type) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SettingsError(f"{path}: expected a mapping of setting names to values")
     lines = {key.value: key.start_mark.line + 1 for key, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
-    known = {field.name: (field, annotation) for field, annotation in fields_of(cls)}
+    known = {field.name: (field, annotation) for cls in classes for field, annotation in fields_of(cls)}
+    former = {old: name for name, (field, _) in known.items() for old in field.metadata.get("formerly", ())}
     values = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         where = f"{path}:{lines.get(key, '?')}"
+        if name in former:
+            print(f"caft: note: {where}: {key!r} is now {former[name].replace('_', '-')!r}", file=sys.stderr)
+            name = former[name]
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
@@ -235,10 +271,84 @@ def read_config(path: str | Path, cls: type) -> dict[str, Any]:
 
 def build_settings(cls: type, given: dict[str, Any], config: str | Path | None = None) -> Any:
     """`cls` from its defaults, then the YAML `config`, then the flags in `given` (already converted)."""
-    values = read_config(config, cls) if config else {}
+    return build_settings_group((cls,), given, config)[0]
+
+
+def build_settings_group(classes: tuple[type, ...], given: dict[str, Any], config: str | Path | None = None
+                         ) -> tuple[Any, ...]:
+    """One instance of each of `classes` (whose field names do not overlap) from their defaults, then the YAML
+    `config`, then the flags in `given`; each takes the values of its own fields."""
+    values = read_config(config, *classes) if config else {}
     values.update(given)
-    missing = [flag_name(field.name) for field, _ in fields_of(cls)
-               if default_of(field) is dataclasses.MISSING and field.name not in values]
-    if missing:
-        raise SettingsError(f"missing {', '.join(missing)} (give it on the command line or in --config)")
-    return cls(**values)
+    built = []
+    for cls in classes:
+        own = {field.name for field, _ in fields_of(cls)}
+        missing = [flag_name(field.name) for field, _ in fields_of(cls)
+                   if default_of(field) is dataclasses.MISSING and field.name not in values]
+        if missing:
+            raise SettingsError(f"missing {', '.join(missing)} (give it on the command line or in --config)")
+        built.append(cls(**{name: value for name, value in values.items() if name in own}))
+    return tuple(built)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command: the settings classes whose fields are its flags (and config keys), the function run with one
+    instance of each, and the settings taken as positional arguments. Its help is `run`'s docstring."""
+
+    run: Callable[..., Any]
+    settings: tuple[type, ...] = ()
+    positional: tuple[str, ...] = ()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (`caft finetune: error: ...`), without the usage before it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(prog: str, description: str, commands: dict[str, Command], version: str) -> argparse.ArgumentParser:
+    """The parser of every command; a name with a space is a sub-command (`bench train`)."""
+    parser = _Parser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"{prog} {version}")
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    groups: dict[str, Any] = {}
+    for name, command in commands.items():
+        where = top
+        if " " in name:
+            group, name = name.split(" ", 1)
+            if group not in groups:
+                groups[group] = top.add_parser(group, help=f"{group} commands").add_subparsers(
+                    dest="subcommand", required=True, metavar="COMMAND", parser_class=_Parser)
+            where = groups[group]
+        doc = inspect.getdoc(command.run) or ""
+        summary, _, body = doc.partition("\n\n")
+        sub = where.add_parser(name, help=summary, description=f"{summary}\n\n{body}".strip(),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("--config", default=argparse.SUPPRESS,
+                         help="YAML file whose keys are this command's flags (flags given override it)")
+        for cls in command.settings:
+            add_settings(sub, cls, command.positional)
+        sub.set_defaults(_command=command)
+    return parser
+
+
+def run_command(prog: str, description: str, commands: dict[str, Command], version: str,
+                argv: list[str] | None = None) -> int:
+    """Parse `argv`, build the command's settings (defaults, then `--config`, then flags) and run it. A user error
+    (a bad value, a missing file, a refused setting) is printed as one line and returns 2."""
+    try:
+        given = vars(build_parser(prog, description, commands, version).parse_args(argv))
+    except SystemExit as exited:  # --help, --version, or a flag refused (the message is printed)
+        return int(exited.code or 0)
+    command = given.pop("_command")
+    name = " ".join(str(given.pop(key)) for key in ("command", "subcommand") if key in given)
+    config = given.pop("config", None)
+    try:
+        settings = build_settings_group(command.settings, given, config)
+        command.run(*settings)
+    except (SettingsError, FileNotFoundError, ValueError) as error:
+        print(f"{prog} {name}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

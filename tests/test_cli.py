@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -60,7 +59,7 @@ def test_unknown_config_key_is_an_error_naming_the_file(tmp_path, capsys):
     config.write_text("batch_size: 2\nlearning_rate: 0.1\n")
     assert main(["bench", "train", "--config", str(config)]) == 2
     error = capsys.readouterr().err
-    assert str(config) in error and "'learning_rate'" in error
+    assert f"{config}:2: unknown setting 'learning_rate'" in error
 
 
 def test_malformed_config_names_the_line(tmp_path, capsys):
@@ -68,7 +67,7 @@ def test_malformed_config_names_the_line(tmp_path, capsys):
     config.write_text("batch_size: 2\nseq_len: [16\n")
     assert main(["bench", "train", "--config", str(config)]) == 2
     error = capsys.readouterr().err
-    assert str(config) in error and "line 3" in error
+    assert f"{config}:3: not valid YAML" in error
 
 
 @pytest.mark.parametrize("command", [
@@ -91,13 +90,14 @@ def test_missing_config_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_example_configs_are_valid_for_their_command(path):
-    """Every example config names only flags of the command it is for (named in its first comment line)."""
-    from caftkit.cli import COMMANDS, load_config
+    """Every example config holds only settings of the command it is for (named in its first comment line), each a
+    valid value."""
+    from caftkit.cli import COMMANDS
+    from caftkit.command_line import read_config
 
     first_line = path.read_text().splitlines()[0]
     command = re.search(r"`caft ([a-z -]+?) --config", first_line).group(1)
-    options = load_config(str(path), COMMANDS[command])
-    assert options and set(options) <= set(inspect.signature(COMMANDS[command]).parameters)
+    assert read_config(path, *COMMANDS[command].settings)
 
 
 def test_version_and_env(capsys):
@@ -109,9 +109,7 @@ def test_version_and_env(capsys):
     import caftkit
     from caftkit.models import bf16_is_fast
 
-    with pytest.raises(SystemExit) as exited:
-        main(["--version"])
-    assert exited.value.code == 0
+    assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"caft {caftkit.__version__}\n"
     assert caftkit.__version__ == importlib.metadata.version("caftkit")
 

@@ -37,7 +37,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def settings_for(root, **overrides) -> CompareSettings:
-    values = dict(train_data=str(root / "train.jsonl"), model=str(root / "model"), test_data=str(root / "test.jsonl"),
+    values = dict(data=str(root / "train.jsonl"), model=str(root / "model"), test_data=str(root / "test.jsonl"),
                   heads=str(root / "heads"), test_examples=None, max_new_tokens=6, n_resamples=2000,
                   finetune={"num_heads": 2, "epochs": 1, "batch_size": 4, "eval_fraction": 0.2, "learning_rate": 3e-3,
                             "lora_r": 4, "lora_alpha": 8, "save_steps": 2})
@@ -98,14 +98,17 @@ def test_comparison_trains_both_arms_alike_and_reports_the_paired_difference(tin
 
 def test_compare_command_checks_its_settings(tiny_setup, tmp_path, capsys):
     config = tmp_path / "compare.yaml"
-    config.write_text(f"train_data: {tiny_setup / 'train.jsonl'}\nmodel: {tiny_setup / 'model'}\n"
+    config.write_text(f"data: {tiny_setup / 'train.jsonl'}\nmodel: {tiny_setup / 'model'}\n"
                       "finetune: {mode: caft}\n")
     assert main(["compare", "--config", str(config), "--output", str(tmp_path / "out")]) == 2
     assert "finetune settings ['mode'] are set by compare itself" in capsys.readouterr().err
-    assert main(["compare", "--train-data", "x.jsonl", "--finetune", "{epochz: 1}"]) == 2
+    assert main(["compare", "--data", "x.jsonl", "--finetune", "{epochz: 1}"]) == 2
     assert "unknown finetune settings ['epochz']" in capsys.readouterr().err
-    assert main(["compare", "--train-data", "x.jsonl", "--task", "loss"]) == 2
-    assert "task must be one of molecules, humaneval" in capsys.readouterr().err
+    assert main(["compare", "--data", "x.jsonl", "--task", "loss"]) == 2
+    assert "caft compare: error: argument --task: 'loss' is not one of molecules, humaneval" in capsys.readouterr().err
+    # the old name of --data is still understood, with a note
+    assert main(["compare", "--train-data", "x.jsonl", "--finetune", "{epochz: 1}"]) == 2
+    assert "caft compare: note: --train-data is now --data" in capsys.readouterr().err
 
 
 def write_answers(output, settings, arm: str, seed: int, answers: list[str]) -> None:
@@ -207,7 +210,7 @@ def test_arms_are_checked_before_anything_runs(tiny_setup, arms, message):
 
 def test_compare_command_takes_arms_from_the_config(tiny_setup, tmp_path, capsys):
     config = tmp_path / "compare.yaml"
-    config.write_text(f"train_data: {tiny_setup / 'train.jsonl'}\nmodel: {tiny_setup / 'model'}\n"
+    config.write_text(f"data: {tiny_setup / 'train.jsonl'}\nmodel: {tiny_setup / 'model'}\n"
                       "arms:\n  ntp: {mode: ntp}\n  caft-full: {mode: caft, method: full}\n")
     assert main(["compare", "--config", str(config), "--output", str(tmp_path / "out")]) == 2
     assert "arm caft-full: name its baseline; the ntp arms with method full are none" in capsys.readouterr().err

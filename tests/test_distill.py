@@ -193,7 +193,7 @@ def test_bad_prompt_files_give_one_line_errors(tiny_model_dir, tmp_path, capsys,
     output = tmp_path / "out.jsonl"
     assert main(["distill", "--model", str(tiny_model_dir), "--data", str(prompts), "--output", str(output)]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("caft: error: ") and len(error.splitlines()) == 1
+    assert error.startswith("caft distill: error: ") and len(error.splitlines()) == 1
     assert re.search(expected, error), error
     assert not output.exists() or output.read_text() == ""
 

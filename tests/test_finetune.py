@@ -203,12 +203,12 @@ def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):
                  "--batch-size", "4"]) == 0
     printed = capsys.readouterr().out
     assert "18 training and 2 held-out examples, 5 steps" in printed
-    assert f"next: caft export {run} --out model" in printed
+    assert f"next: caft export {run} --output model" in printed
     assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--output", str(run)]) == 2
     assert "holds an earlier run: resume it (--resume)" in capsys.readouterr().err
     assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--output",
                  str(tmp_path / "r2"), "--method", "qlora"]) == 2
-    assert "method must be one of lora, full" in capsys.readouterr().err
+    assert "argument --method: 'qlora' is not one of lora, full" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("threshold, warmed", [(0.0, True), (1e9, False)])
@@ -229,3 +229,34 @@ def test_auto_head_warmup_follows_l2_at_the_start(tiny_dir, tmp_path, threshold,
     naive = naive_held_out_metrics(model, tiny_tokenizer(), HeadTrainingSettings(model="tiny", data=str(data),
                                                                                  eval_fraction=0.2))
     assert record["l2_at_start"] == pytest.approx(naive[2], rel=1e-5)
+
+
+def test_trainer_settings_reach_the_trainer(tiny_dir, tmp_path, capsys):
+    """--max-steps, --optim, --save-total-limit, --lora-target-modules and --trainer reach the run; a --trainer
+    field that caftkit sets from its own settings, or that is no trainer field, is refused before loading."""
+    from caftkit.training.finetuning import lora_config
+    from caftkit.training.settings import trainer_arguments
+
+    settings = settings_for(tiny_dir, "d.jsonl", max_steps=3, optim="sgd", save_total_limit=1,
+                            lora_target_modules=["q_proj", "v_proj"], trainer={"adam_beta2": 0.95,
+                                                                               "max_grad_norm": 0.5})
+    arguments = trainer_arguments(settings, "out", 8)
+    assert (arguments["max_steps"], arguments["optim"], arguments["save_total_limit"]) == (3, "sgd", 1)
+    assert (arguments["adam_beta2"], arguments["max_grad_norm"]) == (0.95, 0.5)
+    assert lora_config(settings).target_modules == {"q_proj", "v_proj"}
+    assert lora_config(settings_for(tiny_dir, "d.jsonl")).target_modules == "all-linear"
+
+    data = write_task(tmp_path / "task.jsonl", 20)
+    run = tmp_path / "run"
+    assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--heads",
+                 str(tiny_dir / "heads"), "--num-heads", "2", "--output", str(run), "--batch-size", "4",
+                 "--max-steps", "2", "--trainer", "{max_grad_norm: 0.5}"]) == 0
+    summary = json.loads((run / RUN_FILE).read_text())
+    assert summary["optimizer_steps"] == 2 and summary["settings"]["trainer"] == {"max_grad_norm": 0.5}
+    capsys.readouterr()
+    for trainer, message in (("{seed: 3}", "trainer: ['seed'] are set from caftkit's own settings"),
+                             ("{adam_beta3: 1}", "trainer: ['adam_beta3'] are not CAFTConfig")):
+        assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--output",
+                     str(tmp_path / "refused"), "--trainer", trainer]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()

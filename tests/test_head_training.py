@@ -160,7 +160,8 @@ def test_mixed_precision_setting_maps_to_autocast():
 
 def test_device_auto_picks_a_visible_gpu_and_cuda_without_one_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert HeadTrainingSettings(model="m", data="d").device == "auto"
+    # the settings resolve `auto` once, when they are made
+    assert HeadTrainingSettings(model="m", data="d").device == "cpu"
     assert resolve_device("auto") == "cpu"
     assert resolve_device("cpu") == "cpu"
     assert trainer_arguments(settings_for("d.jsonl"), "out", 8)["use_cpu"] is True
@@ -279,6 +280,6 @@ def test_bad_training_data_fails_before_loading_the_model(tiny_model_dir, tmp_pa
     assert main(["train-heads", "--model", str(tiny_model_dir), "--data", str(data),
                  "--output", str(tmp_path / "heads")]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("caft: error: ") and len(error.splitlines()) == 1, error
+    assert error.startswith("caft train-heads: error: ") and len(error.splitlines()) == 1, error
     assert re.search(expected, error), error
     assert not (tmp_path / "heads").exists()

@@ -109,11 +109,11 @@ def test_command_writes_the_records_and_reports_counts(tmp_path, capsys):
     source = tmp_path / "molecules.smi"
     source.write_text("CC(=O)O\nC1CC\nN#Cc1ccccc1\nCCCC\n")
     output = tmp_path / "task.jsonl"
-    assert main(["data", "molecules", "--smiles", str(source), "--out", str(output), "--n", "0"]) == 0
+    assert main(["data", "molecules", "--smiles", str(source), "--output", str(output), "--n", "0"]) == 0
     assert capsys.readouterr().out.strip() == (f"2 records written to {output} from 4 molecules read; skipped: "
                                                "1 invalid SMILES, 1 none of the functional groups")
     assert len(output.read_text().splitlines()) == 2
-    assert main(["data", "molecules", "--smiles", str(tmp_path / "missing.smi"), "--out", str(output)]) == 2
+    assert main(["data", "molecules", "--smiles", str(tmp_path / "missing.smi"), "--output", str(output)]) == 2
     assert "missing.smi: SMILES file not found" in capsys.readouterr().err
 
 

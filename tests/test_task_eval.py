@@ -150,7 +150,7 @@ def test_eval_command_end_to_end(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--task", "translation"], "unknown task 'translation'"),
+        (["--task", "translation"], "argument --task: 'translation' is not one of molecules, humaneval, loss"),
         (["--task", "loss"], "--task loss needs --data"),
         (["--task", "molecules", "--data", "{missing}"], "missing.jsonl: data file not found"),
         (["--task", "molecules", "--data", "{bad}"], r"bad.jsonl:1: field 'meta.smiles': reference SMILES 'C1CC'"),

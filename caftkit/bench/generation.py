@@ -24,8 +24,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..data import ReadStats, iter_prompts, render_prompt
+from ..command_line import setting
+from ..core.heads import attach_heads, get_heads
+from ..data import BUNDLED_SHAREGPT, ReadStats, iter_prompts, render_prompt
 from ..decoding.speculative import default_tree_size, generate
+from ..models import ModelSettings, load_model, load_tokenizer, parse_dtype
 
 
 @dataclass(frozen=True)
@@ -235,3 +238,50 @@ def rows_as_dict(rows: list[GenerationBenchRow]) -> list[dict]:
              "speedup": round(row.speedup, 3), "mean_accepted": round(row.mean_accepted, 3),
              "pass_reduction": round(row.pass_reduction, 3), "pass_cost": round(row.pass_cost, 3)} for row in rows]
 
+
+
+@dataclass(kw_only=True)
+class GenerationBenchSettings(ModelSettings):
+    """The heads, prompts, batch sizes and draft shapes `caft bench generate` measures."""
+
+    heads: str = setting(help="heads folder (from `caft train-heads` or `caft export`).")
+    data: str = setting(BUNDLED_SHAREGPT, help="prompts: sharegpt (the bundled set) or a JSONL/JSON file of "
+                                               "conversations.")
+    exclude: str | None = setting(None, help="a JSONL file whose record ids are left out (e.g. the distilled data "
+                                             "the heads learned from).")
+    skip: int = setting(0, help="skip this many usable prompts first.")
+    num_prompts: int = setting(16, help="prompts to generate for.")
+    batch_sizes: list[int] = setting(default_factory=lambda: [1, 8], help="batch sizes to measure.")
+    max_new_tokens: int = setting(128, help="most new tokens per answer.")
+    drafts: list[str] | None = setting(None, help="draft shapes to measure: H (a chain through the first H heads), "
+                                                  "HxK (a tree through the top K candidates of H heads) or HxK:N "
+                                                  "(that tree cut to its N likeliest drafts per pass); default: a "
+                                                  "chain through all heads.")
+    draft_dtype: str | None = setting(None, help="draft with the heads in this dtype (e.g. bfloat16 for a float32 "
+                                                 "model: cheaper drafts, the model still verifies in --dtype); "
+                                                 "default: --dtype.")
+    output: str | None = setting(None, help="also write the JSON to this file.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.draft_dtype is not None:
+            parse_dtype(self.draft_dtype)  # a typo fails before anything loads
+        try:
+            self.shapes = [DraftShape.parse(text) for text in self.drafts] if self.drafts else None
+        except ValueError as error:
+            raise ValueError(f"--drafts: {error}") from None
+
+
+def run_generation_bench(settings: GenerationBenchSettings) -> dict:
+    """Load the model and heads, measure every batch size and draft shape, and return the result as a dict."""
+    tokenizer = load_tokenizer(settings.model)
+    prompts = bench_prompts(tokenizer, settings.data, settings.num_prompts, skip=settings.skip,
+                            exclude=settings.exclude)
+    model = load_model(settings.model, settings.dtype).to(settings.device)
+    attach_heads(model, settings.heads)
+    shapes = settings.shapes or [DraftShape(get_heads(model).num_heads)]
+    rows = rows_as_dict(bench_generate(model, tokenizer, prompts, settings.batch_sizes, settings.max_new_tokens,
+                                       shapes, settings.draft_dtype))
+    return {"model": settings.model, "heads": settings.heads, "device": settings.device, "dtype": settings.dtype,
+            "draft_dtype": settings.draft_dtype or settings.dtype, "max_new_tokens": settings.max_new_tokens,
+            "rows": rows}

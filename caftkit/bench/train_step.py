@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..models import BUNDLED_MODEL, resolve_device
+from ..command_line import setting
+from ..models import BUNDLED_MODEL, ModelSettings, resolve_device
 
 
 @dataclass
@@ -137,6 +138,19 @@ def train_step_flops(config, batch_size: int, seq_len: int, num_heads: int) -> d
     per_head = tokens * (4 * layer_weights + 3 * attention) + unembedding
     caft = plain + num_heads * per_head
     return {"plain": float(plain), "caft": float(caft), "ratio": caft / plain}
+
+
+@dataclass(kw_only=True)
+class TrainBenchSettings(ModelSettings):
+    """The shape of the step `caft bench train` measures, and how often."""
+
+    batch_size: int = setting(4, help="sequences per step.")
+    seq_len: int = setting(512, help="tokens per sequence.")
+    num_heads: int = setting(4, help="auxiliary heads of the CAFT side (frozen, as in CAFT fine-tuning).")
+    steps: int = setting(5, help="timed steps per side (the median is reported).")
+    warmup: int = setting(1, help="untimed steps before them.")
+    seed: int = setting(0, help="seed of the random tokens.")
+    output: str | None = setting(None, help="also write the JSON to this file.")
 
 
 def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 512, num_heads: int = 4,

@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..command_line import setting
 from ..data import DataError, iter_raw_records, render_prompt, to_messages
-from ..models import resolve_device
+from ..models import ModelSettings, resolve_device
 from ..resumable_jsonl import read_complete_records
 
 TASKS = ("molecules", "humaneval", "loss")
@@ -33,28 +34,30 @@ METRICS_FILE = "metrics.json"
 DEFAULT_MAX_NEW_TOKENS = {"molecules": 96, "humaneval": 512}
 
 
-@dataclass
-class EvalSettings:
+@dataclass(kw_only=True)
+class EvalSettings(ModelSettings):
     """What `evaluate` scores and how; written into `metrics.json`."""
 
-    model: str
-    task: str
-    data: str | None = None
-    heads: str | None = None
-    max_examples: int | None = None
-    max_new_tokens: int | None = None
-    batch_size: int = 16
-    max_length: int = 1024
-    seed: int = 0
-    timeout_s: float = 10.0
-    memory_mb: int = 1024
-    workers: int = 2
-    dtype: str = "float32"
-    device: str = "auto"
+    task: str = setting(help="molecules, humaneval or loss (see the command's description).", choices=TASKS)
+    data: str | None = setting(None, help="molecules: moses:test (default), moses:train or a JSONL of molecule "
+                                          "records (`caft data molecules`); humaneval: a problems JSONL (default: "
+                                          "the bundled HumanEval set); loss: a JSONL/JSON file of conversations "
+                                          "(required).")
+    heads: str | None = setting(None, help="a heads folder to score (loss task).")
+    max_examples: int | None = setting(None, help="score only the first this many examples; 0 or none for all.")
+    max_new_tokens: int | None = setting(None, help="most tokens per answer (default: 96 for molecules, 512 for "
+                                                    "humaneval).")
+    batch_size: int = setting(16, help="prompts generated (or conversations scored) together.")
+    max_length: int = setting(1024, help="loss task: conversations are truncated to this many tokens.")
+    seed: int = setting(0, help="order of the molecules drawn from a MOSES split.")
+    timeout_s: float = setting(10.0, help="humaneval: wall-clock limit of one program, in seconds.")
+    memory_mb: int = setting(1024, help="humaneval: address-space limit of one program, in MB.")
+    workers: int = setting(2, help="humaneval: programs run in parallel.")
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+        super().__post_init__()
+        if self.max_examples == 0:
+            self.max_examples = None
         if self.task == "loss" and not self.data:
             raise ValueError("--task loss needs --data (a JSONL/JSON file of conversations)")
         if self.batch_size < 1:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..command_line import setting
 from ..package_data import package_file
 
 # Name -> SMARTS, in the order groups are named in prompts.
@@ -174,6 +175,23 @@ def iter_molecule_records(source: str, n: int | None = None, seed: int = 0,
         seen.add(facts.smiles)
         stats.written += 1
         yield molecule_record(facts)
+
+
+@dataclass(kw_only=True)
+class MoleculeDataSettings:
+    """What `caft data molecules` builds: from which SMILES, how many records, in which order, into which file."""
+
+    output: str = setting(help="JSONL file to write.", formerly=("out",))
+    smiles: str = setting("moses:train", help="moses:train or moses:test (the MOSES sets of the molsets package), a "
+                                              "text file with one SMILES per line, or a CSV file with a SMILES column "
+                                              "(optionally .gz).")
+    n: int | None = setting(1000, help="number of records (molecules drawn in a seeded random order); 0 or none for "
+                                       "all.")
+    seed: int = setting(0, help="seed of the order.")
+
+    def __post_init__(self):
+        if self.n == 0:
+            self.n = None
 
 
 def write_molecule_records(source: str, output: str | os.PathLike, n: int | None = None, seed: int = 0

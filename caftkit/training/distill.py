@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
-from ..data import ReadStats, Record, iter_prompts, render_prompt
+from ..command_line import setting
+from ..data import BUNDLED_SHAREGPT, ReadStats, Record, iter_prompts, render_prompt
 from ..decoding.greedy import STOP_END_OF_TURN, generate_batch
+from ..models import ModelSettings
 from ..resumable_jsonl import read_complete_records
 
 # Settings that change what is generated: a resumed run must use the same ones.
@@ -30,20 +32,28 @@ _GENERATION_SETTINGS = ("model", "data", "max_new_tokens", "max_prompt_tokens", 
                         "top_p", "seed", "dtype")
 
 
-@dataclass
-class DistillSettings:
+@dataclass(kw_only=True)
+class DistillSettings(ModelSettings):
     """What `distill` generates with; written beside the output as `<name>.meta.json`."""
 
-    model: str
-    data: str
-    max_new_tokens: int = 256
-    max_prompt_tokens: int = 512
-    batch_size: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    dtype: str = "float32"
-    max_samples: int | None = None
+    data: str = setting(BUNDLED_SHAREGPT, help="sharegpt (the bundled ShareGPT prompts) or a JSONL/JSON file of "
+                                               "`messages`, `prompt`/`completion` or ShareGPT `conversations` records.")
+    max_samples: int | None = setting(1000, help="number of prompts to answer (the first ones that fit); 0 or none "
+                                                 "for all.")
+    max_new_tokens: int = setting(256, help="most tokens generated per answer.")
+    max_prompt_tokens: int = setting(512, help="prompts longer than this (chat template included) are skipped and "
+                                               "counted.")
+    batch_size: int = setting(32, help="prompts generated together (grouped by length, left-padded).")
+    temperature: float = setting(0.0, help="0 for greedy decoding, else the sampling temperature.")
+    top_p: float = setting(1.0, help="nucleus sampling threshold when sampling.")
+    seed: int = setting(0, help="sampling seed (each batch is seeded from it, so resumed runs sample the same).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_samples == 0:
+            self.max_samples = None
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be at least 1")
 
 
 @dataclass

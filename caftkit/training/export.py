@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..command_line import setting
 from ..core.heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config, rebase_heads
 from ..models import load_model, load_tokenizer
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
-from .trainer import CHECKPOINT_HEADS_DIR
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
@@ -47,6 +48,8 @@ def load_finetuned(run_dir: str | Path, dtype: str | None = None):
 
 
 def _heads_source(run_dir: Path) -> Path | None:
+    from .trainer import CHECKPOINT_HEADS_DIR  # the trainer imports TRL: only when a run is exported
+
     trained = run_dir / FINAL_DIR / CHECKPOINT_HEADS_DIR  # heads trained during fine-tuning (`train_heads`)
     if (trained / HEADS_WEIGHTS_FILE).is_file():
         return trained
@@ -89,6 +92,17 @@ def model_card(run: dict[str, Any]) -> str:
         k = int(name.split("_")[1])
         lines.append(f"| {k} | t+{k} | {metrics['loss']:.4f} | {metrics['accuracy']:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(kw_only=True)
+class ExportSettings:
+    """What `caft export` writes: the run, the model folder, the heads folder and the dtype of the weights."""
+
+    run: str = setting(help="the run folder written by `caft finetune`.")
+    output: str = setting("model", help="the model folder to write.", formerly=("out",))
+    heads_output: str | None = setting(None, help="where to copy the heads (default: <output>-heads).",
+                                       formerly=("heads_out",))
+    dtype: str | None = setting(None, help="dtype of the saved weights (default: the one the run trained in).")
 
 
 def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | None = None,

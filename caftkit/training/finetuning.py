@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..command_line import setting
 from ..core.distributed import is_main_process, wait_for_everyone
 from ..core.heads import attach_heads, get_heads, read_heads_config, save_heads
+from ..core.loss import SCHEDULES
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
 from ..evaluation.head_metrics import head_metrics
@@ -36,35 +38,45 @@ HEAD_WARMUP_CHOICES = ("no", "yes", "auto")
 DEFAULT_LEARNING_RATES = {"lora": 2e-4, "full": 2e-5}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FinetuneSettings(RunSettings):
     """Everything `finetune` is run with; recorded in `caft_run.json`."""
 
-    heads: str | None = None
-    mode: str = "caft"
-    method: str = "lora"
-    head_warmup: str = "no"
-    num_heads: int = 4
-    alpha: float = 0.8
-    beta: float = 0.01
-    schedule: str = "rsine"
-    train_heads: bool = False
-    freeze_unembedding: bool = True
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.1
-    warmup: float = 0.03
-    eval_fraction: float = 0.1
-    save_steps: int = 100
-    l2_warmup_threshold: float = 4.0
+    heads: str | None = setting(None, help="a heads folder from `caft train-heads` (caft mode).")
+    mode: str = setting("caft", help="caft: next-token loss plus the weighted auxiliary losses (eq. 4); ntp: the plain "
+                                     "next-token baseline, everything else identical.", choices=("caft", "ntp"))
+    method: str = setting("lora", help="lora (rank 8, alpha 16, dropout 0.1 on every linear projection of the decoder "
+                                       "layers, heads excluded) or full (every weight but the unembedding).",
+                          choices=METHODS)
+    head_warmup: str = setting("no", help="no; yes (one epoch of head training on the task's training split first); "
+                                          "or auto (the warm-up runs when the first auxiliary loss L2 on the held-out "
+                                          "split exceeds --l2-warmup-threshold at the start).",
+                               choices=HEAD_WARMUP_CHOICES)
+    l2_warmup_threshold: float = setting(4.0, help="the L2 above which --head-warmup auto warms the heads up (the "
+                                                   "paper's rule).")
+    num_heads: int = setting(4, help="auxiliary heads (with --heads, at most as many as the folder has).")
+    alpha: float = setting(0.8, help="decay of the auxiliary weights alpha^(k-1).")
+    beta: float = setting(0.01, help="overall weight of the auxiliary losses.")
+    schedule: str = setting("rsine", help="gamma(step), the decay of the auxiliary weight over the run.",
+                            choices=SCHEDULES)
+    train_heads: bool = setting(False, help="also train the auxiliary heads during fine-tuning.")
+    freeze_unembedding: bool = setting(True, help="keep lm_head frozen in full fine-tuning (with tied embeddings, "
+                                                  "the input embeddings too).")
+    lora_r: int = setting(8, help="LoRA rank.")
+    lora_alpha: int = setting(16, help="LoRA scaling alpha.")
+    lora_dropout: float = setting(0.1, help="LoRA dropout.")
+    lora_target_modules: list[str] = setting(default_factory=lambda: ["all-linear"],
+                                             help="the modules LoRA adapts: all-linear (every linear projection of "
+                                                  "the decoder layers) or module names such as q_proj,v_proj.")
+    # The paper's fine-tuning schedule: 3% warm-up; more of the records held out than for the heads (5%).
+    warmup: float = setting(0.03, help="warm-up steps, or a fraction of all steps when below 1.")
+    eval_fraction: float = setting(0.1, help="fraction of the records held out for evaluation.")
+    save_steps: int = setting(100, help="write a checkpoint every this many steps.")
 
     def __post_init__(self):
-        if self.mode not in ("caft", "ntp"):
-            raise ValueError(f"mode must be caft or ntp, got {self.mode!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.head_warmup not in HEAD_WARMUP_CHOICES:
-            raise ValueError(f"head_warmup must be one of {', '.join(HEAD_WARMUP_CHOICES)}, got {self.head_warmup!r}")
+        super().__post_init__()
+        if self.num_heads < 1 and self.mode == "caft":
+            raise ValueError(f"num_heads must be at least 1 in caft mode, got {self.num_heads}")
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATES[self.method]
 
@@ -74,8 +86,9 @@ def lora_config(settings: FinetuneSettings):
     unembedding and the auxiliary heads excluded)."""
     from peft import LoraConfig
 
+    targets = settings.lora_target_modules
     return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
+                      target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
 
 
 def warmup_settings(settings: FinetuneSettings, heads_dir: str | None) -> HeadTrainingSettings:

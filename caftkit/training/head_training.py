@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..command_line import setting
 from ..core.distributed import is_main_process, wait_for_everyone
 from ..core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, attach_heads, get_heads, save_heads
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
-from ..models import load_model, load_tokenizer, resolve_device, resolve_mixed_precision
+from ..models import MIXED_PRECISION, load_model, load_tokenizer, resolve_device, resolve_mixed_precision
 from .settings import RunSettings, trainer_arguments
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -27,20 +28,33 @@ LOSS_CURVES_FILE = "loss_curves.png"
 LOG_HISTORY_FILE = "log_history.json"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class HeadTrainingSettings(RunSettings):
     """Everything `train_heads` is run with; recorded in `heads_config.json` under `training`."""
 
-    init: str | None = None
+    init: str | None = setting(None, help="a heads folder to start from (the task warm-up); new heads are copies "
+                                          "of the last layer otherwise.")
+    num_heads: int = setting(4, help="auxiliary heads to train, predicting tokens t+2 .. t+num_heads+1 (with "
+                                     "--init, at most as many as the folder has).")
+    alpha: float = setting(0.8, help="decay of the per-head loss weights alpha^(k-2).")
     # Two passes: on 3,000 self-distilled answers of the bundled model, the t+2 head still gains in the second.
-    epochs: float = 2.0
-    num_heads: int = 4
-    alpha: float = 0.8
-    learning_rate: float | None = 1e-3
+    epochs: float = setting(2.0, help="passes over the training split.")
+    learning_rate: float | None = setting(1e-3, help="peak learning rate.")
     # Only the heads train and the base runs without gradients: bf16 autocast halves the time where it is native.
-    mixed_precision: str = "auto"
-    # The frozen base's outputs are kept across epochs within this budget (see `trunk_cache.py`).
-    trunk_cache_gb: float = 4.0
+    mixed_precision: str = setting("auto", help="bf16 autocast of the matrix multiplies: auto (bf16 where the device "
+                                                "multiplies bf16 natively: recent GPUs, CPUs with AVX512-BF16 or "
+                                                "AMX), bf16, or no.", choices=MIXED_PRECISION)
+    trunk_cache_gb: float = setting(4.0, help="keep up to this many GB of the frozen base's outputs per batch, so "
+                                              "that later epochs and held-out evaluations run only the heads "
+                                              "(batches are then fixed, their order reshuffled each epoch); 0 turns "
+                                              "it off.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads must be at least 1, got {self.num_heads}")
+        if self.trunk_cache_gb < 0:
+            raise ValueError(f"trunk_cache_gb must be 0 or more, got {self.trunk_cache_gb}")
 
 
 def split_held_out(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

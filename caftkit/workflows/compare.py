@@ -33,6 +33,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..command_line import setting
 from ..core.heads import HEADS_CONFIG_FILE
 from ..evaluation.comparison_report import (
     ComparisonRow,
@@ -45,9 +46,18 @@ from ..evaluation.comparison_report import (
     uniqueness_metric,
 )
 from ..evaluation.task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
+from ..models import ModelSettings
 from ..resumable_jsonl import read_complete_records
 from ..training.export import export_run
-from ..training.finetuning import RUN_FILE, WARMUP_HEADS_DIR, FinetuneSettings, finetune, warmup_settings
+from ..training.finetuning import (
+    HEAD_WARMUP_CHOICES,
+    METHODS,
+    RUN_FILE,
+    WARMUP_HEADS_DIR,
+    FinetuneSettings,
+    finetune,
+    warmup_settings,
+)
 
 DEFAULT_ARMS = {"ntp": {"mode": "ntp"}, "caft": {"mode": "caft"}}
 TIMINGS_FILE = "timings.json"
@@ -95,32 +105,39 @@ class ArmSettings:
     finetune: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class CompareSettings:
+@dataclass(kw_only=True)
+class CompareSettings(ModelSettings):
     """What `compare` trains and evaluates. The top-level method, seeds, heads and head warm-up are the defaults of
     every arm; `finetune` holds the fine-tuning settings every arm shares, which an arm's own `finetune` overrides."""
 
-    train_data: str
-    model: str = "smollm2-135m-instruct"
-    task: str = "molecules"
-    test_data: str | None = None
-    test_examples: int | None = 500
-    heads: str | None = None
-    head_warmup: str = "yes"
-    method: str = "lora"
-    seeds: list[int] = field(default_factory=lambda: [0])
-    finetune: dict[str, Any] = field(default_factory=dict)
-    arms: dict[str, dict[str, Any]] | None = None
-    max_new_tokens: int | None = None
-    eval_batch_size: int = 16
-    n_resamples: int = 10000
-    dtype: str = "float32"
-    device: str = "auto"
+    data: str = setting(help="the task's training records (e.g. from `caft data molecules`).",
+                        formerly=("train_data",))
+    task: str = setting("molecules", help="how the exported models are scored (see `caft eval`).",
+                        choices=tuple(_TASK_COLUMNS))
+    test_data: str | None = setting(None, help="the test examples (default: moses:test for molecules, the bundled "
+                                               "HumanEval set).")
+    test_examples: int | None = setting(500, help="score the first this many test examples; 0 or none for all.")
+    heads: str | None = setting(None, help="heads folder of the caft arms (from `caft train-heads`); the default of "
+                                           "every arm.")
+    head_warmup: str = setting("yes", help="the caft arms' head warm-up on the task (see `caft finetune`); the "
+                                           "default of every arm.", choices=HEAD_WARMUP_CHOICES)
+    method: str = setting("lora", help="lora or full; the default of every arm.", choices=METHODS)
+    seeds: list[int] = setting(default_factory=lambda: [0], help="training seeds; the default of every arm.")
+    finetune: dict[str, Any] = setting(default_factory=dict, help="further `caft finetune` settings shared by every "
+                                                                  "arm, e.g. {epochs: 1, batch_size: 16}.")
+    arms: dict[str, Any] | None = setting(None, help="the arms, a mapping from a name to its settings: mode (ntp or "
+                                                     "caft, required), method, seeds, heads, head_warmup, baseline "
+                                                     "(caft arms: the ntp arm to measure against) and finetune (its "
+                                                     "overrides of the shared settings). Default: ntp and caft.")
+    max_new_tokens: int | None = setting(None, help="most tokens per answer in the evaluation (default: the "
+                                                    "task's).")
+    eval_batch_size: int = setting(16, help="prompts generated together in the evaluation.")
+    n_resamples: int = setting(10000, help="bootstrap resamples of the confidence intervals.")
 
     def __post_init__(self):
-        if self.task not in _TASK_COLUMNS:
-            raise ValueError(f"caft compare scores generated answers: task must be one of "
-                             f"{', '.join(_TASK_COLUMNS)}, got {self.task!r}")
+        super().__post_init__()
+        if self.test_examples == 0:
+            self.test_examples = None
         _check_finetune_keys(self.finetune, "finetune settings")
         self.arm_settings = {name: self._arm(name, values) for name, values in (self.arms or DEFAULT_ARMS).items()}
         if not self.arm_settings:
@@ -176,7 +193,7 @@ class CompareSettings:
         """The fine-tuning settings of one arm and seed."""
         arm = self.arm_settings[arm_name]
         caft = arm.mode == "caft"
-        return FinetuneSettings(model=self.model, data=self.train_data, mode=arm.mode, method=arm.method, seed=seed,
+        return FinetuneSettings(model=self.model, data=self.data, mode=arm.mode, method=arm.method, seed=seed,
                                 heads=arm.heads if caft else None, head_warmup=arm.head_warmup if caft else "no",
                                 dtype=self.dtype, device=self.device, **{**self.finetune, **arm.finetune})
 
@@ -434,7 +451,7 @@ def write_comparison_report(output: Path, settings: CompareSettings, comparisons
     context = {
         "base model": settings.model,
         "task": settings.task,
-        "training data": settings.train_data,
+        "training data": settings.data,
         "test data": f"{settings.test_data or 'default'} ({n_examples} examples)",
         "budget (every run)": _budget(_run_summary(output, settings.arm_settings[first].seeds[0], first)),
         "shared fine-tuning settings": settings.finetune or "defaults",

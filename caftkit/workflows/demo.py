@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..command_line import setting
 from ..decoding.greedy import greedy_answers
-from ..models import load_model, load_tokenizer, resolve_device
+from ..models import ModelSettings, load_model, load_tokenizer
 from ..resumable_jsonl import read_complete_records
 from ..tasks.molecules import score_answer, write_molecule_records
 from ..training.distill import DistillSettings, distill
@@ -19,15 +20,17 @@ from ..training.finetuning import FinetuneSettings, finetune
 from ..training.head_training import HeadTrainingSettings, format_head_table, train_heads
 
 
-@dataclass
-class DemoSizes:
-    """How much each stage of the demo does."""
+@dataclass(kw_only=True)
+class DemoSettings(ModelSettings):
+    """Where the demo writes and how much each of its stages does."""
 
-    distill_prompts: int = 48
-    distill_new_tokens: int = 96
-    molecules: int = 320
-    eval_molecules: int = 40
-    epochs: float = 1.0
+    output: str = setting("demo-output", help="folder for every artefact.")
+    distill_prompts: int = setting(48, help="ShareGPT prompts to self-distil.")
+    distill_new_tokens: int = setting(96, help="most tokens per distilled answer.")
+    molecules: int = setting(320, help="molecule-design records from the MOSES train split to fine-tune on (some "
+                                       "held out).")
+    eval_molecules: int = setting(40, help="MOSES test molecules to score the exported model on.")
+    epochs: float = setting(1.0, help="passes of head training and fine-tuning.")
 
 
 def _stage(name: str, timings: dict[str, float]):
@@ -43,10 +46,10 @@ def _stage(name: str, timings: dict[str, float]):
     return Timer()
 
 
-def run_demo(output: str, model_name: str, sizes: DemoSizes, device: str = "auto") -> dict[str, Any]:
-    """Run every stage into `output`; returns where each artefact is and the evaluation scores."""
-    device = resolve_device(device)
-    root = Path(output)
+def run_demo(sizes: DemoSettings) -> dict[str, Any]:
+    """Run every stage into `sizes.output`; returns where each artefact is and the evaluation scores."""
+    model_name, device = sizes.model, sizes.device
+    root = Path(sizes.output)
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     tokenizer = load_tokenizer(model_name)
@@ -97,7 +100,7 @@ def run_demo(output: str, model_name: str, sizes: DemoSizes, device: str = "auto
     return report
 
 
-def _score_exported(model_dir: Path, root: Path, sizes: DemoSizes, device: str) -> dict[str, Any]:
+def _score_exported(model_dir: Path, root: Path, sizes: DemoSettings, device: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)

@@ -1,0 +1,107 @@
+"""`caft generate`: one prompt answered greedily through the model's chat template, streamed to the terminal,
+plainly or by self-speculative decoding with the heads."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from ..command_line import setting
+from ..core.heads import attach_heads
+from ..data import render_prompt
+from ..models import ModelSettings, load_model, load_tokenizer, parse_dtype
+from .greedy import stop_token_ids
+from .speculative import generate as speculative_generate
+
+
+@dataclass(kw_only=True)
+class GenerateSettings(ModelSettings):
+    """The prompt, and how `caft generate` answers it."""
+
+    prompt: str = setting(help="the user message.")
+    system: str | None = setting(None, help="an optional system message.")
+    heads: str | None = setting(None, help="heads folder for --speculative (from `caft train-heads`, or "
+                                           "<model>-heads from `caft export`).")
+    speculative: bool = setting(False, help="draft with the heads (self-speculative decoding): the same text, "
+                                            "faster when the heads guess well.")
+    num_heads: int | None = setting(None, help="heads used for drafting (default: all).")
+    top_k: int = setting(1, help="candidates per head; above 1, each pass verifies a tree of drafts instead of a "
+                                 "chain.")
+    tree_size: int | None = setting(None, help="drafts verified per pass with --top-k above 1 (default: num_heads "
+                                               "* top_k).")
+    max_new_tokens: int = setting(256, help="most new tokens.")
+    draft_dtype: str | None = setting(None, help="with --speculative, draft with the heads in this dtype (e.g. "
+                                                 "bfloat16 for a float32 model: cheaper drafts, same text); default: "
+                                                 "--dtype.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.speculative and self.heads is None:
+            raise ValueError("--speculative needs --heads (a heads folder)")
+        if self.draft_dtype is not None:
+            parse_dtype(self.draft_dtype)  # a typo fails before anything loads
+
+
+class _TokenStream(BaseStreamer):
+    """A transformers streamer handing each generated token to `show`; its first `put` is the prompt."""
+
+    def __init__(self, show):
+        super().__init__()
+        self.show = show
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.show(0, value.reshape(-1).tolist())
+
+    def end(self):
+        pass
+
+
+def answer_prompt(settings: GenerateSettings) -> dict[str, Any]:
+    """Answer `settings.prompt`, printing the text as it comes and a speed line on stderr; returns the tokens, the
+    seconds, the forward passes and the mean tokens accepted per pass."""
+    tokenizer = load_tokenizer(settings.model)
+    model = load_model(settings.model, settings.dtype).to(settings.device).eval()
+    if settings.speculative:
+        attach_heads(model, settings.heads)
+    messages = ([{"role": "system", "content": settings.system}] if settings.system else []) + [
+        {"role": "user", "content": settings.prompt}]
+    ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = ids.to(settings.device)
+    stop_ids = stop_token_ids(model, tokenizer)
+    answer: list[int] = []
+    shown = ""
+
+    def show(_row: int, tokens: list[int]) -> None:
+        nonlocal shown
+        answer.extend(tokens)
+        # Decode the whole answer each time: a character may span tokens that arrive in different steps.
+        text = tokenizer.decode(answer, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    started = time.perf_counter()
+    if settings.speculative:
+        result = speculative_generate(model, input_ids=ids, max_new_tokens=settings.max_new_tokens,
+                                      eos_token_id=stop_ids, num_heads=settings.num_heads, top_k=settings.top_k,
+                                      tree_size=settings.tree_size, on_tokens=show, draft_dtype=settings.draft_dtype)
+        passes, accepted = result.forward_passes, result.mean_accepted
+    else:
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
+                           do_sample=False, eos_token_id=stop_ids, streamer=_TokenStream(show), top_k=None,
+                           top_p=None, temperature=None, pad_token_id=tokenizer.pad_token_id or stop_ids[0])
+        passes, accepted = len(answer), 1.0  # one token per forward pass
+    seconds = time.perf_counter() - started
+    print()
+    print(f"[{len(answer)} tokens in {seconds:.2f} s, {len(answer) / max(seconds, 1e-9):.1f} tokens/s, "
+          f"{passes} forward passes, {accepted:.2f} tokens per pass]", file=sys.stderr)
+    return {"tokens": answer, "seconds": seconds, "forward_passes": passes, "mean_accepted": accepted}

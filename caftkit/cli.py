@@ -186,8 +186,8 @@ def compare(settings: CompareSettings, where: CompareOutput) -> dict:
     resumes: finished runs, exports and evaluations are kept when made with the same settings, an interrupted run
     continues from its last checkpoint.
     """
-    from .workflows.compare import REPORT_FILE
     from .workflows.compare import compare as run
+    from .workflows.compare_report import REPORT_FILE
 
     result = run(where.output, settings)
     for comparison in result["comparisons"]:

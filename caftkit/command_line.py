@@ -339,11 +339,16 @@ def run_command(prog: str, description: str, commands: dict[str, Command], versi
     """Parse `argv`, build the command's settings (defaults, then `--config`, then flags) and run it. A user error
     (a bad value, a missing file, a refused setting) is printed as one line and returns 2."""
     try:
-        given = vars(build_parser(prog, description, commands, version).parse_args(argv))
+        namespace, unknown = build_parser(prog, description, commands, version).parse_known_args(argv)
     except SystemExit as exited:  # --help, --version, or a flag refused (the message is printed)
         return int(exited.code or 0)
+    given = vars(namespace)
     command = given.pop("_command")
     name = " ".join(str(given.pop(key)) for key in ("command", "subcommand") if key in given)
+    if unknown:
+        print(f"{prog} {name}: error: unrecognized arguments: {' '.join(unknown)} (see {prog} {name} --help)",
+              file=sys.stderr)
+        return 2
     config = given.pop("config", None)
     try:
         settings = build_settings_group(command.settings, given, config)

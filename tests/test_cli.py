@@ -120,3 +120,92 @@ def test_version_and_env(capsys):
     assert report["cpu"] == {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                              "bf16_native": bf16_is_fast("cpu")}
     assert report["cuda"]["available"] is torch.cuda.is_available()
+
+
+def _subparser(parser, name: str):
+    """The parser of command `name` ("bench train" for a sub-command)."""
+    import argparse
+
+    for word in name.split(" "):
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[word]
+    return parser
+
+
+def test_every_flag_of_every_command_has_help_and_shows_the_field_default():
+    import argparse
+    import dataclasses
+
+    from caftkit.cli import COMMANDS
+    from caftkit.command_line import build_parser, default_of, fields_of
+
+    parser = build_parser("caft", "", COMMANDS, "0")
+    for name, command in COMMANDS.items():
+        sub = _subparser(parser, name)
+        actions = {action.dest: action for action in sub._actions if action.help != argparse.SUPPRESS}
+        for cls in command.settings:
+            for field, _ in fields_of(cls):
+                action = actions[field.name]
+                assert len(action.help) > 15, (name, field.name)
+                default = default_of(field)
+                if default is dataclasses.MISSING:
+                    assert action.help.endswith("(required)"), (name, field.name)
+                elif default not in (None, "", [], {}):
+                    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+                    assert action.help.endswith(f"(default: {shown})"), (name, field.name, action.help)
+        # nothing given means every setting at its declared default
+        if command.settings:
+            assert vars(sub.parse_args([])) == {"_command": command}
+
+
+def test_finetune_settings_from_yaml_equal_the_same_flags(tmp_path, capsys):
+    from caftkit.cli import COMMANDS
+    from caftkit.command_line import build_parser, build_settings_group
+
+    config = tmp_path / "finetune.yaml"
+    config.write_text("data: task.jsonl\nlearning-rate: 2e-4\nresume: yes\ntrain_heads: true\nmax-steps: 10\n"
+                      "mode: ntp\nlora-target-modules: [q_proj, v_proj]\ntrainer: {adam_beta2: 0.95}\n"
+                      "report-to: none\nfreeze_unembedding: off\noutput: run-a\n")
+    command = COMMANDS["finetune"]
+    from_yaml = build_settings_group(command.settings, {}, config)
+    flags = ["--data", "task.jsonl", "--learning-rate", "2e-4", "--resume", "--train-heads", "--max-steps", "10",
+             "--mode", "ntp", "--lora-target-modules", "q_proj,v_proj", "--trainer", "{adam_beta2: 0.95}",
+             "--report-to", "none", "--no-freeze-unembedding", "--output", "run-a"]
+    given = vars(_subparser(build_parser("caft", "", COMMANDS, "0"), "finetune").parse_args(flags))
+    given.pop("_command")
+    from_flags = build_settings_group(command.settings, given)
+    assert from_yaml == from_flags
+    settings, where = from_yaml
+    assert settings.learning_rate == 2e-4 and isinstance(settings.learning_rate, float)
+    assert (settings.train_heads, settings.freeze_unembedding, where.resume) == (True, False, True)
+    assert settings.report_to == [] and settings.trainer == {"adam_beta2": 0.95}
+    # --no-resume after --resume wins, as the last flag does
+    given = vars(_subparser(build_parser("caft", "", COMMANDS, "0"), "finetune").parse_args(
+        ["--resume", "--no-resume"]))
+    assert given["resume"] is False
+    assert main(["finetune", "--data", "task.jsonl", "--mode", "sft"]) == 2
+    assert capsys.readouterr().err == ("caft finetune: error: argument --mode: 'sft' is not one of caft, ntp "
+                                       "(see caft finetune --help)\n")
+
+
+def test_a_logging_back_end_that_is_not_installed_is_refused_before_anything(tmp_path, capsys):
+    import importlib.util
+
+    assert importlib.util.find_spec("wandb") is None  # not a dependency of caftkit
+    output = tmp_path / "run"
+    assert main(["finetune", "--data", "task.jsonl", "--report-to", "wandb", "--output", str(output)]) == 2
+    assert capsys.readouterr().err == "caft finetune: error: report_to: wandb is not installed (pip install wandb)\n"
+    assert not output.exists()
+    assert main(["train-heads", "--data", "d.jsonl", "--report-to", "tensorbord", "--output", str(output)]) == 2
+    assert "report_to: 'tensorbord' is not a logging integration; expected none or some of" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_a_misspelt_boolean_and_none_for_an_optional_count(tmp_path, capsys):
+    assert main(["finetune", "--data", "task.jsonl", "--resume", "flase"]) == 2
+    assert "caft finetune: error: unrecognized arguments: flase" in capsys.readouterr().err
+    source = tmp_path / "molecules.smi"
+    source.write_text("CC(=O)O\nN#Cc1ccccc1\nCC(=O)N\n")
+    output = tmp_path / "task.jsonl"
+    assert main(["data", "molecules", "--smiles", str(source), "--n", "none", "--output", str(output)]) == 0
+    assert len(output.read_text().splitlines()) == 3  # none: every molecule

@@ -13,7 +13,8 @@ from caftkit.evaluation.task_eval import GENERATIONS_FILE, molecule_examples
 from caftkit.tasks.molecules import describe_molecule, molecule_record
 from caftkit.training.finetuning import RUN_FILE
 from caftkit.training.head_training import HeadTrainingSettings, train_heads
-from caftkit.workflows.compare import COMPARISON_FILE, REPORT_FILE, TIMINGS_FILE, CompareSettings, compare
+from caftkit.workflows.compare import COMPARISON_FILE, TIMINGS_FILE, CompareSettings, compare
+from caftkit.workflows.compare_report import REPORT_FILE
 
 TRAIN = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "CC#N", "CC(C)O", "OCC(O)CO", "CC(=O)N", "Oc1ccccc1", "CCOC"]
 TEST = ["CCO", "Oc1ccccc1", "OC(=O)c1ccccc1", "CC#N", "CCN", "CC(=O)N"]

@@ -9,17 +9,14 @@ import statistics
 import numpy as np
 import pytest
 
-from caftkit.evaluation.comparison_report import (
+from caftkit.evaluation.bootstrap import (
     ComparisonRow,
     comparison_table,
     draw_resamples,
-    format_difference,
-    format_value,
     paired_bootstrap,
-    report_markdown,
     uniqueness_metric,
-    write_report,
 )
+from caftkit.evaluation.comparison_report import format_difference, format_value, report_markdown, write_report
 
 
 def naive_quantile(values: list[float], q: float) -> float:

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic_files import atomic_path, write_text_atomically
 from .architecture import find_model_parts, unwrap_model
 from .distributed import is_main_process, whole_tensor
 from .layer_call import LayerCall
@@ -177,13 +178,10 @@ def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: di
     }
     if heads.metadata.get("previous_base_fingerprints"):  # heads re-fitted after `rebase_heads` keep their history
         config["previous_base_fingerprints"] = heads.metadata["previous_base_fingerprints"]
-    # Write to temporary names first: an interrupted save never leaves a half-written heads folder behind.
-    weights_tmp = directory / (HEADS_WEIGHTS_FILE + ".tmp")
-    config_tmp = directory / (HEADS_CONFIG_FILE + ".tmp")
-    save_file(state, str(weights_tmp), metadata={"format": "pt"})
-    config_tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(weights_tmp, directory / HEADS_WEIGHTS_FILE)
-    os.replace(config_tmp, directory / HEADS_CONFIG_FILE)
+    # Weights first, config last: an interrupted save never leaves a config naming weights that are not there.
+    with atomic_path(directory / HEADS_WEIGHTS_FILE) as weights:
+        save_file(state, str(weights), metadata={"format": "pt"})
+    write_text_atomically(directory / HEADS_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -199,10 +197,7 @@ def rebase_heads(directory: str | os.PathLike, model: nn.Module) -> dict[str, An
         config["previous_base_fingerprints"] = config.get("previous_base_fingerprints", []) + [
             config["base_fingerprint"]]
         config["base_fingerprint"] = fingerprint
-        path = Path(directory) / HEADS_CONFIG_FILE
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(temporary, path)
+        write_text_atomically(Path(directory) / HEADS_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return config
 
 

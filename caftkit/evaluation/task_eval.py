@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import write_text_atomically
 from ..command_line import setting
 from ..data import DataError, iter_raw_records, render_prompt, to_messages
 from ..models import ModelSettings, resolve_device
@@ -234,11 +235,7 @@ def score_loss(model, tokenizer, settings: EvalSettings) -> tuple[dict[str, floa
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    with staging.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(staging, path)
+    write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, tokenizer=None,

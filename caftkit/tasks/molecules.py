@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import atomic_path
 from ..command_line import setting
 from ..package_data import package_file
 
@@ -200,11 +201,9 @@ def write_molecule_records(source: str, output: str | os.PathLike, n: int | None
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     stats = MoleculeDataStats()
-    staging = output.with_name(output.name + ".tmp")
-    with staging.open("w", encoding="utf-8") as handle:
+    with atomic_path(output) as staging, staging.open("w", encoding="utf-8") as handle:
         for record in iter_molecule_records(source, n, seed, stats):
             handle.write(json.dumps(record) + "\n")
-    os.replace(staging, output)
     return stats
 
 

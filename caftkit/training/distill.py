@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..atomic_files import write_text_atomically
 from ..command_line import setting
 from ..data import BUNDLED_SHAREGPT, ReadStats, Record, iter_prompts, render_prompt
 from ..decoding.greedy import STOP_END_OF_TURN, generate_batch
@@ -219,7 +220,4 @@ def _write_meta(output: Path, settings: DistillSettings, summary: DistillSummary
     meta = {"settings": asdict(settings), "last_run": {**asdict(summary), "tokens_per_second":
                                                        round(summary.tokens_per_second, 2)},
             "records_written": written, "plan_stages": stages}
-    target = meta_path(output)
-    staging = target.with_name(target.name + ".tmp")
-    staging.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(staging, target)
+    write_text_atomically(meta_path(output), json.dumps(meta, indent=2) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,28 @@ _SET_BY_CAFTKIT = frozenset({
     "seed", "data_seed", "dataloader_num_workers", "mode", "num_heads", "heads_path", "alpha", "beta", "schedule",
     "train_heads", "freeze_unembedding", "trunk_cache_gb", "loss_type", "activation_checkpointing",
 })
+# Each logging integration transformers offers and the modules it needs (any one of them): checked with
+# `find_spec`, which imports nothing, so a missing back-end is refused at once instead of after the model loads.
+REPORT_TO_MODULES = {
+    "azure_ml": ("azureml",), "clearml": ("clearml",), "codecarbon": ("codecarbon",), "comet_ml": ("comet_ml",),
+    "dagshub": ("dagshub",), "dvclive": ("dvclive",), "flyte": ("flytekit",), "mlflow": ("mlflow",),
+    "neptune": ("neptune",), "swanlab": ("swanlab",), "tensorboard": ("tensorboard", "tensorboardX"),
+    "trackio": ("trackio",), "wandb": ("wandb",),
+}
+
+
+def check_report_to(names: list[str]) -> list[str]:
+    """The logging integrations to use (`none` drops out): each must be one transformers knows and be installed."""
+    names = [name for name in names if name != "none"]
+    for name in names:
+        if name not in REPORT_TO_MODULES:
+            raise ValueError(f"report_to: {name!r} is not a logging integration; expected none or some of "
+                             f"{', '.join(REPORT_TO_MODULES)}")
+        if not any(importlib.util.find_spec(module) for module in REPORT_TO_MODULES[name]):
+            raise ValueError(f"report_to: {name} is not installed (pip install {REPORT_TO_MODULES[name][0]})")
+    return names
+
+
 @dataclass(kw_only=True)
 class RunSettings(ModelSettings):
     """The model, the data, and how a `caft train-heads` or `caft finetune` run trains on it."""
@@ -63,6 +86,7 @@ class RunSettings(ModelSettings):
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         resolve_mixed_precision(self.mixed_precision, "cpu")  # checks the name
+        self.report_to = check_report_to(self.report_to)
         if self.trainer:
             check_trainer_fields(self.trainer)
 

@@ -35,16 +35,7 @@ from typing import Any
 
 from ..command_line import setting
 from ..core.heads import HEADS_CONFIG_FILE
-from ..evaluation.comparison_report import (
-    ComparisonRow,
-    comparison_table,
-    format_context,
-    format_value,
-    plot_differences,
-    reading_section,
-    results_section,
-    uniqueness_metric,
-)
+from ..evaluation.bootstrap import comparison_table, uniqueness_metric
 from ..evaluation.task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
 from ..models import ModelSettings
 from ..resumable_jsonl import read_complete_records
@@ -58,10 +49,14 @@ from ..training.finetuning import (
     finetune,
     warmup_settings,
 )
+from .compare_report import (
+    ArmComparison,
+    arm_dir,
+    write_comparison_report,
+)
 
 DEFAULT_ARMS = {"ntp": {"mode": "ntp"}, "caft": {"mode": "caft"}}
 TIMINGS_FILE = "timings.json"
-REPORT_FILE = "report.md"
 COMPARISON_FILE = "comparison.json"
 ARM_SETTINGS_FILE = "arm_settings.json"
 
@@ -70,19 +65,6 @@ _TASK_COLUMNS = {
     "molecules": {"validity": "valid", "formula_match": "formula_match", "group_recall": "group_recall",
                   "groups_match": "groups_match", "exact_match": "exact_match", "tanimoto": "tanimoto"},
     "humaneval": {"pass@1": "passed"},
-}
-DEFINITIONS = {
-    "molecules": {
-        "validity": "the answer parses as a molecule (RDKit).",
-        "formula_match": "the molecule has exactly the requested molecular formula.",
-        "group_recall": "fraction of the requested functional groups present (0 for an invalid answer).",
-        "groups_match": "every requested functional group is present.",
-        "exact_match": "the canonical SMILES equals the reference molecule's.",
-        "tanimoto": "Tanimoto similarity to the reference of Morgan fingerprints (radius 2, 2048 bits); 0 when "
-                    "invalid.",
-        "uniqueness": "distinct valid molecules / valid answers.",
-    },
-    "humaneval": {"pass@1": "the greedy completion passes the problem's tests."},
 }
 # Fine-tuning settings that compare sets itself, per arm.
 _ARM_KEYS = {"model", "data", "mode", "method", "seed", "heads", "head_warmup", "dtype", "device"}
@@ -230,11 +212,6 @@ class _Timings:
         return round(sum(value for key, value in self.seconds.items() if key.split("/")[1:2] == [arm]), 1)
 
 
-def arm_dir(output: Path, seed: int, arm: str) -> Path:
-    """The folder of one arm and seed."""
-    return output / f"seed-{seed}" / arm
-
-
 def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
@@ -346,27 +323,6 @@ def arm_records(output: Path, settings: CompareSettings, arm: str, seeds: list[i
     return records, ids or []
 
 
-def _run_summary(output: Path, seed: int, arm: str) -> dict[str, Any]:
-    return json.loads((arm_dir(output, seed, arm) / "run" / RUN_FILE).read_text())
-
-
-def _budget(run: dict[str, Any]) -> dict[str, Any]:
-    used = run["settings"]
-    return {"training examples": run["train_examples"], "held-out examples": run["held_out_examples"],
-            "optimizer steps per run": run["optimizer_steps"], "epochs": used["epochs"],
-            "batch size": used["batch_size"] * used["grad_accum"], "learning rate": used["learning_rate"]}
-
-
-@dataclass
-class ArmComparison:
-    """One CAFT arm against its baseline, over the seeds both ran."""
-
-    arm: str
-    baseline: str
-    seeds: list[int]
-    rows: list[ComparisonRow]
-
-
 def compare_arms(output: Path, settings: CompareSettings) -> list[ArmComparison]:
     """Every CAFT arm against its baseline, paired by seed on the seeds both ran."""
     set_metrics = {"uniqueness": uniqueness_metric("answer", "validity")} if settings.task == "molecules" else {}
@@ -382,108 +338,6 @@ def compare_arms(output: Path, settings: CompareSettings) -> list[ArmComparison]
                                 set_metrics=set_metrics, n_resamples=settings.n_resamples)
         comparisons.append(ArmComparison(arm, baseline, seeds, rows))
     return comparisons
-
-
-def _arm_overview(output: Path, settings: CompareSettings, timings: _Timings) -> list[str]:
-    lines = ["| arm | mode | method | seeds | heads, warm-up | own settings | baseline | wall time (s) |",
-             "|---|---|---|---|---|---|---|---:|"]
-    for name, arm in settings.arm_settings.items():
-        heads = f"{arm.heads or 'copies of the last layer'}, {arm.head_warmup}" if arm.mode == "caft" else "-"
-        own = format_context(arm.finetune) if arm.finetune else "-"
-        lines.append(f"| {name} | {arm.mode} | {arm.method} | {format_context(arm.seeds)} | {heads} | {own} "
-                     f"| {settings.baselines.get(name, '-')} | {timings.arm_total(name):.0f} |")
-    return lines + [""]
-
-
-def _summary_table(comparisons: list[ArmComparison], settings: CompareSettings) -> list[str]:
-    """Each metric of every arm: the mean over its seeds in the comparison, with the per-seed values."""
-    values: dict[str, dict[str, tuple[float, tuple[float, ...], bool]]] = {}
-    for comparison in comparisons:
-        for row in comparison.rows:
-            values.setdefault(row.metric, {})
-            values[row.metric].setdefault(comparison.baseline, (row.ntp, row.ntp_per_seed, row.percent))
-            values[row.metric][comparison.arm] = (row.caft, row.caft_per_seed, row.percent)
-    arms = [name for name in settings.arm_settings if any(name in by_arm for by_arm in values.values())]
-    lines = ["| metric | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
-    for metric, by_arm in values.items():
-        cells = []
-        for name in arms:
-            mean, per_seed, percent = by_arm[name]
-            seeds = f" ({', '.join(format_value(v, percent) for v in per_seed)})" if len(per_seed) > 1 else ""
-            cells.append(format_value(mean, percent) + seeds)
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def _heads_table(output: Path, settings: CompareSettings) -> list[str]:
-    """Held-out top-1 accuracy of each auxiliary head of every CAFT run: at the start (the given heads on the task),
-    after the warm-up, and at the end of fine-tuning (the heads frozen, the model moved under them)."""
-    lines = []
-    for name, arm in settings.arm_settings.items():
-        if arm.mode != "caft":
-            continue
-        for seed in arm.seeds:
-            run = _run_summary(output, seed, name)
-            record = run.get("head_warmup") or {}
-            warm_config = arm_dir(output, seed, name) / "run" / WARMUP_HEADS_DIR / HEADS_CONFIG_FILE
-            training = json.loads(warm_config.read_text()).get("training", {}) if warm_config.exists() else {}
-            start = training.get("held_out_before") or record.get("held_out_at_start") or {}
-            warmed = training.get("held_out_after") or {}
-            end = run.get("held_out_per_head", {})
-            for head in sorted((h for h in end if h != "head_1"), key=lambda h: int(h.split("_")[1])):
-                k = int(head.split("_")[1])
-                cell = [start.get(head, {}).get("accuracy"), warmed.get(head, {}).get("accuracy"),
-                        end[head].get("accuracy")]
-                text = ["-" if value is None else f"{value:.3f}" for value in cell]
-                lines.append(f"| {name} | {seed} | t+{k} | {text[0]} | {text[1]} | {text[2]} |")
-    if not lines:
-        return []
-    return ["| arm | seed | head | top-1 at start | after warm-up | after fine-tuning |",
-            "|---|---:|---|---:|---:|---:|",
-            *lines, ""]
-
-
-def write_comparison_report(output: Path, settings: CompareSettings, comparisons: list[ArmComparison],
-                            timings: _Timings) -> Path:
-    """Write `report.md` (context, arms, summary, one section per CAFT arm with its chart, heads) and the charts."""
-    first = next(iter(settings.arm_settings))
-    n_examples = comparisons[0].rows[0].n_examples if comparisons else 0
-    context = {
-        "base model": settings.model,
-        "task": settings.task,
-        "training data": settings.data,
-        "test data": f"{settings.test_data or 'default'} ({n_examples} examples)",
-        "budget (every run)": _budget(_run_summary(output, settings.arm_settings[first].seeds[0], first)),
-        "shared fine-tuning settings": settings.finetune or "defaults",
-        "evaluation": f"greedy, batch {settings.eval_batch_size}, dtype {settings.dtype}",
-    }
-    lines = ["# CAFT against next-token fine-tuning", "", "## Context", ""]
-    lines += [f"- **{key}**: {format_context(value)}" for key, value in context.items()]
-    lines += ["", "## Arms", ""] + _arm_overview(output, settings, timings)
-    if comparisons:
-        lines += ["## Summary", "", "Each arm's mean over the seeds it is compared on; per-seed values in brackets.",
-                  ""] + _summary_table(comparisons, settings)
-    for comparison in comparisons:
-        title = f"{comparison.arm} against {comparison.baseline}"
-        chart = f"report-{comparison.arm}.png"
-        plot_differences(comparison.rows, output / chart, title=f"{comparison.arm} - {comparison.baseline} per metric",
-                         difference=f"{comparison.arm} - {comparison.baseline}")
-        lines += [f"## {title}", ""]
-        lines += results_section(comparison.rows, comparison.baseline, comparison.arm)
-        lines += reading_section(comparison.rows, comparison.baseline, comparison.arm)
-        lines += [f"![{comparison.arm} - {comparison.baseline} per metric, with "
-                  f"{100 * comparison.rows[0].confidence:g}% CI]({chart})", ""]
-    heads = _heads_table(output, settings)
-    if heads:
-        lines += ["## Auxiliary heads: held-out top-1 accuracy", "",
-                  "On the held-out split of the training data: the given heads at the start, after the warm-up on "
-                  "the task (eq. 3, the base frozen), and at the end of fine-tuning (the heads frozen while the model "
-                  "moved under them).", ""] + heads
-    lines += ["## Definitions", ""]
-    lines += [f"- **{name}**: {text}" for name, text in DEFINITIONS[settings.task].items()]
-    path = output / REPORT_FILE
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def compare(output: str, settings: CompareSettings, progress: bool = True) -> dict[str, Any]:

@@ -260,3 +260,32 @@ def test_trainer_settings_reach_the_trainer(tiny_dir, tmp_path, capsys):
                      str(tmp_path / "refused"), "--trainer", trainer]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "refused").exists()
+
+
+def test_a_killed_head_warm_up_continues_on_the_rerun(tiny_dir, tmp_path):
+    """A fine-tune killed (SIGKILL) during its head warm-up, after a warm-up checkpoint, is started again with the
+    same command: the warm-up continues from its checkpoint and ends with the heads of an uninterrupted one."""
+    data = write_task(tmp_path / "task.jsonl", 60)
+    flags = ["--model", str(tiny_dir / "model"), "--data", str(data), "--heads", str(tiny_dir / "heads"),
+             "--num-heads", "2", "--batch-size", "2", "--head-warmup", "yes", "--save-steps", "4", "--max-steps", "1",
+             "--lora-r", "4", "--lora-alpha", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "caftkit.cli", "finetune"]
+    subprocess.run(command + flags + ["--output", str(tmp_path / "complete")], check=True, env=env,
+                   capture_output=True)
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(command + flags + ["--output", str(interrupted)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = interrupted / "warmup-heads" / "checkpoints" / "checkpoint-8" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not checkpoint.is_file():
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "warmup-heads" / "heads_config.json").exists(), "killed before the warm-up ended"
+    subprocess.run(command + flags + ["--output", str(interrupted)], check=True, env=env, capture_output=True)
+    finished = load_file(str(tmp_path / "complete" / "warmup-heads" / "heads.safetensors"))
+    resumed = load_file(str(interrupted / "warmup-heads" / "heads.safetensors"))
+    assert set(finished) == set(resumed)
+    for name in finished:
+        torch.testing.assert_close(resumed[name], finished[name], rtol=1e-5, atol=1e-6)

@@ -23,7 +23,14 @@ from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
 from ..evaluation.head_metrics import head_metrics
 from ..models import load_model, load_tokenizer, resolve_device
-from .head_training import HeadTrainingSettings, per_head_metrics, split_held_out, train_heads
+from .head_training import (
+    CHECKPOINTS_DIR,
+    HeadTrainingSettings,
+    last_checkpoint,
+    per_head_metrics,
+    split_held_out,
+    train_heads,
+)
 from .settings import RunSettings, trainer_arguments
 
 RUN_FILE = "caft_run.json"
@@ -97,7 +104,7 @@ def warmup_settings(settings: FinetuneSettings, heads_dir: str | None) -> HeadTr
     return HeadTrainingSettings(
         model=settings.model, data=settings.data, init=heads_dir, num_heads=settings.num_heads, alpha=settings.alpha,
         epochs=1.0, batch_size=settings.batch_size, grad_accum=settings.grad_accum, max_length=settings.max_length,
-        eval_fraction=settings.eval_fraction, seed=settings.seed, dtype=settings.dtype,
+        eval_fraction=settings.eval_fraction, save_steps=settings.save_steps, seed=settings.seed, dtype=settings.dtype,
         mixed_precision=settings.mixed_precision, device=settings.device, report_to=settings.report_to)
 
 
@@ -109,7 +116,9 @@ def _warm_up_heads(output: Path, settings: FinetuneSettings, heads_dir: str | No
         return target  # done by an earlier, interrupted invocation of this run (or given by `caft compare`)
     except FileNotFoundError:
         pass
-    train_heads(str(target), warmup_settings(settings, heads_dir), model=model, tokenizer=tokenizer)
+    # A warm-up killed part-way left its checkpoints: it continues from the last one.
+    resume = last_checkpoint(target / CHECKPOINTS_DIR) is not None
+    train_heads(str(target), warmup_settings(settings, heads_dir), resume=resume, model=model, tokenizer=tokenizer)
     return target
 
 

@@ -81,7 +81,8 @@ def per_head_metrics(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     return dict(sorted(heads.items(), key=lambda item: int(item[0].split("_")[1])))
 
 
-def _last_checkpoint(directory: Path) -> str | None:
+def last_checkpoint(directory: Path) -> str | None:
+    """The newest `checkpoint-N` folder in `directory`, or None."""
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(directory)) if directory.is_dir() else None
@@ -104,10 +105,10 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
 
     output_dir = Path(output)
     run_dir = output_dir / CHECKPOINTS_DIR
-    checkpoint = _last_checkpoint(run_dir) if resume else None
+    checkpoint = last_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
-    if not resume and _last_checkpoint(run_dir) is not None:
+    if not resume and last_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} holds checkpoints of an earlier run: resume it (--resume) or choose a new output")
 
     if tokenizer is None:

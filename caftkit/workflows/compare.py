@@ -250,16 +250,18 @@ def _share_warmup(output: Path, settings: CompareSettings, arm_name: str, seed: 
     arm = settings.arm_settings[arm_name]
     if arm.mode != "caft" or arm.head_warmup == "no" or (run_dir / WARMUP_HEADS_DIR).exists():
         return None
-    wanted = _as_json(asdict(warmup_settings(settings.finetune_settings(arm_name, seed), arm.heads)))
-    wanted.pop("device")
+    # settings that do not change the warmed-up heads (where and how often it saved, logged, ran) are not compared
+    ignored = _NOT_COMPARED | {"save_total_limit"}
+    wanted = {key: value for key, value in _as_json(asdict(warmup_settings(settings.finetune_settings(arm_name, seed),
+                                                                           arm.heads))).items()
+              if key not in ignored}
     for other in settings.arm_settings:
         source = arm_dir(output, seed, other) / "run" / WARMUP_HEADS_DIR
         config = source / HEADS_CONFIG_FILE
         if other == arm_name or not config.exists():
             continue
-        done = dict(json.loads(config.read_text()).get("training", {}).get("settings", {}))
-        done.pop("device", None)
-        if done == wanted:
+        done = json.loads(config.read_text()).get("training", {}).get("settings", {})
+        if {key: value for key, value in done.items() if key not in ignored} == wanted:
             run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(source, run_dir / WARMUP_HEADS_DIR)
             return other

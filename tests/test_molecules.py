@@ -128,8 +128,8 @@ def test_command_writes_the_records_and_reports_counts(tmp_path, capsys):
         ("", (False, False, False)),
     ],
 )
-def test_score_answer(answer, expected):
-    from caftkit.tasks.molecules import score_answer
+def test_an_answer_is_checked_for_validity_formula_and_groups(answer, expected):
+    from caftkit.tasks.molecule_metrics import check_molecule
 
-    score = score_answer(answer, "C7H5N", ["benzene ring", "nitrile"])
-    assert (score.valid, score.formula_match, score.groups_match) == expected
+    check = check_molecule(answer, "N#Cc1ccccc1", "C7H5N", ["benzene ring", "nitrile"])
+    assert (check.valid, check.formula_match, check.groups_match) == expected

@@ -1,14 +1,12 @@
 """Batched greedy (or sampled) generation with `model.generate`: one stop-token rule for every caller.
 
 Prompts of one batch are left-padded so that they all end where generation starts; a static KV cache holds
-prompt and answer. Used by distillation, task evaluation and the demo.
+prompt and answer. Used by distillation and task evaluation (the demo scores through the latter).
 """
 
 from __future__ import annotations
 
 import torch
-
-from ..data import render_prompt
 
 STOP_END_OF_TURN = "end_of_turn"
 STOP_MAX_NEW_TOKENS = "max_new_tokens"
@@ -60,19 +58,4 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
             answers.append((row[:max_new_tokens], STOP_MAX_NEW_TOKENS))
         else:
             answers.append((row[:stop], STOP_END_OF_TURN))
-    return answers
-
-
-def greedy_answers(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 128,
-                   batch_size: int = 16) -> list[str]:
-    """The model's greedy answer to each prompt (a list of messages), through its chat template, batched by
-    length with left padding."""
-    ids = [tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"] for messages in prompts]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    answers: list[str] = [""] * len(ids)
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        for i, (tokens, _) in zip(chunk, generate_batch(model, tokenizer, [ids[i] for i in chunk], max_new_tokens)):
-            answers[i] = tokenizer.decode(tokens, skip_special_tokens=True)
     return answers

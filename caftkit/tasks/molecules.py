@@ -207,15 +207,6 @@ def write_molecule_records(source: str, output: str | os.PathLike, n: int | None
     return stats
 
 
-@dataclass(frozen=True)
-class MoleculeScore:
-    """How an answer meets a molecule-design request: parses, has the formula, has every group."""
-
-    valid: bool
-    formula_match: bool
-    groups_match: bool
-
-
 def answer_smiles(answer: str) -> str:
     """The SMILES a generated answer gives: its first whitespace-separated word, without surrounding backticks,
     quotes or sentence punctuation (`.,;`); a leading Markdown code fence and its language tag are skipped.
@@ -226,11 +217,3 @@ def answer_smiles(answer: str) -> str:
         text = text[3:].split("\n", 1)[1] if "\n" in text else text[3:]
     words = text.split()
     return words[0].strip("`'\".,;") if words else ""
-
-
-def score_answer(answer: str, formula: str, groups: list[str] | tuple[str, ...]) -> MoleculeScore:
-    """Score a generated answer (the SMILES is read from it by `answer_smiles`)."""
-    facts = describe_molecule(answer_smiles(answer))
-    if facts is None:
-        return MoleculeScore(False, False, False)
-    return MoleculeScore(True, facts.formula == formula, set(groups) <= set(facts.groups))

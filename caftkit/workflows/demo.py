@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..command_line import setting
-from ..decoding.greedy import greedy_answers
+from ..evaluation.task_eval import EXAMPLES_FILE, EvalSettings, evaluate
 from ..models import ModelSettings, load_model, load_tokenizer
 from ..resumable_jsonl import read_complete_records
-from ..tasks.molecules import score_answer, write_molecule_records
+from ..tasks.molecules import write_molecule_records
 from ..training.distill import DistillSettings, distill
 from ..training.export import export_run
 from ..training.finetuning import FinetuneSettings, finetune
@@ -101,23 +101,20 @@ def run_demo(sizes: DemoSettings) -> dict[str, Any]:
 
 
 def _score_exported(model_dir: Path, root: Path, sizes: DemoSettings, device: str) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    """`caft eval --task molecules` on held-out MOSES test molecules, through the same code."""
     # Molecules from the MOSES test split: never seen in training (the task data comes from the train split).
     held_out = root / "molecules-test.jsonl"
     write_molecule_records("moses:test", held_out, n=sizes.eval_molecules, seed=1)
-    records = read_complete_records(held_out, required=("messages", "meta"), what="a molecule record")
-    answers = greedy_answers(model, tokenizer, [r["messages"][:1] for r in records], max_new_tokens=96)
-    scores = [score_answer(a, r["meta"]["formula"], r["meta"]["groups"]) for a, r in zip(answers, records)]
-    n = len(scores)
-    result = {"prompts": n, "valid": sum(s.valid for s in scores) / n,
-              "formula_match": sum(s.formula_match for s in scores) / n,
-              "groups_match": sum(s.groups_match for s in scores) / n,
-              "examples": [{"formula": r["meta"]["formula"], "answer": a} for r, a in zip(records[:3], answers)]}
-    print(f"valid SMILES {result['valid']:.2f}, formula match {result['formula_match']:.2f}, "
-          f"all groups present {result['groups_match']:.2f} over {n} MOSES test molecules")
+    result = evaluate(root / "eval", EvalSettings(model=str(model_dir), task="molecules", data=str(held_out),
+                                                  device=device), progress=False)
+    metrics = result["metrics"]
+    rows = read_complete_records(root / "eval" / EXAMPLES_FILE, required=("prompt", "output"),
+                                 what="a per-example row of caft eval")
+    scores = {"prompts": metrics["n"], "valid": metrics["validity"], "formula_match": metrics["formula_match"],
+              "groups_match": metrics["groups_match"],
+              "examples": [{"prompt": row["prompt"], "answer": row["output"]} for row in rows[:3]]}
+    print(f"valid SMILES {scores['valid']:.2f}, formula match {scores['formula_match']:.2f}, "
+          f"all groups present {scores['groups_match']:.2f} over {scores['prompts']} MOSES test molecules")
     print("(a few dozen LoRA steps on a 135M model shape its answers like SMILES, not yet into valid molecules: "
           "the demo shows the pipeline; a full run trains on thousands of records for several epochs)")
-    return result
+    return scores

@@ -164,6 +164,31 @@ def test_run_folder_and_head_warmup(tiny_dir, tmp_path):
     assert (run / FINAL_DIR / "adapter_model.safetensors").is_file()
 
 
+FINETUNE_COMMAND = [sys.executable, "-m", "caftkit.cli", "finetune"]
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def finetune_complete_and_killed(flags: list[str], complete: Path, interrupted: Path, marker: str) -> None:
+    """`caft finetune FLAGS` run to the end into `complete`, and again into `interrupted`, killed (SIGKILL) as soon
+    as the file `interrupted/marker` exists."""
+    subprocess.run(FINETUNE_COMMAND + flags + ["--output", str(complete)], check=True, env=SUBPROCESS_ENV,
+                   capture_output=True)
+    process = subprocess.Popen(FINETUNE_COMMAND + flags + ["--output", str(interrupted)], env=SUBPROCESS_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not (interrupted / marker).is_file():
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def assert_same_tensors(path_a: Path, path_b: Path) -> None:
+    first, second = load_file(str(path_a)), load_file(str(path_b))
+    assert set(first) == set(second)
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=1e-5, atol=1e-6)
+
+
 def test_killed_finetune_resumes_to_the_same_weights(tiny_dir, tmp_path):
     """A fine-tune killed (SIGKILL) after a checkpoint and resumed with --resume ends with the weights of an
     uninterrupted run with the same seed."""
@@ -171,28 +196,13 @@ def test_killed_finetune_resumes_to_the_same_weights(tiny_dir, tmp_path):
     flags = ["--model", str(tiny_dir / "model"), "--data", str(data), "--heads", str(tiny_dir / "heads"),
              "--num-heads", "2", "--epochs", "3", "--batch-size", "4", "--learning-rate", "0.003",
              "--save-steps", "3", "--logging-steps", "3", "--lora-r", "4", "--lora-alpha", "8"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "caftkit.cli", "finetune"]
-    subprocess.run(command + flags + ["--output", str(tmp_path / "complete")], check=True, env=env,
-                   capture_output=True)
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(command + flags + ["--output", str(interrupted)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if (interrupted / "checkpoint-6" / "trainer_state.json").is_file():
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    finetune_complete_and_killed(flags, tmp_path / "complete", interrupted, "checkpoint-6/trainer_state.json")
     assert not (interrupted / RUN_FILE).exists(), "the run must be killed before it finished"
-    subprocess.run(command + flags + ["--output", str(interrupted), "--resume"], check=True, env=env,
-                   capture_output=True)
-    finished = load_file(str(tmp_path / "complete" / FINAL_DIR / "adapter_model.safetensors"))
-    resumed = load_file(str(interrupted / FINAL_DIR / "adapter_model.safetensors"))
-    assert set(finished) == set(resumed)
-    for name in finished:
-        torch.testing.assert_close(resumed[name], finished[name], rtol=1e-5, atol=1e-6)
+    subprocess.run(FINETUNE_COMMAND + flags + ["--output", str(interrupted), "--resume"], check=True,
+                   env=SUBPROCESS_ENV, capture_output=True)
+    assert_same_tensors(tmp_path / "complete" / FINAL_DIR / "adapter_model.safetensors",
+                        interrupted / FINAL_DIR / "adapter_model.safetensors")
 
 
 def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):
@@ -269,23 +279,11 @@ def test_a_killed_head_warm_up_continues_on_the_rerun(tiny_dir, tmp_path):
     flags = ["--model", str(tiny_dir / "model"), "--data", str(data), "--heads", str(tiny_dir / "heads"),
              "--num-heads", "2", "--batch-size", "2", "--head-warmup", "yes", "--save-steps", "4", "--max-steps", "1",
              "--lora-r", "4", "--lora-alpha", "8"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "caftkit.cli", "finetune"]
-    subprocess.run(command + flags + ["--output", str(tmp_path / "complete")], check=True, env=env,
-                   capture_output=True)
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(command + flags + ["--output", str(interrupted)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = interrupted / "warmup-heads" / "checkpoints" / "checkpoint-8" / "trainer_state.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None and not checkpoint.is_file():
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    finetune_complete_and_killed(flags, tmp_path / "complete", interrupted,
+                                 "warmup-heads/checkpoints/checkpoint-8/trainer_state.json")
     assert not (interrupted / "warmup-heads" / "heads_config.json").exists(), "killed before the warm-up ended"
-    subprocess.run(command + flags + ["--output", str(interrupted)], check=True, env=env, capture_output=True)
-    finished = load_file(str(tmp_path / "complete" / "warmup-heads" / "heads.safetensors"))
-    resumed = load_file(str(interrupted / "warmup-heads" / "heads.safetensors"))
-    assert set(finished) == set(resumed)
-    for name in finished:
-        torch.testing.assert_close(resumed[name], finished[name], rtol=1e-5, atol=1e-6)
+    subprocess.run(FINETUNE_COMMAND + flags + ["--output", str(interrupted)], check=True, env=SUBPROCESS_ENV,
+                   capture_output=True)
+    assert_same_tensors(tmp_path / "complete" / "warmup-heads" / "heads.safetensors",
+                        interrupted / "warmup-heads" / "heads.safetensors")

@@ -113,7 +113,17 @@ def test_command_writes_the_records_and_reports_counts(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == (f"2 records written to {output} from 4 molecules read; skipped: "
                                                "1 invalid SMILES, 1 none of the functional groups")
     assert len(output.read_text().splitlines()) == 2
-    assert main(["data", "molecules", "--smiles", str(tmp_path / "missing.smi"), "--output", str(output)]) == 2
+    # an existing output is the user's: refused and left as it is unless --replace is given
+    written = output.read_bytes()
+    assert main(["data", "molecules", "--smiles", str(source), "--output", str(output), "--n", "1"]) == 2
+    assert capsys.readouterr().err == (f"caft data molecules: error: {output} exists: choose another --output, or "
+                                       "--replace it\n")
+    assert output.read_bytes() == written
+    assert main(["data", "molecules", "--smiles", str(source), "--output", str(output), "--n", "1", "--replace"]) == 0
+    assert len(output.read_text().splitlines()) == 1
+    capsys.readouterr()
+    assert main(["data", "molecules", "--smiles", str(tmp_path / "missing.smi"), "--output", str(output),
+                 "--replace"]) == 2
     assert "missing.smi: SMILES file not found" in capsys.readouterr().err
 
 

@@ -189,10 +189,14 @@ class MoleculeDataSettings:
     n: int | None = setting(1000, help="number of records (molecules drawn in a seeded random order); 0 or none for "
                                        "all.")
     seed: int = setting(0, help="seed of the order.")
+    replace: bool = setting(False, help="replace an existing --output file; without it an existing file is refused "
+                                        "and left as it is.")
 
     def __post_init__(self):
         if self.n == 0:
             self.n = None
+        if Path(self.output).exists() and not self.replace:
+            raise ValueError(f"{self.output} exists: choose another --output, or --replace it")
 
 
 def write_molecule_records(source: str, output: str | os.PathLike, n: int | None = None, seed: int = 0

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import json
 import sys
 import types
 import typing
@@ -184,7 +185,11 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, positional: tuple[s
         if "_" in field.name:
             names.append("--" + field.name)
         former = [flag_name(old) for old in field.metadata.get("formerly", ())]
-        if former:
+        if former and base is bool:
+            former += ["--no-" + name[2:] for name in former]
+            parser.add_argument(*former, dest=field.name, default=argparse.SUPPRESS, action=_FormerName,
+                                new_name=names[0], boolean=True, help=argparse.SUPPRESS)
+        elif former:
             parser.add_argument(*former, dest=field.name, type=converter, default=argparse.SUPPRESS,
                                 action=_FormerName, new_name=names[0], help=argparse.SUPPRESS)
         if base is bool:
@@ -199,13 +204,15 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, positional: tuple[s
 class _FormerName(argparse.Action):
     """An earlier name of a flag: still accepted, with a note on stderr naming the current one."""
 
-    def __init__(self, option_strings, dest, new_name: str, **kwargs):
-        super().__init__(option_strings, dest, **kwargs)
-        self.new_name = new_name
+    def __init__(self, option_strings, dest, new_name: str, boolean: bool = False, **kwargs):
+        super().__init__(option_strings, dest, **({"nargs": 0} if boolean else {}), **kwargs)
+        self.new_name, self.boolean = new_name, boolean
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: note: {option_string} is now {self.new_name}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+        negated = self.boolean and option_string.startswith("--no")
+        current = "--no-" + self.new_name[2:] if negated else self.new_name
+        print(f"{parser.prog}: note: {option_string} is now {current}", file=sys.stderr)
+        setattr(namespace, self.dest, not negated if self.boolean else values)
 
 
 class _BooleanFlag(argparse.Action):
@@ -289,6 +296,15 @@ def build_settings_group(classes: tuple[type, ...], given: dict[str, Any], confi
             raise SettingsError(f"missing {', '.join(missing)} (give it on the command line or in --config)")
         built.append(cls(**{name: value for name, value in values.items() if name in own}))
     return tuple(built)
+
+
+def print_json(result: dict, output: str | None = None) -> dict:
+    """Print a command's result as indented JSON (and write it to `output` when given); returns it."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n")
+    return result
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import platform
 import sys
 from typing import Any
 
+from .command_line import print_json
 from .models import bf16_is_fast
 
 PACKAGES = ("caftkit", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "safetensors")
@@ -37,3 +38,13 @@ def environment() -> dict[str, Any]:
         "cpu": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "bf16_native": bf16_is_fast("cpu")},
         "cuda": {"available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda, "gpus": gpus},
     }
+
+
+def env_command() -> dict:
+    """Print the versions caftkit runs with and what the machine offers it, as JSON.
+
+    Python, platform, the versions of caftkit, torch, transformers, TRL, PEFT, accelerate, datasets and
+    safetensors, the CPU cores and torch threads, and each CUDA GPU, each with whether it multiplies bf16
+    natively (where `--mixed-precision auto` turns bf16 autocast on). Paste it into a bug report.
+    """
+    return print_json(environment())

@@ -94,10 +94,50 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Refuse, before anything loads, a model that cannot be read here: a folder without `config.json` (or a PEFT
+    adapter's `adapter_config.json`), or a hub id that is not in the Hugging Face cache (caftkit never downloads)."""
+    if name_or_path == BUNDLED_MODEL:
+        if not (cache_dir() / "models" / BUNDLED_MODEL / "config.json").is_file():
+            _bundled_gguf()
+        return
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise FileNotFoundError(f"model: {path} has no config.json: not a transformers model folder")
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+    except HFValidationError:  # not even the shape of a hub id
+        cached = None
+    if not isinstance(cached, str):
+        raise FileNotFoundError(f"model: {name_or_path} is neither a folder here nor a model in the Hugging Face "
+                                f"cache (caftkit never downloads: give a folder, {BUNDLED_MODEL}, or download the "
+                                "model first)")
+
+
+def read_model_config(name_or_path: str):
+    """The transformers config of a model, read without its weights; None where there is none to read yet (the
+    bundled model before its first conversion, a PEFT adapter folder)."""
+    from transformers import AutoConfig
+
+    if name_or_path == BUNDLED_MODEL and not (cache_dir() / "models" / BUNDLED_MODEL / "config.json").is_file():
+        return None
+    path, offline = pretrained_source(name_or_path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        return None
+    return AutoConfig.from_pretrained(path, **offline)
+
+
 def pretrained_source(name_or_path: str) -> tuple[str, dict[str, bool]]:
     """Where `from_pretrained` reads `name_or_path` from, and the keyword arguments that keep it offline: a local
     folder as it is, a hub id only from the Hugging Face cache (`local_files_only`), never downloaded. Nothing
-    process-wide is changed, so the caller's own program keeps its hub settings."""
+    process-wide is changed, so the caller's own program keeps its hub settings. A model that is not there is
+    refused here, in one line, before transformers tries anything."""
+    check_model_source(name_or_path)
     path = resolve_model_path(name_or_path)
     return path, ({} if Path(path).exists() else {"local_files_only": True})
 

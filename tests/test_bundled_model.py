@@ -61,12 +61,27 @@ def test_multi_token_loss_on_smollm_matches_naive_reference(smollm):
 
 
 def test_loading_stays_offline_without_changing_the_environment(tmp_path, monkeypatch):
-    """A hub id is read from the cache only (`local_files_only`); no process-wide setting is written."""
+    """A hub id is read from the Hugging Face cache only (`local_files_only`), and one that is not cached is
+    refused in one line before transformers is asked; no process-wide setting is written."""
+    import huggingface_hub.constants
+
     from caftkit.models import load_tokenizer, pretrained_source
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert pretrained_source("no-such-org/no-such-model") == ("no-such-org/no-such-model", {"local_files_only": True})
-    assert pretrained_source(str(tmp_path)) == (str(tmp_path), {})
-    with pytest.raises(OSError):
+    # A hub cache holding the config of one model, as `huggingface_hub` lays it out.
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--some-org--cached-model" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--some-org--cached-model" / "refs").mkdir()
+    (cache / "models--some-org--cached-model" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert pretrained_source("some-org/cached-model") == ("some-org/cached-model", {"local_files_only": True})
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert pretrained_source(str(folder)) == (str(folder), {})
+    with pytest.raises(FileNotFoundError, match="model: no-such-org/no-such-model is neither a folder here nor a "
+                                                 "model in the Hugging Face cache"):
         load_tokenizer("no-such-org/no-such-model")
     assert "HF_HUB_OFFLINE" not in os.environ

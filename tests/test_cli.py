@@ -209,3 +209,51 @@ def test_a_misspelt_boolean_and_none_for_an_optional_count(tmp_path, capsys):
     output = tmp_path / "task.jsonl"
     assert main(["data", "molecules", "--smiles", str(source), "--n", "none", "--output", str(output)]) == 0
     assert len(output.read_text().splitlines()) == 3  # none: every molecule
+
+
+def test_a_model_that_is_not_here_is_refused_in_one_line(tmp_path, capsys):
+    output = tmp_path / "run"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for model, message in (
+            (str(tmp_path / "missing"), f"model: {tmp_path / 'missing'} is neither a folder here nor a model in the "
+                                        "Hugging Face cache (caftkit never downloads"),
+            ("no-such-org/no-such-model", "model: no-such-org/no-such-model is neither a folder here nor a model"),
+            (str(empty), f"model: {empty} has no config.json: not a transformers model folder")):
+        assert main(["finetune", "--model", model, "--data", "task.jsonl", "--mode", "ntp",
+                     "--output", str(output)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"caft finetune: error: {message}") and error.count("\n") == 1
+        assert not output.exists()
+
+
+def test_heads_of_another_model_are_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
+    """The heads folder is checked against the model's config alone: the other model's folder here holds no weights
+    (loading it would fail otherwise), and nothing is written."""
+    from caftkit.core.heads import attach_heads, get_heads, save_heads
+
+    heads = tmp_path / "heads"
+    save_heads(get_heads(attach_heads(tiny_model("llama"), 2)), heads)
+    other = tmp_path / "other"
+    tiny_model("qwen2").config.save_pretrained(other)
+    output = tmp_path / "run"
+    assert main(["finetune", "--model", str(other), "--heads", str(heads), "--data", "task.jsonl",
+                 "--output", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"caft finetune: error: {heads / 'heads_config.json'}: these heads were trained for "
+                            "another base model (model_type: heads 'llama' vs model 'qwen2'")
+    assert error.count("\n") == 1 and not output.exists()
+
+
+def test_train_heads_never_writes_into_a_folder_that_holds_something(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                             {"role": "assistant", "content": "b"}]}) + "\n")
+    output = tmp_path / "mine"
+    output.mkdir()
+    (output / "notes.txt").write_text("keep me")
+    assert main(["train-heads", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(output)]) == 2
+    assert capsys.readouterr().err == (f"caft train-heads: error: {output} already exists and is not empty: choose "
+                                       "a new output folder (the heads written there would replace what it holds)\n")
+    assert [path.name for path in output.iterdir()] == ["notes.txt"]
+    assert (output / "notes.txt").read_text() == "keep me"

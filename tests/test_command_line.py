@@ -23,6 +23,8 @@ class Example:
     seeds: list[int] = setting(default_factory=lambda: [0], help="training seeds")
     finetune: dict = setting(default_factory=dict, help="further settings")
     max_samples: int | None = setting(1000, help="how many")
+    activation_checkpointing: bool = setting(False, help="recompute", formerly=("gradient_checkpointing",))
+    output: str = setting("run", help="where", formerly=("out",))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,6 +58,21 @@ def test_flags_override_the_config_and_the_config_overrides_defaults(tmp_path):
     built = build_settings(Example, vars(parser().parse_args(["--epochs", "4"])), config)
     assert (built.data, built.epochs, built.mode, built.seeds) == ("d.jsonl", 4.0, "caft", [0])
     assert build_settings(Example, {}, config).epochs == 3.0
+
+
+def test_former_names_still_work_with_a_note(tmp_path, capsys):
+    assert from_flags("--data", "x", "--gradient-checkpointing", "--out", "o") == from_flags(
+        "--data", "x", "--activation-checkpointing", "--output", "o")
+    assert capsys.readouterr().err == ("caft example: note: --gradient-checkpointing is now "
+                                       "--activation-checkpointing\ncaft example: note: --out is now --output\n")
+    assert from_flags("--data", "x", "--activation-checkpointing", "--no-gradient-checkpointing"
+                      ).activation_checkpointing is False
+    assert capsys.readouterr().err == ("caft example: note: --no-gradient-checkpointing is now "
+                                       "--no-activation-checkpointing\n")
+    config = tmp_path / "old.yaml"
+    config.write_text("data: x\ngradient_checkpointing: true\nout: o\n")
+    assert build_settings(Example, {}, config) == from_flags("--data", "x", "--activation-checkpointing",
+                                                             "--output", "o")
 
 
 def test_underscores_and_dashes_are_both_flags():

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from caftkit.cli import main
 from caftkit.core.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
@@ -64,7 +64,7 @@ def caft_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 PLAIN_LOAD = """
 import sys, torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 ids = torch.load(sys.argv[2])
 with torch.no_grad():
@@ -287,3 +287,94 @@ def test_a_killed_head_warm_up_continues_on_the_rerun(tiny_dir, tmp_path):
                    capture_output=True)
     assert_same_tensors(tmp_path / "complete" / "warmup-heads" / "heads.safetensors",
                         interrupted / "warmup-heads" / "heads.safetensors")
+
+
+class _RecordTraining(TrainerCallback):
+    """Records whether the model trains with activation checkpointing, and the first training batch."""
+
+    def __init__(self):
+        self.checkpointing = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.checkpointing = model.is_activation_checkpointing
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_activation_checkpointing_changes_memory_not_the_run(tiny_dir, tmp_path, method):
+    """With --activation-checkpointing the model trains with checkpointing on, and the CAFT losses of every logged
+    step and the final weights equal those of the same run without it (within 1e-5)."""
+    data = write_task(tmp_path / "task.jsonl", 24)
+    runs = {}
+    for checkpointing in (False, True):
+        record = _RecordTraining()
+        run = tmp_path / f"run-{checkpointing}"
+        finetune(str(run), settings_for(tiny_dir, data, method=method, epochs=1, logging_steps=1,
+                                        activation_checkpointing=checkpointing), callbacks=[record])
+        assert record.checkpointing is checkpointing
+        history = json.loads((run / "log_history.json").read_text())
+        runs[checkpointing] = ([entry["loss"] for entry in history if "loss" in entry], run / FINAL_DIR)
+    (plain_losses, plain_final), (checkpointed_losses, checkpointed_final) = runs[False], runs[True]
+    assert len(plain_losses) == 5  # 20 training examples, batches of 4
+    assert checkpointed_losses == pytest.approx(plain_losses, rel=1e-5)
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    plain, checkpointed = load_file(str(plain_final / weights)), load_file(str(checkpointed_final / weights))
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_packed_batches_score_like_separate_conversations(tiny_dir, tmp_path):
+    """With --packing a training batch holds several conversations in one row, and its per-head loss sums and
+    target counts equal those of the same conversations scored one by one: attention and the heads' targets t+k
+    never reach into the next conversation."""
+    from datasets import Dataset
+
+    from caftkit.core.multitoken import head_statistics
+    from caftkit.data import tokenize_source
+    from caftkit.training.finetuning import finetune_arguments
+    from caftkit.training.trainer import CAFTConfig, CAFTTrainer
+
+    settings = settings_for(tiny_dir, write_task(tmp_path / "task.jsonl", 12), method="full", packing=True,
+                            max_length=64, batch_size=2)
+    tokenizer = tiny_tokenizer()
+    examples = tokenize_source(settings.data, tokenizer, settings.max_length).examples
+    model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32)
+    attach_heads(model, settings.heads)
+    trainer = CAFTTrainer(model, CAFTConfig(**finetune_arguments(settings, str(tmp_path / "run"), len(examples))),
+                          train_dataset=Dataset.from_list(examples), eval_dataset=Dataset.from_list(examples[:2]),
+                          processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    positions = batch["position_ids"]
+    starts = (positions == 0).nonzero().tolist()
+    assert len(starts) > batch["input_ids"].shape[0], "no row holds more than one conversation"
+    model.eval()
+    with torch.no_grad():
+        packed = head_statistics(model, batch, num_aux_heads=2)
+        separate = None
+        for row in range(positions.shape[0]):
+            bounds = [column for r, column in starts if r == row] + [int((positions[row] >= 0).sum())]
+            for start, end in zip(bounds, bounds[1:]):
+                alone = {key: batch[key][row:row + 1, start:end] for key in ("input_ids", "labels")}
+                stats = head_statistics(model, alone, num_aux_heads=2)
+                sums = torch.stack([s.double() for s in stats.loss_sums])
+                separate = (sums, stats.counts) if separate is None else (separate[0] + sums,
+                                                                          separate[1] + stats.counts)
+    assert packed.counts.tolist() == separate[1].tolist()
+    torch.testing.assert_close(torch.stack([s.double() for s in packed.loss_sums]), separate[0], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tiny_dir, tmp_path):
+    """--early-stopping-patience 1 with a threshold no evaluation can meet stops at the second evaluation, and
+    final/ holds the weights of the checkpoint whose held-out next-token loss was lower."""
+    data = write_task(tmp_path / "task.jsonl", 40)
+    run = tmp_path / "run"
+    summary = finetune(str(run), settings_for(tiny_dir, data, epochs=4, eval_steps=2, save_steps=100,
+                                              early_stopping_patience=1, early_stopping_threshold=1e9))
+    assert summary["optimizer_steps"] == 4  # of 32 planned
+    history = json.loads((run / "log_history.json").read_text())
+    evaluations = {entry["step"]: entry["eval_loss_head_1"] for entry in history if "eval_loss_head_1" in entry}
+    best_step = min((2, 4), key=lambda step: evaluations[step])
+    assert Path(summary["best_checkpoint"]).name == f"checkpoint-{best_step}"
+    assert_same_tensors(run / f"checkpoint-{best_step}" / "adapter_model.safetensors",
+                        run / FINAL_DIR / "adapter_model.safetensors")

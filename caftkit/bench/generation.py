@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..command_line import setting
-from ..core.heads import attach_heads, get_heads
+from ..command_line import print_json, setting
+from ..core.heads import attach_heads, check_heads_fit, get_heads
 from ..data import BUNDLED_SHAREGPT, ReadStats, iter_prompts, render_prompt
 from ..decoding.speculative import default_tree_size, generate
 from ..models import ModelSettings, load_model, load_tokenizer, parse_dtype
@@ -274,6 +274,7 @@ class GenerationBenchSettings(ModelSettings):
 
 def run_generation_bench(settings: GenerationBenchSettings) -> dict:
     """Load the model and heads, measure every batch size and draft shape, and return the result as a dict."""
+    check_heads_fit(settings.heads, settings.model)
     tokenizer = load_tokenizer(settings.model)
     prompts = bench_prompts(tokenizer, settings.data, settings.num_prompts, skip=settings.skip,
                             exclude=settings.exclude)
@@ -285,3 +286,17 @@ def run_generation_bench(settings: GenerationBenchSettings) -> dict:
     return {"model": settings.model, "heads": settings.heads, "device": settings.device, "dtype": settings.dtype,
             "draft_dtype": settings.draft_dtype or settings.dtype, "max_new_tokens": settings.max_new_tokens,
             "rows": rows}
+
+
+def bench_generate_command(settings: GenerationBenchSettings) -> dict:
+    """Plain greedy `generate()` against self-speculative decoding with the heads, on the same prompts.
+
+    Both sides run in this process on the same batches (chat template applied, prompts grouped by length,
+    left-padded), after an untimed warm-up; each batch is decoded plainly and then with every draft shape. Prints,
+    per batch size and draft shape, new tokens per second of each side, the speedup, the mean tokens accepted per
+    verification pass, and how many answers are token for token the same (all should be). The speedup is split
+    into `pass_reduction` (plain forward passes over speculative ones: what the heads save) and `pass_cost` (a
+    speculative pass's time in plain one-token steps: what the device charges): speedup = pass_reduction /
+    pass_cost.
+    """
+    return print_json(run_generation_bench(settings), settings.output)

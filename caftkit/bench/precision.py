@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..command_line import setting
+from ..command_line import print_json, setting
 from ..evaluation.charts import head_loss_series
 from ..models import ModelSettings, bf16_is_fast, resolve_device
 from ..training.finetuning import LOG_HISTORY_FILE, METHODS, FinetuneSettings
@@ -170,3 +170,16 @@ if __name__ == "__main__":
     settings_json, step_count, run_output = sys.argv[1:]
     measured = run_side(FinetuneSettings(**json.loads(settings_json)), int(step_count), run_output)
     print(json.dumps(measured))
+
+
+def bench_precision_command(settings: PrecisionBenchSettings) -> dict:
+    """bf16 autocast against float32 over the first steps of a real `caft finetune` run.
+
+    The same run (data, seed, mode, heads, learning-rate and gamma schedules of the whole run) is started twice,
+    with `--mixed-precision no` and `bf16`, each in a fresh process and stopped after `--steps` optimisation
+    steps, without head warm-up. Prints JSON with `time_ratio` (median step time, bf16 / float32),
+    `peak_memory_ratio` (peak memory during training), `largest_relative_loss_difference` (over the steps and
+    the heads, of each head's training loss) and `within_tolerance`.
+    """
+    result = bench_precision(settings.finetune_settings(), steps=settings.steps, tolerance=settings.tolerance)
+    return print_json(result, settings.output)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..command_line import setting
+from ..command_line import print_json, setting
 from ..models import BUNDLED_MODEL, ModelSettings, resolve_device
 
 
@@ -196,3 +196,15 @@ if __name__ == "__main__":
     result = run_side(side, model_name, int(batch_size), int(seq_len), int(num_heads), int(steps), int(warmup),
                       dtype, device, int(seed))
     print(json.dumps(asdict(result)))
+
+
+def bench_train_command(settings: TrainBenchSettings) -> dict:
+    """Time and peak memory of a CAFT training step against plain next-token fine-tuning.
+
+    Both sides train every weight but the unembedding (frozen in both) on the same random tokens, every
+    position labelled; each runs in a fresh process. Prints JSON with `time_ratio` (median step time, CAFT /
+    plain), `peak_memory_ratio` and `flop_floor_time_ratio` (the ratio the extra matrix multiplies alone imply).
+    """
+    return print_json(bench_train(model=settings.model, batch_size=settings.batch_size, seq_len=settings.seq_len,
+                           num_heads=settings.num_heads, steps=settings.steps, warmup=settings.warmup,
+                           dtype=settings.dtype, device=settings.device, seed=settings.seed), settings.output)

@@ -227,6 +227,25 @@ def read_heads_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def check_heads_fit(directory: str | os.PathLike, model: str) -> dict[str, Any]:
+    """Before `model` (a name or folder) loads: `directory` is a complete heads folder made for a model of this
+    shape (architecture, hidden size, number of layers, as the model's config gives them). Returns the heads'
+    config. The fingerprint of layer L's weights is compared once the model has loaded (`load_heads`)."""
+    from ..models import read_model_config
+
+    config = read_heads_config(directory)
+    model_config = read_model_config(model)
+    if model_config is None or not config["base_fingerprint"]:
+        return config
+    text = model_config.get_text_config()
+    shape = {"model_type": getattr(model_config, "model_type", None),
+             "hidden_size": getattr(text, "hidden_size", None) or getattr(text, "n_embd", None),
+             "num_hidden_layers": getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)}
+    expected = {key: config["base_fingerprint"].get(key) for key, value in shape.items() if value is not None}
+    _check_fingerprint(expected, shape, str(Path(directory) / HEADS_CONFIG_FILE))
+    return config
+
+
 def load_heads(directory: str | os.PathLike, model: nn.Module, *, check_base: bool = True) -> AuxiliaryHeads:
     """Rebuild the heads saved in `directory` for `model` (not attached; see `attach_heads`)."""
     config = read_heads_config(directory)

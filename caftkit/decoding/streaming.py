@@ -12,7 +12,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..command_line import setting
-from ..core.heads import attach_heads
+from ..core.heads import attach_heads, check_heads_fit
 from ..data import render_prompt
 from ..models import ModelSettings, load_model, load_tokenizer, parse_dtype
 from .greedy import stop_token_ids
@@ -68,6 +68,8 @@ class _TokenStream(BaseStreamer):
 def answer_prompt(settings: GenerateSettings) -> dict[str, Any]:
     """Answer `settings.prompt`, printing the text as it comes and a speed line on stderr; returns the tokens, the
     seconds, the forward passes and the mean tokens accepted per pass."""
+    if settings.speculative:
+        check_heads_fit(settings.heads, settings.model)
     tokenizer = load_tokenizer(settings.model)
     model = load_model(settings.model, settings.dtype).to(settings.device).eval()
     if settings.speculative:
@@ -105,3 +107,12 @@ def answer_prompt(settings: GenerateSettings) -> dict[str, Any]:
     print(f"[{len(answer)} tokens in {seconds:.2f} s, {len(answer) / max(seconds, 1e-9):.1f} tokens/s, "
           f"{passes} forward passes, {accepted:.2f} tokens per pass]", file=sys.stderr)
     return {"tokens": answer, "seconds": seconds, "forward_passes": passes, "mean_accepted": accepted}
+
+
+def generate_command(settings: GenerateSettings) -> dict:
+    """Answer a prompt with greedy decoding through the model's chat template, streaming to the terminal.
+
+    With --speculative the auxiliary heads draft several tokens per forward pass and the model verifies them:
+    the text is the same as without, only faster when the heads guess well.
+    """
+    return answer_prompt(settings)

@@ -244,10 +244,12 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
 
     `model` and `tokenizer` may be given already loaded (`settings.model` is then only recorded).
     """
-    from ..core.heads import attach_heads
+    from ..core.heads import attach_heads, check_heads_fit
     from ..models import load_model, load_tokenizer
 
     output_dir = Path(output)
+    if settings.task == "loss" and settings.heads and model is None:
+        check_heads_fit(settings.heads, settings.model)
     if tokenizer is None:
         tokenizer = load_tokenizer(settings.model)
     if tokenizer.pad_token is None:
@@ -288,3 +290,29 @@ def format_metrics(metrics: dict[str, float]) -> str:
         shown = f"{value}" if isinstance(value, int) else f"{value:.4f}"
         lines.append(f"{name:<{width}}  {shown}")
     return "\n".join(lines)
+
+
+@dataclass(kw_only=True)
+class EvalOutput:
+    output: str | None = setting(None, help="folder for metrics.json, examples.jsonl and generations.jsonl "
+                                            "(default: eval-<task>).")
+
+
+def eval_command(settings: EvalSettings, where: EvalOutput) -> dict:
+    """Score a model on a task and write `metrics.json` and the per-example results; print a table.
+
+    Tasks:
+    - molecules: greedy answers to molecule-design prompts, checked with RDKit: validity, formula match,
+      functional-group recall and match, exact match of the canonical SMILES, mean Tanimoto similarity to the
+      reference (Morgan fingerprints, radius 2, 2048 bits), uniqueness of the valid answers.
+    - humaneval: greedy answers to the HumanEval problems, each run with its tests in a separate process (time
+      and memory limits, no network, a temporary directory); pass@1.
+    - loss: each head's loss and top-1 accuracy over the assistant tokens of --data (with --heads, the
+      auxiliary heads too).
+    Answers are appended to `generations.jsonl` as they come: rerunning the command resumes.
+    """
+    output = where.output or f"eval-{settings.task}"
+    result = evaluate(output, settings)
+    print(format_metrics(result["metrics"]))
+    print(f"results written to {output}")
+    return result

@@ -221,3 +221,31 @@ def _write_meta(output: Path, settings: DistillSettings, summary: DistillSummary
                                                        round(summary.tokens_per_second, 2)},
             "records_written": written, "plan_stages": stages}
     write_text_atomically(meta_path(output), json.dumps(meta, indent=2) + "\n")
+
+
+@dataclass(kw_only=True)
+class DistillOutput:
+    output: str = setting("distilled.jsonl", help="JSONL file to write (extended when it exists).")
+
+
+def distill_command(settings: DistillSettings, where: DistillOutput) -> dict:
+    """Generate the base model's own answers to a set of prompts (self-distillation) as `messages` JSONL.
+
+    Each prompt is the first user turn of a conversation, rendered with the model's chat template; each output
+    line holds the source id, the prompt and answer as `messages`, why generation stopped (`end_of_turn` or
+    `max_new_tokens`) and the number of new tokens. Rerunning the same command resumes: ids already written are
+    skipped and a half-written last line is redone. Settings and counts are kept in `<output stem>.meta.json`.
+    """
+    from ..models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(settings.model)
+    summary = distill(lambda: load_model(settings.model, settings.dtype).to(settings.device), tokenizer, where.output,
+                  settings)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items()) or "none"
+    tail = " (the file ends mid-record: its complete records were read)" if summary.source_truncated_tail else ""
+    print(f"read {summary.records_read} records{tail}; skipped: {skipped}")
+    print(f"{summary.prompts_selected} prompts selected, {summary.already_done} already in {where.output}, "
+          f"{summary.generated} generated; stop reasons: {summary.stop_reasons or 'none'}")
+    print(f"{summary.new_tokens} new tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:.1f} tokens/s); "
+          f"{summary.written_total} records in {where.output}")
+    return summary.__dict__

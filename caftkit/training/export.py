@@ -129,3 +129,16 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
         rebase_heads(target, model)
         written["heads"] = str(target)
     return written
+
+
+def export_command(settings: ExportSettings) -> dict:
+    """Export a `caft finetune` run as a plain transformers model: LoRA merged, heads stripped.
+
+    The model folder gets the weights, config, tokenizer and a model card (base, data, CAFT settings, final
+    held-out metrics), and loads with `AutoModelForCausalLM.from_pretrained` without caftkit. The heads the run
+    used are copied beside it, for reuse and for speculative decoding, recorded as heads of the exported model
+    (`caft generate --model OUT --heads OUT-heads --speculative` accepts the pair).
+    """
+    written = export_run(settings.run, settings.output, settings.heads_output, settings.dtype)
+    print(f"model written to {written['model']}" + (f"; heads to {written['heads']}" if written["heads"] else ""))
+    return written

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..command_line import setting
 from ..core.distributed import is_main_process, wait_for_everyone
-from ..core.heads import attach_heads, get_heads, read_heads_config, save_heads
+from ..core.heads import attach_heads, check_heads_fit, get_heads, read_heads_config, save_heads
 from ..core.loss import SCHEDULES
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
@@ -79,9 +79,25 @@ class FinetuneSettings(RunSettings):
     warmup: float = setting(0.03, help="warm-up steps, or a fraction of all steps when below 1.")
     eval_fraction: float = setting(0.1, help="fraction of the records held out for evaluation.")
     save_steps: int = setting(100, help="write a checkpoint every this many steps.")
+    activation_checkpointing: bool = setting(False, help="recompute the decoder layers' activations in the backward "
+                                                         "pass instead of keeping them: less memory, more time.",
+                                             formerly=("gradient_checkpointing",))
+    packing: bool = setting(False, help="pack several conversations into each training sequence of --max-length "
+                                        "tokens (best-fit decreasing); attention and every head's targets stay within "
+                                        "their conversation.")
+    early_stopping_patience: int | None = setting(None, help="stop once the held-out next-token loss has not "
+                                                             "improved for this many evaluations in a row; final/ then "
+                                                             "holds the best checkpoint, and a checkpoint is written "
+                                                             "at every evaluation.")
+    early_stopping_threshold: float = setting(0.0, help="the least decrease of the held-out next-token loss that "
+                                                        "counts as an improvement for --early-stopping-patience.")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"early_stopping_patience must be at least 1, got {self.early_stopping_patience}")
+        if self.early_stopping_threshold < 0:
+            raise ValueError(f"early_stopping_threshold must be 0 or more, got {self.early_stopping_threshold}")
         if self.num_heads < 1 and self.mode == "caft":
             raise ValueError(f"num_heads must be at least 1 in caft mode, got {self.num_heads}")
         if self.learning_rate is None:
@@ -106,6 +122,40 @@ def warmup_settings(settings: FinetuneSettings, heads_dir: str | None) -> HeadTr
         epochs=1.0, batch_size=settings.batch_size, grad_accum=settings.grad_accum, max_length=settings.max_length,
         eval_fraction=settings.eval_fraction, save_steps=settings.save_steps, seed=settings.seed, dtype=settings.dtype,
         mixed_precision=settings.mixed_precision, device=settings.device, report_to=settings.report_to)
+
+
+# The metric early stopping and the best checkpoint follow: the main head's held-out loss, which caft and ntp runs
+# share. The trainer's `eval_loss` would not do: in caft mode it holds the auxiliary losses weighted by gamma(step),
+# which falls over the run by design.
+BEST_MODEL_METRIC = "eval_loss_head_1"
+
+
+def finetune_arguments(settings: FinetuneSettings, output_dir: str, num_train_examples: int) -> dict[str, Any]:
+    """`CAFTConfig` keyword arguments of a fine-tuning run: the CAFT loss, memory and packing, early stopping, and
+    the arguments every run shares (`trainer_arguments`)."""
+    arguments = trainer_arguments(settings, output_dir, num_train_examples)
+    arguments.update(
+        mode=settings.mode, num_heads=settings.num_heads, alpha=settings.alpha, beta=settings.beta,
+        schedule=settings.schedule, train_heads=settings.train_heads, freeze_unembedding=settings.freeze_unembedding,
+        activation_checkpointing=settings.activation_checkpointing, packing=settings.packing,
+    )
+    if settings.packing:
+        # Packed sequences are --max-length long; conversations were already truncated to it by `tokenize_source`.
+        arguments["max_length"] = settings.max_length
+    if settings.early_stopping_patience is not None:
+        # The best metric is only recorded when a checkpoint is written: write one at every evaluation.
+        arguments.update(save_steps=arguments["eval_steps"], load_best_model_at_end=True,
+                         metric_for_best_model=BEST_MODEL_METRIC, greater_is_better=False)
+    return arguments
+
+
+def _callbacks(settings: FinetuneSettings, given: list | None) -> list:
+    from transformers import EarlyStoppingCallback
+
+    callbacks = list(given or [])
+    if settings.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(settings.early_stopping_patience, settings.early_stopping_threshold))
+    return callbacks
 
 
 def _warm_up_heads(output: Path, settings: FinetuneSettings, heads_dir: str | None, model, tokenizer) -> Path:
@@ -141,6 +191,8 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         raise ValueError(f"{run_dir} holds an earlier run: resume it (--resume) or choose a new output folder")
     if not resume:
         checkpoint = None
+    if settings.mode == "caft" and settings.heads and model is None:
+        check_heads_fit(settings.heads, settings.model)
 
     if tokenizer is None:
         tokenizer = load_tokenizer(settings.model)
@@ -172,21 +224,11 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         # The heads the run trains with, kept with the run (and exported beside the model).
         save_heads(get_heads(model), run_dir / RUN_HEADS_DIR)
 
-    args = CAFTConfig(
-        mode=settings.mode,
-        num_heads=settings.num_heads,
-        alpha=settings.alpha,
-        beta=settings.beta,
-        schedule=settings.schedule,
-        train_heads=settings.train_heads,
-        freeze_unembedding=settings.freeze_unembedding,
-        activation_checkpointing=False,
-        **trainer_arguments(settings, str(run_dir), len(train_examples)),
-    )
+    args = CAFTConfig(**finetune_arguments(settings, str(run_dir), len(train_examples)))
     trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
                           eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer,
                           peft_config=lora_config(settings) if settings.method == "lora" else None,
-                          callbacks=callbacks)
+                          callbacks=_callbacks(settings, callbacks))
     trainer.train(resume_from_checkpoint=checkpoint)
     final = trainer.evaluate()
 
@@ -206,6 +248,7 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         "data": {"records": data.stats.read, "dropped_or_truncated": data.stats.skipped},
         "device": resolve_device(settings.device),
         "optimizer_steps": trainer.state.global_step,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
         "final_eval": {key: value for key, value in final.items() if isinstance(value, (int, float))},
         "held_out_per_head": per_head_metrics(final),
     }
@@ -215,4 +258,29 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
                          title=f"{settings.mode} fine-tuning on {Path(settings.data).name}: per-head loss")
         (run_dir / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     wait_for_everyone()
+    return summary
+
+
+@dataclass(kw_only=True)
+class RunOutput:
+    output: str = setting("run", help="the run folder.")
+    resume: bool = setting(False, help="continue from the last checkpoint in the run folder.")
+
+
+def finetune_command(settings: FinetuneSettings, where: RunOutput) -> dict:
+    """Fine-tune a model on a task with CAFT (paper eq. 4), or the plain next-token baseline (`--mode ntp`).
+
+    The loss is L = CE_1 + beta * gamma(step) * sum_{k=2..n} alpha^(k-1) * CE_k over the assistant tokens, with
+    the auxiliary heads of `--heads` (from `caft train-heads`) frozen; `--mode ntp` trains with CE_1 alone and
+    everything else identical, for comparison. The run folder gets checkpoints, `final/` (LoRA adapter or full
+    weights, without heads), `heads/`, `caft_run.json`, `log_history.json` and `head_losses.png`; turn it into
+    a plain transformers model with `caft export`.
+    """
+    summary = finetune(where.output, settings, resume=where.resume)
+    if is_main_process():  # under a launcher, one process reports
+        print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
+              f"{summary['optimizer_steps']} steps; data: {summary['data']}")
+        for name, metrics in summary["held_out_per_head"].items():
+            print(f"held-out {name}: loss {metrics['loss']:.4f}, top-1 accuracy {metrics['accuracy']:.4f}")
+        print(f"run written to {where.output}; next: caft export {where.output} --output model")
     return summary

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..command_line import setting
 from ..core.distributed import is_main_process, wait_for_everyone
-from ..core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, attach_heads, get_heads, save_heads
+from ..core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, attach_heads, check_heads_fit, get_heads, save_heads
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
 from ..models import MIXED_PRECISION, load_model, load_tokenizer, resolve_device, resolve_mixed_precision
@@ -110,6 +110,11 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
     if not resume and last_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} holds checkpoints of an earlier run: resume it (--resume) or choose a new output")
+    if not resume and output_dir.is_dir() and any(path != run_dir for path in output_dir.iterdir()):
+        raise ValueError(f"{output_dir} already exists and is not empty: choose a new output folder (the heads "
+                         "written there would replace what it holds)")
+    if settings.init and model is None:  # a model given is checked against the heads' fingerprint as they attach
+        check_heads_fit(settings.init, settings.model)
 
     if tokenizer is None:
         tokenizer = load_tokenizer(settings.model)
@@ -193,6 +198,34 @@ def format_head_table(before: dict[str, dict], after: dict[str, dict]) -> str:
         lines.append(f"{name:<8}{'t+' + str(k):>9}{b.get('loss', float('nan')):>13.4f}{a['loss']:>12.4f}"
                      f"{b.get('accuracy', float('nan')):>12.4f}{a['accuracy']:>11.4f}")
     return "\n".join(lines)
+
+
+@dataclass(kw_only=True)
+class HeadsOutput:
+    output: str = setting("heads", help="the heads folder to write.")
+    resume: bool = setting(False, help="continue from the last checkpoint in <output>/checkpoints/.")
+    keep_checkpoints: bool = setting(False, help="keep <output>/checkpoints/ after training ends.")
+
+
+def train_heads_command(settings: HeadTrainingSettings, where: HeadsOutput) -> dict:
+    """Train the auxiliary heads (paper eq. 3) with the base model frozen, and write a `heads/` folder.
+
+    Each head is a copy of the last decoder layer that learns to predict token t+k (k = 2..num_heads+1) through
+    the model's own final norm and unembedding; the loss is sum_k alpha^(k-2) CE_k over the assistant tokens.
+    Train once per base model on self-distilled data (`caft distill`); for a task whose tokens the heads
+    predict badly (auxiliary loss L2 > 4), warm them up with one epoch on the task's training set:
+    `caft train-heads --data task.jsonl --init heads/ --output task-heads/`. The folder gets `heads.safetensors`,
+    `heads_config.json` (settings, and each head's held-out loss and top-1 accuracy before and after),
+    `log_history.json` and `loss_curves.png`.
+    """
+    summary = train_heads(where.output, settings, resume=where.resume, keep_checkpoints=where.keep_checkpoints)
+    if is_main_process():  # under a launcher, one process reports
+        print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
+              f"{summary['optimizer_steps']} steps; data: {summary['data']}")
+        print("held-out loss and top-1 accuracy per head:")
+        print(format_head_table(summary["held_out_before"], summary["held_out_after"]))
+        print(f"heads written to {where.output}")
+    return summary
 
 
 __all__ = ["HeadTrainingSettings", "train_heads", "split_held_out", "per_head_metrics", "format_head_table",

@@ -19,6 +19,7 @@ _SET_BY_CAFTKIT = frozenset({
     "save_strategy", "save_steps", "save_total_limit", "logging_steps", "bf16", "fp16", "use_cpu", "report_to",
     "seed", "data_seed", "dataloader_num_workers", "mode", "num_heads", "heads_path", "alpha", "beta", "schedule",
     "train_heads", "freeze_unembedding", "trunk_cache_gb", "loss_type", "activation_checkpointing",
+    "packing", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
 })
 # Each logging integration transformers offers and the modules it needs (any one of them): checked with
 # `find_spec`, which imports nothing, so a missing back-end is refused at once instead of after the model loads.

@@ -391,7 +391,16 @@ class CAFTTrainer(SFTTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.args.mode != "heads":  # head-training checkpoints hold only the heads (see `_save`)
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-        heads_file = Path(resume_from_checkpoint) / CHECKPOINT_HEADS_DIR / HEADS_WEIGHTS_FILE
-        heads = get_heads(model if model is not None else self.model)
+        self._load_checkpoint_heads(resume_from_checkpoint, model if model is not None else self.model)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._load_checkpoint_heads(self.state.best_model_checkpoint, self.model)
+
+    @staticmethod
+    def _load_checkpoint_heads(checkpoint: str, model) -> None:
+        """Restore heads that trained from `checkpoint`: the model's own weights there leave them out (`_save`)."""
+        heads_file = Path(checkpoint) / CHECKPOINT_HEADS_DIR / HEADS_WEIGHTS_FILE
+        heads = get_heads(model)
         if heads is not None and heads_file.is_file():
             heads.load_state_dict(load_file(str(heads_file)))

@@ -49,11 +49,7 @@ from ..training.finetuning import (
     finetune,
     warmup_settings,
 )
-from .compare_report import (
-    ArmComparison,
-    arm_dir,
-    write_comparison_report,
-)
+from .compare_report import REPORT_FILE, ArmComparison, arm_dir, write_comparison_report
 
 DEFAULT_ARMS = {"ntp": {"mode": "ntp"}, "caft": {"mode": "caft"}}
 TIMINGS_FILE = "timings.json"
@@ -359,4 +355,32 @@ def compare(output: str, settings: CompareSettings, progress: bool = True) -> di
                                "rows": [asdict(row) for row in c.rows]} for c in comparisons],
               "timings_s": timings.seconds})
     (output_dir / COMPARISON_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+@dataclass(kw_only=True)
+class CompareOutput:
+    output: str = setting("compare", help="the comparison folder.")
+
+
+def compare_command(settings: CompareSettings, where: CompareOutput) -> dict:
+    """Fine-tune with next-token loss and with CAFT on the same data, seeds and steps; evaluate every arm; report.
+
+    Each arm is fine-tuned with `caft finetune` (its mode, method, seeds, heads and warm-up, and the shared
+    settings with its own overrides), exported and scored on the same test examples with `caft eval`. Without
+    --arms there are two, ntp and caft, alike in everything but the loss. `report.md` gives, for each caft arm
+    against its baseline (the ntp arm of the same method unless it names one), each metric, the difference and
+    its 95% confidence interval (paired bootstrap over the test examples, and over the seeds both arms ran), the
+    per-seed values, and the heads' held-out top-1 accuracy before and after warm-up. Rerunning the command
+    resumes: finished runs, exports and evaluations are kept when made with the same settings, an interrupted run
+    continues from its last checkpoint.
+    """
+    result = compare(where.output, settings)
+    for comparison in result["comparisons"]:
+        arm, baseline = comparison["arm"], comparison["baseline"]
+        print(f"{arm} against {baseline}, seeds {', '.join(map(str, comparison['seeds']))}:")
+        for row in comparison["rows"]:
+            print(f"  {row['metric']:<14} {baseline} {row['ntp']:.4f}  {arm} {row['caft']:.4f}  "
+                  f"difference {row['difference']:+.4f}  95% CI [{row['low']:+.4f}, {row['high']:+.4f}]")
+    print(f"report written to {Path(where.output) / REPORT_FILE}")
     return result

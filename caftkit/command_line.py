@@ -237,6 +237,24 @@ def _flag_converter(field: dataclasses.Field, annotation: Any):
     return converted
 
 
+def former_names(*classes: type) -> dict[str, str]:
+    """Earlier name -> current name of every setting of `classes` that was renamed (`setting(formerly=...)`)."""
+    return {old: field.name for cls in classes for field, _ in fields_of(cls)
+            for old in field.metadata.get("formerly", ())}
+
+
+def with_current_names(values: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
+    """A mapping of `cls` settings (e.g. the `finetune:` overrides of `caft compare`) with each earlier setting name
+    replaced by the current one, and a note naming both."""
+    former = former_names(cls)
+    renamed = {}
+    for key, value in values.items():
+        if key in former:
+            print(f"caft: note: {where}: {key!r} is now {former[key]!r}", file=sys.stderr)
+        renamed[former.get(key, key)] = value
+    return renamed
+
+
 def read_config(path: str | Path, *classes: type) -> dict[str, Any]:
     """The settings of `classes` in a YAML file, converted like flags; an unknown key or a bad value stops with one
     line naming the file, the line and the setting."""
@@ -257,7 +275,7 @@ def read_config(path: str | Path, *classes: type) -> dict[str, Any]:
         raise SettingsError(f"{path}: expected a mapping of setting names to values")
     lines = {key.value: key.start_mark.line + 1 for key, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
     known = {field.name: (field, annotation) for cls in classes for field, annotation in fields_of(cls)}
-    former = {old: name for name, (field, _) in known.items() for old in field.metadata.get("formerly", ())}
+    former = former_names(*classes)
     values = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")

@@ -9,8 +9,8 @@ from caftkit.core.architecture import find_model_parts
 from caftkit.core.heads import get_heads
 
 
-def naive_head_losses(model, batch: dict, num_heads: int, run_last_layer_copy=None) -> list[torch.Tensor]:
-    """Mean cross-entropy of heads k = 1..num_heads, from full `[batch, time, vocab]` logits.
+def naive_head_losses(model, batch: dict, num_aux_heads: int, run_last_layer_copy=None) -> list[torch.Tensor]:
+    """Mean cross-entropy of heads k = 1..num_aux_heads, from full `[batch, time, vocab]` logits.
 
     Layer L's input is taken from `output_hidden_states` (the state before the last layer), and each auxiliary
     layer is called with the model's own position handling by re-running the whole model with layer L swapped
@@ -21,7 +21,7 @@ def naive_head_losses(model, batch: dict, num_heads: int, run_last_layer_copy=No
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     labels = batch["labels"]
     losses = []
-    for k in range(1, num_heads + 1):
+    for k in range(1, num_aux_heads + 1):
         if k == 1:
             logits = model(**inputs, use_cache=False).logits
         else:

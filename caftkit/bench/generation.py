@@ -35,7 +35,7 @@ from ..models import ModelSettings, load_model, load_tokenizer, parse_dtype
 class DraftShape:
     """How many heads draft, how many candidates each proposes, and how many drafts a pass verifies."""
 
-    num_heads: int
+    num_aux_heads: int
     top_k: int = 1
     tree_size: int | None = None
 
@@ -52,10 +52,12 @@ class DraftShape:
 
     @property
     def drafts_per_pass(self) -> int:
-        return self.tree_size if self.tree_size is not None else default_tree_size(self.num_heads, self.top_k)
+        return self.tree_size if self.tree_size is not None else default_tree_size(self.num_aux_heads, self.top_k)
 
     def __str__(self) -> str:
-        return str(self.num_heads) if self.top_k == 1 else f"{self.num_heads}x{self.top_k}:{self.drafts_per_pass}"
+        if self.top_k == 1:
+            return str(self.num_aux_heads)
+        return f"{self.num_aux_heads}x{self.top_k}:{self.drafts_per_pass}"
 
 
 @dataclass
@@ -174,7 +176,7 @@ def _synchronize(device) -> None:
 
 def _speculative(model, ids, mask, max_new_tokens, stop_ids, shape: DraftShape, draft_dtype):
     return generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                    eos_token_id=sorted(stop_ids), num_heads=shape.num_heads, top_k=shape.top_k,
+                    eos_token_id=sorted(stop_ids), num_aux_heads=shape.num_aux_heads, top_k=shape.top_k,
                     tree_size=shape.tree_size, draft_dtype=draft_dtype)
 
 
@@ -280,7 +282,7 @@ def run_generation_bench(settings: GenerationBenchSettings) -> dict:
                             exclude=settings.exclude)
     model = load_model(settings.model, settings.dtype).to(settings.device)
     attach_heads(model, settings.heads)
-    shapes = settings.shapes or [DraftShape(get_heads(model).num_heads)]
+    shapes = settings.shapes or [DraftShape(get_heads(model).num_aux_heads)]
     rows = rows_as_dict(bench_generate(model, tokenizer, prompts, settings.batch_sizes, settings.max_new_tokens,
                                        shapes, settings.draft_dtype))
     return {"model": settings.model, "heads": settings.heads, "device": settings.device, "dtype": settings.dtype,

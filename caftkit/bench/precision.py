@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..command_line import print_json, setting
+from ..command_line import print_json, setting, with_current_names
 from ..evaluation.charts import head_loss_series
 from ..models import ModelSettings, bf16_is_fast, resolve_device
 from ..training.finetuning import LOG_HISTORY_FILE, METHODS, FinetuneSettings
@@ -51,6 +51,7 @@ class PrecisionBenchSettings(ModelSettings):
     def finetune_settings(self) -> FinetuneSettings:
         """The fine-tuning run both sides start."""
         given = {"model", "data", "mode", "method", "heads", "seed", "device", "dtype", "mixed_precision"}
+        self.finetune = with_current_names(self.finetune, FinetuneSettings, "--finetune")
         unknown = sorted(set(self.finetune) - {f.name for f in fields(FinetuneSettings)} | set(self.finetune) & given)
         if unknown:
             raise ValueError(f"--finetune: {unknown} are not further finetune settings (this command's own settings, "

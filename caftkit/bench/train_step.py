@@ -62,7 +62,7 @@ def _memory(device: torch.device, peak: bool) -> int:
     raise RuntimeError("cannot read the process's memory from /proc/self/status")
 
 
-def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_heads: int, steps: int, warmup: int,
+def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_heads: int, steps: int, warmup: int,
              dtype: str, device: str, seed: int) -> TrainBenchResult:
     """Measure one side in this process: `warmup` untimed steps, then `steps` timed forward+backward steps."""
     from ..core.architecture import find_model_parts
@@ -77,18 +77,18 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_head
     model.to(device).train()
     find_model_parts(model).lm_head.requires_grad_(False)
     if side == "caft":
-        attach_heads(model, num_heads)  # frozen: CAFT fine-tuning does not train the heads
+        attach_heads(model, num_aux_heads)  # frozen: CAFT fine-tuning does not train the heads
     vocab = find_model_parts(model).lm_head.weight.shape[0]
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(device)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
-    weights = head_loss_weights("caft", num_heads)
+    weights = head_loss_weights("caft", num_aux_heads)
 
     def step() -> float:
         if side == "plain":
             loss = model(input_ids=input_ids, labels=input_ids).loss
         else:
-            stats = head_statistics(model, batch, num_aux_heads=num_heads)
+            stats = head_statistics(model, batch, num_aux_heads=num_aux_heads)
             loss = weighted_loss(stats, weights, stats.counts)
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -112,7 +112,7 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_head
                             "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)", loss)
 
 
-def train_step_flops(config, batch_size: int, seq_len: int, num_heads: int) -> dict[str, float]:
+def train_step_flops(config, batch_size: int, seq_len: int, num_aux_heads: int) -> dict[str, float]:
     """Matrix-multiply FLOPs of one forward+backward step of each side, counted from the model config.
 
     A trained matrix costs 6 FLOPs per weight per token (forward, input gradient, weight gradient); a frozen
@@ -136,7 +136,7 @@ def train_step_flops(config, batch_size: int, seq_len: int, num_heads: int) -> d
     unembedding = tokens * 4 * hidden * vocab  # frozen in both sides
     plain = trunk + unembedding
     per_head = tokens * (4 * layer_weights + 3 * attention) + unembedding
-    caft = plain + num_heads * per_head
+    caft = plain + num_aux_heads * per_head
     return {"plain": float(plain), "caft": float(caft), "ratio": caft / plain}
 
 
@@ -146,14 +146,15 @@ class TrainBenchSettings(ModelSettings):
 
     batch_size: int = setting(4, help="sequences per step.")
     seq_len: int = setting(512, help="tokens per sequence.")
-    num_heads: int = setting(4, help="auxiliary heads of the CAFT side (frozen, as in CAFT fine-tuning).")
+    num_aux_heads: int = setting(4, help="auxiliary heads of the CAFT side (frozen, as in CAFT fine-tuning).",
+                                 formerly=("num_heads",))
     steps: int = setting(5, help="timed steps per side (the median is reported).")
     warmup: int = setting(1, help="untimed steps before them.")
     seed: int = setting(0, help="seed of the random tokens.")
     output: str | None = setting(None, help="also write the JSON to this file.")
 
 
-def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 512, num_heads: int = 4,
+def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 512, num_aux_heads: int = 4,
                 steps: int = 5, warmup: int = 1, dtype: str = "float32", device: str = "auto", seed: int = 0) -> dict:
     """Run both sides, each in a fresh process, and return the ratios (CAFT / plain) with the raw figures."""
     from transformers import AutoConfig
@@ -167,14 +168,14 @@ def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 
         print(f"caft bench train: {side} side, {warmup} warm-up + {steps} timed steps in a fresh process...",
               file=sys.stderr, flush=True)
         command = [sys.executable, "-m", "caftkit.bench.train_step", side, model, str(batch_size), str(seq_len),
-                   str(num_heads),
+                   str(num_aux_heads),
                    str(steps), str(warmup), dtype, device, str(seed)]
         completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         if completed.returncode != 0:
             raise RuntimeError(f"the {side} side failed:\n{completed.stderr[-4000:]}")
         results[side] = json.loads(completed.stdout.strip().splitlines()[-1])
     path, offline = pretrained_source(model)
-    flops = train_step_flops(AutoConfig.from_pretrained(path, **offline), batch_size, seq_len, num_heads)
+    flops = train_step_flops(AutoConfig.from_pretrained(path, **offline), batch_size, seq_len, num_aux_heads)
     plain, caft = results["plain"], results["caft"]
     return {
         "model": model,
@@ -182,7 +183,7 @@ def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 
         "dtype": dtype,
         "batch_size": batch_size,
         "seq_len": seq_len,
-        "num_aux_heads": num_heads,
+        "num_aux_heads": num_aux_heads,
         "time_ratio": caft["median_step_seconds"] / plain["median_step_seconds"],
         "peak_memory_ratio": caft["peak_memory_bytes"] / plain["peak_memory_bytes"],
         "flop_floor_time_ratio": flops["ratio"],
@@ -192,8 +193,8 @@ def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 
 
 
 if __name__ == "__main__":
-    side, model_name, batch_size, seq_len, num_heads, steps, warmup, dtype, device, seed = sys.argv[1:]
-    result = run_side(side, model_name, int(batch_size), int(seq_len), int(num_heads), int(steps), int(warmup),
+    side, model_name, batch_size, seq_len, num_aux_heads, steps, warmup, dtype, device, seed = sys.argv[1:]
+    result = run_side(side, model_name, int(batch_size), int(seq_len), int(num_aux_heads), int(steps), int(warmup),
                       dtype, device, int(seed))
     print(json.dumps(asdict(result)))
 
@@ -206,5 +207,5 @@ def bench_train_command(settings: TrainBenchSettings) -> dict:
     plain), `peak_memory_ratio` and `flop_floor_time_ratio` (the ratio the extra matrix multiplies alone imply).
     """
     return print_json(bench_train(model=settings.model, batch_size=settings.batch_size, seq_len=settings.seq_len,
-                           num_heads=settings.num_heads, steps=settings.steps, warmup=settings.warmup,
+                           num_aux_heads=settings.num_aux_heads, steps=settings.steps, warmup=settings.warmup,
                            dtype=settings.dtype, device=settings.device, seed=settings.seed), settings.output)

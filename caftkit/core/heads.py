@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,26 +70,39 @@ def _check_fingerprint(expected: dict[str, Any], actual: dict[str, Any], source:
 
 
 class AuxiliaryHeads(nn.Module):
-    """`num_heads` copies of the last decoder layer; head i (0-based) predicts token t + i + 2."""
+    """`num_aux_heads` copies of the last decoder layer; head i (0-based) predicts token t + i + 2."""
 
-    def __init__(self, last_layer: nn.Module, num_heads: int):
+    def __init__(self, last_layer: nn.Module, num_aux_heads: int):
         super().__init__()
-        if num_heads < 1:
-            raise ValueError(f"num_heads must be at least 1, got {num_heads}")
-        self.layers = nn.ModuleList(copy.deepcopy(last_layer) for _ in range(num_heads))
+        if num_aux_heads < 1:
+            raise ValueError(f"num_aux_heads must be at least 1, got {num_aux_heads}")
+        self.layers = nn.ModuleList(copy.deepcopy(last_layer) for _ in range(num_aux_heads))
         self.metadata: dict[str, Any] = {}
 
     @property
-    def num_heads(self) -> int:
+    def num_aux_heads(self) -> int:
         return len(self.layers)
 
-    def forward(self, call: LayerCall, num_heads: int | None = None) -> list[torch.Tensor]:
-        """Run the first `num_heads` heads on a captured call of layer L; returns their outputs before the norm."""
+    @property
+    def num_heads(self) -> int:
+        """Former name of `num_aux_heads`, kept for code written against it."""
+        return self.num_aux_heads
+
+    def forward(self, call: LayerCall, num_aux_heads: int | None = None) -> list[torch.Tensor]:
+        """Run the first `num_aux_heads` heads on a captured call of layer L; returns their outputs before the norm."""
         outputs = []
-        for layer in self.layers[: num_heads or self.num_heads]:
+        for layer in self.layers[: num_aux_heads or self.num_aux_heads]:
             out = layer(call.hidden_states, *call.args, **call.kwargs)
             outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outputs
+
+
+def from_former_num_heads(num_heads: int | None, num_aux_heads, where: str):
+    """`num_aux_heads`, or the value given under its former name `num_heads` (with a FutureWarning)."""
+    if num_heads is None:
+        return num_aux_heads
+    warnings.warn(f"{where}(num_heads=...) is now num_aux_heads", FutureWarning, stacklevel=3)
+    return num_heads
 
 
 def get_heads(model: nn.Module) -> AuxiliaryHeads | None:
@@ -111,24 +125,27 @@ def attach_heads(
     model: nn.Module,
     heads: int | str | os.PathLike | AuxiliaryHeads | None = None,
     *,
-    num_heads: int = 4,
+    num_aux_heads: int = 4,
     trainable: bool = False,
     check_base: bool = True,
+    num_heads: int | None = None,
 ) -> nn.Module:
     """Attach auxiliary heads to a causal LM and return the model.
 
-    `attach_heads(model, num_heads=4)` makes 4 new heads, copies of layer L (the paper's n = num_heads + 1);
+    `attach_heads(model, num_aux_heads=4)` makes 4 new heads, copies of layer L (the paper's n = num_aux_heads + 1);
     `attach_heads(model, "heads/")` loads a folder written by `save_heads`; `heads` may also be a number of
     new heads or an `AuxiliaryHeads` module. Heads loaded from disk are checked against
     a fingerprint of this model's base (`check_base`). `trainable` sets `requires_grad` on the heads (they are
-    frozen by default, as in CAFT fine-tuning). Attach before wrapping with PEFT, a Trainer or FSDP.
+    frozen by default, as in CAFT fine-tuning). Attach before wrapping with PEFT, a Trainer or FSDP. `num_heads` is
+    the former name of `num_aux_heads`.
     """
+    num_aux_heads = from_former_num_heads(num_heads, num_aux_heads, "attach_heads")
     base = unwrap_model(model)
     parts = find_model_parts(base)
     if isinstance(heads, AuxiliaryHeads):
         module = heads
     elif heads is None or isinstance(heads, int):
-        module = AuxiliaryHeads(parts.last_layer, num_heads if heads is None else heads)
+        module = AuxiliaryHeads(parts.last_layer, num_aux_heads if heads is None else heads)
         module.metadata = {"base_fingerprint": base_fingerprint(base), "training": None}
     else:
         module = load_heads(heads, base, check_base=check_base)
@@ -169,8 +186,8 @@ def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: di
     layer = heads.layers[0]
     config = {
         "format_version": HEADS_FORMAT_VERSION,
-        "num_heads": heads.num_heads,
-        "predicts_offsets": list(range(2, heads.num_heads + 2)),
+        "num_heads": heads.num_aux_heads,
+        "predicts_offsets": list(range(2, heads.num_aux_heads + 2)),
         "layer_class": type(layer).__name__,
         "dtype": str(next(heads.parameters()).dtype).removeprefix("torch."),
         "base_fingerprint": heads.metadata.get("base_fingerprint"),

@@ -218,11 +218,11 @@ def head_loss_weights(
     - `heads` (paper eq. 3): `L = sum_{k=2..n} alpha^(k-2) CE_k`, the main head only logged;
     - `caft` (paper eq. 4): `L = CE_1 + beta * gamma * sum_{k=2..n} alpha^(k-1) CE_k`.
     """
-    num_heads = num_aux_heads + 1
+    last = num_aux_heads + 1  # heads k = 1 (the main one) .. last
     if mode == "ntp":
         return [1.0] + [0.0] * num_aux_heads
     if mode == "heads":
-        return [0.0] + [alpha ** (k - 2) for k in range(2, num_heads + 1)]
+        return [0.0] + [alpha ** (k - 2) for k in range(2, last + 1)]
     if mode == "caft":
-        return [1.0] + [beta * gamma * alpha ** (k - 1) for k in range(2, num_heads + 1)]
+        return [1.0] + [beta * gamma * alpha ** (k - 1) for k in range(2, last + 1)]
     raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")

@@ -40,17 +40,18 @@ class HeadStatistics:
     correct: torch.Tensor  # long [n]
 
 
-def head_targets(batch: dict, num_heads: int) -> list[torch.Tensor]:
-    """Targets of heads k = 1..num_heads (main head included): `labels[t + k]`, never across packed sequences."""
+def head_targets(batch: dict, num_aux_heads: int) -> list[torch.Tensor]:
+    """Targets of the main head and the `num_aux_heads` auxiliary heads, k = 1..num_aux_heads + 1: `labels[t + k]`,
+    never across packed sequences."""
     labels = batch["labels"]
     position_ids = batch.get("position_ids")
     sequence_ids = sequence_ids_from_positions(position_ids) if position_ids is not None else None
-    return [shifted_targets(labels, k, sequence_ids) for k in range(1, num_heads + 1)]
+    return [shifted_targets(labels, k, sequence_ids) for k in range(1, num_aux_heads + 2)]
 
 
 def count_targets(batch: dict, num_aux_heads: int) -> torch.Tensor:
     """Number of valid targets of the main head and each auxiliary head in `batch` (long `[num_aux_heads + 1]`)."""
-    return torch.stack([(t != IGNORE_INDEX).sum() for t in head_targets(batch, num_aux_heads + 1)])
+    return torch.stack([(t != IGNORE_INDEX).sum() for t in head_targets(batch, num_aux_heads)])
 
 
 @functools.cache
@@ -88,12 +89,12 @@ def head_statistics(
     parts = find_model_parts(model)
     heads = get_heads(model)
     num_aux = num_aux_heads
-    if num_aux > 0 and (heads is None or heads.num_heads < num_aux):
-        have = 0 if heads is None else heads.num_heads
+    if num_aux > 0 and (heads is None or heads.num_aux_heads < num_aux):
+        have = 0 if heads is None else heads.num_aux_heads
         raise ValueError(f"{num_aux} auxiliary heads requested but the model has {have}; see caftkit.attach_heads")
     if trunk_cache is not None and (train_trunk or main_needs_grad):
         raise ValueError("a trunk cache is only for head training: the trunk and the main head without gradients")
-    targets = head_targets(batch, num_aux + 1)
+    targets = head_targets(batch, num_aux)
     cache_key = trunk_cache.key(batch) if trunk_cache is not None else None
     cached = trunk_cache.get(cache_key) if trunk_cache is not None else None
     if cached is not None:

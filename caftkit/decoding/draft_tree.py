@@ -1,10 +1,10 @@
 """Draft trees for speculative decoding: which of the heads' candidate tokens to verify, and which of them held.
 
-With `num_heads` heads proposing `top_k` tokens each, a draft is a path (r1, ..., rd): the r1-th candidate of
+With `num_aux_heads` heads proposing `top_k` tokens each, a draft is a path (r1, ..., rd): the r1-th candidate of
 the first head, then the r2-th of the second, and so on. All such paths form a tree under the root (the
 model's own next token). Each pass verifies only the `size` likeliest paths, scored by the sum of the heads'
 log-probabilities along the path; a path always scores at least as high as its extensions, so the chosen
-nodes include their ancestors and form a tree themselves. With `top_k` 1 the tree is a chain of `num_heads`
+nodes include their ancestors and form a tree themselves. With `top_k` 1 the tree is a chain of `num_aux_heads`
 drafts.
 
 A verification pass runs the model once over the root and the chosen nodes, each node attending to the
@@ -42,17 +42,17 @@ class AcceptedPath:
 
 
 class DraftTree:
-    """All candidate paths of `num_heads` heads with `top_k` tokens each, and the choice of the likeliest."""
+    """All candidate paths of `num_aux_heads` heads with `top_k` tokens each, and the choice of the likeliest."""
 
-    def __init__(self, num_heads: int, top_k: int, device: torch.device | str = "cpu"):
-        if num_heads < 1 or top_k < 1:
-            raise ValueError(f"a draft tree needs at least one head and one candidate (got {num_heads} heads, "
+    def __init__(self, num_aux_heads: int, top_k: int, device: torch.device | str = "cpu"):
+        if num_aux_heads < 1 or top_k < 1:
+            raise ValueError(f"a draft tree needs at least one head and one candidate (got {num_aux_heads} heads, "
                              f"top-k {top_k})")
         paths: list[tuple[int, ...]] = [()]
-        for depth in range(1, num_heads + 1):
+        for depth in range(1, num_aux_heads + 1):
             paths += list(product(range(top_k), repeat=depth))
         index = {path: i for i, path in enumerate(paths)}
-        self.num_heads, self.top_k = num_heads, top_k
+        self.num_aux_heads, self.top_k = num_aux_heads, top_k
         self.candidates = len(paths) - 1
         self.depth = torch.tensor([len(p) for p in paths], device=device)
         # The head and the rank of a path's last candidate (the root gets head 0, rank 0: never read).
@@ -68,7 +68,7 @@ class DraftTree:
 
     def choose(self, root: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, size: int) -> DraftBlock:
         """The `size` likeliest paths for each row, given the root tokens `[batch]` and the heads' candidates and
-        their log-probabilities, `[batch, num_heads, top_k]` each (candidates in decreasing order)."""
+        their log-probabilities, `[batch, num_aux_heads, top_k]` each (candidates in decreasing order)."""
         batch = root.shape[0]
         size = min(size, self.candidates)
         step = logprobs[:, self.head, self.rank].float()  # [batch, paths]: log-prob of each path's last step

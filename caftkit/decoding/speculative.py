@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..core.architecture import find_model_parts, unwrap_model
-from ..core.heads import AuxiliaryHeads, get_heads
+from ..core.heads import AuxiliaryHeads, from_former_num_heads, get_heads
 from ..core.layer_call import LayerCall, cache_parameter, capture_layer_inputs
 from .draft_tree import DraftBlock, DraftTree, accept
 
@@ -89,11 +89,11 @@ class _HeadDrafter:
     the unembedding in that dtype (made once per generation): cheaper guesses, while the model still verifies
     in its own dtype, so the output tokens do not change."""
 
-    def __init__(self, model, heads: AuxiliaryHeads, num_heads: int, top_k: int, dtype: torch.dtype | None = None):
+    def __init__(self, model, heads: AuxiliaryHeads, num_aux_heads: int, top_k: int, dtype: torch.dtype | None = None):
         from .draft_cache import DraftCache
 
         parts = find_model_parts(model)
-        layers, self.final_norm, self.lm_head = list(heads.layers[:num_heads]), parts.final_norm, parts.lm_head
+        layers, self.final_norm, self.lm_head = list(heads.layers[:num_aux_heads]), parts.final_norm, parts.lm_head
         self.dtype = dtype if dtype is not None and dtype != next(parts.lm_head.parameters()).dtype else None
         if self.dtype is not None:
             layers = [_copy_in(layer, self.dtype) for layer in layers]
@@ -106,11 +106,11 @@ class _HeadDrafter:
         self.cache_argument = cache_parameter(layers[0].forward)
         if self.cache_argument is None:
             raise ValueError(f"{type(layers[0]).__name__}.forward takes no KV cache argument: the heads cannot draft "
-                             "incrementally; generate with num_heads=0")
+                             "incrementally; generate with num_aux_heads=0")
 
     def run(self, call: LayerCall, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed a block of layer-L inputs to every head (extending its cache) and return each head's `top_k`
-        candidates at `positions[row]` of the block and their log-probabilities: `[batch, num_heads, top_k]`."""
+        candidates at `positions[row]` of the block and their log-probabilities: `[batch, num_aux_heads, top_k]`."""
         rows = torch.arange(positions.shape[0], device=positions.device)
         hidden_states, args, kwargs = call.hidden_states, call.args, dict(call.kwargs)
         if self.dtype is not None:
@@ -123,7 +123,7 @@ class _HeadDrafter:
             hidden = out[0] if isinstance(out, (tuple, list)) else out
             picked.append(hidden[rows, positions])
         # One unembedding product for all heads: at batch 1 its cost is reading the vocabulary matrix, once.
-        stacked = torch.stack(picked, dim=1)  # [batch, num_heads, hidden]
+        stacked = torch.stack(picked, dim=1)  # [batch, num_aux_heads, hidden]
         logits = self.lm_head(self.final_norm(stacked)).float()
         if self.top_k == 1:  # a chain: the scores are never compared
             tokens = logits.argmax(-1, keepdim=True)
@@ -161,10 +161,10 @@ def _tree_mask(mask: torch.Tensor, attends: torch.Tensor, dtype: torch.dtype) ->
     return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def default_tree_size(num_heads: int, top_k: int) -> int:
-    """Drafted tokens verified per pass when none is given: `num_heads * top_k` (for 4 heads with 3 candidates,
+def default_tree_size(num_aux_heads: int, top_k: int) -> int:
+    """Drafted tokens verified per pass when none is given: `num_aux_heads * top_k` (for 4 heads with 3 candidates,
     12: the best of the tree sizes measured on the bundled model in docs/benchmarks.md)."""
-    return num_heads * top_k
+    return num_aux_heads * top_k
 
 
 @torch.no_grad()
@@ -176,38 +176,41 @@ def generate(
     *,
     max_new_tokens: int = 128,
     eos_token_id: int | list[int] | None = None,
-    num_heads: int | None = None,
+    num_aux_heads: int | None = None,
     top_k: int = 1,
     tree_size: int | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
     draft_dtype: torch.dtype | str | None = None,
+    num_heads: int | None = None,
 ) -> GenerationOutput:
     """Greedy decoding of `input_ids` (left-padded, with `attention_mask`), sped up by the auxiliary heads.
 
     The output tokens are those of `model.generate(do_sample=False)`: heads only propose, the model decides.
-    `heads` defaults to the heads attached to `model`; `num_heads` uses only the first few of them (0 decodes
+    `heads` defaults to the heads attached to `model`; `num_aux_heads` uses only the first few of them (0 decodes
     one token per pass, plain greedy). With `top_k` 1 each pass verifies a chain of one draft per head; with
     more, a tree of the `tree_size` likeliest paths through the heads' `top_k` candidates (full-attention models
     only; default size: `default_tree_size`). A row stops at one of `eos_token_id` (default: the model's
     generation config) or after `max_new_tokens`. `on_tokens(row, tokens)` is called with each row's newly
     accepted tokens as they come (for streaming). `draft_dtype` (e.g. `torch.bfloat16` for a float32 model) runs
     the heads and their unembedding in a cheaper dtype: the drafts may change, the output tokens do not.
+    `num_heads` is the former name of `num_aux_heads`.
     """
+    num_aux_heads = from_former_num_heads(num_heads, num_aux_heads, "generate")
     if input_ids is None:
         raise ValueError("input_ids are required")
     heads = heads if heads is not None else get_heads(model)
-    available = heads.num_heads if heads is not None else 0
-    num_heads = available if num_heads is None else num_heads
-    if num_heads > available:
-        raise ValueError(f"{num_heads} heads asked for, but {available} are available")
+    available = heads.num_aux_heads if heads is not None else 0
+    num_aux_heads = available if num_aux_heads is None else num_aux_heads
+    if num_aux_heads > available:
+        raise ValueError(f"{num_aux_heads} heads asked for, but {available} are available")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     sliding = _uses_sliding_window(model.config)
     if top_k > 1 and sliding:
         raise ValueError("draft trees (top_k > 1) need full attention in every layer; this model has sliding-window "
                          "layers: use top_k=1 (a chain)")
-    tree = DraftTree(num_heads, top_k, input_ids.device) if num_heads > 0 else None
-    size = tree_size if tree_size is not None else default_tree_size(num_heads, top_k)
+    tree = DraftTree(num_aux_heads, top_k, input_ids.device) if num_aux_heads > 0 else None
+    size = tree_size if tree_size is not None else default_tree_size(num_aux_heads, top_k)
     if tree is not None and size < 1:
         raise ValueError(f"tree_size must be at least 1, got {size}")
 
@@ -228,7 +231,7 @@ def generate(
         from ..models import parse_dtype
 
         draft_dtype = parse_dtype(draft_dtype)
-    drafter = _HeadDrafter(model, heads, num_heads, top_k, draft_dtype) if tree is not None else None
+    drafter = _HeadDrafter(model, heads, num_aux_heads, top_k, draft_dtype) if tree is not None else None
 
     # Prefill: the prompt through the model and the heads; left padding gets position 0 like generate() does.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

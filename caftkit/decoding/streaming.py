@@ -29,10 +29,10 @@ class GenerateSettings(ModelSettings):
                                            "<model>-heads from `caft export`).")
     speculative: bool = setting(False, help="draft with the heads (self-speculative decoding): the same text, "
                                             "faster when the heads guess well.")
-    num_heads: int | None = setting(None, help="heads used for drafting (default: all).")
+    num_aux_heads: int | None = setting(None, help="heads used for drafting (default: all).", formerly=("num_heads",))
     top_k: int = setting(1, help="candidates per head; above 1, each pass verifies a tree of drafts instead of a "
                                  "chain.")
-    tree_size: int | None = setting(None, help="drafts verified per pass with --top-k above 1 (default: num_heads "
+    tree_size: int | None = setting(None, help="drafts verified per pass with --top-k above 1 (default: num_aux_heads "
                                                "* top_k).")
     max_new_tokens: int = setting(256, help="most new tokens.")
     draft_dtype: str | None = setting(None, help="with --speculative, draft with the heads in this dtype (e.g. "
@@ -93,7 +93,7 @@ def answer_prompt(settings: GenerateSettings) -> dict[str, Any]:
     started = time.perf_counter()
     if settings.speculative:
         result = speculative_generate(model, input_ids=ids, max_new_tokens=settings.max_new_tokens,
-                                      eos_token_id=stop_ids, num_heads=settings.num_heads, top_k=settings.top_k,
+                                      eos_token_id=stop_ids, num_aux_heads=settings.num_aux_heads, top_k=settings.top_k,
                                       tree_size=settings.tree_size, on_tokens=show, draft_dtype=settings.draft_dtype)
         passes, accepted = result.forward_passes, result.mean_accepted
     else:

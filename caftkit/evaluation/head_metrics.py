@@ -30,7 +30,7 @@ def head_metrics(model, examples: list[dict[str, list[int]]], *, pad_token_id: i
     """`{"head_k": {"loss", "accuracy"}}` for the main head (k = 1) and each auxiliary head over `examples`:
     mean cross-entropy and top-1 accuracy over every valid target, batches grouped by length."""
     heads = get_heads(model)
-    n = (heads.num_heads if heads is not None else 0) if num_aux_heads is None else num_aux_heads
+    n = (heads.num_aux_heads if heads is not None else 0) if num_aux_heads is None else num_aux_heads
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -85,7 +85,8 @@ def model_card(run: dict[str, Any]) -> str:
         lines.append(f"- LoRA rank {s['lora_r']}, alpha {s['lora_alpha']}, dropout {s['lora_dropout']} "
                      "(merged into the weights)")
     if s["mode"] == "caft":
-        lines.append(f"- CAFT: {s['num_heads']} auxiliary heads, alpha {s['alpha']}, beta {s['beta']}, "
+        num_aux_heads = s.get("num_aux_heads", s.get("num_heads"))  # runs recorded before the rename say num_heads
+        lines.append(f"- CAFT: {num_aux_heads} auxiliary heads, alpha {s['alpha']}, beta {s['beta']}, "
                      f"schedule `{s['schedule']}`; head warm-up: {run.get('head_warmup') or 'no'}")
     lines += ["", "## Held-out metrics", "", "| head | predicts | loss | top-1 accuracy |", "|---|---|---|---|"]
     for name, metrics in run.get("held_out_per_head", {}).items():

@@ -61,7 +61,8 @@ class FinetuneSettings(RunSettings):
                                choices=HEAD_WARMUP_CHOICES)
     l2_warmup_threshold: float = setting(4.0, help="the L2 above which --head-warmup auto warms the heads up (the "
                                                    "paper's rule).")
-    num_heads: int = setting(4, help="auxiliary heads (with --heads, at most as many as the folder has).")
+    num_aux_heads: int = setting(4, help="auxiliary heads (with --heads, at most as many as the folder has).",
+                                 formerly=("num_heads",))
     alpha: float = setting(0.8, help="decay of the auxiliary weights alpha^(k-1).")
     beta: float = setting(0.01, help="overall weight of the auxiliary losses.")
     schedule: str = setting("rsine", help="gamma(step), the decay of the auxiliary weight over the run.",
@@ -98,8 +99,8 @@ class FinetuneSettings(RunSettings):
             raise ValueError(f"early_stopping_patience must be at least 1, got {self.early_stopping_patience}")
         if self.early_stopping_threshold < 0:
             raise ValueError(f"early_stopping_threshold must be 0 or more, got {self.early_stopping_threshold}")
-        if self.num_heads < 1 and self.mode == "caft":
-            raise ValueError(f"num_heads must be at least 1 in caft mode, got {self.num_heads}")
+        if self.num_aux_heads < 1 and self.mode == "caft":
+            raise ValueError(f"num_aux_heads must be at least 1 in caft mode, got {self.num_aux_heads}")
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATES[self.method]
 
@@ -118,7 +119,8 @@ def warmup_settings(settings: FinetuneSettings, heads_dir: str | None) -> HeadTr
     """The head training of the task warm-up: one epoch on the run's training split, from `heads_dir`. Runs whose
     warm-up settings are equal get the same warmed-up heads (`caft compare` shares them between its arms)."""
     return HeadTrainingSettings(
-        model=settings.model, data=settings.data, init=heads_dir, num_heads=settings.num_heads, alpha=settings.alpha,
+        model=settings.model, data=settings.data, init=heads_dir, num_aux_heads=settings.num_aux_heads,
+        alpha=settings.alpha,
         epochs=1.0, batch_size=settings.batch_size, grad_accum=settings.grad_accum, max_length=settings.max_length,
         eval_fraction=settings.eval_fraction, save_steps=settings.save_steps, seed=settings.seed, dtype=settings.dtype,
         mixed_precision=settings.mixed_precision, device=settings.device, report_to=settings.report_to)
@@ -135,7 +137,7 @@ def finetune_arguments(settings: FinetuneSettings, output_dir: str, num_train_ex
     the arguments every run shares (`trainer_arguments`)."""
     arguments = trainer_arguments(settings, output_dir, num_train_examples)
     arguments.update(
-        mode=settings.mode, num_heads=settings.num_heads, alpha=settings.alpha, beta=settings.beta,
+        mode=settings.mode, num_aux_heads=settings.num_aux_heads, alpha=settings.alpha, beta=settings.beta,
         schedule=settings.schedule, train_heads=settings.train_heads, freeze_unembedding=settings.freeze_unembedding,
         activation_checkpointing=settings.activation_checkpointing, packing=settings.packing,
     )
@@ -179,12 +181,11 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
     `model` and `tokenizer` replace loading `settings.model`; `callbacks` are further `TrainerCallback`s of the
     fine-tuning Trainer (not of the head warm-up)."""
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .trainer import CAFTConfig, CAFTTrainer
 
     run_dir = Path(output)
-    checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    checkpoint = last_checkpoint(run_dir)
     if resume and checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
     if not resume and (checkpoint is not None or (run_dir / RUN_FILE).exists()):
@@ -209,7 +210,7 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         if heads_dir is None:
             warnings.warn("no --heads given: the auxiliary heads are untrained copies of the last layer; train "
                           "them first with `caft train-heads`", UserWarning, stacklevel=2)
-        attach_heads(model, heads_dir if heads_dir else settings.num_heads)
+        attach_heads(model, heads_dir if heads_dir else settings.num_aux_heads)
         warm = settings.head_warmup == "yes"
         if settings.head_warmup == "auto":
             start = head_metrics(model, held_out, pad_token_id=tokenizer.pad_token_id, batch_size=settings.batch_size)

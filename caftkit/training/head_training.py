@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,8 +35,8 @@ class HeadTrainingSettings(RunSettings):
 
     init: str | None = setting(None, help="a heads folder to start from (the task warm-up); new heads are copies "
                                           "of the last layer otherwise.")
-    num_heads: int = setting(4, help="auxiliary heads to train, predicting tokens t+2 .. t+num_heads+1 (with "
-                                     "--init, at most as many as the folder has).")
+    num_aux_heads: int = setting(4, help="auxiliary heads to train, predicting tokens t+2 .. t+num_aux_heads+1 (with "
+                                     "--init, at most as many as the folder has).", formerly=("num_heads",))
     alpha: float = setting(0.8, help="decay of the per-head loss weights alpha^(k-2).")
     # Two passes: on 3,000 self-distilled answers of the bundled model, the t+2 head still gains in the second.
     epochs: float = setting(2.0, help="passes over the training split.")
@@ -51,8 +52,8 @@ class HeadTrainingSettings(RunSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_heads < 1:
-            raise ValueError(f"num_heads must be at least 1, got {self.num_heads}")
+        if self.num_aux_heads < 1:
+            raise ValueError(f"num_aux_heads must be at least 1, got {self.num_aux_heads}")
         if self.trunk_cache_gb < 0:
             raise ValueError(f"trunk_cache_gb must be 0 or more, got {self.trunk_cache_gb}")
 
@@ -81,11 +82,22 @@ def per_head_metrics(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     return dict(sorted(heads.items(), key=lambda item: int(item[0].split("_")[1])))
 
 
-def last_checkpoint(directory: Path) -> str | None:
-    """The newest `checkpoint-N` folder in `directory`, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+_CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+TRAINER_STATE_FILE = "trainer_state.json"
 
-    return get_last_checkpoint(str(directory)) if directory.is_dir() else None
+
+def last_checkpoint(directory: Path) -> str | None:
+    """The newest complete `checkpoint-N` folder in `directory`, or None.
+
+    The Trainer writes `trainer_state.json` last: a folder without it is a checkpoint a killed run was still
+    writing, and resuming from it would fail, so the one before it is taken."""
+    if not Path(directory).is_dir():
+        return None
+    complete = [path for path in Path(directory).iterdir()
+                if _CHECKPOINT_NAME.fullmatch(path.name) and (path / TRAINER_STATE_FILE).is_file()]
+    if not complete:
+        return None
+    return str(max(complete, key=lambda path: int(path.name.split("-")[1])))
 
 
 def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = False,
@@ -128,13 +140,13 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
     # Eq. 3 freezes the base. A model passed in gets its flags back at the end: the task warm-up inside
     # `caft finetune` goes on to fine-tune this very model.
     trainable_before = {name for name, param in model.named_parameters() if param.requires_grad}
-    attach_heads(model, settings.init if settings.init else settings.num_heads, trainable=True)
+    attach_heads(model, settings.init if settings.init else settings.num_aux_heads, trainable=True)
     heads = get_heads(model)
-    num_heads = min(settings.num_heads, heads.num_heads) if settings.init else heads.num_heads
+    num_aux_heads = min(settings.num_aux_heads, heads.num_aux_heads) if settings.init else heads.num_aux_heads
 
     args = CAFTConfig(
         mode="heads",
-        num_heads=num_heads,
+        num_aux_heads=num_aux_heads,
         alpha=settings.alpha,
         trunk_cache_gb=settings.trunk_cache_gb,
         activation_checkpointing=False,  # the base runs without gradients; the heads are one layer each
@@ -210,7 +222,7 @@ class HeadsOutput:
 def train_heads_command(settings: HeadTrainingSettings, where: HeadsOutput) -> dict:
     """Train the auxiliary heads (paper eq. 3) with the base model frozen, and write a `heads/` folder.
 
-    Each head is a copy of the last decoder layer that learns to predict token t+k (k = 2..num_heads+1) through
+    Each head is a copy of the last decoder layer that learns to predict token t+k (k = 2..num_aux_heads+1) through
     the model's own final norm and unembedding; the loss is sum_k alpha^(k-2) CE_k over the assistant tokens.
     Train once per base model on self-distilled data (`caft distill`); for a task whose tokens the heads
     predict badly (auxiliary loss L2 > 4), warm them up with one epoch on the task's training set:

@@ -17,8 +17,8 @@ _SET_BY_CAFTKIT = frozenset({
     "weight_decay", "optim", "per_device_train_batch_size", "per_device_eval_batch_size",
     "gradient_accumulation_steps", "max_length", "train_sampling_strategy", "eval_strategy", "eval_steps",
     "save_strategy", "save_steps", "save_total_limit", "logging_steps", "bf16", "fp16", "use_cpu", "report_to",
-    "seed", "data_seed", "dataloader_num_workers", "mode", "num_heads", "heads_path", "alpha", "beta", "schedule",
-    "train_heads", "freeze_unembedding", "trunk_cache_gb", "loss_type", "activation_checkpointing",
+    "seed", "data_seed", "dataloader_num_workers", "mode", "num_aux_heads", "num_heads", "heads_path", "alpha", "beta",
+    "schedule", "train_heads", "freeze_unembedding", "trunk_cache_gb", "loss_type", "activation_checkpointing",
     "packing", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
 })
 # Each logging integration transformers offers and the modules it needs (any one of them): checked with

@@ -24,6 +24,7 @@ from ..core.heads import (
     HEADS_ATTRIBUTE,
     HEADS_WEIGHTS_FILE,
     attach_heads,
+    from_former_num_heads,
     get_heads,
     heads_state_from_model_state,
     save_heads,
@@ -42,7 +43,7 @@ class CAFTConfig(SFTConfig):
 
     The training loss (paper eq. 4) is `L = CE_1 + beta * gamma(step) * sum_{k=2..n} alpha^(k-1) * CE_k`, where
     `CE_k` is the mean cross-entropy of head k (predicting token t+k) over its valid targets and n - 1 =
-    `num_heads` auxiliary heads. `mode="heads"` trains the heads alone (eq. 3) and `mode="ntp"` is plain
+    `num_aux_heads` auxiliary heads. `mode="heads"` trains the heads alone (eq. 3) and `mode="ntp"` is plain
     next-token fine-tuning through the same code path.
     """
 
@@ -60,10 +61,14 @@ class CAFTConfig(SFTConfig):
                   "next-token baseline, heads not run. `heads`: train only the auxiliary heads (eq. 3), base frozen.",
                   "choices": list(MODES)},
     )
-    num_heads: int = field(
+    num_aux_heads: int = field(
         default=4,
-        metadata={"help": "Number of auxiliary heads (they predict tokens t+2 .. t+num_heads+1). Ignored when "
+        metadata={"help": "Number of auxiliary heads (they predict tokens t+2 .. t+num_aux_heads+1). Ignored when "
                   "`heads_path` is set or heads are already attached, except that it may select fewer of them."},
+    )
+    num_heads: int | None = field(
+        default=None,
+        metadata={"help": "Former name of `num_aux_heads`, still accepted (with a FutureWarning)."},
     )
     heads_path: str | None = field(
         default=None,
@@ -114,6 +119,8 @@ class CAFTConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.num_aux_heads = from_former_num_heads(self.num_heads, self.num_aux_heads, "CAFTConfig")
+        self.num_heads = None
         if self.loss_type != "nll":
             raise ValueError(f"CAFTConfig computes the CAFT loss itself: loss_type must be 'nll', "
                              f"got {self.loss_type!r}")
@@ -125,8 +132,8 @@ class CAFTConfig(SFTConfig):
             raise ValueError(f"loss_impl must be 'fused' or 'checkpoint', got {self.loss_impl!r}")
         if self.trunk_cache_gb < 0:
             raise ValueError(f"trunk_cache_gb must be 0 or more, got {self.trunk_cache_gb}")
-        if self.num_heads < 1 and self.mode != "ntp":
-            raise ValueError(f"num_heads must be at least 1 in {self.mode!r} mode, got {self.num_heads}")
+        if self.num_aux_heads < 1 and self.mode != "ntp":
+            raise ValueError(f"num_aux_heads must be at least 1 in {self.mode!r} mode, got {self.num_aux_heads}")
 
 
 class _HeadTotals:
@@ -224,7 +231,7 @@ class CAFTTrainer(SFTTrainer):
             elif get_heads(base) is None:
                 if base is not model:
                     raise ValueError("attach heads (caftkit.attach_heads) before wrapping the model with PEFT")
-                attach_heads(base, args.num_heads)
+                attach_heads(base, args.num_aux_heads)
         if args.mode == "heads":
             # Eq. 3: only the auxiliary layers learn.
             base.requires_grad_(False)
@@ -241,7 +248,7 @@ class CAFTTrainer(SFTTrainer):
         """Auxiliary heads the loss runs: none in `ntp` mode."""
         if self.args.mode == "ntp":
             return 0
-        return min(self.args.num_heads, get_heads(self.model).num_heads)
+        return min(self.args.num_aux_heads, get_heads(self.model).num_aux_heads)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)

@@ -33,7 +33,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..command_line import setting
+from ..command_line import setting, with_current_names
 from ..core.heads import HEADS_CONFIG_FILE
 from ..evaluation.bootstrap import comparison_table, uniqueness_metric
 from ..evaluation.task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
@@ -49,6 +49,7 @@ from ..training.finetuning import (
     finetune,
     warmup_settings,
 )
+from ..training.head_training import last_checkpoint
 from .compare_report import REPORT_FILE, ArmComparison, arm_dir, write_comparison_report
 
 DEFAULT_ARMS = {"ntp": {"mode": "ntp"}, "caft": {"mode": "caft"}}
@@ -116,6 +117,7 @@ class CompareSettings(ModelSettings):
         super().__post_init__()
         if self.test_examples == 0:
             self.test_examples = None
+        self.finetune = with_current_names(self.finetune, FinetuneSettings, "finetune")
         _check_finetune_keys(self.finetune, "finetune settings")
         self.arm_settings = {name: self._arm(name, values) for name, values in (self.arms or DEFAULT_ARMS).items()}
         if not self.arm_settings:
@@ -140,6 +142,7 @@ class CompareSettings(ModelSettings):
         defaults = {"method": self.method, "seeds": list(self.seeds), "heads": self.heads,
                     "head_warmup": self.head_warmup}
         arm = ArmSettings(**{**defaults, **values})
+        arm.finetune = with_current_names(arm.finetune, FinetuneSettings, f"arm {name}: finetune")
         if arm.mode not in ("ntp", "caft"):
             raise ValueError(f"arm {name}: mode must be ntp or caft, got {arm.mode!r}")
         if not arm.seeds or len(set(arm.seeds)) != len(arm.seeds):
@@ -273,12 +276,10 @@ def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timing
     eval_settings = settings.eval_settings(model_dir)
     _check_reusable(root, finetune_settings, eval_settings)
     if not (run_dir / RUN_FILE).exists():
-        from transformers.trainer_utils import get_last_checkpoint
-
         root.mkdir(parents=True, exist_ok=True)
         if not (root / ARM_SETTINGS_FILE).exists():
             (root / ARM_SETTINGS_FILE).write_text(json.dumps({"finetune": asdict(finetune_settings)}, indent=2) + "\n")
-        resume = run_dir.is_dir() and get_last_checkpoint(str(run_dir)) is not None
+        resume = last_checkpoint(run_dir) is not None
         shared_from = None if resume else _share_warmup(output, settings, arm, seed, run_dir)
         if shared_from is not None:
             (root / ARM_SETTINGS_FILE).write_text(json.dumps(

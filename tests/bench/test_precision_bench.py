@@ -30,7 +30,7 @@ def tiny_task(tmp_path_factory):
 
 def settings(tiny_task, **overrides) -> FinetuneSettings:
     model_dir, data = tiny_task
-    values = dict(model=str(model_dir), data=str(data), mode="caft", num_heads=2, epochs=2, batch_size=4,
+    values = dict(model=str(model_dir), data=str(data), mode="caft", num_aux_heads=2, epochs=2, batch_size=4,
                   learning_rate=3e-3, eval_fraction=0.2, lora_r=4, lora_alpha=8, beta=0.5, device="cpu")
     values.update(overrides)
     return FinetuneSettings(**values)

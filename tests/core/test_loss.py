@@ -71,8 +71,8 @@ def test_linear_cross_entropy_scales_stored_gradient_by_upstream_gradient():
 
 def test_no_valid_target_gives_zero_loss_and_zero_gradient():
     model = tiny_model("llama")
-    attach_heads(model, num_heads=2, trainable=True)
-    assert get_heads(model).num_heads == 2
+    attach_heads(model, num_aux_heads=2, trainable=True)
+    assert get_heads(model).num_aux_heads == 2
     batch = random_batch()
     batch["labels"] = torch.full_like(batch["labels"], -100)
     stats = head_statistics(model, batch, num_aux_heads=2)

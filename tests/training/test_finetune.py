@@ -42,7 +42,7 @@ def tiny_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-finetune")
     model_dir = saved_model_dir(root / "model", tiny_model("llama"))
     data = write_task(root / "general.jsonl", 24)
-    train_heads(str(root / "heads"), HeadTrainingSettings(model=str(model_dir), data=str(data), num_heads=2,
+    train_heads(str(root / "heads"), HeadTrainingSettings(model=str(model_dir), data=str(data), num_aux_heads=2,
                                                            epochs=1, batch_size=4, learning_rate=3e-3,
                                                            eval_fraction=0.25),
                 progress=False)
@@ -50,7 +50,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def settings_for(tiny_dir, data, **overrides) -> FinetuneSettings:
-    values = dict(model=str(tiny_dir / "model"), data=str(data), heads=str(tiny_dir / "heads"), num_heads=2,
+    values = dict(model=str(tiny_dir / "model"), data=str(data), heads=str(tiny_dir / "heads"), num_aux_heads=2,
                   epochs=2, batch_size=4, learning_rate=3e-3, eval_fraction=0.2, save_steps=4, logging_steps=2,
                   lora_r=4, lora_alpha=8, warmup=0.0, beta=0.5)
     values.update(overrides)

@@ -133,7 +133,7 @@ def test_ddp_train_heads_equals_one_process_with_the_same_global_batch(tiny_run_
 
 # --- the accelerate configs ----------------------------------------------------------------------------------------
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 
 
 def test_accelerate_configs_load_and_keep_what_caftkit_relies_on():

@@ -122,7 +122,7 @@ def test_heads_do_not_change_outputs(arch):
         gen_before = model.generate(input_ids=left_ids, attention_mask=left_mask, **gen_kwargs)
 
     attach_heads(model, 3)
-    assert get_heads(model).num_heads == 3
+    assert get_heads(model).num_aux_heads == 3
     # The heads really differ from a no-op: make them differ from layer L, so that running one would show.
     with torch.no_grad():
         for p in get_heads(model).parameters():
@@ -160,7 +160,7 @@ def test_save_pretrained_excludes_heads(arch, tmp_path):
     assert sorted(p.name for p in (tmp_path / "with_heads").glob("*.safetensors")) == ["model.safetensors"]
 
     heads = detach_heads(model)
-    assert isinstance(heads, AuxiliaryHeads) and heads.num_heads == 3
+    assert isinstance(heads, AuxiliaryHeads) and heads.num_aux_heads == 3
     assert not hasattr(model, HEADS_ATTRIBUTE)
     assert get_heads(model) is None
     assert not any(HEADS_ATTRIBUTE in key for key in model.state_dict())
@@ -181,7 +181,7 @@ def test_new_heads_copy_last_layer(arch):
     layer_state = {k: v.clone() for k, v in parts.last_layer.state_dict().items()}
     attach_heads(model, 3)
     heads = get_heads(model)
-    assert heads.num_heads == len(heads.layers) == 3
+    assert heads.num_aux_heads == len(heads.layers) == 3
     for head in heads.layers:
         assert type(head) is type(parts.last_layer)
         assert head is not parts.last_layer
@@ -217,7 +217,7 @@ def test_save_load_round_trip(arch, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE])
 
     loaded = load_heads(tmp_path, model)
-    assert loaded.num_heads == 3
+    assert loaded.num_aux_heads == 3
     _assert_state_dicts_equal(loaded.state_dict(), heads.state_dict())
 
     config = json.loads((tmp_path / HEADS_CONFIG_FILE).read_text())
@@ -237,7 +237,7 @@ def test_save_load_round_trip(arch, tmp_path):
     fresh = tiny_model(arch, seed=0)
     assert attach_heads(fresh, tmp_path) is fresh
     fresh_heads = get_heads(fresh)
-    assert fresh_heads is not None and fresh_heads.num_heads == 3
+    assert fresh_heads is not None and fresh_heads.num_aux_heads == 3
     _assert_state_dicts_equal(fresh_heads.state_dict(), heads.state_dict())
     assert fresh_heads.metadata["base_fingerprint"] == fingerprint
     # The base itself is untouched by attaching heads from disk.
@@ -269,7 +269,7 @@ def test_heads_refused_on_other_weights(llama_heads_dir):
 
     attach_heads(other, llama_heads_dir, check_base=False)
     heads = get_heads(other)
-    assert heads.num_heads == 2
+    assert heads.num_aux_heads == 2
     _assert_state_dicts_equal(heads.state_dict(), load_file(str(llama_heads_dir / HEADS_WEIGHTS_FILE)))
 
 
@@ -331,3 +331,21 @@ def test_fingerprint_is_dtype_independent(arch):
     with torch.no_grad():
         next(p for p in find_model_parts(other).layers[0].parameters() if p.dim() > 1).view(-1)[0] += 1.0
     assert base_fingerprint(other) == fingerprint
+
+
+def test_the_former_name_num_heads_still_works_with_a_warning():
+    """`num_heads`, the name of the auxiliary-head count before `num_aux_heads`, is still accepted by
+    `attach_heads`, `generate` and `CAFTConfig`, and still read from `AuxiliaryHeads`."""
+    from caftkit.decoding.speculative import generate
+    from caftkit.training.trainer import CAFTConfig
+
+    with pytest.warns(FutureWarning, match=r"attach_heads\(num_heads=...\) is now num_aux_heads"):
+        model = attach_heads(tiny_model("llama"), num_heads=3)
+    assert get_heads(model).num_aux_heads == get_heads(model).num_heads == 3
+    ids = random_batch(1, 6, pad_last=0)["input_ids"]
+    with pytest.warns(FutureWarning, match=r"generate\(num_heads=...\) is now num_aux_heads"):
+        former = generate(model, input_ids=ids, max_new_tokens=5, num_heads=2)
+    assert former.sequences == generate(model, input_ids=ids, max_new_tokens=5, num_aux_heads=2).sequences
+    with pytest.warns(FutureWarning, match=r"CAFTConfig\(num_heads=...\) is now num_aux_heads"):
+        config = CAFTConfig(output_dir="unused", num_heads=2, report_to=[], use_cpu=True, bf16=False)
+    assert (config.num_aux_heads, config.num_heads) == (2, None)

@@ -31,7 +31,7 @@ def tiny_setup(tmp_path_factory):
     model_dir = saved_model_dir(root / "model", tiny_model("llama"))
     train = write_records(root / "train.jsonl", TRAIN, repeat=2)
     write_records(root / "test.jsonl", TEST)
-    train_heads(str(root / "heads"), HeadTrainingSettings(model=str(model_dir), data=str(train), num_heads=2,
+    train_heads(str(root / "heads"), HeadTrainingSettings(model=str(model_dir), data=str(train), num_aux_heads=2,
                                                            epochs=1, batch_size=4, eval_fraction=0.25,
                                                            mixed_precision="no"), progress=False)
     return root
@@ -40,8 +40,8 @@ def tiny_setup(tmp_path_factory):
 def settings_for(root, **overrides) -> CompareSettings:
     values = dict(data=str(root / "train.jsonl"), model=str(root / "model"), test_data=str(root / "test.jsonl"),
                   heads=str(root / "heads"), test_examples=None, max_new_tokens=6, n_resamples=2000,
-                  finetune={"num_heads": 2, "epochs": 1, "batch_size": 4, "eval_fraction": 0.2, "learning_rate": 3e-3,
-                            "lora_r": 4, "lora_alpha": 8, "save_steps": 2})
+                  finetune={"num_aux_heads": 2, "epochs": 1, "batch_size": 4, "eval_fraction": 0.2,
+                            "learning_rate": 3e-3, "lora_r": 4, "lora_alpha": 8, "save_steps": 2})
     values.update(overrides)
     return CompareSettings(**values)
 

@@ -100,16 +100,17 @@ def test_bfloat16_drafts_come_from_copies_and_leave_the_heads_alone():
         assert tensor.dtype == torch.float32 and torch.equal(tensor, heads_before[name]), name
 
 
-@pytest.mark.parametrize("num_heads", [0, 1, 3])
-def test_fewer_heads_and_streaming(num_heads):
+@pytest.mark.parametrize("num_aux_heads", [0, 1, 3])
+def test_fewer_heads_and_streaming(num_aux_heads):
     model = repetitive_model("qwen2")
     streamed: dict[int, list[int]] = {}
     ids, mask = left_padded(PROMPTS[:2])
     out = generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=16, eos_token_id=EOS,
-                   num_heads=num_heads, on_tokens=lambda row, tokens: streamed.setdefault(row, []).extend(tokens))
+                   num_aux_heads=num_aux_heads,
+                   on_tokens=lambda row, tokens: streamed.setdefault(row, []).extend(tokens))
     assert out.sequences == [reference(model, p, 16) for p in PROMPTS[:2]]
     assert [streamed.get(i, []) for i in range(2)] == out.sequences
-    if num_heads == 0:
+    if num_aux_heads == 0:
         assert out.mean_accepted == 1.0
 
 
@@ -118,8 +119,8 @@ def test_max_new_tokens_and_too_many_heads():
     out = generate(model, input_ids=torch.tensor([PROMPTS[1]]), max_new_tokens=1, eos_token_id=[])
     assert out.sequences == [reference(model, PROMPTS[1], 1)] and len(out.sequences[0]) == 1
     with pytest.raises(ValueError, match="4 heads asked for, but 3 are available"):
-        generate(model, input_ids=torch.tensor([PROMPTS[1]]), num_heads=4)
-    assert get_heads(model).num_heads == 3
+        generate(model, input_ids=torch.tensor([PROMPTS[1]]), num_aux_heads=4)
+    assert get_heads(model).num_aux_heads == 3
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def test_head_training_with_the_cache_trains_the_same_heads(tmp_path):
     heads = {}
     for name, budget in (("cached", 1.0), ("uncached", 1e-12)):
         model = tiny_model("llama")
-        settings = HeadTrainingSettings(model="tiny", data=str(data), num_heads=2, epochs=2, learning_rate=3e-3,
+        settings = HeadTrainingSettings(model="tiny", data=str(data), num_aux_heads=2, epochs=2, learning_rate=3e-3,
                                         batch_size=4, eval_fraction=0.2, warmup=0.0, mixed_precision="no",
                                         trunk_cache_gb=budget)
         summary = train_heads(str(tmp_path / name), settings, model=model, tokenizer=tiny_tokenizer(),

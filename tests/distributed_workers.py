@@ -11,8 +11,8 @@ from tiny_models import tiny_model
 
 from caftkit.core.distributed import whole_tensor
 from caftkit.core.heads import attach_heads, get_heads, save_heads
-from caftkit.core.loss import head_loss_weights
 from caftkit.core.multitoken import count_targets, head_statistics, weighted_loss
+from caftkit.core.weights import head_loss_weights
 
 NUM_HEADS = 2
 WEIGHTS = head_loss_weights("caft", NUM_HEADS, alpha=0.8, beta=0.5, gamma=0.7)

@@ -221,3 +221,22 @@ def test_train_heads_never_writes_into_a_folder_that_holds_something(tiny_model_
                                        "a new output folder (the heads written there would replace what it holds)\n")
     assert [path.name for path in output.iterdir()] == ["notes.txt"]
     assert (output / "notes.txt").read_text() == "keep me"
+
+
+def test_the_command_line_reads_and_refuses_settings_without_importing_torch():
+    """Reading every command's flags and refusing a bad setting imports neither torch nor transformers, TRL or
+    PEFT: a refusal comes at once, not after seconds of imports (measured in the closing note of issue 19)."""
+    import subprocess
+    import sys
+
+    program = (
+        "import sys\n"
+        "from caftkit.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "code = main(['finetune', '--data', 'task.jsonl', '--report-to', 'wandb', '--output', 'never-made'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules)\n"
+        "print(code, heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "2 []"
+    assert done.stderr == "caft finetune: error: report_to: wandb is not installed (pip install wandb)\n"

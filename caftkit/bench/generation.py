@@ -24,40 +24,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..command_line import print_json, setting
 from ..core.heads import attach_heads, check_heads_fit, get_heads
-from ..data import BUNDLED_SHAREGPT, ReadStats, iter_prompts, render_prompt
-from ..decoding.speculative import default_tree_size, generate
-from ..models import ModelSettings, load_model, load_tokenizer, parse_dtype
-
-
-@dataclass(frozen=True)
-class DraftShape:
-    """How many heads draft, how many candidates each proposes, and how many drafts a pass verifies."""
-
-    num_aux_heads: int
-    top_k: int = 1
-    tree_size: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> DraftShape:
-        """`H`, `HxK` or `HxK:N` (see the module docstring)."""
-        try:
-            heads, _, rest = text.strip().partition("x")
-            top_k, _, size = rest.partition(":")
-            return cls(int(heads), int(top_k) if top_k else 1, int(size) if size else None)
-        except ValueError:
-            raise ValueError(f"draft shape {text!r}: expected H, HxK or HxK:N (heads, candidates per head, "
-                             "drafts per pass), e.g. 4 or 4x3:16") from None
-
-    @property
-    def drafts_per_pass(self) -> int:
-        return self.tree_size if self.tree_size is not None else default_tree_size(self.num_aux_heads, self.top_k)
-
-    def __str__(self) -> str:
-        if self.top_k == 1:
-            return str(self.num_aux_heads)
-        return f"{self.num_aux_heads}x{self.top_k}:{self.drafts_per_pass}"
+from ..data import ReadStats, iter_prompts, render_prompt
+from ..decoding.speculative import generate
+from ..models import load_model, load_tokenizer
+from .settings import DraftShape, GenerationBenchSettings
 
 
 @dataclass
@@ -241,39 +212,6 @@ def rows_as_dict(rows: list[GenerationBenchRow]) -> list[dict]:
              "pass_reduction": round(row.pass_reduction, 3), "pass_cost": round(row.pass_cost, 3)} for row in rows]
 
 
-
-@dataclass(kw_only=True)
-class GenerationBenchSettings(ModelSettings):
-    """The heads, prompts, batch sizes and draft shapes `caft bench generate` measures."""
-
-    heads: str = setting(help="heads folder (from `caft train-heads` or `caft export`).")
-    data: str = setting(BUNDLED_SHAREGPT, help="prompts: sharegpt (the bundled set) or a JSONL/JSON file of "
-                                               "conversations.")
-    exclude: str | None = setting(None, help="a JSONL file whose record ids are left out (e.g. the distilled data "
-                                             "the heads learned from).")
-    skip: int = setting(0, help="skip this many usable prompts first.")
-    num_prompts: int = setting(16, help="prompts to generate for.")
-    batch_sizes: list[int] = setting(default_factory=lambda: [1, 8], help="batch sizes to measure.")
-    max_new_tokens: int = setting(128, help="most new tokens per answer.")
-    drafts: list[str] | None = setting(None, help="draft shapes to measure: H (a chain through the first H heads), "
-                                                  "HxK (a tree through the top K candidates of H heads) or HxK:N "
-                                                  "(that tree cut to its N likeliest drafts per pass); default: a "
-                                                  "chain through all heads.")
-    draft_dtype: str | None = setting(None, help="draft with the heads in this dtype (e.g. bfloat16 for a float32 "
-                                                 "model: cheaper drafts, the model still verifies in --dtype); "
-                                                 "default: --dtype.")
-    output: str | None = setting(None, help="also write the JSON to this file.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.draft_dtype is not None:
-            parse_dtype(self.draft_dtype)  # a typo fails before anything loads
-        try:
-            self.shapes = [DraftShape.parse(text) for text in self.drafts] if self.drafts else None
-        except ValueError as error:
-            raise ValueError(f"--drafts: {error}") from None
-
-
 def run_generation_bench(settings: GenerationBenchSettings) -> dict:
     """Load the model and heads, measure every batch size and draft shape, and return the result as a dict."""
     check_heads_fit(settings.heads, settings.model)
@@ -290,15 +228,3 @@ def run_generation_bench(settings: GenerationBenchSettings) -> dict:
             "rows": rows}
 
 
-def bench_generate_command(settings: GenerationBenchSettings) -> dict:
-    """Plain greedy `generate()` against self-speculative decoding with the heads, on the same prompts.
-
-    Both sides run in this process on the same batches (chat template applied, prompts grouped by length,
-    left-padded), after an untimed warm-up; each batch is decoded plainly and then with every draft shape. Prints,
-    per batch size and draft shape, new tokens per second of each side, the speedup, the mean tokens accepted per
-    verification pass, and how many answers are token for token the same (all should be). The speedup is split
-    into `pass_reduction` (plain forward passes over speculative ones: what the heads save) and `pass_cost` (a
-    speculative pass's time in plain one-token steps: what the device charges): speedup = pass_reduction /
-    pass_cost.
-    """
-    return print_json(run_generation_bench(settings), settings.output)

@@ -19,46 +19,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..command_line import print_json, setting, with_current_names
 from ..evaluation.charts import head_loss_series
-from ..models import ModelSettings, bf16_is_fast, resolve_device
-from ..training.finetuning import LOG_HISTORY_FILE, METHODS, FinetuneSettings
+from ..models import bf16_is_fast, resolve_device
+from ..training.finetuning import LOG_HISTORY_FILE, FinetuneSettings
+from .settings import PRECISIONS
 from .train_step import peak_memory_bytes, reset_peak_memory
-
-PRECISIONS = ("no", "bf16")
-
-
-@dataclass(kw_only=True)
-class PrecisionBenchSettings(ModelSettings):
-    """Which fine-tuning run `caft bench precision` measures, for how many steps, and the tolerance."""
-
-    data: str = setting(help="the task's training records, as for `caft finetune`.")
-    mode: str = setting("caft", help="caft or ntp.", choices=("caft", "ntp"))
-    method: str = setting("lora", help="lora or full.", choices=METHODS)
-    heads: str | None = setting(None, help="a heads folder from `caft train-heads` (caft mode).")
-    steps: int = setting(20, help="optimisation steps per side.")
-    tolerance: float = setting(0.02, help="the largest relative loss difference accepted (0.02: 2%%).")
-    seed: int = setting(0, help="seed of the run (split, shuffling, LoRA initialisation, dropout), the same on both "
-                                "sides.")
-    finetune: dict[str, Any] = setting(default_factory=dict, help="further `caft finetune` settings, e.g. "
-                                                                  "{batch_size: 8, epochs: 1}.")
-    output: str | None = setting(None, help="also write the JSON to this file.")
-
-    def finetune_settings(self) -> FinetuneSettings:
-        """The fine-tuning run both sides start."""
-        given = {"model", "data", "mode", "method", "heads", "seed", "device", "dtype", "mixed_precision"}
-        self.finetune = with_current_names(self.finetune, FinetuneSettings, "--finetune")
-        unknown = sorted(set(self.finetune) - {f.name for f in fields(FinetuneSettings)} | set(self.finetune) & given)
-        if unknown:
-            raise ValueError(f"--finetune: {unknown} are not further finetune settings (this command's own settings, "
-                             f"and mixed_precision, are set by it); see `caft finetune --help`")
-        return FinetuneSettings(model=self.model, data=self.data, mode=self.mode, method=self.method,
-                                heads=self.heads, seed=self.seed, dtype=self.dtype, device=self.device,
-                                **self.finetune)
 
 
 def step_timer_and_stop(steps: int, device: str = "cpu"):
@@ -173,14 +142,3 @@ if __name__ == "__main__":
     print(json.dumps(measured))
 
 
-def bench_precision_command(settings: PrecisionBenchSettings) -> dict:
-    """bf16 autocast against float32 over the first steps of a real `caft finetune` run.
-
-    The same run (data, seed, mode, heads, learning-rate and gamma schedules of the whole run) is started twice,
-    with `--mixed-precision no` and `bf16`, each in a fresh process and stopped after `--steps` optimisation
-    steps, without head warm-up. Prints JSON with `time_ratio` (median step time, bf16 / float32),
-    `peak_memory_ratio` (peak memory during training), `largest_relative_loss_difference` (over the steps and
-    the heads, of each head's training loss) and `within_tolerance`.
-    """
-    result = bench_precision(settings.finetune_settings(), steps=settings.steps, tolerance=settings.tolerance)
-    return print_json(result, settings.output)

@@ -17,8 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..command_line import print_json, setting
-from ..models import BUNDLED_MODEL, ModelSettings, resolve_device
+from ..models import BUNDLED_MODEL, resolve_device
 
 
 @dataclass
@@ -67,8 +66,8 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_
     """Measure one side in this process: `warmup` untimed steps, then `steps` timed forward+backward steps."""
     from ..core.architecture import find_model_parts
     from ..core.heads import attach_heads
-    from ..core.loss import head_loss_weights
     from ..core.multitoken import head_statistics, weighted_loss
+    from ..core.weights import head_loss_weights
     from ..models import load_model_and_tokenizer
 
     torch.manual_seed(seed)
@@ -140,20 +139,6 @@ def train_step_flops(config, batch_size: int, seq_len: int, num_aux_heads: int) 
     return {"plain": float(plain), "caft": float(caft), "ratio": caft / plain}
 
 
-@dataclass(kw_only=True)
-class TrainBenchSettings(ModelSettings):
-    """The shape of the step `caft bench train` measures, and how often."""
-
-    batch_size: int = setting(4, help="sequences per step.")
-    seq_len: int = setting(512, help="tokens per sequence.")
-    num_aux_heads: int = setting(4, help="auxiliary heads of the CAFT side (frozen, as in CAFT fine-tuning).",
-                                 formerly=("num_heads",))
-    steps: int = setting(5, help="timed steps per side (the median is reported).")
-    warmup: int = setting(1, help="untimed steps before them.")
-    seed: int = setting(0, help="seed of the random tokens.")
-    output: str | None = setting(None, help="also write the JSON to this file.")
-
-
 def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 512, num_aux_heads: int = 4,
                 steps: int = 5, warmup: int = 1, dtype: str = "float32", device: str = "auto", seed: int = 0) -> dict:
     """Run both sides, each in a fresh process, and return the ratios (CAFT / plain) with the raw figures."""
@@ -199,13 +184,3 @@ if __name__ == "__main__":
     print(json.dumps(asdict(result)))
 
 
-def bench_train_command(settings: TrainBenchSettings) -> dict:
-    """Time and peak memory of a CAFT training step against plain next-token fine-tuning.
-
-    Both sides train every weight but the unembedding (frozen in both) on the same random tokens, every
-    position labelled; each runs in a fresh process. Prints JSON with `time_ratio` (median step time, CAFT /
-    plain), `peak_memory_ratio` and `flop_floor_time_ratio` (the ratio the extra matrix multiplies alone imply).
-    """
-    return print_json(bench_train(model=settings.model, batch_size=settings.batch_size, seq_len=settings.seq_len,
-                           num_aux_heads=settings.num_aux_heads, steps=settings.steps, warmup=settings.warmup,
-                           dtype=settings.dtype, device=settings.device, seed=settings.seed), settings.output)

@@ -14,8 +14,6 @@ all heads at once costs heads x batch x time x vocab floats (the paper's referen
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,9 +24,6 @@ IGNORE_INDEX = -100
 # Elements of one logits chunk (rows x vocab). 8M float32 values are 32 MB: small next to the activations of
 # any model caftkit trains, large enough that each chunk is one efficient matrix multiply.
 DEFAULT_CHUNK_ELEMENTS = 8 * 1024 * 1024
-
-SCHEDULES = ("rsine", "sine", "linear", "constant")
-MODES = ("caft", "ntp", "heads")
 
 
 def chunk_rows(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
@@ -186,43 +181,3 @@ def sequence_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(position_ids, dtype=torch.long)
     starts[..., 1:] = (position_ids[..., 1:] <= position_ids[..., :-1]).long()
     return starts.cumsum(-1)
-
-
-def gamma_schedule(name: str, step: int, total_steps: int) -> float:
-    """Value of the auxiliary-loss schedule gamma at `step` of `total_steps`.
-
-    - `rsine` (reflected sine, the paper's default): `sin(pi/2 * (1 - step/total))`, 1 at the start, 0 at the end.
-    - `sine`: `sin(pi/2 * step/total)`, 0 at the start, 1 at the end.
-    - `linear`: `1 - step/total`.
-    - `constant`: 1.
-    """
-    progress = min(max(step / total_steps, 0.0), 1.0) if total_steps > 0 else 0.0
-    if name == "rsine":
-        return math.sin(math.pi / 2 * (1.0 - progress))
-    if name == "sine":
-        return math.sin(math.pi / 2 * progress)
-    if name == "linear":
-        return 1.0 - progress
-    if name == "constant":
-        return 1.0
-    raise ValueError(f"unknown schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
-
-
-def head_loss_weights(
-    mode: str, num_aux_heads: int, *, alpha: float = 0.8, beta: float = 0.01, gamma: float = 1.0
-) -> list[float]:
-    """Weight of each head's mean cross-entropy in the training loss; index 0 is the main head (k = 1).
-
-    There are n = `num_aux_heads` + 1 heads. For mode
-    - `ntp`: `L = CE_1` (plain next-token fine-tuning);
-    - `heads` (paper eq. 3): `L = sum_{k=2..n} alpha^(k-2) CE_k`, the main head only logged;
-    - `caft` (paper eq. 4): `L = CE_1 + beta * gamma * sum_{k=2..n} alpha^(k-1) CE_k`.
-    """
-    last = num_aux_heads + 1  # heads k = 1 (the main one) .. last
-    if mode == "ntp":
-        return [1.0] + [0.0] * num_aux_heads
-    if mode == "heads":
-        return [0.0] + [alpha ** (k - 2) for k in range(2, last + 1)]
-    if mode == "caft":
-        return [1.0] + [beta * gamma * alpha ** (k - 1) for k in range(2, last + 1)]
-    raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")

@@ -31,6 +31,7 @@ from ..core.architecture import find_model_parts, unwrap_model
 from ..core.heads import AuxiliaryHeads, from_former_num_heads, get_heads
 from ..core.layer_call import LayerCall, cache_parameter, capture_layer_inputs
 from .draft_tree import DraftBlock, DraftTree, accept
+from .settings import default_tree_size
 
 
 @dataclass
@@ -159,12 +160,6 @@ def _tree_mask(mask: torch.Tensor, attends: torch.Tensor, dtype: torch.dtype) ->
     width = attends.shape[1]
     allowed = torch.cat([mask.bool()[:, None, :].expand(-1, width, -1), attends], dim=-1)[:, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def default_tree_size(num_aux_heads: int, top_k: int) -> int:
-    """Drafted tokens verified per pass when none is given: `num_aux_heads * top_k` (for 4 heads with 3 candidates,
-    12: the best of the tree sizes measured on the bundled model in docs/benchmarks.md)."""
-    return num_aux_heads * top_k
 
 
 @torch.no_grad()

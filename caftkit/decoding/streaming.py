@@ -5,46 +5,17 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..command_line import setting
 from ..core.heads import attach_heads, check_heads_fit
 from ..data import render_prompt
-from ..models import ModelSettings, load_model, load_tokenizer, parse_dtype
+from ..models import load_model, load_tokenizer
 from .greedy import stop_token_ids
+from .settings import GenerateSettings
 from .speculative import generate as speculative_generate
-
-
-@dataclass(kw_only=True)
-class GenerateSettings(ModelSettings):
-    """The prompt, and how `caft generate` answers it."""
-
-    prompt: str = setting(help="the user message.")
-    system: str | None = setting(None, help="an optional system message.")
-    heads: str | None = setting(None, help="heads folder for --speculative (from `caft train-heads`, or "
-                                           "<model>-heads from `caft export`).")
-    speculative: bool = setting(False, help="draft with the heads (self-speculative decoding): the same text, "
-                                            "faster when the heads guess well.")
-    num_aux_heads: int | None = setting(None, help="heads used for drafting (default: all).", formerly=("num_heads",))
-    top_k: int = setting(1, help="candidates per head; above 1, each pass verifies a tree of drafts instead of a "
-                                 "chain.")
-    tree_size: int | None = setting(None, help="drafts verified per pass with --top-k above 1 (default: num_aux_heads "
-                                               "* top_k).")
-    max_new_tokens: int = setting(256, help="most new tokens.")
-    draft_dtype: str | None = setting(None, help="with --speculative, draft with the heads in this dtype (e.g. "
-                                                 "bfloat16 for a float32 model: cheaper drafts, same text); default: "
-                                                 "--dtype.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.speculative and self.heads is None:
-            raise ValueError("--speculative needs --heads (a heads folder)")
-        if self.draft_dtype is not None:
-            parse_dtype(self.draft_dtype)  # a typo fails before anything loads
 
 
 class _TokenStream(BaseStreamer):
@@ -109,10 +80,3 @@ def answer_prompt(settings: GenerateSettings) -> dict[str, Any]:
     return {"tokens": answer, "seconds": seconds, "forward_passes": passes, "mean_accepted": accepted}
 
 
-def generate_command(settings: GenerateSettings) -> dict:
-    """Answer a prompt with greedy decoding through the model's chat template, streaming to the terminal.
-
-    With --speculative the auxiliary heads draft several tokens per forward pass and the model verifies them:
-    the text is the same as without, only faster when the heads guess well.
-    """
-    return answer_prompt(settings)

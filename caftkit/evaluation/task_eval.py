@@ -292,27 +292,3 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-@dataclass(kw_only=True)
-class EvalOutput:
-    output: str | None = setting(None, help="folder for metrics.json, examples.jsonl and generations.jsonl "
-                                            "(default: eval-<task>).")
-
-
-def eval_command(settings: EvalSettings, where: EvalOutput) -> dict:
-    """Score a model on a task and write `metrics.json` and the per-example results; print a table.
-
-    Tasks:
-    - molecules: greedy answers to molecule-design prompts, checked with RDKit: validity, formula match,
-      functional-group recall and match, exact match of the canonical SMILES, mean Tanimoto similarity to the
-      reference (Morgan fingerprints, radius 2, 2048 bits), uniqueness of the valid answers.
-    - humaneval: greedy answers to the HumanEval problems, each run with its tests in a separate process (time
-      and memory limits, no network, a temporary directory); pass@1.
-    - loss: each head's loss and top-1 accuracy over the assistant tokens of --data (with --heads, the
-      auxiliary heads too).
-    Answers are appended to `generations.jsonl` as they come: rerunning the command resumes.
-    """
-    output = where.output or f"eval-{settings.task}"
-    result = evaluate(output, settings)
-    print(format_metrics(result["metrics"]))
-    print(f"results written to {output}")
-    return result

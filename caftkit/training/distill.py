@@ -22,39 +22,14 @@ from typing import Any
 import torch
 
 from ..atomic_files import write_text_atomically
-from ..command_line import setting
-from ..data import BUNDLED_SHAREGPT, ReadStats, Record, iter_prompts, render_prompt
+from ..data import ReadStats, Record, iter_prompts, render_prompt
 from ..decoding.greedy import STOP_END_OF_TURN, generate_batch
-from ..models import ModelSettings
 from ..resumable_jsonl import read_complete_records
+from .settings import DistillSettings
 
 # Settings that change what is generated: a resumed run must use the same ones.
 _GENERATION_SETTINGS = ("model", "data", "max_new_tokens", "max_prompt_tokens", "batch_size", "temperature",
                         "top_p", "seed", "dtype")
-
-
-@dataclass(kw_only=True)
-class DistillSettings(ModelSettings):
-    """What `distill` generates with; written beside the output as `<name>.meta.json`."""
-
-    data: str = setting(BUNDLED_SHAREGPT, help="sharegpt (the bundled ShareGPT prompts) or a JSONL/JSON file of "
-                                               "`messages`, `prompt`/`completion` or ShareGPT `conversations` records.")
-    max_samples: int | None = setting(1000, help="number of prompts to answer (the first ones that fit); 0 or none "
-                                                 "for all.")
-    max_new_tokens: int = setting(256, help="most tokens generated per answer.")
-    max_prompt_tokens: int = setting(512, help="prompts longer than this (chat template included) are skipped and "
-                                               "counted.")
-    batch_size: int = setting(32, help="prompts generated together (grouped by length, left-padded).")
-    temperature: float = setting(0.0, help="0 for greedy decoding, else the sampling temperature.")
-    top_p: float = setting(1.0, help="nucleus sampling threshold when sampling.")
-    seed: int = setting(0, help="sampling seed (each batch is seeded from it, so resumed runs sample the same).")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.max_samples == 0:
-            self.max_samples = None
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be at least 1")
 
 
 @dataclass
@@ -223,29 +198,3 @@ def _write_meta(output: Path, settings: DistillSettings, summary: DistillSummary
     write_text_atomically(meta_path(output), json.dumps(meta, indent=2) + "\n")
 
 
-@dataclass(kw_only=True)
-class DistillOutput:
-    output: str = setting("distilled.jsonl", help="JSONL file to write (extended when it exists).")
-
-
-def distill_command(settings: DistillSettings, where: DistillOutput) -> dict:
-    """Generate the base model's own answers to a set of prompts (self-distillation) as `messages` JSONL.
-
-    Each prompt is the first user turn of a conversation, rendered with the model's chat template; each output
-    line holds the source id, the prompt and answer as `messages`, why generation stopped (`end_of_turn` or
-    `max_new_tokens`) and the number of new tokens. Rerunning the same command resumes: ids already written are
-    skipped and a half-written last line is redone. Settings and counts are kept in `<output stem>.meta.json`.
-    """
-    from ..models import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(settings.model)
-    summary = distill(lambda: load_model(settings.model, settings.dtype).to(settings.device), tokenizer, where.output,
-                  settings)
-    skipped = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items()) or "none"
-    tail = " (the file ends mid-record: its complete records were read)" if summary.source_truncated_tail else ""
-    print(f"read {summary.records_read} records{tail}; skipped: {skipped}")
-    print(f"{summary.prompts_selected} prompts selected, {summary.already_done} already in {where.output}, "
-          f"{summary.generated} generated; stop reasons: {summary.stop_reasons or 'none'}")
-    print(f"{summary.new_tokens} new tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:.1f} tokens/s); "
-          f"{summary.written_total} records in {where.output}")
-    return summary.__dict__

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..command_line import setting
 from ..core.heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config, rebase_heads
 from ..models import load_model, load_tokenizer
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
@@ -95,17 +93,6 @@ def model_card(run: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass(kw_only=True)
-class ExportSettings:
-    """What `caft export` writes: the run, the model folder, the heads folder and the dtype of the weights."""
-
-    run: str = setting(help="the run folder written by `caft finetune`.")
-    output: str = setting("model", help="the model folder to write.", formerly=("out",))
-    heads_output: str | None = setting(None, help="where to copy the heads (default: <output>-heads).",
-                                       formerly=("heads_out",))
-    dtype: str | None = setting(None, help="dtype of the saved weights (default: the one the run trained in).")
-
-
 def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | None = None,
                dtype: str | None = None) -> dict[str, Any]:
     """Write the run's model to `out` (plain transformers, with tokenizer and model card) and its heads to
@@ -132,14 +119,3 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
     return written
 
 
-def export_command(settings: ExportSettings) -> dict:
-    """Export a `caft finetune` run as a plain transformers model: LoRA merged, heads stripped.
-
-    The model folder gets the weights, config, tokenizer and a model card (base, data, CAFT settings, final
-    held-out metrics), and loads with `AutoModelForCausalLM.from_pretrained` without caftkit. The heads the run
-    used are copied beside it, for reuse and for speculative decoding, recorded as heads of the exported model
-    (`caft generate --model OUT --heads OUT-heads --speculative` accepts the pair).
-    """
-    written = export_run(settings.run, settings.output, settings.heads_output, settings.dtype)
-    print(f"model written to {written['model']}" + (f"; heads to {written['heads']}" if written["heads"] else ""))
-    return written

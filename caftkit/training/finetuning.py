@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..command_line import setting
 from ..core.distributed import is_main_process, wait_for_everyone
 from ..core.heads import attach_heads, check_heads_fit, get_heads, read_heads_config, save_heads
-from ..core.loss import SCHEDULES
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
 from ..evaluation.head_metrics import head_metrics
@@ -31,7 +29,7 @@ from .head_training import (
     split_held_out,
     train_heads,
 )
-from .settings import RunSettings, trainer_arguments
+from .settings import FinetuneSettings, trainer_arguments
 
 RUN_FILE = "caft_run.json"
 FINAL_DIR = "final"
@@ -39,70 +37,6 @@ RUN_HEADS_DIR = "heads"
 WARMUP_HEADS_DIR = "warmup-heads"
 HEAD_LOSSES_FILE = "head_losses.png"
 LOG_HISTORY_FILE = "log_history.json"
-METHODS = ("lora", "full")
-HEAD_WARMUP_CHOICES = ("no", "yes", "auto")
-# Usual peak learning rates for each method (LoRA adapters tolerate ten times the rate of full weights).
-DEFAULT_LEARNING_RATES = {"lora": 2e-4, "full": 2e-5}
-
-
-@dataclass(kw_only=True)
-class FinetuneSettings(RunSettings):
-    """Everything `finetune` is run with; recorded in `caft_run.json`."""
-
-    heads: str | None = setting(None, help="a heads folder from `caft train-heads` (caft mode).")
-    mode: str = setting("caft", help="caft: next-token loss plus the weighted auxiliary losses (eq. 4); ntp: the plain "
-                                     "next-token baseline, everything else identical.", choices=("caft", "ntp"))
-    method: str = setting("lora", help="lora (rank 8, alpha 16, dropout 0.1 on every linear projection of the decoder "
-                                       "layers, heads excluded) or full (every weight but the unembedding).",
-                          choices=METHODS)
-    head_warmup: str = setting("no", help="no; yes (one epoch of head training on the task's training split first); "
-                                          "or auto (the warm-up runs when the first auxiliary loss L2 on the held-out "
-                                          "split exceeds --l2-warmup-threshold at the start).",
-                               choices=HEAD_WARMUP_CHOICES)
-    l2_warmup_threshold: float = setting(4.0, help="the L2 above which --head-warmup auto warms the heads up (the "
-                                                   "paper's rule).")
-    num_aux_heads: int = setting(4, help="auxiliary heads (with --heads, at most as many as the folder has).",
-                                 formerly=("num_heads",))
-    alpha: float = setting(0.8, help="decay of the auxiliary weights alpha^(k-1).")
-    beta: float = setting(0.01, help="overall weight of the auxiliary losses.")
-    schedule: str = setting("rsine", help="gamma(step), the decay of the auxiliary weight over the run.",
-                            choices=SCHEDULES)
-    train_heads: bool = setting(False, help="also train the auxiliary heads during fine-tuning.")
-    freeze_unembedding: bool = setting(True, help="keep lm_head frozen in full fine-tuning (with tied embeddings, "
-                                                  "the input embeddings too).")
-    lora_r: int = setting(8, help="LoRA rank.")
-    lora_alpha: int = setting(16, help="LoRA scaling alpha.")
-    lora_dropout: float = setting(0.1, help="LoRA dropout.")
-    lora_target_modules: list[str] = setting(default_factory=lambda: ["all-linear"],
-                                             help="the modules LoRA adapts: all-linear (every linear projection of "
-                                                  "the decoder layers) or module names such as q_proj,v_proj.")
-    # The paper's fine-tuning schedule: 3% warm-up; more of the records held out than for the heads (5%).
-    warmup: float = setting(0.03, help="warm-up steps, or a fraction of all steps when below 1.")
-    eval_fraction: float = setting(0.1, help="fraction of the records held out for evaluation.")
-    save_steps: int = setting(100, help="write a checkpoint every this many steps.")
-    activation_checkpointing: bool = setting(False, help="recompute the decoder layers' activations in the backward "
-                                                         "pass instead of keeping them: less memory, more time.",
-                                             formerly=("gradient_checkpointing",))
-    packing: bool = setting(False, help="pack several conversations into each training sequence of --max-length "
-                                        "tokens (best-fit decreasing); attention and every head's targets stay within "
-                                        "their conversation.")
-    early_stopping_patience: int | None = setting(None, help="stop once the held-out next-token loss has not "
-                                                             "improved for this many evaluations in a row; final/ then "
-                                                             "holds the best checkpoint, and a checkpoint is written "
-                                                             "at every evaluation.")
-    early_stopping_threshold: float = setting(0.0, help="the least decrease of the held-out next-token loss that "
-                                                        "counts as an improvement for --early-stopping-patience.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            raise ValueError(f"early_stopping_patience must be at least 1, got {self.early_stopping_patience}")
-        if self.early_stopping_threshold < 0:
-            raise ValueError(f"early_stopping_threshold must be 0 or more, got {self.early_stopping_threshold}")
-        if self.num_aux_heads < 1 and self.mode == "caft":
-            raise ValueError(f"num_aux_heads must be at least 1 in caft mode, got {self.num_aux_heads}")
-        if self.learning_rate is None:
-            self.learning_rate = DEFAULT_LEARNING_RATES[self.method]
 
 
 def lora_config(settings: FinetuneSettings):
@@ -262,26 +196,3 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
     return summary
 
 
-@dataclass(kw_only=True)
-class RunOutput:
-    output: str = setting("run", help="the run folder.")
-    resume: bool = setting(False, help="continue from the last checkpoint in the run folder.")
-
-
-def finetune_command(settings: FinetuneSettings, where: RunOutput) -> dict:
-    """Fine-tune a model on a task with CAFT (paper eq. 4), or the plain next-token baseline (`--mode ntp`).
-
-    The loss is L = CE_1 + beta * gamma(step) * sum_{k=2..n} alpha^(k-1) * CE_k over the assistant tokens, with
-    the auxiliary heads of `--heads` (from `caft train-heads`) frozen; `--mode ntp` trains with CE_1 alone and
-    everything else identical, for comparison. The run folder gets checkpoints, `final/` (LoRA adapter or full
-    weights, without heads), `heads/`, `caft_run.json`, `log_history.json` and `head_losses.png`; turn it into
-    a plain transformers model with `caft export`.
-    """
-    summary = finetune(where.output, settings, resume=where.resume)
-    if is_main_process():  # under a launcher, one process reports
-        print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
-              f"{summary['optimizer_steps']} steps; data: {summary['data']}")
-        for name, metrics in summary["held_out_per_head"].items():
-            print(f"held-out {name}: loss {metrics['loss']:.4f}, top-1 accuracy {metrics['accuracy']:.4f}")
-        print(f"run written to {where.output}; next: caft export {where.output} --output model")
-    return summary

@@ -12,50 +12,20 @@ import json
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..command_line import setting
 from ..core.distributed import is_main_process, wait_for_everyone
 from ..core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, attach_heads, check_heads_fit, get_heads, save_heads
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
-from ..models import MIXED_PRECISION, load_model, load_tokenizer, resolve_device, resolve_mixed_precision
-from .settings import RunSettings, trainer_arguments
+from ..models import load_model, load_tokenizer, resolve_device, resolve_mixed_precision
+from .settings import HeadTrainingSettings, trainer_arguments
 
 CHECKPOINTS_DIR = "checkpoints"
 LOSS_CURVES_FILE = "loss_curves.png"
 LOG_HISTORY_FILE = "log_history.json"
-
-
-@dataclass(kw_only=True)
-class HeadTrainingSettings(RunSettings):
-    """Everything `train_heads` is run with; recorded in `heads_config.json` under `training`."""
-
-    init: str | None = setting(None, help="a heads folder to start from (the task warm-up); new heads are copies "
-                                          "of the last layer otherwise.")
-    num_aux_heads: int = setting(4, help="auxiliary heads to train, predicting tokens t+2 .. t+num_aux_heads+1 (with "
-                                     "--init, at most as many as the folder has).", formerly=("num_heads",))
-    alpha: float = setting(0.8, help="decay of the per-head loss weights alpha^(k-2).")
-    # Two passes: on 3,000 self-distilled answers of the bundled model, the t+2 head still gains in the second.
-    epochs: float = setting(2.0, help="passes over the training split.")
-    learning_rate: float | None = setting(1e-3, help="peak learning rate.")
-    # Only the heads train and the base runs without gradients: bf16 autocast halves the time where it is native.
-    mixed_precision: str = setting("auto", help="bf16 autocast of the matrix multiplies: auto (bf16 where the device "
-                                                "multiplies bf16 natively: recent GPUs, CPUs with AVX512-BF16 or "
-                                                "AMX), bf16, or no.", choices=MIXED_PRECISION)
-    trunk_cache_gb: float = setting(4.0, help="keep up to this many GB of the frozen base's outputs per batch, so "
-                                              "that later epochs and held-out evaluations run only the heads "
-                                              "(batches are then fixed, their order reshuffled each epoch); 0 turns "
-                                              "it off.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_aux_heads < 1:
-            raise ValueError(f"num_aux_heads must be at least 1, got {self.num_aux_heads}")
-        if self.trunk_cache_gb < 0:
-            raise ValueError(f"trunk_cache_gb must be 0 or more, got {self.trunk_cache_gb}")
 
 
 def split_held_out(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -210,34 +180,6 @@ def format_head_table(before: dict[str, dict], after: dict[str, dict]) -> str:
         lines.append(f"{name:<8}{'t+' + str(k):>9}{b.get('loss', float('nan')):>13.4f}{a['loss']:>12.4f}"
                      f"{b.get('accuracy', float('nan')):>12.4f}{a['accuracy']:>11.4f}")
     return "\n".join(lines)
-
-
-@dataclass(kw_only=True)
-class HeadsOutput:
-    output: str = setting("heads", help="the heads folder to write.")
-    resume: bool = setting(False, help="continue from the last checkpoint in <output>/checkpoints/.")
-    keep_checkpoints: bool = setting(False, help="keep <output>/checkpoints/ after training ends.")
-
-
-def train_heads_command(settings: HeadTrainingSettings, where: HeadsOutput) -> dict:
-    """Train the auxiliary heads (paper eq. 3) with the base model frozen, and write a `heads/` folder.
-
-    Each head is a copy of the last decoder layer that learns to predict token t+k (k = 2..num_aux_heads+1) through
-    the model's own final norm and unembedding; the loss is sum_k alpha^(k-2) CE_k over the assistant tokens.
-    Train once per base model on self-distilled data (`caft distill`); for a task whose tokens the heads
-    predict badly (auxiliary loss L2 > 4), warm them up with one epoch on the task's training set:
-    `caft train-heads --data task.jsonl --init heads/ --output task-heads/`. The folder gets `heads.safetensors`,
-    `heads_config.json` (settings, and each head's held-out loss and top-1 accuracy before and after),
-    `log_history.json` and `loss_curves.png`.
-    """
-    summary = train_heads(where.output, settings, resume=where.resume, keep_checkpoints=where.keep_checkpoints)
-    if is_main_process():  # under a launcher, one process reports
-        print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
-              f"{summary['optimizer_steps']} steps; data: {summary['data']}")
-        print("held-out loss and top-1 accuracy per head:")
-        print(format_head_table(summary["held_out_before"], summary["held_out_after"]))
-        print(f"heads written to {where.output}")
-    return summary
 
 
 __all__ = ["HeadTrainingSettings", "train_heads", "split_held_out", "per_head_metrics", "format_head_table",

@@ -1,4 +1,8 @@
-"""Settings shared by head training and fine-tuning, and the Trainer arguments they both map to."""
+"""The settings of the training wing's commands (distill, train-heads, finetune, export), each declared once with its
+help and checks, and the Trainer arguments head training and fine-tuning map them to.
+
+Nothing here imports torch: the command line builds and checks these settings before loading anything heavy.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..command_line import setting
-from ..core.distributed import world_size
+from ..core.weights import SCHEDULES
+from ..data import BUNDLED_SHAREGPT
 from ..models import MIXED_PRECISION, ModelSettings, resolve_device, resolve_mixed_precision
 
 # `CAFTConfig` fields that caftkit's own settings set (`trainer_arguments`, and the CAFT loss of each run): a
@@ -78,7 +83,7 @@ class RunSettings(ModelSettings):
                                       "0.95}.")
 
     def __post_init__(self):
-        super().__post_init__()
+        # Checked before the model settings, whose device check imports torch: a bad value here fails at once.
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -86,10 +91,10 @@ class RunSettings(ModelSettings):
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
-        resolve_mixed_precision(self.mixed_precision, "cpu")  # checks the name
         self.report_to = check_report_to(self.report_to)
         if self.trainer:
             check_trainer_fields(self.trainer)
+        super().__post_init__()  # the choices, mixed_precision's among them; the device
 
 
 def check_trainer_fields(trainer: dict[str, Any]) -> None:
@@ -111,6 +116,8 @@ def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples
     """`CAFTConfig` keyword arguments common to every run: schedule, batches, evaluation twice per epoch unless
     `eval_steps` is set, checkpoints, reporting and seeds. `batch_size` is per process: a step takes
     `batch_size * grad_accum` examples from each."""
+    from ..core.distributed import world_size  # torch: not needed to read and check the settings
+
     device = resolve_device(settings.device)
     steps_per_epoch = -(-num_train_examples // (settings.batch_size * settings.grad_accum * world_size()))
     return dict(
@@ -142,3 +149,154 @@ def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples
         dataloader_num_workers=0,
         **settings.trainer,
     )
+
+
+METHODS = ("lora", "full")
+
+HEAD_WARMUP_CHOICES = ("no", "yes", "auto")
+
+
+# Usual peak learning rates for each method (LoRA adapters tolerate ten times the rate of full weights).
+DEFAULT_LEARNING_RATES = {"lora": 2e-4, "full": 2e-5}
+
+
+@dataclass(kw_only=True)
+class HeadTrainingSettings(RunSettings):
+    """Everything `train_heads` is run with; recorded in `heads_config.json` under `training`."""
+
+    init: str | None = setting(None, help="a heads folder to start from (the task warm-up); new heads are copies "
+                                          "of the last layer otherwise.")
+    num_aux_heads: int = setting(4, help="auxiliary heads to train, predicting tokens t+2 .. t+num_aux_heads+1 (with "
+                                     "--init, at most as many as the folder has).", formerly=("num_heads",))
+    alpha: float = setting(0.8, help="decay of the per-head loss weights alpha^(k-2).")
+    # Two passes: on 3,000 self-distilled answers of the bundled model, the t+2 head still gains in the second.
+    epochs: float = setting(2.0, help="passes over the training split.")
+    learning_rate: float | None = setting(1e-3, help="peak learning rate.")
+    # Only the heads train and the base runs without gradients: bf16 autocast halves the time where it is native.
+    mixed_precision: str = setting("auto", help="bf16 autocast of the matrix multiplies: auto (bf16 where the device "
+                                                "multiplies bf16 natively: recent GPUs, CPUs with AVX512-BF16 or "
+                                                "AMX), bf16, or no.", choices=MIXED_PRECISION)
+    trunk_cache_gb: float = setting(4.0, help="keep up to this many GB of the frozen base's outputs per batch, so "
+                                              "that later epochs and held-out evaluations run only the heads "
+                                              "(batches are then fixed, their order reshuffled each epoch); 0 turns "
+                                              "it off.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_aux_heads < 1:
+            raise ValueError(f"num_aux_heads must be at least 1, got {self.num_aux_heads}")
+        if self.trunk_cache_gb < 0:
+            raise ValueError(f"trunk_cache_gb must be 0 or more, got {self.trunk_cache_gb}")
+
+
+@dataclass(kw_only=True)
+class FinetuneSettings(RunSettings):
+    """Everything `finetune` is run with; recorded in `caft_run.json`."""
+
+    heads: str | None = setting(None, help="a heads folder from `caft train-heads` (caft mode).")
+    mode: str = setting("caft", help="caft: next-token loss plus the weighted auxiliary losses (eq. 4); ntp: the plain "
+                                     "next-token baseline, everything else identical.", choices=("caft", "ntp"))
+    method: str = setting("lora", help="lora (rank 8, alpha 16, dropout 0.1 on every linear projection of the decoder "
+                                       "layers, heads excluded) or full (every weight but the unembedding).",
+                          choices=METHODS)
+    head_warmup: str = setting("no", help="no; yes (one epoch of head training on the task's training split first); "
+                                          "or auto (the warm-up runs when the first auxiliary loss L2 on the held-out "
+                                          "split exceeds --l2-warmup-threshold at the start).",
+                               choices=HEAD_WARMUP_CHOICES)
+    l2_warmup_threshold: float = setting(4.0, help="the L2 above which --head-warmup auto warms the heads up (the "
+                                                   "paper's rule).")
+    num_aux_heads: int = setting(4, help="auxiliary heads (with --heads, at most as many as the folder has).",
+                                 formerly=("num_heads",))
+    alpha: float = setting(0.8, help="decay of the auxiliary weights alpha^(k-1).")
+    beta: float = setting(0.01, help="overall weight of the auxiliary losses.")
+    schedule: str = setting("rsine", help="gamma(step), the decay of the auxiliary weight over the run.",
+                            choices=SCHEDULES)
+    train_heads: bool = setting(False, help="also train the auxiliary heads during fine-tuning.")
+    freeze_unembedding: bool = setting(True, help="keep lm_head frozen in full fine-tuning (with tied embeddings, "
+                                                  "the input embeddings too).")
+    lora_r: int = setting(8, help="LoRA rank.")
+    lora_alpha: int = setting(16, help="LoRA scaling alpha.")
+    lora_dropout: float = setting(0.1, help="LoRA dropout.")
+    lora_target_modules: list[str] = setting(default_factory=lambda: ["all-linear"],
+                                             help="the modules LoRA adapts: all-linear (every linear projection of "
+                                                  "the decoder layers) or module names such as q_proj,v_proj.")
+    # The paper's fine-tuning schedule: 3% warm-up; more of the records held out than for the heads (5%).
+    warmup: float = setting(0.03, help="warm-up steps, or a fraction of all steps when below 1.")
+    eval_fraction: float = setting(0.1, help="fraction of the records held out for evaluation.")
+    save_steps: int = setting(100, help="write a checkpoint every this many steps.")
+    activation_checkpointing: bool = setting(False, help="recompute the decoder layers' activations in the backward "
+                                                         "pass instead of keeping them: less memory, more time.",
+                                             formerly=("gradient_checkpointing",))
+    packing: bool = setting(False, help="pack several conversations into each training sequence of --max-length "
+                                        "tokens (best-fit decreasing); attention and every head's targets stay within "
+                                        "their conversation.")
+    early_stopping_patience: int | None = setting(None, help="stop once the held-out next-token loss has not "
+                                                             "improved for this many evaluations in a row; final/ then "
+                                                             "holds the best checkpoint, and a checkpoint is written "
+                                                             "at every evaluation.")
+    early_stopping_threshold: float = setting(0.0, help="the least decrease of the held-out next-token loss that "
+                                                        "counts as an improvement for --early-stopping-patience.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"early_stopping_patience must be at least 1, got {self.early_stopping_patience}")
+        if self.early_stopping_threshold < 0:
+            raise ValueError(f"early_stopping_threshold must be 0 or more, got {self.early_stopping_threshold}")
+        if self.num_aux_heads < 1 and self.mode == "caft":
+            raise ValueError(f"num_aux_heads must be at least 1 in caft mode, got {self.num_aux_heads}")
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATES[self.method]
+
+
+@dataclass(kw_only=True)
+class DistillSettings(ModelSettings):
+    """What `distill` generates with; written beside the output as `<name>.meta.json`."""
+
+    data: str = setting(BUNDLED_SHAREGPT, help="sharegpt (the bundled ShareGPT prompts) or a JSONL/JSON file of "
+                                               "`messages`, `prompt`/`completion` or ShareGPT `conversations` records.")
+    max_samples: int | None = setting(1000, help="number of prompts to answer (the first ones that fit); 0 or none "
+                                                 "for all.")
+    max_new_tokens: int = setting(256, help="most tokens generated per answer.")
+    max_prompt_tokens: int = setting(512, help="prompts longer than this (chat template included) are skipped and "
+                                               "counted.")
+    batch_size: int = setting(32, help="prompts generated together (grouped by length, left-padded).")
+    temperature: float = setting(0.0, help="0 for greedy decoding, else the sampling temperature.")
+    top_p: float = setting(1.0, help="nucleus sampling threshold when sampling.")
+    seed: int = setting(0, help="sampling seed (each batch is seeded from it, so resumed runs sample the same).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_samples == 0:
+            self.max_samples = None
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be at least 1")
+
+
+@dataclass(kw_only=True)
+class ExportSettings:
+    """What `caft export` writes: the run, the model folder, the heads folder and the dtype of the weights."""
+
+    run: str = setting(help="the run folder written by `caft finetune`.")
+    output: str = setting("model", help="the model folder to write.", formerly=("out",))
+    heads_output: str | None = setting(None, help="where to copy the heads (default: <output>-heads).",
+                                       formerly=("heads_out",))
+    dtype: str | None = setting(None, help="dtype of the saved weights (default: the one the run trained in).")
+
+
+@dataclass(kw_only=True)
+class DistillOutput:
+    output: str = setting("distilled.jsonl", help="JSONL file to write (extended when it exists).")
+
+
+@dataclass(kw_only=True)
+class HeadsOutput:
+    output: str = setting("heads", help="the heads folder to write.")
+    resume: bool = setting(False, help="continue from the last checkpoint in <output>/checkpoints/.")
+    keep_checkpoints: bool = setting(False, help="keep <output>/checkpoints/ after training ends.")
+
+
+@dataclass(kw_only=True)
+class RunOutput:
+    output: str = setting("run", help="the run folder.")
+    resume: bool = setting(False, help="continue from the last checkpoint in the run folder.")

@@ -29,9 +29,9 @@ from ..core.heads import (
     heads_state_from_model_state,
     save_heads,
 )
-from ..core.loss import MODES, SCHEDULES, gamma_schedule, head_loss_weights
 from ..core.multitoken import count_targets, head_statistics, weighted_loss
 from ..core.trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
+from ..core.weights import MODES, SCHEDULES, gamma_schedule, head_loss_weights
 from ..models import pretrained_source
 
 CHECKPOINT_HEADS_DIR = "caft_heads"

@@ -26,23 +26,18 @@ schedule or the method) share it: the warmed-up heads of the first are copied in
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
-from ..command_line import setting, with_current_names
 from ..core.heads import HEADS_CONFIG_FILE
 from ..evaluation.bootstrap import comparison_table, uniqueness_metric
 from ..evaluation.task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
-from ..models import ModelSettings
 from ..resumable_jsonl import read_complete_records
 from ..training.export import export_run
 from ..training.finetuning import (
-    HEAD_WARMUP_CHOICES,
-    METHODS,
     RUN_FILE,
     WARMUP_HEADS_DIR,
     FinetuneSettings,
@@ -50,150 +45,16 @@ from ..training.finetuning import (
     warmup_settings,
 )
 from ..training.head_training import last_checkpoint
-from .compare_report import REPORT_FILE, ArmComparison, arm_dir, write_comparison_report
+from .compare_report import ArmComparison, arm_dir, write_comparison_report
+from .settings import TASK_COLUMNS, CompareSettings
 
-DEFAULT_ARMS = {"ntp": {"mode": "ntp"}, "caft": {"mode": "caft"}}
 TIMINGS_FILE = "timings.json"
 COMPARISON_FILE = "comparison.json"
 ARM_SETTINGS_FILE = "arm_settings.json"
 
-# What each task's report compares: the per-example columns of `examples.jsonl` (report name -> column).
-_TASK_COLUMNS = {
-    "molecules": {"validity": "valid", "formula_match": "formula_match", "group_recall": "group_recall",
-                  "groups_match": "groups_match", "exact_match": "exact_match", "tanimoto": "tanimoto"},
-    "humaneval": {"pass@1": "passed"},
-}
-# Fine-tuning settings that compare sets itself, per arm.
-_ARM_KEYS = {"model", "data", "mode", "method", "seed", "heads", "head_warmup", "dtype", "device"}
 # Settings that do not change what a finished step produced, so a step made with other values is reused.
 _NOT_COMPARED = {"device", "report_to", "save_steps", "logging_steps"}
 _EVAL_NOT_COMPARED = {"model", "device", "batch_size", "workers"}
-_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-@dataclass
-class ArmSettings:
-    """One arm of a comparison: how its models are fine-tuned, on which seeds, and what it is measured against."""
-
-    mode: str
-    method: str = "lora"
-    seeds: list[int] = field(default_factory=lambda: [0])
-    heads: str | None = None
-    head_warmup: str = "yes"
-    baseline: str | None = None
-    finetune: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(kw_only=True)
-class CompareSettings(ModelSettings):
-    """What `compare` trains and evaluates. The top-level method, seeds, heads and head warm-up are the defaults of
-    every arm; `finetune` holds the fine-tuning settings every arm shares, which an arm's own `finetune` overrides."""
-
-    data: str = setting(help="the task's training records (e.g. from `caft data molecules`).",
-                        formerly=("train_data",))
-    task: str = setting("molecules", help="how the exported models are scored (see `caft eval`).",
-                        choices=tuple(_TASK_COLUMNS))
-    test_data: str | None = setting(None, help="the test examples (default: moses:test for molecules, the bundled "
-                                               "HumanEval set).")
-    test_examples: int | None = setting(500, help="score the first this many test examples; 0 or none for all.")
-    heads: str | None = setting(None, help="heads folder of the caft arms (from `caft train-heads`); the default of "
-                                           "every arm.")
-    head_warmup: str = setting("yes", help="the caft arms' head warm-up on the task (see `caft finetune`); the "
-                                           "default of every arm.", choices=HEAD_WARMUP_CHOICES)
-    method: str = setting("lora", help="lora or full; the default of every arm.", choices=METHODS)
-    seeds: list[int] = setting(default_factory=lambda: [0], help="training seeds; the default of every arm.")
-    finetune: dict[str, Any] = setting(default_factory=dict, help="further `caft finetune` settings shared by every "
-                                                                  "arm, e.g. {epochs: 1, batch_size: 16}.")
-    arms: dict[str, Any] | None = setting(None, help="the arms, a mapping from a name to its settings: mode (ntp or "
-                                                     "caft, required), method, seeds, heads, head_warmup, baseline "
-                                                     "(caft arms: the ntp arm to measure against) and finetune (its "
-                                                     "overrides of the shared settings). Default: ntp and caft.")
-    max_new_tokens: int | None = setting(None, help="most tokens per answer in the evaluation (default: the "
-                                                    "task's).")
-    eval_batch_size: int = setting(16, help="prompts generated together in the evaluation.")
-    n_resamples: int = setting(10000, help="bootstrap resamples of the confidence intervals.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.test_examples == 0:
-            self.test_examples = None
-        self.finetune = with_current_names(self.finetune, FinetuneSettings, "finetune")
-        _check_finetune_keys(self.finetune, "finetune settings")
-        self.arm_settings = {name: self._arm(name, values) for name, values in (self.arms or DEFAULT_ARMS).items()}
-        if not self.arm_settings:
-            raise ValueError("arms: give at least one arm")
-        self.baselines = {name: self._baseline(name, arm) for name, arm in self.arm_settings.items()
-                          if arm.mode == "caft"}
-        for name in self.arm_settings:  # every setting of every arm is checked before anything runs
-            for seed in self.arm_settings[name].seeds:
-                self.finetune_settings(name, seed)
-
-    def _arm(self, name: str, values: dict[str, Any]) -> ArmSettings:
-        if not isinstance(name, str) or not _ARM_NAME.fullmatch(name) or name.startswith("seed-"):
-            raise ValueError(f"arm name {name!r}: use letters, digits, '.', '_' and '-' (a folder name)")
-        if not isinstance(values, dict):
-            raise ValueError(f"arm {name}: expected a mapping of arm settings, got {values!r}")
-        known = {f.name for f in fields(ArmSettings)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"arm {name}: unknown settings {unknown}; expected some of {sorted(known)}")
-        if "mode" not in values:
-            raise ValueError(f"arm {name}: give its mode, ntp or caft")
-        defaults = {"method": self.method, "seeds": list(self.seeds), "heads": self.heads,
-                    "head_warmup": self.head_warmup}
-        arm = ArmSettings(**{**defaults, **values})
-        arm.finetune = with_current_names(arm.finetune, FinetuneSettings, f"arm {name}: finetune")
-        if arm.mode not in ("ntp", "caft"):
-            raise ValueError(f"arm {name}: mode must be ntp or caft, got {arm.mode!r}")
-        if not arm.seeds or len(set(arm.seeds)) != len(arm.seeds):
-            raise ValueError(f"arm {name}: seeds must be a non-empty list of distinct seeds, got {arm.seeds}")
-        _check_finetune_keys(arm.finetune, f"arm {name}: finetune settings")
-        if arm.mode == "ntp" and arm.baseline is not None:
-            raise ValueError(f"arm {name}: an ntp arm is a baseline; only caft arms name one")
-        return arm
-
-    def _baseline(self, name: str, arm: ArmSettings) -> str:
-        ntp_arms = {other: settings for other, settings in self.arm_settings.items() if settings.mode == "ntp"}
-        if arm.baseline is not None:
-            if arm.baseline not in ntp_arms:
-                raise ValueError(f"arm {name}: baseline {arm.baseline!r} is not an ntp arm of this comparison "
-                                 f"(ntp arms: {sorted(ntp_arms) or 'none'})")
-            baseline = arm.baseline
-        else:
-            same_method = sorted(other for other, settings in ntp_arms.items() if settings.method == arm.method)
-            if len(same_method) != 1:
-                raise ValueError(f"arm {name}: name its baseline; the ntp arms with method {arm.method} are "
-                                 f"{same_method or 'none'}")
-            baseline = same_method[0]
-        if not set(arm.seeds) & set(self.arm_settings[baseline].seeds):
-            raise ValueError(f"arm {name}: no seed in common with its baseline {baseline} "
-                             f"({arm.seeds} against {self.arm_settings[baseline].seeds})")
-        return baseline
-
-    def finetune_settings(self, arm_name: str, seed: int) -> FinetuneSettings:
-        """The fine-tuning settings of one arm and seed."""
-        arm = self.arm_settings[arm_name]
-        caft = arm.mode == "caft"
-        return FinetuneSettings(model=self.model, data=self.data, mode=arm.mode, method=arm.method, seed=seed,
-                                heads=arm.heads if caft else None, head_warmup=arm.head_warmup if caft else "no",
-                                dtype=self.dtype, device=self.device, **{**self.finetune, **arm.finetune})
-
-    def eval_settings(self, model_dir: Path) -> EvalSettings:
-        """How every exported model is scored."""
-        return EvalSettings(model=str(model_dir), task=self.task, data=self.test_data, max_examples=self.test_examples,
-                            max_new_tokens=self.max_new_tokens, batch_size=self.eval_batch_size, dtype=self.dtype,
-                            device=self.device)
-
-
-def _check_finetune_keys(values: dict[str, Any], what: str) -> None:
-    if not isinstance(values, dict):
-        raise ValueError(f"{what}: expected a mapping, got {values!r}")
-    clash = sorted(_ARM_KEYS & set(values))
-    if clash:
-        raise ValueError(f"{what} {clash} are set by compare itself; use its own keys")
-    unknown = sorted(set(values) - {f.name for f in fields(FinetuneSettings)})
-    if unknown:
-        raise ValueError(f"unknown {what} {unknown}; see `caft finetune --help`")
 
 
 class _Timings:
@@ -306,7 +167,7 @@ def read_examples(eval_dir: Path) -> list[dict[str, Any]]:
 def arm_records(output: Path, settings: CompareSettings, arm: str, seeds: list[int] | None = None
                 ) -> tuple[list[dict[str, list]], list[str]]:
     """Per-seed record sets of one arm (report name -> per-example values), and the example ids."""
-    columns = _TASK_COLUMNS[settings.task]
+    columns = TASK_COLUMNS[settings.task]
     records, ids = [], None
     seeds = settings.arm_settings[arm].seeds if seeds is None else seeds
     for seed in seeds:
@@ -333,7 +194,7 @@ def compare_arms(output: Path, settings: CompareSettings) -> list[ArmComparison]
         if ids != base_ids:
             raise ValueError(f"{arm} and {baseline} were scored on different test examples; remove their eval/ "
                              f"folders")
-        rows = comparison_table(base_records, arm_records_, metrics=list(_TASK_COLUMNS[settings.task]),
+        rows = comparison_table(base_records, arm_records_, metrics=list(TASK_COLUMNS[settings.task]),
                                 set_metrics=set_metrics, n_resamples=settings.n_resamples)
         comparisons.append(ArmComparison(arm, baseline, seeds, rows))
     return comparisons
@@ -359,29 +220,3 @@ def compare(output: str, settings: CompareSettings, progress: bool = True) -> di
     return result
 
 
-@dataclass(kw_only=True)
-class CompareOutput:
-    output: str = setting("compare", help="the comparison folder.")
-
-
-def compare_command(settings: CompareSettings, where: CompareOutput) -> dict:
-    """Fine-tune with next-token loss and with CAFT on the same data, seeds and steps; evaluate every arm; report.
-
-    Each arm is fine-tuned with `caft finetune` (its mode, method, seeds, heads and warm-up, and the shared
-    settings with its own overrides), exported and scored on the same test examples with `caft eval`. Without
-    --arms there are two, ntp and caft, alike in everything but the loss. `report.md` gives, for each caft arm
-    against its baseline (the ntp arm of the same method unless it names one), each metric, the difference and
-    its 95% confidence interval (paired bootstrap over the test examples, and over the seeds both arms ran), the
-    per-seed values, and the heads' held-out top-1 accuracy before and after warm-up. Rerunning the command
-    resumes: finished runs, exports and evaluations are kept when made with the same settings, an interrupted run
-    continues from its last checkpoint.
-    """
-    result = compare(where.output, settings)
-    for comparison in result["comparisons"]:
-        arm, baseline = comparison["arm"], comparison["baseline"]
-        print(f"{arm} against {baseline}, seeds {', '.join(map(str, comparison['seeds']))}:")
-        for row in comparison["rows"]:
-            print(f"  {row['metric']:<14} {baseline} {row['ntp']:.4f}  {arm} {row['caft']:.4f}  "
-                  f"difference {row['difference']:+.4f}  95% CI [{row['low']:+.4f}, {row['high']:+.4f}]")
-    print(f"report written to {Path(where.output) / REPORT_FILE}")
-    return result

@@ -5,32 +5,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..command_line import setting
 from ..evaluation.task_eval import EXAMPLES_FILE, EvalSettings, evaluate
-from ..models import ModelSettings, load_model, load_tokenizer
+from ..models import load_model, load_tokenizer
 from ..resumable_jsonl import read_complete_records
 from ..tasks.molecules import write_molecule_records
 from ..training.distill import DistillSettings, distill
 from ..training.export import export_run
 from ..training.finetuning import FinetuneSettings, finetune
 from ..training.head_training import HeadTrainingSettings, format_head_table, train_heads
-
-
-@dataclass(kw_only=True)
-class DemoSettings(ModelSettings):
-    """Where the demo writes and how much each of its stages does."""
-
-    output: str = setting("demo-output", help="folder for every artefact.")
-    distill_prompts: int = setting(48, help="ShareGPT prompts to self-distil.")
-    distill_new_tokens: int = setting(96, help="most tokens per distilled answer.")
-    molecules: int = setting(320, help="molecule-design records from the MOSES train split to fine-tune on (some "
-                                       "held out).")
-    eval_molecules: int = setting(40, help="MOSES test molecules to score the exported model on.")
-    epochs: float = setting(1.0, help="passes of head training and fine-tuning.")
+from .settings import DemoSettings
 
 
 def _stage(name: str, timings: dict[str, float]):
@@ -120,22 +106,3 @@ def _score_exported(model_dir: Path, root: Path, sizes: DemoSettings, device: st
     return scores
 
 
-def demo_command(settings: DemoSettings) -> dict:
-    """Run the whole CAFT pipeline on a small scale: distil, train heads, warm up, fine-tune, export, evaluate.
-
-    Self-distils a few ShareGPT prompts, trains general heads on the answers, builds molecule-design records
-    from MOSES, warms the heads up on them and fine-tunes with CAFT and LoRA, exports a plain transformers
-    model, and scores its greedy answers to held-out MOSES test prompts (valid SMILES, formula match, groups
-    present). A rerun reuses the stages already done. Prints where each artefact is and what to run next.
-    """
-    started = time.perf_counter()
-    report = run_demo(settings)
-    artefacts = report["artefacts"]
-    print(f"\ndone in {time.perf_counter() - started:.0f} s. Artefacts:")
-    for name, path in artefacts.items():
-        print(f"  {name:<12} {path}")
-    print("next:")
-    print(f"  caft train-heads --data {artefacts['distilled']} --output heads      # heads on more data")
-    print(f"  caft finetune --data {artefacts['task_data']} --heads {artefacts['heads']} --output run")
-    print("  caft export run --output model")
-    return report

@@ -9,8 +9,8 @@ import torch
 from reference import naive_head_losses
 
 from caftkit.core.heads import attach_heads, get_heads
-from caftkit.core.loss import head_loss_weights
 from caftkit.core.multitoken import head_statistics, weighted_loss
+from caftkit.core.weights import head_loss_weights
 from caftkit.models import BUNDLED_MODEL, load_model_and_tokenizer
 
 

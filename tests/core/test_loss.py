@@ -13,13 +13,12 @@ from torch import nn
 
 from caftkit.core.heads import attach_heads, get_heads
 from caftkit.core.loss import (
-    gamma_schedule,
-    head_loss_weights,
     linear_cross_entropy,
     sequence_ids_from_positions,
     shifted_targets,
 )
 from caftkit.core.multitoken import count_targets, head_statistics, weighted_loss
+from caftkit.core.weights import gamma_schedule, head_loss_weights
 
 IMPLS = ["fused", "checkpoint"]
 

@@ -1,0 +1,55 @@
+"""The `caft bench` commands: train, generate, precision.
+
+Each runs its library function and prints what it returns; its docstring is the command's help. The library is
+imported when the command runs: the command line reads and checks the settings first, without torch.
+"""
+
+from __future__ import annotations
+
+from ..command_line import print_json
+from .settings import GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
+
+
+def bench_generate_command(settings: GenerationBenchSettings) -> dict:
+    """Plain greedy `generate()` against self-speculative decoding with the heads, on the same prompts.
+
+    Both sides run in this process on the same batches (chat template applied, prompts grouped by length,
+    left-padded), after an untimed warm-up; each batch is decoded plainly and then with every draft shape. Prints,
+    per batch size and draft shape, new tokens per second of each side, the speedup, the mean tokens accepted per
+    verification pass, and how many answers are token for token the same (all should be). The speedup is split
+    into `pass_reduction` (plain forward passes over speculative ones: what the heads save) and `pass_cost` (a
+    speculative pass's time in plain one-token steps: what the device charges): speedup = pass_reduction /
+    pass_cost.
+    """
+    from .generation import run_generation_bench
+
+    return print_json(run_generation_bench(settings), settings.output)
+
+
+def bench_train_command(settings: TrainBenchSettings) -> dict:
+    """Time and peak memory of a CAFT training step against plain next-token fine-tuning.
+
+    Both sides train every weight but the unembedding (frozen in both) on the same random tokens, every
+    position labelled; each runs in a fresh process. Prints JSON with `time_ratio` (median step time, CAFT /
+    plain), `peak_memory_ratio` and `flop_floor_time_ratio` (the ratio the extra matrix multiplies alone imply).
+    """
+    from .train_step import bench_train
+
+    return print_json(bench_train(model=settings.model, batch_size=settings.batch_size, seq_len=settings.seq_len,
+                           num_aux_heads=settings.num_aux_heads, steps=settings.steps, warmup=settings.warmup,
+                           dtype=settings.dtype, device=settings.device, seed=settings.seed), settings.output)
+
+
+def bench_precision_command(settings: PrecisionBenchSettings) -> dict:
+    """bf16 autocast against float32 over the first steps of a real `caft finetune` run.
+
+    The same run (data, seed, mode, heads, learning-rate and gamma schedules of the whole run) is started twice,
+    with `--mixed-precision no` and `bf16`, each in a fresh process and stopped after `--steps` optimisation
+    steps, without head warm-up. Prints JSON with `time_ratio` (median step time, bf16 / float32),
+    `peak_memory_ratio` (peak memory during training), `largest_relative_loss_difference` (over the steps and
+    the heads, of each head's training loss) and `within_tolerance`.
+    """
+    from .precision import bench_precision
+
+    result = bench_precision(settings.finetune_settings(), steps=settings.steps, tolerance=settings.tolerance)
+    return print_json(result, settings.output)

@@ -1,0 +1,119 @@
+"""The settings of the `caft bench` commands, declared once with their help and checks (nothing here imports torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..command_line import setting, with_current_names
+from ..data import BUNDLED_SHAREGPT
+from ..decoding.settings import default_tree_size
+from ..models import ModelSettings, parse_dtype
+from ..training.settings import METHODS, FinetuneSettings
+
+
+@dataclass(frozen=True)
+class DraftShape:
+    """How many heads draft, how many candidates each proposes, and how many drafts a pass verifies."""
+
+    num_aux_heads: int
+    top_k: int = 1
+    tree_size: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DraftShape:
+        """`H`, `HxK` or `HxK:N` (see the module docstring)."""
+        try:
+            heads, _, rest = text.strip().partition("x")
+            top_k, _, size = rest.partition(":")
+            return cls(int(heads), int(top_k) if top_k else 1, int(size) if size else None)
+        except ValueError:
+            raise ValueError(f"draft shape {text!r}: expected H, HxK or HxK:N (heads, candidates per head, "
+                             "drafts per pass), e.g. 4 or 4x3:16") from None
+
+    @property
+    def drafts_per_pass(self) -> int:
+        return self.tree_size if self.tree_size is not None else default_tree_size(self.num_aux_heads, self.top_k)
+
+    def __str__(self) -> str:
+        if self.top_k == 1:
+            return str(self.num_aux_heads)
+        return f"{self.num_aux_heads}x{self.top_k}:{self.drafts_per_pass}"
+
+
+@dataclass(kw_only=True)
+class GenerationBenchSettings(ModelSettings):
+    """The heads, prompts, batch sizes and draft shapes `caft bench generate` measures."""
+
+    heads: str = setting(help="heads folder (from `caft train-heads` or `caft export`).")
+    data: str = setting(BUNDLED_SHAREGPT, help="prompts: sharegpt (the bundled set) or a JSONL/JSON file of "
+                                               "conversations.")
+    exclude: str | None = setting(None, help="a JSONL file whose record ids are left out (e.g. the distilled data "
+                                             "the heads learned from).")
+    skip: int = setting(0, help="skip this many usable prompts first.")
+    num_prompts: int = setting(16, help="prompts to generate for.")
+    batch_sizes: list[int] = setting(default_factory=lambda: [1, 8], help="batch sizes to measure.")
+    max_new_tokens: int = setting(128, help="most new tokens per answer.")
+    drafts: list[str] | None = setting(None, help="draft shapes to measure: H (a chain through the first H heads), "
+                                                  "HxK (a tree through the top K candidates of H heads) or HxK:N "
+                                                  "(that tree cut to its N likeliest drafts per pass); default: a "
+                                                  "chain through all heads.")
+    draft_dtype: str | None = setting(None, help="draft with the heads in this dtype (e.g. bfloat16 for a float32 "
+                                                 "model: cheaper drafts, the model still verifies in --dtype); "
+                                                 "default: --dtype.")
+    output: str | None = setting(None, help="also write the JSON to this file.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.draft_dtype is not None:
+            parse_dtype(self.draft_dtype)  # a typo fails before anything loads
+        try:
+            self.shapes = [DraftShape.parse(text) for text in self.drafts] if self.drafts else None
+        except ValueError as error:
+            raise ValueError(f"--drafts: {error}") from None
+
+
+@dataclass(kw_only=True)
+class TrainBenchSettings(ModelSettings):
+    """The shape of the step `caft bench train` measures, and how often."""
+
+    batch_size: int = setting(4, help="sequences per step.")
+    seq_len: int = setting(512, help="tokens per sequence.")
+    num_aux_heads: int = setting(4, help="auxiliary heads of the CAFT side (frozen, as in CAFT fine-tuning).",
+                                 formerly=("num_heads",))
+    steps: int = setting(5, help="timed steps per side (the median is reported).")
+    warmup: int = setting(1, help="untimed steps before them.")
+    seed: int = setting(0, help="seed of the random tokens.")
+    output: str | None = setting(None, help="also write the JSON to this file.")
+
+
+PRECISIONS = ("no", "bf16")
+
+
+@dataclass(kw_only=True)
+class PrecisionBenchSettings(ModelSettings):
+    """Which fine-tuning run `caft bench precision` measures, for how many steps, and the tolerance."""
+
+    data: str = setting(help="the task's training records, as for `caft finetune`.")
+    mode: str = setting("caft", help="caft or ntp.", choices=("caft", "ntp"))
+    method: str = setting("lora", help="lora or full.", choices=METHODS)
+    heads: str | None = setting(None, help="a heads folder from `caft train-heads` (caft mode).")
+    steps: int = setting(20, help="optimisation steps per side.")
+    tolerance: float = setting(0.02, help="the largest relative loss difference accepted (0.02: 2%%).")
+    seed: int = setting(0, help="seed of the run (split, shuffling, LoRA initialisation, dropout), the same on both "
+                                "sides.")
+    finetune: dict[str, Any] = setting(default_factory=dict, help="further `caft finetune` settings, e.g. "
+                                                                  "{batch_size: 8, epochs: 1}.")
+    output: str | None = setting(None, help="also write the JSON to this file.")
+
+    def finetune_settings(self) -> FinetuneSettings:
+        """The fine-tuning run both sides start."""
+        given = {"model", "data", "mode", "method", "heads", "seed", "device", "dtype", "mixed_precision"}
+        self.finetune = with_current_names(self.finetune, FinetuneSettings, "--finetune")
+        unknown = sorted(set(self.finetune) - {f.name for f in fields(FinetuneSettings)} | set(self.finetune) & given)
+        if unknown:
+            raise ValueError(f"--finetune: {unknown} are not further finetune settings (this command's own settings, "
+                             f"and mixed_precision, are set by it); see `caft finetune --help`")
+        return FinetuneSettings(model=self.model, data=self.data, mode=self.mode, method=self.method,
+                                heads=self.heads, seed=self.seed, dtype=self.dtype, device=self.device,
+                                **self.finetune)

@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import sys
 import types
 import typing
@@ -42,24 +43,54 @@ class SettingsError(ValueError):
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
-            default_factory: Any = dataclasses.MISSING, formerly: tuple[str, ...] = ()) -> Any:
+            default_factory: Any = dataclasses.MISSING, formerly: tuple[str, ...] = (),
+            minimum: float | None = None, above: float | None = None, maximum: float | None = None,
+            below: float | None = None) -> Any:
     """A settings field with its help text (and the values it may take): the one declaration of that setting.
-    `formerly` lists earlier names still accepted, as flags and in YAML, with a note naming the new one."""
+
+    `choices` lists the values it may hold. For a number (or each number of a list), `minimum`/`maximum` are
+    inclusive bounds and `above`/`below` exclusive ones; a number must also be finite. `formerly` lists earlier
+    names still accepted, as flags and in YAML, with a note naming the new one. `check_settings` enforces it all."""
+    bounds = {name: value for name, value in (("minimum", minimum), ("above", above), ("maximum", maximum),
+                                               ("below", below)) if value is not None}
     metadata = {"help": help, **({"choices": tuple(choices)} if choices else {}),
-                **({"formerly": tuple(formerly)} if formerly else {})}
+                **({"bounds": bounds} if bounds else {}), **({"formerly": tuple(formerly)} if formerly else {})}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def check_choices(settings: Any) -> None:
-    """Refuse a settings object any of whose fields holds a value outside its declared choices (settings built in
-    Python, not from flags, are checked here)."""
+_BOUND_SIGNS = {"minimum": ">=", "above": ">", "maximum": "<=", "below": "<"}
+
+
+def describe_bounds(bounds: dict[str, float]) -> str:
+    """`> 0`, `>= 1 and <= 64`: the range a setting's numbers must be in."""
+    return " and ".join(f"{_BOUND_SIGNS[name]} {value:g}" for name, value in bounds.items())
+
+
+def _within(value: float, bounds: dict[str, float]) -> bool:
+    return all({"minimum": value >= limit, "above": value > limit, "maximum": value <= limit,
+                "below": value < limit}[name] for name, limit in bounds.items())
+
+
+def check_settings(settings: Any) -> None:
+    """Refuse a settings object any of whose fields holds a value outside its declared choices, a number that is
+    not finite (nan, inf), or one outside its declared bounds. Settings from flags and YAML, and settings built in
+    Python, are all checked here (from each settings class's `__post_init__`)."""
     for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
         choices = field.metadata.get("choices")
-        if choices and getattr(settings, field.name) not in choices:
-            raise ValueError(f"{field.name} must be one of {', '.join(map(str, choices))}, "
-                             f"got {getattr(settings, field.name)!r}")
+        if choices and value not in choices:
+            raise ValueError(f"{field.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        for number in numbers:
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                continue
+            if not math.isfinite(number):
+                raise ValueError(f"{field.name} must be a finite number, got {number}")
+            bounds = field.metadata.get("bounds")
+            if bounds and not _within(number, bounds):
+                raise ValueError(f"{field.name} must be {describe_bounds(bounds)}, got {number:g}")
 
 
 def flag_name(name: str) -> str:
@@ -171,6 +202,8 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, positional: tuple[s
         choices = field.metadata.get("choices")
         if choices:
             help_text += f" One of: {', '.join(map(str, choices))}."
+        if field.metadata.get("bounds"):
+            help_text += f" ({describe_bounds(field.metadata['bounds'])})"
         if default is dataclasses.MISSING:
             help_text += " (required)"
         elif default not in (None, "", [], {}):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .command_line import check_choices, setting
+from .command_line import check_settings, setting
 
 if TYPE_CHECKING:
     import torch
@@ -232,5 +232,5 @@ class ModelSettings:
     device: str = setting("auto", help=DEVICE_HELP)
 
     def __post_init__(self):
-        check_choices(self)
+        check_settings(self)
         self.device = resolve_device(self.device)

@@ -240,3 +240,24 @@ def test_the_command_line_reads_and_refuses_settings_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     assert done.stdout.splitlines()[-1] == "2 []"
     assert done.stderr == "caft finetune: error: report_to: wandb is not installed (pip install wandb)\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--data", "task.jsonl", "--beta", "nan"], "beta must be a finite number, got nan"),
+    (["finetune", "--data", "task.jsonl", "--epochs", "inf"], "epochs must be a finite number, got inf"),
+    (["train-heads", "--data", "d.jsonl", "--epochs", "-1"], "epochs must be > 0, got -1"),
+    (["finetune", "--data", "task.jsonl", "--alpha", "-1"], "alpha must be > 0, got -1"),
+    (["finetune", "--data", "task.jsonl", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["finetune", "--data", "task.jsonl", "--grad-accum", "0"], "grad_accum must be >= 1, got 0"),
+    (["distill", "--max-samples", "-5"], "max_samples must be >= 0, got -5"),
+    (["eval", "--task", "humaneval", "--timeout-s", "-1"], "timeout_s must be > 0, got -1"),
+    (["eval", "--task", "humaneval", "--memory-mb", "1"], "memory_mb must be >= 256, got 1"),
+    (["eval", "--task", "molecules", "--max-examples", "-1"], "max_examples must be >= 0, got -1"),
+    (["bench", "generate", "--heads", "h", "--batch-sizes", "1,0"], "batch_sizes must be >= 1, got 0"),
+])
+def test_a_number_out_of_range_is_refused_in_one_line_before_anything(argv, message, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main([*argv, "--output", str(output)]) == 2
+    command = " ".join(word for word in argv[:2] if not word.startswith("-"))
+    assert capsys.readouterr().err == f"caft {command}: error: {message}\n"
+    assert not output.exists()

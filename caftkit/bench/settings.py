@@ -50,10 +50,10 @@ class GenerationBenchSettings(ModelSettings):
                                                "conversations.")
     exclude: str | None = setting(None, help="a JSONL file whose record ids are left out (e.g. the distilled data "
                                              "the heads learned from).")
-    skip: int = setting(0, help="skip this many usable prompts first.")
-    num_prompts: int = setting(16, help="prompts to generate for.")
-    batch_sizes: list[int] = setting(default_factory=lambda: [1, 8], help="batch sizes to measure.")
-    max_new_tokens: int = setting(128, help="most new tokens per answer.")
+    skip: int = setting(0, help="skip this many usable prompts first.", minimum=0)
+    num_prompts: int = setting(16, help="prompts to generate for.", minimum=1)
+    batch_sizes: list[int] = setting(default_factory=lambda: [1, 8], help="batch sizes to measure.", minimum=1)
+    max_new_tokens: int = setting(128, help="most new tokens per answer.", minimum=1)
     drafts: list[str] | None = setting(None, help="draft shapes to measure: H (a chain through the first H heads), "
                                                   "HxK (a tree through the top K candidates of H heads) or HxK:N "
                                                   "(that tree cut to its N likeliest drafts per pass); default: a "
@@ -77,13 +77,13 @@ class GenerationBenchSettings(ModelSettings):
 class TrainBenchSettings(ModelSettings):
     """The shape of the step `caft bench train` measures, and how often."""
 
-    batch_size: int = setting(4, help="sequences per step.")
-    seq_len: int = setting(512, help="tokens per sequence.")
+    batch_size: int = setting(4, help="sequences per step.", minimum=1)
+    seq_len: int = setting(512, help="tokens per sequence.", minimum=2)
     num_aux_heads: int = setting(4, help="auxiliary heads of the CAFT side (frozen, as in CAFT fine-tuning).",
-                                 formerly=("num_heads",))
-    steps: int = setting(5, help="timed steps per side (the median is reported).")
-    warmup: int = setting(1, help="untimed steps before them.")
-    seed: int = setting(0, help="seed of the random tokens.")
+                                 formerly=("num_heads",), minimum=1)
+    steps: int = setting(5, help="timed steps per side (the median is reported).", minimum=1)
+    warmup: int = setting(1, help="untimed steps before them.", minimum=0)
+    seed: int = setting(0, help="seed of the random tokens.", minimum=0)
     output: str | None = setting(None, help="also write the JSON to this file.")
 
 
@@ -98,10 +98,10 @@ class PrecisionBenchSettings(ModelSettings):
     mode: str = setting("caft", help="caft or ntp.", choices=("caft", "ntp"))
     method: str = setting("lora", help="lora or full.", choices=METHODS)
     heads: str | None = setting(None, help="a heads folder from `caft train-heads` (caft mode).")
-    steps: int = setting(20, help="optimisation steps per side.")
-    tolerance: float = setting(0.02, help="the largest relative loss difference accepted (0.02: 2%%).")
+    steps: int = setting(20, help="optimisation steps per side.", minimum=1)
+    tolerance: float = setting(0.02, help="the largest relative loss difference accepted (0.02: 2%%).", minimum=0)
     seed: int = setting(0, help="seed of the run (split, shuffling, LoRA initialisation, dropout), the same on both "
-                                "sides.")
+                                "sides.", minimum=0)
     finetune: dict[str, Any] = setting(default_factory=dict, help="further `caft finetune` settings, e.g. "
                                                                   "{batch_size: 8, epochs: 1}.")
     output: str | None = setting(None, help="also write the JSON to this file.")

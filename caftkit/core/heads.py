@@ -38,6 +38,10 @@ class HeadsMismatchError(ValueError):
     """Heads were trained for a different base model than the one they are attached to."""
 
 
+# What `base_fingerprint` records; a heads folder must hold every one of them.
+FINGERPRINT_FIELDS = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers", "last_layer_sha256")
+
+
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """What identifies the base model a set of heads belongs to.
 
@@ -241,6 +245,15 @@ def read_heads_config(directory: str | os.PathLike) -> dict[str, Any]:
     for key in ("num_heads", "base_fingerprint", "layer_class"):
         if key not in config:
             raise ValueError(f"{config_path}: field {key!r} is missing")
+    count = config["num_heads"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{config_path}: field 'num_heads' must be a whole number of at least 1, got {count!r}")
+    fingerprint = config["base_fingerprint"]
+    missing = [key for key in FINGERPRINT_FIELDS if not isinstance(fingerprint, dict) or fingerprint.get(key) is None]
+    if missing:
+        # An empty or partial fingerprint would let the heads attach to any base without a check.
+        raise ValueError(f"{config_path}: field 'base_fingerprint' lacks {', '.join(missing)}; these heads cannot be "
+                         "checked against a base model (save them again with caftkit.save_heads)")
     return config
 
 
@@ -252,7 +265,7 @@ def check_heads_fit(directory: str | os.PathLike, model: str) -> dict[str, Any]:
 
     config = read_heads_config(directory)
     model_config = read_model_config(model)
-    if model_config is None or not config["base_fingerprint"]:
+    if model_config is None:
         return config
     text = model_config.get_text_config()
     shape = {"model_type": getattr(model_config, "model_type", None),

@@ -18,12 +18,13 @@ class GenerateSettings(ModelSettings):
                                            "<model>-heads from `caft export`).")
     speculative: bool = setting(False, help="draft with the heads (self-speculative decoding): the same text, "
                                             "faster when the heads guess well.")
-    num_aux_heads: int | None = setting(None, help="heads used for drafting (default: all).", formerly=("num_heads",))
+    num_aux_heads: int | None = setting(None, help="heads used for drafting (default: all).", formerly=("num_heads",),
+                                        minimum=0)
     top_k: int = setting(1, help="candidates per head; above 1, each pass verifies a tree of drafts instead of a "
-                                 "chain.")
+                                 "chain.", minimum=1)
     tree_size: int | None = setting(None, help="drafts verified per pass with --top-k above 1 (default: num_aux_heads "
-                                               "* top_k).")
-    max_new_tokens: int = setting(256, help="most new tokens.")
+                                               "* top_k).", minimum=1)
+    max_new_tokens: int = setting(256, help="most new tokens.", minimum=1)
     draft_dtype: str | None = setting(None, help="with --speculative, draft with the heads in this dtype (e.g. "
                                                  "bfloat16 for a float32 model: cheaper drafts, same text); default: "
                                                  "--dtype.")

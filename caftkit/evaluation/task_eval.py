@@ -45,15 +45,16 @@ class EvalSettings(ModelSettings):
                                           "the bundled HumanEval set); loss: a JSONL/JSON file of conversations "
                                           "(required).")
     heads: str | None = setting(None, help="a heads folder to score (loss task).")
-    max_examples: int | None = setting(None, help="score only the first this many examples; 0 or none for all.")
+    max_examples: int | None = setting(None, help="score only the first this many examples; 0 or none for all.",
+                                       minimum=0)
     max_new_tokens: int | None = setting(None, help="most tokens per answer (default: 96 for molecules, 512 for "
-                                                    "humaneval).")
-    batch_size: int = setting(16, help="prompts generated (or conversations scored) together.")
-    max_length: int = setting(1024, help="loss task: conversations are truncated to this many tokens.")
-    seed: int = setting(0, help="order of the molecules drawn from a MOSES split.")
-    timeout_s: float = setting(10.0, help="humaneval: wall-clock limit of one program, in seconds.")
-    memory_mb: int = setting(1024, help="humaneval: address-space limit of one program, in MB.")
-    workers: int = setting(2, help="humaneval: programs run in parallel.")
+                                                    "humaneval).", minimum=1)
+    batch_size: int = setting(16, help="prompts generated (or conversations scored) together.", minimum=1)
+    max_length: int = setting(1024, help="loss task: conversations are truncated to this many tokens.", minimum=1)
+    seed: int = setting(0, help="order of the molecules drawn from a MOSES split.", minimum=0)
+    timeout_s: float = setting(10.0, help="humaneval: wall-clock limit of one program, in seconds.", above=0)
+    memory_mb: int = setting(1024, help="humaneval: address-space limit of one program, in MB.", minimum=256)
+    workers: int = setting(2, help="humaneval: programs run in parallel.", minimum=1)
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,8 +62,6 @@ class EvalSettings(ModelSettings):
             self.max_examples = None
         if self.task == "loss" and not self.data:
             raise ValueError("--task loss needs --data (a JSONL/JSON file of conversations)")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.max_new_tokens is None and self.task in DEFAULT_MAX_NEW_TOKENS:
             self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[self.task]
 

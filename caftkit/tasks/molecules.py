@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_files import atomic_path
-from ..command_line import setting
+from ..command_line import check_settings, setting
 from ..package_data import package_file
 
 # Name -> SMARTS, in the order groups are named in prompts.
@@ -187,12 +187,13 @@ class MoleculeDataSettings:
                                               "text file with one SMILES per line, or a CSV file with a SMILES column "
                                               "(optionally .gz).")
     n: int | None = setting(1000, help="number of records (molecules drawn in a seeded random order); 0 or none for "
-                                       "all.")
-    seed: int = setting(0, help="seed of the order.")
+                                       "all.", minimum=0)
+    seed: int = setting(0, help="seed of the order.", minimum=0)
     replace: bool = setting(False, help="replace an existing --output file; without it an existing file is refused "
                                         "and left as it is.")
 
     def __post_init__(self):
+        check_settings(self)
         if self.n == 0:
             self.n = None
         if Path(self.output).exists() and not self.replace:

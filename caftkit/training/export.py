@@ -11,9 +11,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import atomic_folder, check_replaceable
 from ..core.heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config, rebase_heads
 from ..models import load_model, load_tokenizer
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
+
+# Written into the model folder and the heads folder of an export: what they were made from. An output folder
+# holding it is an earlier export, which a new one may replace; any other existing path is refused.
+EXPORT_MARKER = "caft_export.json"
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
@@ -100,21 +105,30 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
     paths written."""
     run_dir, out = Path(run_dir), Path(out)
     run = read_run(run_dir)
-    model, tokenizer = load_finetuned(run_dir, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "README.md").write_text(model_card(run))
-    written = {"model": str(out), "heads": None}
     source = _heads_source(run_dir)
-    if source is not None:
-        target = Path(heads_out) if heads_out else out.with_name(out.name + "-heads")
+    target = (Path(heads_out) if heads_out else out.with_name(out.name + "-heads")) if source is not None else None
+    # Both outputs are checked before anything loads: each must be new, or an earlier export (it holds
+    # EXPORT_MARKER); a user's folder, the run's own heads or the working directory are never replaced.
+    check_replaceable(out, EXPORT_MARKER)
+    if target is not None:
+        check_replaceable(target, EXPORT_MARKER)
         read_heads_config(source)  # a broken heads folder fails here, not at generation time
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target)
-        # Fine-tuning changed layer L under the heads; they go with the exported model, so that
-        # `caft generate --model out --heads out-heads --speculative` accepts the pair.
-        rebase_heads(target, model)
+    model, tokenizer = load_finetuned(run_dir, dtype)
+    record = json.dumps({"run": str(run_dir), "model": str(out), "heads": str(target) if target else None},
+                        indent=2) + "\n"
+    with atomic_folder(out, EXPORT_MARKER) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(model_card(run))
+        (staging / EXPORT_MARKER).write_text(record)
+    written = {"model": str(out), "heads": None}
+    if target is not None:
+        with atomic_folder(target, EXPORT_MARKER) as staging:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
+            # Fine-tuning changed layer L under the heads; they go with the exported model, so that
+            # `caft generate --model out --heads out-heads --speculative` accepts the pair.
+            rebase_heads(staging, model)
+            (staging / EXPORT_MARKER).write_text(record)
         written["heads"] = str(target)
     return written
 

@@ -54,26 +54,28 @@ class RunSettings(ModelSettings):
 
     data: str = setting(help="JSONL/JSON file of `messages`, `prompt`/`completion` or ShareGPT `conversations` "
                              "records.")
-    epochs: float = setting(1.0, help="passes over the training split.")
+    epochs: float = setting(1.0, help="passes over the training split.", above=0)
     max_steps: int | None = setting(None, help="stop after this many optimisation steps instead of --epochs; the "
-                                               "schedules are planned for them.")
-    learning_rate: float | None = setting(None, help="peak learning rate.")
+                                               "schedules are planned for them.", minimum=1)
+    learning_rate: float | None = setting(None, help="peak learning rate.", above=0)
     lr_scheduler: str = setting("cosine", help="a transformers scheduler name (cosine, linear, constant, ...).")
-    warmup: float = setting(0.05, help="warm-up steps, or a fraction of all steps when below 1.")
-    weight_decay: float = setting(0.0, help="decoupled weight decay of the optimizer.")
+    warmup: float = setting(0.05, help="warm-up steps, or a fraction of all steps when below 1.", minimum=0)
+    weight_decay: float = setting(0.0, help="decoupled weight decay of the optimizer.", minimum=0)
     optim: str = setting("adamw_torch_fused", help="a transformers optimizer name (adamw_torch_fused, adamw_torch, "
                                                     "sgd, adafactor, ...).")
-    batch_size: int = setting(8, help="sequences per device and step.")
-    grad_accum: int = setting(1, help="micro-batches accumulated per optimisation step.")
-    max_length: int = setting(1024, help="longer conversations are truncated to this many tokens (and counted).")
+    batch_size: int = setting(8, help="sequences per device and step.", minimum=1)
+    grad_accum: int = setting(1, help="micro-batches accumulated per optimisation step.", minimum=1)
+    max_length: int = setting(1024, help="longer conversations are truncated to this many tokens (and counted).",
+                              minimum=2)
     eval_fraction: float = setting(0.05, help="fraction of the records held out to measure each head's loss and "
-                                              "accuracy.")
+                                              "accuracy.", above=0, below=1)
     eval_steps: int | None = setting(None, help="evaluate on the held-out split every this many steps (default: "
-                                                "twice per epoch).")
-    save_steps: int = setting(50, help="write a checkpoint every this many steps.")
-    save_total_limit: int | None = setting(2, help="checkpoints kept (the oldest are removed); none keeps all.")
-    logging_steps: int = setting(5, help="log the per-head training losses every this many steps.")
-    seed: int = setting(0, help="seed of the split, the shuffling, initialisation and dropout.")
+                                                "twice per epoch).", minimum=1)
+    save_steps: int = setting(50, help="write a checkpoint every this many steps.", minimum=1)
+    save_total_limit: int | None = setting(2, help="checkpoints kept (the oldest are removed); none keeps all.",
+                                           minimum=1)
+    logging_steps: int = setting(5, help="log the per-head training losses every this many steps.", minimum=1)
+    seed: int = setting(0, help="seed of the split, the shuffling, initialisation and dropout.", minimum=0)
     mixed_precision: str = setting("no", help="bf16 autocast of the matrix multiplies: no, bf16, or auto (bf16 "
                                               "where the device multiplies bf16 natively).", choices=MIXED_PRECISION)
     report_to: list[str] = setting(default_factory=list, help="where to log besides the console: comma-separated "
@@ -83,18 +85,11 @@ class RunSettings(ModelSettings):
                                       "0.95}.")
 
     def __post_init__(self):
-        # Checked before the model settings, whose device check imports torch: a bad value here fails at once.
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        # Checked before the model settings' device, which imports torch: a bad value here fails at once.
         self.report_to = check_report_to(self.report_to)
         if self.trainer:
             check_trainer_fields(self.trainer)
-        super().__post_init__()  # the choices, mixed_precision's among them; the device
+        super().__post_init__()  # choices, numbers and bounds, then the device
 
 
 def check_trainer_fields(trainer: dict[str, Any]) -> None:
@@ -167,11 +162,11 @@ class HeadTrainingSettings(RunSettings):
     init: str | None = setting(None, help="a heads folder to start from (the task warm-up); new heads are copies "
                                           "of the last layer otherwise.")
     num_aux_heads: int = setting(4, help="auxiliary heads to train, predicting tokens t+2 .. t+num_aux_heads+1 (with "
-                                     "--init, at most as many as the folder has).", formerly=("num_heads",))
-    alpha: float = setting(0.8, help="decay of the per-head loss weights alpha^(k-2).")
+                                     "--init, at most as many as the folder has).", formerly=("num_heads",), minimum=1)
+    alpha: float = setting(0.8, help="decay of the per-head loss weights alpha^(k-2).", above=0)
     # Two passes: on 3,000 self-distilled answers of the bundled model, the t+2 head still gains in the second.
-    epochs: float = setting(2.0, help="passes over the training split.")
-    learning_rate: float | None = setting(1e-3, help="peak learning rate.")
+    epochs: float = setting(2.0, help="passes over the training split.", above=0)
+    learning_rate: float | None = setting(1e-3, help="peak learning rate.", above=0)
     # Only the heads train and the base runs without gradients: bf16 autocast halves the time where it is native.
     mixed_precision: str = setting("auto", help="bf16 autocast of the matrix multiplies: auto (bf16 where the device "
                                                 "multiplies bf16 natively: recent GPUs, CPUs with AVX512-BF16 or "
@@ -179,14 +174,8 @@ class HeadTrainingSettings(RunSettings):
     trunk_cache_gb: float = setting(4.0, help="keep up to this many GB of the frozen base's outputs per batch, so "
                                               "that later epochs and held-out evaluations run only the heads "
                                               "(batches are then fixed, their order reshuffled each epoch); 0 turns "
-                                              "it off.")
+                                              "it off.", minimum=0)
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_aux_heads < 1:
-            raise ValueError(f"num_aux_heads must be at least 1, got {self.num_aux_heads}")
-        if self.trunk_cache_gb < 0:
-            raise ValueError(f"trunk_cache_gb must be 0 or more, got {self.trunk_cache_gb}")
 
 
 @dataclass(kw_only=True)
@@ -204,26 +193,26 @@ class FinetuneSettings(RunSettings):
                                           "split exceeds --l2-warmup-threshold at the start).",
                                choices=HEAD_WARMUP_CHOICES)
     l2_warmup_threshold: float = setting(4.0, help="the L2 above which --head-warmup auto warms the heads up (the "
-                                                   "paper's rule).")
+                                                   "paper's rule).", minimum=0)
     num_aux_heads: int = setting(4, help="auxiliary heads (with --heads, at most as many as the folder has).",
-                                 formerly=("num_heads",))
-    alpha: float = setting(0.8, help="decay of the auxiliary weights alpha^(k-1).")
-    beta: float = setting(0.01, help="overall weight of the auxiliary losses.")
+                                 formerly=("num_heads",), minimum=0)
+    alpha: float = setting(0.8, help="decay of the auxiliary weights alpha^(k-1).", above=0)
+    beta: float = setting(0.01, help="overall weight of the auxiliary losses.", minimum=0)
     schedule: str = setting("rsine", help="gamma(step), the decay of the auxiliary weight over the run.",
                             choices=SCHEDULES)
     train_heads: bool = setting(False, help="also train the auxiliary heads during fine-tuning.")
     freeze_unembedding: bool = setting(True, help="keep lm_head frozen in full fine-tuning (with tied embeddings, "
                                                   "the input embeddings too).")
-    lora_r: int = setting(8, help="LoRA rank.")
-    lora_alpha: int = setting(16, help="LoRA scaling alpha.")
-    lora_dropout: float = setting(0.1, help="LoRA dropout.")
+    lora_r: int = setting(8, help="LoRA rank.", minimum=1)
+    lora_alpha: int = setting(16, help="LoRA scaling alpha.", minimum=1)
+    lora_dropout: float = setting(0.1, help="LoRA dropout.", minimum=0, below=1)
     lora_target_modules: list[str] = setting(default_factory=lambda: ["all-linear"],
                                              help="the modules LoRA adapts: all-linear (every linear projection of "
                                                   "the decoder layers) or module names such as q_proj,v_proj.")
     # The paper's fine-tuning schedule: 3% warm-up; more of the records held out than for the heads (5%).
-    warmup: float = setting(0.03, help="warm-up steps, or a fraction of all steps when below 1.")
-    eval_fraction: float = setting(0.1, help="fraction of the records held out for evaluation.")
-    save_steps: int = setting(100, help="write a checkpoint every this many steps.")
+    warmup: float = setting(0.03, help="warm-up steps, or a fraction of all steps when below 1.", minimum=0)
+    eval_fraction: float = setting(0.1, help="fraction of the records held out for evaluation.", above=0, below=1)
+    save_steps: int = setting(100, help="write a checkpoint every this many steps.", minimum=1)
     activation_checkpointing: bool = setting(False, help="recompute the decoder layers' activations in the backward "
                                                          "pass instead of keeping them: less memory, more time.",
                                              formerly=("gradient_checkpointing",))
@@ -233,16 +222,13 @@ class FinetuneSettings(RunSettings):
     early_stopping_patience: int | None = setting(None, help="stop once the held-out next-token loss has not "
                                                              "improved for this many evaluations in a row; final/ then "
                                                              "holds the best checkpoint, and a checkpoint is written "
-                                                             "at every evaluation.")
+                                                             "at every evaluation.", minimum=1)
     early_stopping_threshold: float = setting(0.0, help="the least decrease of the held-out next-token loss that "
-                                                        "counts as an improvement for --early-stopping-patience.")
+                                                        "counts as an improvement for --early-stopping-patience.",
+                                              minimum=0)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            raise ValueError(f"early_stopping_patience must be at least 1, got {self.early_stopping_patience}")
-        if self.early_stopping_threshold < 0:
-            raise ValueError(f"early_stopping_threshold must be 0 or more, got {self.early_stopping_threshold}")
         if self.num_aux_heads < 1 and self.mode == "caft":
             raise ValueError(f"num_aux_heads must be at least 1 in caft mode, got {self.num_aux_heads}")
         if self.learning_rate is None:
@@ -256,21 +242,20 @@ class DistillSettings(ModelSettings):
     data: str = setting(BUNDLED_SHAREGPT, help="sharegpt (the bundled ShareGPT prompts) or a JSONL/JSON file of "
                                                "`messages`, `prompt`/`completion` or ShareGPT `conversations` records.")
     max_samples: int | None = setting(1000, help="number of prompts to answer (the first ones that fit); 0 or none "
-                                                 "for all.")
-    max_new_tokens: int = setting(256, help="most tokens generated per answer.")
+                                                 "for all.", minimum=0)
+    max_new_tokens: int = setting(256, help="most tokens generated per answer.", minimum=1)
     max_prompt_tokens: int = setting(512, help="prompts longer than this (chat template included) are skipped and "
-                                               "counted.")
-    batch_size: int = setting(32, help="prompts generated together (grouped by length, left-padded).")
-    temperature: float = setting(0.0, help="0 for greedy decoding, else the sampling temperature.")
-    top_p: float = setting(1.0, help="nucleus sampling threshold when sampling.")
-    seed: int = setting(0, help="sampling seed (each batch is seeded from it, so resumed runs sample the same).")
+                                               "counted.", minimum=1)
+    batch_size: int = setting(32, help="prompts generated together (grouped by length, left-padded).", minimum=1)
+    temperature: float = setting(0.0, help="0 for greedy decoding, else the sampling temperature.", minimum=0)
+    top_p: float = setting(1.0, help="nucleus sampling threshold when sampling.", above=0, maximum=1)
+    seed: int = setting(0, help="sampling seed (each batch is seeded from it, so resumed runs sample the same).",
+                        minimum=0)
 
     def __post_init__(self):
         super().__post_init__()
         if self.max_samples == 0:
             self.max_samples = None
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be at least 1")
 
 
 @dataclass(kw_only=True)

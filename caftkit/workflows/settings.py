@@ -52,13 +52,14 @@ class CompareSettings(ModelSettings):
                         choices=tuple(TASK_COLUMNS))
     test_data: str | None = setting(None, help="the test examples (default: moses:test for molecules, the bundled "
                                                "HumanEval set).")
-    test_examples: int | None = setting(500, help="score the first this many test examples; 0 or none for all.")
+    test_examples: int | None = setting(500, help="score the first this many test examples; 0 or none for all.",
+                                        minimum=0)
     heads: str | None = setting(None, help="heads folder of the caft arms (from `caft train-heads`); the default of "
                                            "every arm.")
     head_warmup: str = setting("yes", help="the caft arms' head warm-up on the task (see `caft finetune`); the "
                                            "default of every arm.", choices=HEAD_WARMUP_CHOICES)
     method: str = setting("lora", help="lora or full; the default of every arm.", choices=METHODS)
-    seeds: list[int] = setting(default_factory=lambda: [0], help="training seeds; the default of every arm.")
+    seeds: list[int] = setting(default_factory=lambda: [0], help="training seeds; the default of every arm.", minimum=0)
     finetune: dict[str, Any] = setting(default_factory=dict, help="further `caft finetune` settings shared by every "
                                                                   "arm, e.g. {epochs: 1, batch_size: 16}.")
     arms: dict[str, Any] | None = setting(None, help="the arms, a mapping from a name to its settings: mode (ntp or "
@@ -66,9 +67,9 @@ class CompareSettings(ModelSettings):
                                                      "(caft arms: the ntp arm to measure against) and finetune (its "
                                                      "overrides of the shared settings). Default: ntp and caft.")
     max_new_tokens: int | None = setting(None, help="most tokens per answer in the evaluation (default: the "
-                                                    "task's).")
-    eval_batch_size: int = setting(16, help="prompts generated together in the evaluation.")
-    n_resamples: int = setting(10000, help="bootstrap resamples of the confidence intervals.")
+                                                    "task's).", minimum=1)
+    eval_batch_size: int = setting(16, help="prompts generated together in the evaluation.", minimum=1)
+    n_resamples: int = setting(10000, help="bootstrap resamples of the confidence intervals.", minimum=1)
 
     def __post_init__(self):
         super().__post_init__()
@@ -163,9 +164,9 @@ class DemoSettings(ModelSettings):
     """Where the demo writes and how much each of its stages does."""
 
     output: str = setting("demo-output", help="folder for every artefact.")
-    distill_prompts: int = setting(48, help="ShareGPT prompts to self-distil.")
-    distill_new_tokens: int = setting(96, help="most tokens per distilled answer.")
+    distill_prompts: int = setting(48, help="ShareGPT prompts to self-distil.", minimum=2)
+    distill_new_tokens: int = setting(96, help="most tokens per distilled answer.", minimum=1)
     molecules: int = setting(320, help="molecule-design records from the MOSES train split to fine-tune on (some "
-                                       "held out).")
-    eval_molecules: int = setting(40, help="MOSES test molecules to score the exported model on.")
-    epochs: float = setting(1.0, help="passes of head training and fine-tuning.")
+                                       "held out).", minimum=2)
+    eval_molecules: int = setting(40, help="MOSES test molecules to score the exported model on.", minimum=1)
+    epochs: float = setting(1.0, help="passes of head training and fine-tuning.", above=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from caftkit.command_line import SettingsError, add_settings, build_settings, read_config, setting
+from caftkit.command_line import SettingsError, add_settings, build_settings, check_settings, read_config, setting
 
 
 @dataclass
@@ -125,3 +125,36 @@ def test_help_lists_each_setting_with_its_choices_and_default():
     assert "--resume, --no-resume" in text
     assert "training seeds (default: 0)" in " ".join(text.split())
     assert "the records (required)" in " ".join(text.split())
+
+
+@dataclass
+class Bounded:
+    rate: float = setting(0.1, help="a rate", above=0, below=1)
+    count: int | None = setting(4, help="a count", minimum=1)
+    sizes: list[int] = setting(default_factory=lambda: [1, 8], help="sizes", minimum=1)
+    weight: float = setting(0.0, help="a weight", minimum=0)
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"rate": 0.0}, "rate must be > 0 and < 1, got 0"),
+    ({"rate": 1.5}, "rate must be > 0 and < 1, got 1.5"),
+    ({"count": 0}, "count must be >= 1, got 0"),
+    ({"sizes": [4, 0]}, "sizes must be >= 1, got 0"),
+    ({"weight": float("nan")}, "weight must be a finite number, got nan"),
+    ({"weight": float("inf")}, "weight must be a finite number, got inf"),
+])
+def test_numbers_outside_their_declared_range_are_refused(values, message):
+    with pytest.raises(ValueError) as refused:
+        Bounded(**values)
+    assert str(refused.value) == message
+
+
+def test_the_declared_range_is_in_the_help_and_edges_pass():
+    assert Bounded(rate=0.5, count=None, sizes=[1], weight=0.0).count is None  # none is not a number to bound
+    built = argparse.ArgumentParser(prog="caft bounded")
+    add_settings(built, Bounded)
+    text = " ".join(built.format_help().split())
+    assert "a rate (> 0 and < 1) (default: 0.1)" in text and "a count (>= 1) (default: 4)" in text

@@ -349,3 +349,22 @@ def test_the_former_name_num_heads_still_works_with_a_warning():
     with pytest.warns(FutureWarning, match=r"CAFTConfig\(num_heads=...\) is now num_aux_heads"):
         config = CAFTConfig(output_dir="unused", num_heads=2, report_to=[], use_cpu=True, bf16=False)
     assert (config.num_aux_heads, config.num_heads) == (2, None)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"base_fingerprint": {}}, "field 'base_fingerprint' lacks model_type, hidden_size, vocab_size, "
+                               "num_hidden_layers, last_layer_sha256"),
+    ({"base_fingerprint": None}, "field 'base_fingerprint' lacks model_type"),
+    ({"num_heads": 0}, "field 'num_heads' must be a whole number of at least 1, got 0"),
+    ({"num_heads": "2"}, "field 'num_heads' must be a whole number of at least 1, got '2'"),
+])
+def test_a_heads_config_is_checked_as_a_whole(llama_heads_dir, tmp_path, change, message):
+    """A fingerprint without every field would skip the check against the base; it is refused, naming the file."""
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / HEADS_WEIGHTS_FILE).write_bytes((llama_heads_dir / HEADS_WEIGHTS_FILE).read_bytes())
+    config = json.loads((llama_heads_dir / HEADS_CONFIG_FILE).read_text())
+    (edited / HEADS_CONFIG_FILE).write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError) as refused:
+        attach_heads(tiny_model("llama"), edited)
+    assert str(refused.value).startswith(f"{edited / HEADS_CONFIG_FILE}: {message}")

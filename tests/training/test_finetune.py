@@ -378,3 +378,30 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_dir, tmp_path):
     assert Path(summary["best_checkpoint"]).name == f"checkpoint-{best_step}"
     assert_same_tensors(run / f"checkpoint-{best_step}" / "adapter_model.safetensors",
                         run / FINAL_DIR / "adapter_model.safetensors")
+
+
+def test_export_never_replaces_what_it_did_not_write(tiny_dir, tmp_path, capsys):
+    """`caft export` refuses, before loading anything, an output or heads folder that exists and is not an earlier
+    export (a user's folder, the run's own heads, the working directory); an earlier export is replaced whole."""
+    run = tmp_path / "run"
+    finetune(str(run), settings_for(tiny_dir, write_task(tmp_path / "task.jsonl", 20), epochs=1))
+    capsys.readouterr()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    run_heads_before = {path.name: path.read_bytes() for path in (run / RUN_HEADS_DIR).iterdir()}
+    for flags, refused in ((["--output", str(mine)], mine),
+                           (["--output", str(tmp_path / "model"), "--heads-output", str(mine)], mine),
+                           (["--output", str(tmp_path / "model"), "--heads-output", str(run / RUN_HEADS_DIR)],
+                            run / RUN_HEADS_DIR)):
+        assert main(["export", str(run), *flags]) == 2
+        assert capsys.readouterr().err == (f"caft export: error: {refused} exists and was not written by this "
+                                           "command: choose another output (nothing was changed)\n")
+        assert [path.name for path in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+        assert not (tmp_path / "model").exists()
+    assert {path.name: path.read_bytes() for path in (run / RUN_HEADS_DIR).iterdir()} == run_heads_before
+    # A second export over the first replaces it whole, and leaves no temporary folder behind.
+    for _ in range(2):
+        assert main(["export", str(run), "--output", str(tmp_path / "model")]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mine", "model", "model-heads", "run", "task.jsonl"]
+    assert json.loads((tmp_path / "model" / "caft_export.json").read_text())["heads"] == str(tmp_path / "model-heads")

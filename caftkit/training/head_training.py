@@ -12,6 +12,7 @@ import json
 import random
 import re
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,10 @@ _CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
 def last_checkpoint(directory: Path) -> str | None:
     """The newest complete `checkpoint-N` folder in `directory`, or None.
 
@@ -63,11 +68,16 @@ def last_checkpoint(directory: Path) -> str | None:
     writing, and resuming from it would fail, so the one before it is taken."""
     if not Path(directory).is_dir():
         return None
-    complete = [path for path in Path(directory).iterdir()
-                if _CHECKPOINT_NAME.fullmatch(path.name) and (path / TRAINER_STATE_FILE).is_file()]
-    if not complete:
-        return None
-    return str(max(complete, key=lambda path: int(path.name.split("-")[1])))
+    found = sorted((path for path in Path(directory).iterdir() if _CHECKPOINT_NAME.fullmatch(path.name)),
+                   key=_checkpoint_step)
+    complete = [path for path in found if (path / TRAINER_STATE_FILE).is_file()]
+    newest = complete[-1] if complete else None
+    skipped = [path.name for path in found if newest is None or _checkpoint_step(path) > _checkpoint_step(newest)]
+    if skipped:
+        warnings.warn(f"{directory}: skipping {', '.join(skipped)}, which lack {TRAINER_STATE_FILE} (a run killed "
+                      f"while writing them); the last complete checkpoint is {newest.name if newest else 'none'}",
+                      UserWarning, stacklevel=2)
+    return str(newest) if newest else None
 
 
 def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = False,

@@ -296,6 +296,8 @@ def test_the_last_checkpoint_is_the_newest_complete_one(tmp_path):
         if complete:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-x").mkdir()
-    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
+    with pytest.warns(UserWarning, match=f"{tmp_path}: skipping checkpoint-12, checkpoint-100, which lack "
+                                         "trainer_state.json .*; the last complete checkpoint is checkpoint-8"):
+        assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
     (tmp_path / "checkpoint-12" / "trainer_state.json").write_text("{}")
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-12")

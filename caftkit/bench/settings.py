@@ -22,7 +22,7 @@ class DraftShape:
 
     @classmethod
     def parse(cls, text: str) -> DraftShape:
-        """`H`, `HxK` or `HxK:N` (see the module docstring)."""
+        """`H` (H heads, one candidate each), `HxK` (K candidates per head) or `HxK:N` (N drafts verified per pass)."""
         try:
             heads, _, rest = text.strip().partition("x")
             top_k, _, size = rest.partition(":")

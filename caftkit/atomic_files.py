@@ -46,7 +46,7 @@ def check_replaceable(path: str | os.PathLike, marker: str) -> None:
     (it holds the file `marker`): anything else, a user's folder or file, is never touched."""
     path = Path(path)
     if path.exists() and not (path.is_dir() and (path / marker).is_file()):
-        raise ValueError(f"{path} exists and was not written by this command: choose another output (nothing was "
+        raise ValueError(f"{path}: exists and was not written by this command: choose another output (nothing was "
                          "changed)")
 
 

@@ -33,6 +33,10 @@ from typing import Any
 
 import yaml
 
+from .atomic_files import write_text_atomically
+from .json_text import decode_utf8
+from .outputs import check_new_file
+
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 _NONE = ("none", "null", "")
@@ -294,10 +298,15 @@ def read_config(path: str | Path, *classes: type) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise SettingsError(f"{path}: config file not found")
-    text = path.read_text()
+    try:
+        text = decode_utf8(path.read_bytes(), path)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise SettingsError(f"{path}: nested too deeply to read as YAML") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -350,11 +359,12 @@ def build_settings_group(classes: tuple[type, ...], given: dict[str, Any], confi
 
 
 def print_json(result: dict, output: str | None = None) -> dict:
-    """Print a command's result as indented JSON (and write it to `output` when given); returns it."""
+    """Print a command's result as indented JSON (and write it to the new file `output` when given); returns it."""
     text = json.dumps(result, indent=2)
     print(text)
     if output:
-        Path(output).write_text(text + "\n")
+        check_new_file(output, "--output")
+        write_text_atomically(output, text + "\n")
     return result
 
 
@@ -369,10 +379,10 @@ class Command:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (`caft finetune: error: ...`), without the usage before it."""
+    """An argument parser whose errors are one line (`caft: error: ...`), without the usage before it."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(prog: str, description: str, commands: dict[str, Command], version: str) -> argparse.ArgumentParser:
@@ -395,16 +405,31 @@ def build_parser(prog: str, description: str, commands: dict[str, Command], vers
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--config", default=argparse.SUPPRESS,
                          help="YAML file whose keys are this command's flags (flags given override it)")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="on a failure, show the full traceback instead of one line")
         for cls in command.settings:
             add_settings(sub, cls, command.positional)
         sub.set_defaults(_command=command)
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """What went wrong, in one line: `<path>: <what>` where the error names a file."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    elif isinstance(error, (SettingsError, ValueError, OSError)):
+        text = str(error) or type(error).__name__
+    else:  # not a failure caftkit names: a defect, or a library's error it does not expect
+        text = (f"{type(error).__name__}: {str(error).strip() or 'no message'} (unexpected; rerun with --debug for the "
+                "traceback)")
+    return " ".join(text.split())
+
+
 def run_command(prog: str, description: str, commands: dict[str, Command], version: str,
                 argv: list[str] | None = None) -> int:
-    """Parse `argv`, build the command's settings (defaults, then `--config`, then flags) and run it. A user error
-    (a bad value, a missing file, a refused setting) is printed as one line and returns 2."""
+    """Parse `argv`, build the command's settings (defaults, then `--config`, then flags) and run it. A failure is
+    printed as one line, `<prog>: error: <path>: <what>`, and returns 2 (1 for an unexpected one); `--debug`
+    shows the traceback instead."""
     try:
         namespace, unknown = build_parser(prog, description, commands, version).parse_known_args(argv)
     except SystemExit as exited:  # --help, --version, or a flag refused (the message is printed)
@@ -413,14 +438,20 @@ def run_command(prog: str, description: str, commands: dict[str, Command], versi
     command = given.pop("_command")
     name = " ".join(str(given.pop(key)) for key in ("command", "subcommand") if key in given)
     if unknown:
-        print(f"{prog} {name}: error: unrecognized arguments: {' '.join(unknown)} (see {prog} {name} --help)",
+        print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see {prog} {name} --help)",
               file=sys.stderr)
         return 2
     config = given.pop("config", None)
+    debug = given.pop("debug", False)
     try:
         settings = build_settings_group(command.settings, given, config)
         command.run(*settings)
-    except (SettingsError, FileNotFoundError, ValueError) as error:
-        print(f"{prog} {name}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return 2 if isinstance(error, (SettingsError, ValueError, OSError)) else 1
     return 0

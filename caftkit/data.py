@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .json_text import decode_utf8
 from .package_data import package_file
 
 BUNDLED_SHAREGPT = "sharegpt"
@@ -69,7 +70,7 @@ def bundled_sharegpt_path() -> Path:
 
 def _iter_json_array(path: Path, stats: ReadStats, allow_truncated: bool) -> Iterator[tuple[str, Any]]:
     """Elements of a JSON array file, one at a time; a file cut off mid-element ends the array if allowed."""
-    text = path.read_text(encoding="utf-8")
+    text = decode_utf8(path.read_bytes(), path)
     decoder = json.JSONDecoder()
     position = len(text) - len(text.lstrip())
     if not text.startswith("[", position):
@@ -95,19 +96,26 @@ def _iter_json_array(path: Path, stats: ReadStats, allow_truncated: bool) -> Ite
                 return
             line = text.count("\n", 0, error.pos) + 1
             raise DataError(f"{path}:{line}", f"not valid JSON ({error.msg})") from None
+        except RecursionError:
+            line = text.count("\n", 0, position) + 1
+            raise DataError(f"{path}:{line}", "nested too deeply to read as JSON") from None
         index += 1
         yield f"{path}:record {index}", element
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            line = decode_utf8(raw, path, number)
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{number}", json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{number}", f"not valid JSON ({error.msg} at column {error.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}", "nested too deeply to read as JSON") from None
+            yield f"{path}:{number}", record
 
 
 def iter_raw_records(source: str, stats: ReadStats | None = None) -> Iterator[tuple[str, Any]]:
@@ -122,8 +130,8 @@ def iter_raw_records(source: str, stats: ReadStats | None = None) -> Iterator[tu
             raise FileNotFoundError(f"{path}: data file not found")
         if path.stat().st_size == 0:
             raise DataError(f"{path}", "the file is empty")
-    with path.open(encoding="utf-8") as head:
-        is_array = head.read(4096).lstrip().startswith("[")
+    with path.open("rb") as head:
+        is_array = head.read(4096).lstrip().startswith(b"[")
     raw = _iter_json_array(path, stats, allow_truncated) if is_array else _iter_jsonl(path)
     for where, record in raw:
         stats.read += 1

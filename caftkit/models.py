@@ -11,6 +11,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -135,7 +137,23 @@ def read_model_config(name_or_path: str):
     path, offline = pretrained_source(name_or_path)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         return None
-    return AutoConfig.from_pretrained(path, **offline)
+    with _loading(name_or_path, "config"):
+        return AutoConfig.from_pretrained(path, **offline)
+
+
+@contextmanager
+def _loading(name_or_path: str, what: str) -> Iterator[None]:
+    """Turn any failure of transformers or its readers while loading `what` of `name_or_path` (a cut-off weights
+    file, a broken config.json or tokenizer.json, ...) into one line naming the model; `--debug` keeps the cause."""
+    try:
+        yield
+    except Exception as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        raise ModelLoadError(f"{name_or_path}: cannot load the model's {what}: {text}") from error
+
+
+class ModelLoadError(ValueError):
+    """A model, tokenizer or config that is there but cannot be loaded."""
 
 
 def pretrained_source(name_or_path: str) -> tuple[str, dict[str, bool]]:
@@ -153,7 +171,8 @@ def load_tokenizer(name_or_path: str = BUNDLED_MODEL):
     from transformers import AutoTokenizer
 
     path, offline = pretrained_source(name_or_path)
-    return AutoTokenizer.from_pretrained(path, **offline)
+    with _loading(name_or_path, "tokenizer"):
+        return AutoTokenizer.from_pretrained(path, **offline)
 
 
 def load_model(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "float32", **kwargs):
@@ -162,7 +181,8 @@ def load_model(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "fl
 
     dtype = parse_dtype(dtype)
     path, offline = pretrained_source(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **{**offline, **kwargs})
+    with _loading(name_or_path, "weights"):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **{**offline, **kwargs})
 
 
 def load_model_and_tokenizer(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "float32", **kwargs):

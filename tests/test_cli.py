@@ -11,6 +11,7 @@ import pytest
 from tiny_models import saved_model_dir, tiny_model
 
 from caftkit.cli import main
+from caftkit.command_line import Command, run_command
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,7 @@ def test_finetune_settings_from_yaml_equal_the_same_flags(tmp_path, capsys):
         ["--resume", "--no-resume"]))
     assert given["resume"] is False
     assert main(["finetune", "--data", "task.jsonl", "--mode", "sft"]) == 2
-    assert capsys.readouterr().err == ("caft finetune: error: argument --mode: 'sft' is not one of caft, ntp "
+    assert capsys.readouterr().err == ("caft: error: argument --mode: 'sft' is not one of caft, ntp "
                                        "(see caft finetune --help)\n")
 
 
@@ -158,7 +159,7 @@ def test_a_logging_back_end_that_is_not_installed_is_refused_before_anything(tmp
     assert importlib.util.find_spec("wandb") is None  # not a dependency of caftkit
     output = tmp_path / "run"
     assert main(["finetune", "--data", "task.jsonl", "--report-to", "wandb", "--output", str(output)]) == 2
-    assert capsys.readouterr().err == "caft finetune: error: report_to: wandb is not installed (pip install wandb)\n"
+    assert capsys.readouterr().err == "caft: error: report_to: wandb is not installed (pip install wandb)\n"
     assert not output.exists()
     assert main(["train-heads", "--data", "d.jsonl", "--report-to", "tensorbord", "--output", str(output)]) == 2
     assert "report_to: 'tensorbord' is not a logging integration; expected none or some of" in capsys.readouterr().err
@@ -167,7 +168,7 @@ def test_a_logging_back_end_that_is_not_installed_is_refused_before_anything(tmp
 
 def test_a_misspelt_boolean_and_none_for_an_optional_count(tmp_path, capsys):
     assert main(["finetune", "--data", "task.jsonl", "--resume", "flase"]) == 2
-    assert "caft finetune: error: unrecognized arguments: flase" in capsys.readouterr().err
+    assert "caft: error: unrecognized arguments: flase" in capsys.readouterr().err
     source = tmp_path / "molecules.smi"
     source.write_text("CC(=O)O\nN#Cc1ccccc1\nCC(=O)N\n")
     output = tmp_path / "task.jsonl"
@@ -187,7 +188,7 @@ def test_a_model_that_is_not_here_is_refused_in_one_line(tmp_path, capsys):
         assert main(["finetune", "--model", model, "--data", "task.jsonl", "--mode", "ntp",
                      "--output", str(output)]) == 2
         error = capsys.readouterr().err
-        assert error.startswith(f"caft finetune: error: {message}") and error.count("\n") == 1
+        assert error.startswith(f"caft: error: {message}") and error.count("\n") == 1
         assert not output.exists()
 
 
@@ -204,7 +205,7 @@ def test_heads_of_another_model_are_refused_before_the_model_loads(tiny_model_di
     assert main(["finetune", "--model", str(other), "--heads", str(heads), "--data", "task.jsonl",
                  "--output", str(output)]) == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"caft finetune: error: {heads / 'heads_config.json'}: these heads were trained for "
+    assert error.startswith(f"caft: error: {heads / 'heads_config.json'}: these heads were trained for "
                             "another base model (model_type: heads 'llama' vs model 'qwen2'")
     assert error.count("\n") == 1 and not output.exists()
 
@@ -217,8 +218,8 @@ def test_train_heads_never_writes_into_a_folder_that_holds_something(tiny_model_
     output.mkdir()
     (output / "notes.txt").write_text("keep me")
     assert main(["train-heads", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(output)]) == 2
-    assert capsys.readouterr().err == (f"caft train-heads: error: {output} already exists and is not empty: choose "
-                                       "a new output folder (the heads written there would replace what it holds)\n")
+    assert capsys.readouterr().err == (f"caft: error: {output}: a folder caft train-heads did not make: choose a new "
+                                       "or empty output folder (nothing in it was changed)\n")
     assert [path.name for path in output.iterdir()] == ["notes.txt"]
     assert (output / "notes.txt").read_text() == "keep me"
 
@@ -239,7 +240,7 @@ def test_the_command_line_reads_and_refuses_settings_without_importing_torch():
     )
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     assert done.stdout.splitlines()[-1] == "2 []"
-    assert done.stderr == "caft finetune: error: report_to: wandb is not installed (pip install wandb)\n"
+    assert done.stderr == "caft: error: report_to: wandb is not installed (pip install wandb)\n"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -258,6 +259,29 @@ def test_the_command_line_reads_and_refuses_settings_without_importing_torch():
 def test_a_number_out_of_range_is_refused_in_one_line_before_anything(argv, message, tmp_path, capsys):
     output = tmp_path / "out"
     assert main([*argv, "--output", str(output)]) == 2
-    command = " ".join(word for word in argv[:2] if not word.startswith("-"))
-    assert capsys.readouterr().err == f"caft {command}: error: {message}\n"
+    assert capsys.readouterr().err == f"caft: error: {message}\n"
     assert not output.exists()
+
+
+def _failing(error: BaseException):
+    def run() -> None:
+        """Fail."""
+        raise error
+    return Command(run)
+
+
+@pytest.mark.parametrize("error, line, status", [
+    (IsADirectoryError(21, "Is a directory", "some/folder"), "caft: error: some/folder: Is a directory", 2),
+    (ValueError("data.jsonl:3: field 'messages': expected a list"),
+     "caft: error: data.jsonl:3: field 'messages': expected a list", 2),
+    (KeyError("layers"), "caft: error: KeyError: 'layers' (unexpected; rerun with --debug for the traceback)", 1),
+    (RuntimeError("first line\n  second line"),
+     "caft: error: RuntimeError: first line second line (unexpected; rerun with --debug for the traceback)", 1),
+])
+def test_every_failure_is_one_line_and_debug_shows_the_traceback(capsys, error, line, status):
+    commands = {"fail": _failing(error)}
+    assert run_command("caft", "test", commands, "0", ["fail"]) == status
+    captured = capsys.readouterr()
+    assert captured.err == line + "\n" and captured.out == ""
+    with pytest.raises(type(error)):
+        run_command("caft", "test", commands, "0", ["fail", "--debug"])

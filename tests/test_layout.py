@@ -11,7 +11,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "caftkit"
 
 # Each wing and the wings it may import; a wing may always import its own modules. "base" is the top-level
-# modules every wing stands on (models and devices, conversation data, package files, resumable JSONL).
+# modules every wing stands on (models and devices, conversation data, package files, resumable JSONL, JSON
+# text, the outputs a command may write and their locks).
 ALLOWED = {
     "base": set(),
     "core": {"base"},              # the method: heads, their inputs, the losses, the multi-token statistics
@@ -104,8 +105,9 @@ def test_the_check_finds_an_upward_import_and_a_private_name(tmp_path):
 
 def test_tests_are_in_the_folder_of_the_wing_they_test():
     """Each test module lives in `tests/<wing>/` (base: the modules at the package's top), or at the top of
-    `tests/` for the command line and the layout itself."""
+    `tests/` for the command line (its parser and the bad inputs given to every command) and the layout itself."""
     tests = Path(__file__).resolve().parent
     folders = {path.parent.name for path in tests.rglob("test_*.py") if path.parent != tests}
     assert folders <= WINGS | {"base"}
-    assert sorted(path.name for path in tests.glob("test_*.py")) == ["test_cli.py", "test_layout.py"]
+    assert sorted(path.name for path in tests.glob("test_*.py")) == ["test_bad_inputs.py", "test_cli.py",
+                                                                     "test_layout.py"]

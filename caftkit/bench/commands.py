@@ -7,7 +7,14 @@ imported when the command runs: the command line reads and checks the settings f
 from __future__ import annotations
 
 from ..command_line import print_json
+from ..outputs import check_new_file
 from .settings import GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
+
+
+def _check_output(output: str | None) -> None:
+    # Before the benchmark runs, not after: a path that will be refused costs no measuring time.
+    if output:
+        check_new_file(output, "--output")
 
 
 def bench_generate_command(settings: GenerationBenchSettings) -> dict:
@@ -23,6 +30,7 @@ def bench_generate_command(settings: GenerationBenchSettings) -> dict:
     """
     from .generation import run_generation_bench
 
+    _check_output(settings.output)
     return print_json(run_generation_bench(settings), settings.output)
 
 
@@ -35,6 +43,7 @@ def bench_train_command(settings: TrainBenchSettings) -> dict:
     """
     from .train_step import bench_train
 
+    _check_output(settings.output)
     return print_json(bench_train(model=settings.model, batch_size=settings.batch_size, seq_len=settings.seq_len,
                            num_aux_heads=settings.num_aux_heads, steps=settings.steps, warmup=settings.warmup,
                            dtype=settings.dtype, device=settings.device, seed=settings.seed), settings.output)
@@ -51,5 +60,6 @@ def bench_precision_command(settings: PrecisionBenchSettings) -> dict:
     """
     from .precision import bench_precision
 
+    _check_output(settings.output)
     result = bench_precision(settings.finetune_settings(), steps=settings.steps, tolerance=settings.tolerance)
     return print_json(result, settings.output)

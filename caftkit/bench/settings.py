@@ -61,7 +61,7 @@ class GenerationBenchSettings(ModelSettings):
     draft_dtype: str | None = setting(None, help="draft with the heads in this dtype (e.g. bfloat16 for a float32 "
                                                  "model: cheaper drafts, the model still verifies in --dtype); "
                                                  "default: --dtype.")
-    output: str | None = setting(None, help="also write the JSON to this file.")
+    output: str | None = setting(None, help="also write the JSON to this new file (an existing one is refused).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -84,7 +84,7 @@ class TrainBenchSettings(ModelSettings):
     steps: int = setting(5, help="timed steps per side (the median is reported).", minimum=1)
     warmup: int = setting(1, help="untimed steps before them.", minimum=0)
     seed: int = setting(0, help="seed of the random tokens.", minimum=0)
-    output: str | None = setting(None, help="also write the JSON to this file.")
+    output: str | None = setting(None, help="also write the JSON to this new file (an existing one is refused).")
 
 
 PRECISIONS = ("no", "bf16")
@@ -104,7 +104,7 @@ class PrecisionBenchSettings(ModelSettings):
                                 "sides.", minimum=0)
     finetune: dict[str, Any] = setting(default_factory=dict, help="further `caft finetune` settings, e.g. "
                                                                   "{batch_size: 8, epochs: 1}.")
-    output: str | None = setting(None, help="also write the JSON to this file.")
+    output: str | None = setting(None, help="also write the JSON to this new file (an existing one is refused).")
 
     def finetune_settings(self) -> FinetuneSettings:
         """The fine-tuning run both sides start."""

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic_files import atomic_path, write_text_atomically
+from ..json_text import read_json_file
 from .architecture import find_model_parts, unwrap_model
 from .distributed import is_main_process, whole_tensor
 from .layer_call import LayerCall
@@ -238,10 +240,9 @@ def read_heads_config(directory: str | os.PathLike) -> dict[str, Any]:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; a heads folder holds {HEADS_CONFIG_FILE} and "
                                     f"{HEADS_WEIGHTS_FILE}")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    config = read_json_file(config_path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object of the heads' settings")
     for key in ("num_heads", "base_fingerprint", "layer_class"):
         if key not in config:
             raise ValueError(f"{config_path}: field {key!r} is missing")
@@ -290,7 +291,11 @@ def load_heads(directory: str | os.PathLike, model: nn.Module, *, check_base: bo
     if check_base:
         _check_fingerprint(config["base_fingerprint"], base_fingerprint(base), str(config_path))
     heads = AuxiliaryHeads(parts.last_layer, int(config["num_heads"]))
-    state = load_file(str(Path(directory) / HEADS_WEIGHTS_FILE))
+    weights = Path(directory) / HEADS_WEIGHTS_FILE
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as error:  # a file cut off or overwritten
+        raise ValueError(f"{weights}: cannot read the heads' weights: {' '.join(str(error).split())}") from None
     missing, unexpected = heads.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise HeadsMismatchError(

@@ -31,10 +31,12 @@ def eval_command(settings: EvalSettings, where: EvalOutput) -> dict:
       auxiliary heads too).
     Answers are appended to `generations.jsonl` as they come: rerunning the command resumes.
     """
-    from .task_eval import evaluate, format_metrics
+    from ..outputs import output_folder
+    from .task_eval import GENERATIONS_FILE, SETTINGS_FILE, evaluate, format_metrics
 
     output = where.output or f"eval-{settings.task}"
-    result = evaluate(output, settings)
+    with output_folder(output, "eval", (SETTINGS_FILE, GENERATIONS_FILE)):
+        result = evaluate(output, settings)
     print(format_metrics(result["metrics"]))
     print(f"results written to {output}")
     return result

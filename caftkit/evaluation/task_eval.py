@@ -55,6 +55,10 @@ class EvalSettings(ModelSettings):
     timeout_s: float = setting(10.0, help="humaneval: wall-clock limit of one program, in seconds.", above=0)
     memory_mb: int = setting(1024, help="humaneval: address-space limit of one program, in MB.", minimum=256)
     workers: int = setting(2, help="humaneval: programs run in parallel.", minimum=1)
+    allow_unsandboxed: bool = setting(False, help="humaneval: run the programs even on a machine where they cannot "
+                                                  "be isolated (no user namespaces): they then run as plain "
+                                                  "processes of your user, with resource limits only, and code "
+                                                  "written to escape can read and write your files.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -127,7 +131,7 @@ def _check_resumable(output_dir: Path, settings: EvalSettings) -> None:
         changed = [f"{name}={previous.get(name)!r} (now {getattr(settings, name)!r})"
                    for name in _GENERATION_SETTINGS if previous.get(name) != getattr(settings, name)]
         if changed:
-            raise ValueError(f"{output_dir} holds answers generated with other settings: {', '.join(changed)}; "
+            raise ValueError(f"{output_dir}: holds answers generated with other settings: {', '.join(changed)}; "
                              "use the same settings or another --output")
     output_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asdict(settings), indent=2) + "\n")
@@ -200,13 +204,15 @@ def score_humaneval(examples: list[EvalExample], answers: dict[str, str], settin
     """pass@1 of the answers, each run with its problem's tests in the sandbox, and one result per problem."""
     from tqdm.auto import tqdm
 
-    from ..tasks.humaneval import evaluate_programs, extract_completion, pass_at_1
+    from ..tasks.humaneval import extract_completion
+    from ..tasks.sandbox import evaluate_programs, pass_at_1
 
     problems = [example.reference for example in examples]
     programs = [extract_completion(problem, answers[example.id]) for problem, example in zip(problems, examples)]
     with tqdm(total=len(problems), unit="problem", desc="execute", disable=not progress) as bar:
         results = evaluate_programs(problems, programs, workers=settings.workers, timeout_s=settings.timeout_s,
-                                    memory_mb=settings.memory_mb, on_result=lambda _: bar.update(1))
+                                    memory_mb=settings.memory_mb, allow_unsandboxed=settings.allow_unsandboxed,
+                                    on_result=lambda _: bar.update(1))
     rows = [{"id": example.id, "output": answers[example.id], "program": program, **asdict(result)}
             for example, program, result in zip(examples, programs, results)]
     statuses: dict[str, int] = {}
@@ -258,6 +264,9 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
     if settings.task == "molecules":
         examples = molecule_examples(settings.data or "moses:test", settings.max_examples, settings.seed)
     elif settings.task == "humaneval":
+        from ..tasks.sandbox import require_isolation
+
+        require_isolation(settings.allow_unsandboxed)  # refused before the answers are generated, not after
         examples = humaneval_examples(settings.data, settings.max_examples)
     _check_resumable(output_dir, settings)
     if model is None:

@@ -197,7 +197,7 @@ class MoleculeDataSettings:
         if self.n == 0:
             self.n = None
         if Path(self.output).exists() and not self.replace:
-            raise ValueError(f"{self.output} exists: choose another --output, or --replace it")
+            raise ValueError(f"{self.output}: exists: choose another --output, or --replace it")
 
 
 def write_molecule_records(source: str, output: str | os.PathLike, n: int | None = None, seed: int = 0

@@ -27,11 +27,14 @@ def distill_command(settings: DistillSettings, where: DistillOutput) -> dict:
     skipped and a half-written last line is redone. Settings and counts are kept in `<output stem>.meta.json`.
     """
     from ..models import load_model, load_tokenizer
-    from .distill import distill
+    from ..outputs import output_lock
+    from .distill import check_distill_output, distill
 
-    tokenizer = load_tokenizer(settings.model)
-    summary = distill(lambda: load_model(settings.model, settings.dtype).to(settings.device), tokenizer, where.output,
-                  settings)
+    check_distill_output(where.output)  # before the tokenizer loads: a path that is not ours fails at once
+    with output_lock(where.output):
+        tokenizer = load_tokenizer(settings.model)
+        summary = distill(lambda: load_model(settings.model, settings.dtype).to(settings.device), tokenizer,
+                          where.output, settings)
     skipped = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items()) or "none"
     tail = " (the file ends mid-record: its complete records were read)" if summary.source_truncated_tail else ""
     print(f"read {summary.records_read} records{tail}; skipped: {skipped}")
@@ -54,9 +57,13 @@ def train_heads_command(settings: HeadTrainingSettings, where: HeadsOutput) -> d
     `log_history.json` and `loss_curves.png`.
     """
     from ..core.distributed import is_main_process
-    from .head_training import format_head_table, train_heads
+    from ..core.heads import HEADS_CONFIG_FILE
+    from ..outputs import output_folder
+    from .head_training import CHECKPOINTS_DIR, format_head_table, train_heads
 
-    summary = train_heads(where.output, settings, resume=where.resume, keep_checkpoints=where.keep_checkpoints)
+    with output_folder(where.output, "train-heads", (HEADS_CONFIG_FILE, CHECKPOINTS_DIR),
+                       main_process=is_main_process()):
+        summary = train_heads(where.output, settings, resume=where.resume, keep_checkpoints=where.keep_checkpoints)
     if is_main_process():  # under a launcher, one process reports
         print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
               f"{summary['optimizer_steps']} steps; data: {summary['data']}")
@@ -76,9 +83,12 @@ def finetune_command(settings: FinetuneSettings, where: RunOutput) -> dict:
     a plain transformers model with `caft export`.
     """
     from ..core.distributed import is_main_process
-    from .finetuning import finetune
+    from ..outputs import output_folder
+    from .finetuning import RUN_FILE, WARMUP_HEADS_DIR, finetune
 
-    summary = finetune(where.output, settings, resume=where.resume)
+    with output_folder(where.output, "finetune", (RUN_FILE, "checkpoint-*", WARMUP_HEADS_DIR),
+                       main_process=is_main_process()):
+        summary = finetune(where.output, settings, resume=where.resume)
     if is_main_process():  # under a launcher, one process reports
         print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
               f"{summary['optimizer_steps']} steps; data: {summary['data']}")
@@ -96,8 +106,10 @@ def export_command(settings: ExportSettings) -> dict:
     used are copied beside it, for reuse and for speculative decoding, recorded as heads of the exported model
     (`caft generate --model OUT --heads OUT-heads --speculative` accepts the pair).
     """
-    from .export import export_run
+    from ..outputs import output_lock
+    from .export import default_heads_output, export_run
 
-    written = export_run(settings.run, settings.output, settings.heads_output, settings.dtype)
+    with output_lock(settings.output), output_lock(settings.heads_output or default_heads_output(settings.output)):
+        written = export_run(settings.run, settings.output, settings.heads_output, settings.dtype)
     print(f"model written to {written['model']}" + (f"; heads to {written['heads']}" if written["heads"] else ""))
     return written

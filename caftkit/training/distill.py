@@ -24,6 +24,7 @@ import torch
 from ..atomic_files import write_text_atomically
 from ..data import ReadStats, Record, iter_prompts, render_prompt
 from ..decoding.greedy import STOP_END_OF_TURN, generate_batch
+from ..outputs import OutputError
 from ..resumable_jsonl import read_complete_records
 from .settings import DistillSettings
 
@@ -57,6 +58,31 @@ def meta_path(output: Path) -> Path:
     return output.with_name(output.stem + ".meta.json")
 
 
+def _is_distill_meta(meta: Path) -> bool:
+    try:
+        recorded = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(recorded, dict) and {"settings", "plan_stages"} <= recorded.keys()
+
+
+def check_distill_output(output: str | os.PathLike) -> None:
+    """Refuse `output` unless it is new or an earlier `caft distill` output: one with its meta file beside it
+    (`meta_path`, written before the first answer). A user's file is never read for ids, repaired or appended
+    to, and a user's file at the meta file's path is never replaced."""
+    output = Path(output)
+    meta = meta_path(output)
+    exists = output.exists() or output.is_symlink()
+    if exists and not output.is_file():
+        raise OutputError(f"{output}: exists and is not a file; caft distill writes a JSONL file there")
+    if (meta.exists() or meta.is_symlink()) and not _is_distill_meta(meta):
+        raise OutputError(f"{meta}: exists and was not written by caft distill, which keeps its settings there: "
+                          "choose another --output (nothing was changed)")
+    if exists and not meta.exists():
+        raise OutputError(f"{output}: exists and was not written by caft distill (no {meta.name} beside it): "
+                          "choose a new --output (nothing was changed)")
+
+
 def recover_output(output: Path) -> set[str]:
     """Ids already in `output`; a last line cut off mid-write is removed so that it is generated again."""
     return {record["id"] for record in read_complete_records(output, ("id",), "a distilled record")}
@@ -70,7 +96,7 @@ def _check_resumable(output: Path, settings: DistillSettings, done: set[str]) ->
     changed = [f"{name}={previous.get(name)!r} (now {getattr(settings, name)!r})"
                for name in _GENERATION_SETTINGS if previous.get(name) != getattr(settings, name)]
     if changed:
-        raise ValueError(f"{output} was generated with other settings: {', '.join(changed)}; "
+        raise ValueError(f"{output}: was generated with other settings: {', '.join(changed)}; "
                          "resume with the same settings or write to a new file")
 
 
@@ -143,6 +169,7 @@ def distill(model, tokenizer, output: str | os.PathLike, settings: DistillSettin
     from tqdm.auto import tqdm
 
     output = Path(output)
+    check_distill_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     summary = DistillSummary()
     done = recover_output(output)

@@ -98,6 +98,12 @@ def model_card(run: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_heads_output(out: str | Path) -> Path:
+    """Where `caft export` writes the heads when no folder is named: `<out>-heads` beside the model."""
+    out = Path(out)
+    return out.with_name(out.name + "-heads")
+
+
 def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | None = None,
                dtype: str | None = None) -> dict[str, Any]:
     """Write the run's model to `out` (plain transformers, with tokenizer and model card) and its heads to
@@ -106,7 +112,7 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
     run_dir, out = Path(run_dir), Path(out)
     run = read_run(run_dir)
     source = _heads_source(run_dir)
-    target = (Path(heads_out) if heads_out else out.with_name(out.name + "-heads")) if source is not None else None
+    target = (Path(heads_out) if heads_out else default_heads_output(out)) if source is not None else None
     # Both outputs are checked before anything loads: each must be new, or an earlier export (it holds
     # EXPORT_MARKER); a user's folder, the run's own heads or the working directory are never replaced.
     check_replaceable(out, EXPORT_MARKER)

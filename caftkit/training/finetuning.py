@@ -123,7 +123,7 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
     if resume and checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
     if not resume and (checkpoint is not None or (run_dir / RUN_FILE).exists()):
-        raise ValueError(f"{run_dir} holds an earlier run: resume it (--resume) or choose a new output folder")
+        raise ValueError(f"{run_dir}: holds an earlier run: resume it (--resume) or choose a new output folder")
     if not resume:
         checkpoint = None
     if settings.mode == "caft" and settings.heads and model is None:

@@ -22,6 +22,7 @@ from ..core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, attach_heads, check
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
 from ..models import load_model, load_tokenizer, resolve_device, resolve_mixed_precision
+from ..outputs import OUTPUT_MARKER
 from .settings import HeadTrainingSettings, trainer_arguments
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -74,8 +75,10 @@ def last_checkpoint(directory: Path) -> str | None:
     newest = complete[-1] if complete else None
     skipped = [path.name for path in found if newest is None or _checkpoint_step(path) > _checkpoint_step(newest)]
     if skipped:
-        warnings.warn(f"{directory}: skipping {', '.join(skipped)}, which lack {TRAINER_STATE_FILE} (a run killed "
-                      f"while writing them); the last complete checkpoint is {newest.name if newest else 'none'}",
+        which = "which lacks" if len(skipped) == 1 else "which lack"
+        them = "it" if len(skipped) == 1 else "them"
+        warnings.warn(f"{directory}: skipping {', '.join(skipped)}, {which} {TRAINER_STATE_FILE} (a run killed "
+                      f"while writing {them}); the last complete checkpoint is {newest.name if newest else 'none'}",
                       UserWarning, stacklevel=2)
     return str(newest) if newest else None
 
@@ -101,9 +104,10 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
     if resume and checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
     if not resume and last_checkpoint(run_dir) is not None:
-        raise ValueError(f"{run_dir} holds checkpoints of an earlier run: resume it (--resume) or choose a new output")
-    if not resume and output_dir.is_dir() and any(path != run_dir for path in output_dir.iterdir()):
-        raise ValueError(f"{output_dir} already exists and is not empty: choose a new output folder (the heads "
+        raise ValueError(f"{run_dir}: holds checkpoints of an earlier run: resume it (--resume) or choose a new output")
+    if not resume and output_dir.is_dir() and any(path not in (run_dir, output_dir / OUTPUT_MARKER)
+                                                  for path in output_dir.iterdir()):
+        raise ValueError(f"{output_dir}: already exists and is not empty: choose a new output folder (the heads "
                          "written there would replace what it holds)")
     if settings.init and model is None:  # a model given is checked against the heads' fingerprint as they attach
         check_heads_fit(settings.init, settings.model)

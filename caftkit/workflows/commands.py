@@ -24,10 +24,12 @@ def compare_command(settings: CompareSettings, where: CompareOutput) -> dict:
     resumes: finished runs, exports and evaluations are kept when made with the same settings, an interrupted run
     continues from its last checkpoint.
     """
-    from .compare import compare
+    from ..outputs import output_folder
+    from .compare import TIMINGS_FILE, compare
     from .compare_report import REPORT_FILE
 
-    result = compare(where.output, settings)
+    with output_folder(where.output, "compare", (TIMINGS_FILE, "seed-*")):
+        result = compare(where.output, settings)
     for comparison in result["comparisons"]:
         arm, baseline = comparison["arm"], comparison["baseline"]
         print(f"{arm} against {baseline}, seeds {', '.join(map(str, comparison['seeds']))}:")
@@ -46,10 +48,12 @@ def demo_command(settings: DemoSettings) -> dict:
     model, and scores its greedy answers to held-out MOSES test prompts (valid SMILES, formula match, groups
     present). A rerun reuses the stages already done. Prints where each artefact is and what to run next.
     """
+    from ..outputs import output_folder
     from .demo import run_demo
 
     started = time.perf_counter()
-    report = run_demo(settings)
+    with output_folder(settings.output, "demo", ("distilled.jsonl", "distilled.meta.json")):
+        report = run_demo(settings)
     artefacts = report["artefacts"]
     print(f"\ndone in {time.perf_counter() - started:.0f} s. Artefacts:")
     for name, path in artefacts.items():

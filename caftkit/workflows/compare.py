@@ -101,7 +101,7 @@ def _check_reusable(root: Path, settings: FinetuneSettings, eval_settings: EvalS
         done = json.loads(metrics.read_text()).get("settings", {})
         differing += [f"{metrics}: {item}" for item in _differences(done, eval_settings, _EVAL_NOT_COMPARED)]
     if differing:
-        raise ValueError(f"{root} was made with other settings than asked now: {'; '.join(differing)}. Remove "
+        raise ValueError(f"{root}: was made with other settings than asked now: {'; '.join(differing)}. Remove "
                          f"that folder to redo it, or choose another --output")
 
 

@@ -17,18 +17,14 @@ import pytest
 
 from caftkit import package_data
 from caftkit.data import DataError
-from caftkit.tasks import humaneval
 from caftkit.tasks.humaneval import (
-    ExecutionResult,
     canonical_program,
-    evaluate_programs,
     extract_completion,
     humaneval_file,
     humaneval_messages,
-    pass_at_1,
     read_problems,
-    run_completion,
 )
+from caftkit.tasks.sandbox import ExecutionResult, evaluate_programs, pass_at_1, run_completion
 
 
 @pytest.fixture(scope="module")
@@ -249,19 +245,8 @@ def test_unbounded_allocation_is_stopped_by_the_memory_limit():
     assert result.duration_s < 15  # stopped by the limit, long before the timeout
 
 
-@pytest.fixture
-def listener():
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    server.settimeout(0.5)
-    yield server
-    server.close()
-
-
-# The guard alone, and the setting this machine runs with (an empty network namespace too, where `unshare -rn`
-# works): both must refuse every attempt.
-@pytest.mark.parametrize("use_namespace", [False, None], ids=["socket guard only", "as detected here"])
+# Without the sandbox (allowed explicitly), sockets are refused inside Python: a best effort against accidents. In
+# the sandbox, its empty network namespace refuses them (tests/tasks/test_sandbox.py).
 @pytest.mark.parametrize("attempt", [
     "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(('127.0.0.1', PORT))\n",
     "import socket\nsocket.create_connection(('127.0.0.1', PORT), timeout=1)\n",
@@ -269,47 +254,36 @@ def listener():
     "import socket\nsocket.socket()\n",
     "import socket\nsocket.getaddrinfo('localhost', PORT)\n",
 ])
-def test_sockets_are_refused(monkeypatch, listener, use_namespace, attempt):
-    if use_namespace is not None:
-        monkeypatch.setattr(humaneval, "network_namespace_available", lambda: use_namespace)
+def test_unsandboxed_sockets_are_refused_inside_python(listener, attempt):
     port = listener.getsockname()[1]
     program = "def answer():\n    return 1\n" + attempt.replace("PORT", str(port))
-    result = run_completion(TOY, program)
+    result = run_completion(TOY, program, namespaces=False, allow_unsandboxed=True)
     assert (result.passed, result.status) == (False, "failed")
     assert result.detail.startswith("PermissionError: network access is disabled in the HumanEval sandbox")
     with pytest.raises(socket.timeout):
         listener.accept()  # nothing connected
 
-def test_without_unshare_the_namespace_is_not_used(monkeypatch):
-    monkeypatch.setattr(humaneval.shutil, "which", lambda name: None)
-    humaneval.network_namespace_available.cache_clear()
-    try:
-        assert humaneval.network_namespace_available() is False
-        assert run_completion(TOY, "def answer():\n    return 1\n").status == "passed"
-    finally:
-        humaneval.network_namespace_available.cache_clear()
 
-
-
-def test_modules_built_on_sockets_still_import():
+@pytest.mark.parametrize("options", [{}, {"namespaces": False, "allow_unsandboxed": True}],
+                         ids=["sandboxed", "unsandboxed"])
+def test_modules_built_on_sockets_still_import(options):
     program = "import asyncio, ssl, urllib.request, http.client\ndef answer():\n    return 1\n"
-    assert run_completion(TOY, program).status == "passed"
+    assert run_completion(TOY, program, **options).status == "passed"
 
 
-def test_files_are_written_in_the_temporary_directory_which_is_removed(monkeypatch, tmp_path):
+def test_files_are_written_in_the_sandbox_work_directory(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    program = ("import os\nwith open('written.txt', 'w') as handle:\n    handle.write('data')\n"
-               "print('WROTE', os.path.abspath('written.txt'), os.environ.get('HOME'), os.environ.get('PYTHONPATH'))\n"
+    name = f"written-{os.getpid()}-{time.monotonic_ns()}.txt"
+    program = (f"import os\nwith open({name!r}, 'w') as handle:\n    handle.write('data')\n"
+               f"print('WROTE', os.path.abspath({name!r}), os.environ.get('HOME'), os.environ.get('PYTHONPATH'))\n"
                "def answer():\n    return 1\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     result = run_completion(TOY, program)
     assert result.status == "passed"
     _, written, home, pythonpath = result.output.split()
-    sandbox = Path(written).parent
-    assert written == str(sandbox / "written.txt") and home == str(sandbox) and pythonpath == "None"
-    assert sandbox.parent.resolve() == Path(tempfile.gettempdir()).resolve()
-    assert sandbox.name.startswith("caft-humaneval-")
-    assert not sandbox.exists()
+    # The sandbox's /tmp is its own memory file system: nothing reaches the host's.
+    assert (written, home, pythonpath) == (f"/tmp/{name}", "/tmp", "None")
+    assert not Path(tempfile.gettempdir(), name).exists()
     assert os.listdir(tmp_path) == []
 
 

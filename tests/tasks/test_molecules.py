@@ -116,7 +116,7 @@ def test_command_writes_the_records_and_reports_counts(tmp_path, capsys):
     # an existing output is the user's: refused and left as it is unless --replace is given
     written = output.read_bytes()
     assert main(["data", "molecules", "--smiles", str(source), "--output", str(output), "--n", "1"]) == 2
-    assert capsys.readouterr().err == (f"caft data molecules: error: {output} exists: choose another --output, or "
+    assert capsys.readouterr().err == (f"caft: error: {output}: exists: choose another --output, or "
                                        "--replace it\n")
     assert output.read_bytes() == written
     assert main(["data", "molecules", "--smiles", str(source), "--output", str(output), "--n", "1", "--replace"]) == 0

@@ -193,7 +193,7 @@ def test_bad_prompt_files_give_one_line_errors(tiny_model_dir, tmp_path, capsys,
     output = tmp_path / "out.jsonl"
     assert main(["distill", "--model", str(tiny_model_dir), "--data", str(prompts), "--output", str(output)]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("caft distill: error: ") and len(error.splitlines()) == 1
+    assert error.startswith("caft: error: ") and len(error.splitlines()) == 1
     assert re.search(expected, error), error
     assert not output.exists() or output.read_text() == ""
 
@@ -205,13 +205,56 @@ def test_missing_prompt_file(tiny_model_dir, tmp_path, capsys):
     assert f"{missing}: data file not found" in capsys.readouterr().err
 
 
-def test_corrupt_existing_output_is_not_overwritten(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("content", [
+    b"a user's notes, no final newline",  # was cut to nothing before the refusal
+    b'{"id": "q0", "messages": [{"role": "user", "content": "mine"}]}\n',  # records with ids: were appended to
+])
+def test_a_file_distill_did_not_write_is_refused_and_left_as_it_was(tiny_model_dir, tmp_path, capsys, content):
     prompts = write_prompts(tmp_path / "prompts.jsonl", QUESTIONS[:2])
     output = tmp_path / "out.jsonl"
-    output.write_text("this is not a distilled record\n")
+    output.write_bytes(content)
     assert main(["distill", "--model", str(tiny_model_dir), "--data", str(prompts), "--output", str(output)]) == 2
-    assert f"{output}:1: not a distilled record" in capsys.readouterr().err
-    assert output.read_text() == "this is not a distilled record\n"
+    assert capsys.readouterr().err == (f"caft: error: {output}: exists and was not written by caft distill (no "
+                                       "out.meta.json beside it): choose a new --output (nothing was changed)\n")
+    assert output.read_bytes() == content
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.jsonl", "prompts.jsonl"]
+
+
+def test_a_users_file_where_the_meta_file_goes_is_never_replaced(tiny_model_dir, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", QUESTIONS[:2])
+    (tmp_path / "out.meta.json").write_text("my settings")
+    assert main(["distill", "--model", str(tiny_model_dir), "--data", str(prompts),
+                 "--output", str(tmp_path / "out.jsonl")]) == 2
+    assert capsys.readouterr().err.startswith(f"caft: error: {tmp_path / 'out.meta.json'}: exists and was not "
+                                              "written by caft distill")
+    assert (tmp_path / "out.meta.json").read_text() == "my settings" and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_broken_line_in_distills_own_file_is_named_and_left(tiny_model_dir, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", QUESTIONS[:2])
+    output = tmp_path / "out.jsonl"
+    argv = ["distill", "--model", str(tiny_model_dir), "--data", str(prompts), "--output", str(output),
+            "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    output.write_text("this is not a distilled record\n" + output.read_text())
+    before = output.read_bytes()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.endswith(f"caft: error: {output}:1: not a distilled record; write to a new file "
+                                            "or remove it\n")
+    assert output.read_bytes() == before
+
+
+def test_a_second_distill_on_the_same_output_is_refused_while_the_first_runs(tiny_model_dir, tmp_path, capsys):
+    from caftkit.outputs import output_lock
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", QUESTIONS[:2])
+    output = tmp_path / "out.jsonl"
+    with output_lock(output):  # what a first, running `caft distill` holds
+        assert main(["distill", "--model", str(tiny_model_dir), "--data", str(prompts), "--output", str(output)]) == 2
+    assert capsys.readouterr().err == (f"caft: error: {output}: another caft run is writing this output (it holds "
+                                       f"{tmp_path / '.out.jsonl.caft-lock'}); wait for it to end or choose another "
+                                       "output\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["prompts.jsonl"]
 
 
 def test_larger_max_samples_extends_the_file_generating_only_the_new_prompts(tmp_path):

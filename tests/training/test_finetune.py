@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from caftkit.core.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
 from caftkit.decoding.speculative import generate
 from caftkit.training.export import export_run
 from caftkit.training.finetuning import FINAL_DIR, HEAD_LOSSES_FILE, RUN_FILE, RUN_HEADS_DIR, FinetuneSettings, finetune
-from caftkit.training.head_training import HeadTrainingSettings, train_heads
+from caftkit.training.head_training import HeadTrainingSettings, last_checkpoint, train_heads
 
 MOLECULES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C#N", "CC(C)O", "OCC(O)CO", "CC(=O)N", "CC#N", "OC(=O)c1ccccc1"]
 
@@ -203,6 +204,72 @@ def test_killed_finetune_resumes_to_the_same_weights(tiny_dir, tmp_path):
                    env=SUBPROCESS_ENV, capture_output=True)
     assert_same_tensors(tmp_path / "complete" / FINAL_DIR / "adapter_model.safetensors",
                         interrupted / FINAL_DIR / "adapter_model.safetensors")
+
+
+def _half_written_checkpoint(run: Path) -> Path | None:
+    """A checkpoint folder whose save has begun but not ended (trainer_state.json is written last)."""
+    return next((path for path in run.glob("checkpoint-*") if not (path / "trainer_state.json").exists()), None)
+
+
+def _start_and_kill_when(flags: list[str], run: Path, moment) -> tuple[bool, str]:
+    """Start `caft finetune FLAGS` into `run` (resuming when it holds a complete checkpoint) and SIGKILL it as soon
+    as `moment(run)` holds; returns whether it was killed before it finished, and what it printed to stderr."""
+    resume = ["--resume"] if last_checkpoint(run) is not None else []
+    process = subprocess.Popen(FINETUNE_COMMAND + flags + ["--output", str(run), *resume], env=SUBPROCESS_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    killed = False
+    while process.poll() is None and time.monotonic() < deadline:
+        if run.is_dir() and moment(run):
+            process.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.0005)
+    _, stderr = process.communicate()
+    return killed and process.returncode == -signal.SIGKILL, stderr
+
+
+def test_killed_at_random_moments_even_inside_a_checkpoint_save_the_run_ends_with_the_same_weights(tiny_dir,
+                                                                                                    tmp_path):
+    """A fine-tune that saves at every step is killed (SIGKILL) three times: while a checkpoint is half written,
+    after a randomly chosen complete checkpoint plus a random delay, and inside a save again; each restart resumes
+    from the newest complete checkpoint (naming the half-written one it skips), and the run ends with the weights
+    of an uninterrupted one."""
+    rng = random.Random(20)
+    data = write_task(tmp_path / "task.jsonl", 40)
+    flags = ["--model", str(tiny_dir / "model"), "--data", str(data), "--heads", str(tiny_dir / "heads"),
+             "--num-heads", "2", "--epochs", "2", "--batch-size", "4", "--learning-rate", "0.003",
+             "--save-steps", "1", "--save-total-limit", "3", "--logging-steps", "3", "--lora-r", "4",
+             "--lora-alpha", "8"]
+    complete, run = tmp_path / "complete", tmp_path / "run"
+    subprocess.run(FINETUNE_COMMAND + flags + ["--output", str(complete)], check=True, env=SUBPROCESS_ENV,
+                   capture_output=True)
+    after_step = rng.randint(5, 9)
+
+    def inside_a_save(run: Path) -> bool:
+        return _half_written_checkpoint(run) is not None and last_checkpoint(run) is not None
+
+    def after_a_random_checkpoint(run: Path) -> bool:
+        if not (run / f"checkpoint-{after_step}" / "trainer_state.json").exists():
+            return False
+        time.sleep(rng.uniform(0, 0.05))
+        return True
+
+    skipped_named = False
+    for moment in (inside_a_save, after_a_random_checkpoint, inside_a_save):
+        killed, stderr = _start_and_kill_when(flags, run, moment)
+        assert killed, f"the run ended before the kill; stderr: {stderr[-2000:]}"
+        if moment is inside_a_save:
+            partial = _half_written_checkpoint(run)
+            assert partial is not None, "the kill came after the save had finished"
+            _, stderr = _start_and_kill_when(flags, run, lambda run, partial=partial: not partial.exists() or (
+                partial / "trainer_state.json").exists())
+            skipped_named |= partial.name in stderr
+    assert skipped_named, "resuming never named the half-written checkpoint it skipped"
+    finished, stderr = _start_and_kill_when(flags, run, lambda run: False)
+    assert not finished and (run / RUN_FILE).exists(), stderr[-2000:]
+    weights = Path(FINAL_DIR) / "adapter_model.safetensors"
+    assert_same_tensors(complete / weights, run / weights)
 
 
 def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):
@@ -395,7 +462,7 @@ def test_export_never_replaces_what_it_did_not_write(tiny_dir, tmp_path, capsys)
                            (["--output", str(tmp_path / "model"), "--heads-output", str(run / RUN_HEADS_DIR)],
                             run / RUN_HEADS_DIR)):
         assert main(["export", str(run), *flags]) == 2
-        assert capsys.readouterr().err == (f"caft export: error: {refused} exists and was not written by this "
+        assert capsys.readouterr().err == (f"caft: error: {refused}: exists and was not written by this "
                                            "command: choose another output (nothing was changed)\n")
         assert [path.name for path in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
         assert not (tmp_path / "model").exists()

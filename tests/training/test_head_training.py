@@ -280,7 +280,7 @@ def test_bad_training_data_fails_before_loading_the_model(tiny_model_dir, tmp_pa
     assert main(["train-heads", "--model", str(tiny_model_dir), "--data", str(data),
                  "--output", str(tmp_path / "heads")]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("caft train-heads: error: ") and len(error.splitlines()) == 1, error
+    assert error.startswith("caft: error: ") and len(error.splitlines()) == 1, error
     assert re.search(expected, error), error
     assert not (tmp_path / "heads").exists()
 

@@ -106,7 +106,7 @@ def test_compare_command_checks_its_settings(tiny_setup, tmp_path, capsys):
     assert main(["compare", "--data", "x.jsonl", "--finetune", "{epochz: 1}"]) == 2
     assert "unknown finetune settings ['epochz']" in capsys.readouterr().err
     assert main(["compare", "--data", "x.jsonl", "--task", "loss"]) == 2
-    assert "caft compare: error: argument --task: 'loss' is not one of molecules, humaneval" in capsys.readouterr().err
+    assert "caft: error: argument --task: 'loss' is not one of molecules, humaneval" in capsys.readouterr().err
     # the old name of --data is still understood, with a note
     assert main(["compare", "--train-data", "x.jsonl", "--finetune", "{epochz: 1}"]) == 2
     assert "caft compare: note: --train-data is now --data" in capsys.readouterr().err
@@ -179,7 +179,7 @@ def test_a_finished_step_made_with_other_settings_is_not_reused(tiny_setup, tmp_
     write_answers(output, settings, "ntp", 0, NTP_ANSWERS)
     compare(str(output), settings, progress=False)
     changed = settings_for(tiny_setup, arms={"ntp": {"mode": "ntp", "finetune": {"learning_rate": 1e-3}}})
-    with pytest.raises(ValueError, match=r"seed-0/ntp was made with other settings than asked now: .*"
+    with pytest.raises(ValueError, match=r"seed-0/ntp: was made with other settings than asked now: .*"
                                          r"learning_rate=0.003 \(asked: 0.001\)"):
         compare(str(output), changed, progress=False)
     with pytest.raises(ValueError, match=r"metrics.json: max_examples=None \(asked: 3\)"):

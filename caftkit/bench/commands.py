@@ -35,11 +35,14 @@ def bench_generate_command(settings: GenerationBenchSettings) -> dict:
 
 
 def bench_train_command(settings: TrainBenchSettings) -> dict:
-    """Time and peak memory of a CAFT training step against plain next-token fine-tuning.
+    """Time and peak memory of a CAFT training step against next-token fine-tuning, two ways.
 
-    Both sides train every weight but the unembedding (frozen in both) on the same random tokens, every
-    position labelled; each runs in a fresh process. Prints JSON with `time_ratio` (median step time, CAFT /
-    plain), `peak_memory_ratio` and `flop_floor_time_ratio` (the ratio the extra matrix multiplies alone imply).
+    The baselines: `plain`, `model(input_ids, labels=...)` as transformers users write it (full logits), and
+    `ntp`, caftkit's own next-token path (`caft finetune --mode ntp`: fused chunked cross-entropy). Every side
+    trains every weight but the unembedding (frozen) on the same random tokens, every position labelled, each in a
+    fresh process. Prints JSON with `time_ratio` and `peak_memory_ratio` (CAFT / plain), the same against each
+    baseline under `against`, `flop_floor_time_ratio` (the ratio the extra matrix multiplies alone imply) and
+    `against.ntp.time_over_flop_floor`.
     """
     from .train_step import bench_train
 

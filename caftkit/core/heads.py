@@ -96,11 +96,13 @@ class AuxiliaryHeads(nn.Module):
 
     def forward(self, call: LayerCall, num_aux_heads: int | None = None) -> list[torch.Tensor]:
         """Run the first `num_aux_heads` heads on a captured call of layer L; returns their outputs before the norm."""
-        outputs = []
-        for layer in self.layers[: num_aux_heads or self.num_aux_heads]:
-            out = layer(call.hidden_states, *call.args, **call.kwargs)
-            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
-        return outputs
+        return [self.head_output(index, call.hidden_states, call)
+                for index in range(num_aux_heads or self.num_aux_heads)]
+
+    def head_output(self, index: int, hidden_states: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        """Head `index` (0-based) on `hidden_states`, with the other arguments of the captured call of layer L."""
+        out = self.layers[index](hidden_states, *call.args, **call.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def from_former_num_heads(num_heads: int | None, num_aux_heads, where: str):

@@ -12,6 +12,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .architecture import find_model_parts, unwrap_model
@@ -62,6 +63,17 @@ def _class_accepts_logits_to_keep(model_class: type) -> bool:
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return _class_accepts_logits_to_keep(type(unwrap_model(model)))
+
+
+def _checkpointed_head(heads: nn.Module, index: int, call, final_norm: nn.Module) -> torch.Tensor:
+    """Head `index`'s normed output, keeping none of the head's activations: the backward pass recomputes them,
+    one head at a time, so the heads' memory at the peak is one head's whatever their number. The recomputation
+    repeats the same operations on the same inputs (and the same random state), so losses and gradients are those
+    of the plain forward; it costs one more forward of a decoder layer per head."""
+    def normed_output(hidden_states: torch.Tensor) -> torch.Tensor:
+        return final_norm(heads.head_output(index, hidden_states, call))
+
+    return torch.utils.checkpoint.checkpoint(normed_output, call.hidden_states, use_reentrant=False)
 
 
 def head_statistics(
@@ -120,8 +132,10 @@ def head_statistics(
     impl = loss_impl_for(parts.lm_head, impl)
 
     hidden_per_head = [final_hidden]
-    if num_aux > 0:
-        with contextlib.nullcontext() if heads_need_grad else torch.no_grad():
+    if num_aux > 0 and heads_need_grad and torch.is_grad_enabled():
+        hidden_per_head += [_checkpointed_head(heads, index, call, parts.final_norm) for index in range(num_aux)]
+    elif num_aux > 0:
+        with torch.no_grad():
             hidden_per_head += [parts.final_norm(out) for out in heads(call, num_aux)]
 
     loss_sums, counts, correct = [], [], []

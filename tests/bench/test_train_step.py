@@ -27,15 +27,21 @@ def test_bench_train_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert printed == written
     assert written["seq_len"] == 24  # the flag overrides the config file
     assert written["batch_size"] == 2 and written["num_aux_heads"] == 3
-    for side in ("plain", "caft"):
+    for side in ("plain", "ntp", "caft"):
         assert len(written[side]["step_seconds"]) == 2
         assert written[side]["peak_memory_bytes"] >= written[side]["memory_before_steps_bytes"] > 0
-    plain, caft = written["plain"], written["caft"]
+    plain, ntp, caft = written["plain"], written["ntp"], written["caft"]
     assert written["time_ratio"] == pytest.approx(caft["median_step_seconds"] / plain["median_step_seconds"])
     assert written["peak_memory_ratio"] == pytest.approx(caft["peak_memory_bytes"] / plain["peak_memory_bytes"])
-    assert written["flop_floor_time_ratio"] == pytest.approx(
-        train_step_flops(tiny_model("llama").config, 2, 24, 3)["ratio"])
-    # Both sides score the same random tokens with the same weights: the CAFT loss adds small positive terms.
+    against_ntp = written["against"]["ntp"]
+    assert against_ntp["time_ratio"] == pytest.approx(caft["median_step_seconds"] / ntp["median_step_seconds"])
+    assert against_ntp["peak_memory_ratio"] == pytest.approx(caft["peak_memory_bytes"] / ntp["peak_memory_bytes"])
+    floor = train_step_flops(tiny_model("llama").config, 2, 24, 3)["ratio"]
+    assert written["flop_floor_time_ratio"] == pytest.approx(floor)
+    assert against_ntp["time_over_flop_floor"] == pytest.approx(against_ntp["time_ratio"] / floor)
+    # Every side scores the same random tokens with the same weights: caftkit's next-token loss is the plain one,
+    # and the CAFT loss adds small positive terms.
+    assert ntp["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert caft["loss"] > plain["loss"]
 
 

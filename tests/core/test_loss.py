@@ -235,3 +235,77 @@ def test_head_loss_weights_follow_the_paper():
     assert head_loss_weights("caft", 4, alpha=0.8, beta=0.01, gamma=0.5) == pytest.approx(
         [1.0, 0.01 * 0.5 * 0.8, 0.01 * 0.5 * 0.64, 0.01 * 0.5 * 0.512, 0.01 * 0.5 * 0.4096]
     )
+
+
+def test_eight_heads_one_at_a_time_give_the_losses_and_gradients_of_the_full_logits_reference():
+    """With 8 heads, each recomputed alone in the backward pass, the losses and the gradients of every trunk and
+    head weight equal those of the naive full-logits reference."""
+    model = tiny_model("llama").double()
+    attach_heads(model, 8, trainable=True)
+    with torch.no_grad():
+        for p in get_heads(model).parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = random_batch(batch_size=2, seq_len=20, pad_last=4)
+    weights = head_loss_weights("caft", 8, beta=0.5, gamma=0.9)
+
+    stats = head_statistics(model, batch, num_aux_heads=8)
+    loss = weighted_loss(stats, weights, stats.counts)
+    loss.backward()
+    ours = _parameter_grads(model)
+    model.zero_grad(set_to_none=True)
+    reference_losses = naive_head_losses(model, batch, 9)
+    sum(w * loss for w, loss in zip(weights, reference_losses)).backward()
+    expected = _parameter_grads(model)
+
+    for got, want in zip([s / c for s, c in zip(stats.loss_sums, stats.counts)], reference_losses, strict=True):
+        assert_close(got.double(), want)
+    assert set(ours) == set(expected) and any("caft_heads.layers.7." in name for name in ours)
+    for name in ours:
+        assert_close(ours[name], expected[name])
+
+
+def _bytes_saved_for_backward(run) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass while `run()` builds its graph (the weights, which
+    are there anyway, not counted)."""
+    saved = []
+
+    def pack(tensor):
+        if not isinstance(tensor, nn.Parameter):
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(saved)
+
+
+def test_each_further_head_keeps_only_its_output_not_its_activations():
+    """What the forward pass keeps for backward grows, per further head, by about its output (the rows scored by
+    the loss), not by the decoder layer's activations: those are recomputed one head at a time."""
+    model = tiny_model("llama").train()
+    attach_heads(model, 8)
+    # Frozen, as in every CAFT run: a trainable unembedding would add its own gradient per head, kept by the fused
+    # loss (which computes the gradients in its forward pass), whatever the heads do.
+    model.lm_head.weight.requires_grad_(False)
+    batch = random_batch(batch_size=2, seq_len=40, pad_last=0)
+    kept = {n: _bytes_saved_for_backward(lambda n=n: head_statistics(model, batch, num_aux_heads=n))
+            for n in (1, 8)}
+    per_head = (kept[8] - kept[1]) / 7
+    rows, hidden = batch["input_ids"].numel(), model.config.hidden_size
+    output_bytes = rows * hidden * 4
+    assert per_head <= 3 * output_bytes, (per_head, output_bytes)
+    # A head run plainly keeps far more: its attention and MLP activations.
+    parts_call = {}
+
+    def one_plain_head():
+        from caftkit.core.architecture import find_model_parts
+        from caftkit.core.layer_call import capture_layer_inputs
+
+        with capture_layer_inputs(find_model_parts(model)) as capture:
+            model(**batch)
+        parts_call["call"] = capture.layer_call
+
+    one_plain_head()
+    call = parts_call["call"]
+    plain = _bytes_saved_for_backward(lambda: get_heads(model).head_output(0, call.hidden_states, call))
+    assert plain > 3 * output_bytes, (plain, output_bytes)

@@ -3,8 +3,10 @@
 Each side runs in a fresh process so that its peak memory is its own. Both train every weight but the
 unembedding (frozen in both: the paper's recommended full fine-tuning setting), on the same random tokens,
 every position labelled. Two next-token baselines: `plain`, what a transformers user writes (`model(input_ids,
-labels=...)`, full logits), and `ntp`, caftkit's own next-token path (`caft finetune --mode ntp`: the main head
-through the fused chunked cross-entropy, no full logits). CAFT is measured against each.
+labels=...)`, full logits), `trl`, the loss of TRL's `SFTTrainer` as it computes it by default (`compute_loss`:
+the model's fused LM head, which also scores entropy and token accuracy), and `ntp`, caftkit's own next-token
+path (`caft finetune --mode ntp`: the main head through the fused chunked cross-entropy, no full logits). CAFT is
+measured against each.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from ..models import BUNDLED_MODEL, resolve_device
 
 # The next-token baselines CAFT is measured against, then CAFT; each side runs in a fresh process, in this order.
-BASELINES = ("plain", "ntp")
+BASELINES = ("plain", "trl", "ntp")
 SIDES = (*BASELINES, "caft")
 
 
@@ -78,7 +80,7 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_
 
     torch.manual_seed(seed)
     device = torch.device(device)
-    model, _ = load_model_and_tokenizer(model_name, dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype)
     model.to(device).train()
     find_model_parts(model).lm_head.requires_grad_(False)
     if side == "caft":
@@ -90,9 +92,13 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_
     aux_heads = num_aux_heads if side == "caft" else 0
     weights = head_loss_weights("caft", aux_heads)
 
+    trl_loss = _trl_loss(model, tokenizer, batch_size, seq_len, device) if side == "trl" else None
+
     def step() -> float:
         if side == "plain":
             loss = model(input_ids=input_ids, labels=input_ids).loss
+        elif side == "trl":
+            loss = trl_loss(dict(batch))
         else:
             stats = head_statistics(model, batch, num_aux_heads=aux_heads)
             loss = weighted_loss(stats, weights, stats.counts)
@@ -116,6 +122,26 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_
         times.append(time.perf_counter() - start)
     return TrainBenchResult(side, times, statistics.median(times), _memory(device, peak=True), before,
                             "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)", loss)
+
+
+def _trl_loss(model, tokenizer, batch_size: int, seq_len: int, device: torch.device):
+    """The loss function of a TRL `SFTTrainer` built around `model` with SFTConfig's defaults (what `trl sft`
+    trains with), but for the batch shape, the device and no logging; called on a batch it returns the loss of
+    `SFTTrainer.compute_loss`."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    output_dir = tempfile.mkdtemp(prefix="caft-bench-trl-")  # the trainer needs one; nothing is saved there
+    atexit.register(shutil.rmtree, output_dir, True)
+    args = SFTConfig(output_dir=output_dir, report_to=[], max_length=seq_len,
+                     per_device_train_batch_size=batch_size, use_cpu=device.type == "cpu", save_strategy="no")
+    dataset = Dataset.from_dict({"input_ids": [[0] * seq_len]})  # the trainer needs one; batches are given below
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return lambda batch: trainer.compute_loss(trainer.model, batch)
 
 
 def train_step_flops(config, batch_size: int, seq_len: int, num_aux_heads: int) -> dict[str, float]:

@@ -123,3 +123,35 @@ def capture_layer_inputs(parts: ModelParts):
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _NotRowwise(Exception):
+    """An argument that cannot be cut into batch rows."""
+
+
+def _rows_of(value: Any, rows: slice, batch_size: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or value.shape[0] == 1:
+            return value  # the same for every row (broadcast)
+        if value.shape[0] == batch_size:
+            return value[rows]
+        raise _NotRowwise
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows_of(item, rows, batch_size) for item in value)
+    if isinstance(value, dict):
+        return {key: _rows_of(item, rows, batch_size) for key, item in value.items()}
+    raise _NotRowwise  # an object (a block mask, ...) whose rows caftkit cannot cut
+
+
+def call_rows(call: LayerCall, rows: slice) -> LayerCall | None:
+    """The call of layer L restricted to the batch rows `rows`: every tensor argument with one entry per row is cut
+    to those rows, tensors shared by all rows (first dimension 1) and plain values are kept. None when an argument
+    cannot be cut that way (an object, a tensor of another leading size): the call must then run whole."""
+    batch_size = call.hidden_states.shape[0]
+    try:
+        return LayerCall(call.hidden_states[rows], _rows_of(call.args, rows, batch_size),
+                         _rows_of(call.kwargs, rows, batch_size))
+    except _NotRowwise:
+        return None

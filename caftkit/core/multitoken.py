@@ -18,7 +18,7 @@ from torch import nn
 from .architecture import find_model_parts, unwrap_model
 from .distributed import gather_for_loss, loss_impl_for
 from .heads import get_heads
-from .layer_call import capture_layer_inputs
+from .layer_call import LayerCall, call_rows, capture_layer_inputs
 from .loss import (
     DEFAULT_CHUNK_ELEMENTS,
     IGNORE_INDEX,
@@ -65,15 +65,22 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return _class_accepts_logits_to_keep(type(unwrap_model(model)))
 
 
-def _checkpointed_head(heads: nn.Module, index: int, call, final_norm: nn.Module) -> torch.Tensor:
+def _checkpointed_head(heads: nn.Module, index: int, call: LayerCall, final_norm: nn.Module) -> torch.Tensor:
     """Head `index`'s normed output, keeping none of the head's activations: the backward pass recomputes them,
-    one head at a time, so the heads' memory at the peak is one head's whatever their number. The recomputation
-    repeats the same operations on the same inputs (and the same random state), so losses and gradients are those
-    of the plain forward; it costs one more forward of a decoder layer per head."""
-    def normed_output(hidden_states: torch.Tensor) -> torch.Tensor:
-        return final_norm(heads.head_output(index, hidden_states, call))
+    one head and one batch row at a time, so the heads' memory at the peak is one row of one head whatever their
+    number (rows are independent in a decoder layer). The recomputation repeats the same operations on the same
+    inputs (and the same random state), so losses and gradients are those of the plain forward; it costs one more
+    forward of a decoder layer per head. A call whose arguments cannot be cut into rows runs whole."""
+    def normed_output(hidden_states: torch.Tensor, row_call: LayerCall) -> torch.Tensor:
+        return final_norm(heads.head_output(index, hidden_states, row_call))
 
-    return torch.utils.checkpoint.checkpoint(normed_output, call.hidden_states, use_reentrant=False)
+    batch_size = call.hidden_states.shape[0]
+    row_calls = [call_rows(call, slice(row, row + 1)) for row in range(batch_size)] if batch_size > 1 else [None]
+    if any(row_call is None for row_call in row_calls):
+        return torch.utils.checkpoint.checkpoint(normed_output, call.hidden_states, call, use_reentrant=False)
+    return torch.cat([torch.utils.checkpoint.checkpoint(normed_output, row_call.hidden_states, row_call,
+                                                        use_reentrant=False)
+                      for row_call in row_calls])
 
 
 def head_statistics(

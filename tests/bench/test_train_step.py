@@ -27,7 +27,7 @@ def test_bench_train_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert printed == written
     assert written["seq_len"] == 24  # the flag overrides the config file
     assert written["batch_size"] == 2 and written["num_aux_heads"] == 3
-    for side in ("plain", "ntp", "caft"):
+    for side in ("plain", "trl", "ntp", "caft"):
         assert len(written[side]["step_seconds"]) == 2
         assert written[side]["peak_memory_bytes"] >= written[side]["memory_before_steps_bytes"] > 0
     plain, ntp, caft = written["plain"], written["ntp"], written["caft"]
@@ -39,9 +39,12 @@ def test_bench_train_end_to_end(tiny_model_dir, tmp_path, capsys):
     floor = train_step_flops(tiny_model("llama").config, 2, 24, 3)["ratio"]
     assert written["flop_floor_time_ratio"] == pytest.approx(floor)
     assert against_ntp["time_over_flop_floor"] == pytest.approx(against_ntp["time_ratio"] / floor)
-    # Every side scores the same random tokens with the same weights: caftkit's next-token loss is the plain one,
-    # and the CAFT loss adds small positive terms.
+    for baseline in ("plain", "trl", "ntp"):
+        assert set(written["against"][baseline]) >= {"time_ratio", "peak_memory_ratio"}
+    # Every side scores the same random tokens with the same weights: TRL's and caftkit's next-token losses are the
+    # plain one, and the CAFT loss adds small positive terms.
     assert ntp["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert written["trl"]["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert caft["loss"] > plain["loss"]
 
 

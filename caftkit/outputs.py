@@ -42,6 +42,9 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
     path = Path(path)
     lock = _lock_path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
+    if lock.is_symlink() or (lock.exists() and (not lock.is_file() or lock.stat().st_size > 0)):
+        # caftkit's lock files are always empty: anything else there is not one, and is neither used nor removed.
+        raise OutputError(f"{lock}: exists and is not a caft lock file; move it away to write {path}")
     while True:
         handle = open(lock, "a+")  # held until the block ends
         try:

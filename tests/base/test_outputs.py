@@ -74,3 +74,11 @@ def test_which_folders_a_command_takes(tmp_path, contents, allowed):
         with pytest.raises(OutputError, match=f"{folder}: "):
             check_output_folder(folder, "eval", ("eval_settings.json",))
     assert {path.name: path.read_text() for path in folder.iterdir()} == contents
+
+
+def test_a_users_file_where_the_lock_goes_is_neither_used_nor_removed(tmp_path):
+    (tmp_path / ".run.caft-lock").write_text("a user's file")
+    with pytest.raises(OutputError, match=r"\.run\.caft-lock: exists and is not a caft lock file"):
+        with output_lock(tmp_path / "run"):
+            pass
+    assert (tmp_path / ".run.caft-lock").read_text() == "a user's file"

@@ -25,8 +25,10 @@ def eval_command(settings: EvalSettings, where: EvalOutput) -> dict:
     - molecules: greedy answers to molecule-design prompts, checked with RDKit: validity, formula match,
       functional-group recall and match, exact match of the canonical SMILES, mean Tanimoto similarity to the
       reference (Morgan fingerprints, radius 2, 2048 bits), uniqueness of the valid answers.
-    - humaneval: greedy answers to the HumanEval problems, each run with its tests in a separate process (time
-      and memory limits, no network, a temporary directory); pass@1.
+    - humaneval: greedy answers to the HumanEval problems; pass@1. Each program runs in a sandbox (its own user,
+      PID, mount and network namespaces, a read-only file system but a 64 MB work directory, time and memory
+      limits) and its tests in a separate judge process it cannot reach. Where the machine cannot isolate it,
+      the evaluation refuses to start unless --allow-unsandboxed.
     - loss: each head's loss and top-1 accuracy over the assistant tokens of --data (with --heads, the
       auxiliary heads too).
     Answers are appended to `generations.jsonl` as they come: rerunning the command resumes.

@@ -54,7 +54,7 @@ ARM_SETTINGS_FILE = "arm_settings.json"
 
 # Settings that do not change what a finished step produced, so a step made with other values is reused.
 _NOT_COMPARED = {"device", "report_to", "save_steps", "logging_steps"}
-_EVAL_NOT_COMPARED = {"model", "device", "batch_size", "workers"}
+_EVAL_NOT_COMPARED = {"model", "device", "batch_size", "workers", "allow_unsandboxed"}
 
 
 class _Timings:

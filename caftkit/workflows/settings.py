@@ -69,6 +69,8 @@ class CompareSettings(ModelSettings):
     max_new_tokens: int | None = setting(None, help="most tokens per answer in the evaluation (default: the "
                                                     "task's).", minimum=1)
     eval_batch_size: int = setting(16, help="prompts generated together in the evaluation.", minimum=1)
+    allow_unsandboxed: bool = setting(False, help="humaneval: score the programs even where they cannot be isolated, "
+                                                  "as `caft eval --allow-unsandboxed` (see its help).")
     n_resamples: int = setting(10000, help="bootstrap resamples of the confidence intervals.", minimum=1)
 
     def __post_init__(self):
@@ -140,7 +142,7 @@ class CompareSettings(ModelSettings):
         """How every exported model is scored."""
         return EvalSettings(model=str(model_dir), task=self.task, data=self.test_data, max_examples=self.test_examples,
                             max_new_tokens=self.max_new_tokens, batch_size=self.eval_batch_size, dtype=self.dtype,
-                            device=self.device)
+                            device=self.device, allow_unsandboxed=self.allow_unsandboxed)
 
 
 def _check_finetune_keys(values: dict[str, Any], what: str) -> None:

@@ -216,3 +216,13 @@ def test_compare_command_takes_arms_from_the_config(tiny_setup, tmp_path, capsys
     assert main(["compare", "--config", str(config), "--output", str(tmp_path / "out")]) == 2
     assert "arm caft-full: name its baseline; the ntp arms with method full are none" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_every_arm_is_scored_with_the_comparisons_evaluation_settings(tmp_path):
+    """The evaluation settings of an arm come from the comparison's, --allow-unsandboxed included (which, like the
+    batch size, does not change what a finished evaluation holds)."""
+    settings = settings_for(tmp_path, task="humaneval", eval_batch_size=3, allow_unsandboxed=True)
+    scored = settings.eval_settings(tmp_path / "model")
+    assert (scored.model, scored.task, scored.batch_size, scored.max_new_tokens, scored.allow_unsandboxed) == (
+        str(tmp_path / "model"), "humaneval", 3, 6, True)
+    assert settings_for(tmp_path).eval_settings(tmp_path / "model").allow_unsandboxed is False

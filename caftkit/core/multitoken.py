@@ -65,18 +65,26 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return _class_accepts_logits_to_keep(type(unwrap_model(model)))
 
 
-def _checkpointed_head(heads: nn.Module, index: int, call: LayerCall, final_norm: nn.Module) -> torch.Tensor:
+def _row_calls(call: LayerCall) -> list[LayerCall] | None:
+    """The call of layer L cut into one call per batch row, or None when it has one row or cannot be cut."""
+    batch_size = call.hidden_states.shape[0]
+    if batch_size == 1:
+        return None
+    rows = [call_rows(call, slice(row, row + 1)) for row in range(batch_size)]
+    return None if any(row is None for row in rows) else rows
+
+
+def _checkpointed_head(heads: nn.Module, index: int, call: LayerCall, row_calls: list[LayerCall] | None,
+                       final_norm: nn.Module) -> torch.Tensor:
     """Head `index`'s normed output, keeping none of the head's activations: the backward pass recomputes them,
-    one head and one batch row at a time, so the heads' memory at the peak is one row of one head whatever their
-    number (rows are independent in a decoder layer). The recomputation repeats the same operations on the same
-    inputs (and the same random state), so losses and gradients are those of the plain forward; it costs one more
-    forward of a decoder layer per head. A call whose arguments cannot be cut into rows runs whole."""
+    one head and one batch row at a time (`row_calls`), so the heads' memory at the peak is one row of one head
+    whatever their number (rows are independent in a decoder layer). The recomputation repeats the same operations
+    on the same inputs (and the same random state), so losses and gradients are those of the plain forward; it
+    costs one more forward of a decoder layer per head. Without `row_calls` the call runs whole."""
     def normed_output(hidden_states: torch.Tensor, row_call: LayerCall) -> torch.Tensor:
         return final_norm(heads.head_output(index, hidden_states, row_call))
 
-    batch_size = call.hidden_states.shape[0]
-    row_calls = [call_rows(call, slice(row, row + 1)) for row in range(batch_size)] if batch_size > 1 else [None]
-    if any(row_call is None for row_call in row_calls):
+    if row_calls is None:
         return torch.utils.checkpoint.checkpoint(normed_output, call.hidden_states, call, use_reentrant=False)
     return torch.cat([torch.utils.checkpoint.checkpoint(normed_output, row_call.hidden_states, row_call,
                                                         use_reentrant=False)
@@ -140,7 +148,9 @@ def head_statistics(
 
     hidden_per_head = [final_hidden]
     if num_aux > 0 and heads_need_grad and torch.is_grad_enabled():
-        hidden_per_head += [_checkpointed_head(heads, index, call, parts.final_norm) for index in range(num_aux)]
+        row_calls = _row_calls(call)  # cut once, shared by every head
+        hidden_per_head += [_checkpointed_head(heads, index, call, row_calls, parts.final_norm)
+                            for index in range(num_aux)]
     elif num_aux > 0:
         with torch.no_grad():
             hidden_per_head += [parts.final_norm(out) for out in heads(call, num_aux)]

@@ -62,20 +62,29 @@ def _checkpoint_step(path: Path) -> int:
     return int(path.name.split("-")[1])
 
 
+def _is_complete_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a whole `trainer_state.json`. The Trainer writes it last and not atomically: a run
+    killed while writing it leaves the file empty or cut short, which no longer parses as one JSON object."""
+    try:
+        return isinstance(json.loads((path / TRAINER_STATE_FILE).read_bytes()), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def last_checkpoint(directory: Path) -> str | None:
     """The newest complete `checkpoint-N` folder in `directory`, or None.
 
-    The Trainer writes `trainer_state.json` last: a folder without it is a checkpoint a killed run was still
-    writing, and resuming from it would fail, so the one before it is taken."""
+    A folder without a whole `trainer_state.json` (written last) is a checkpoint a killed run was still writing,
+    and resuming from it would fail, so the one before it is taken."""
     if not Path(directory).is_dir():
         return None
     found = sorted((path for path in Path(directory).iterdir() if _CHECKPOINT_NAME.fullmatch(path.name)),
                    key=_checkpoint_step)
-    complete = [path for path in found if (path / TRAINER_STATE_FILE).is_file()]
+    complete = [path for path in found if _is_complete_checkpoint(path)]
     newest = complete[-1] if complete else None
     skipped = [path.name for path in found if newest is None or _checkpoint_step(path) > _checkpoint_step(newest)]
     if skipped:
-        which = "which lacks" if len(skipped) == 1 else "which lack"
+        which = "which lacks a whole" if len(skipped) == 1 else "which lack a whole"
         them = "it" if len(skipped) == 1 else "them"
         warnings.warn(f"{directory}: skipping {', '.join(skipped)}, {which} {TRAINER_STATE_FILE} (a run killed "
                       f"while writing {them}); the last complete checkpoint is {newest.name if newest else 'none'}",

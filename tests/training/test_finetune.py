@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,7 +193,8 @@ def assert_same_tensors(path_a: Path, path_b: Path) -> None:
 
 def test_killed_finetune_resumes_to_the_same_weights(tiny_dir, tmp_path):
     """A fine-tune killed (SIGKILL) after a checkpoint and resumed with --resume ends with the weights of an
-    uninterrupted run with the same seed."""
+    uninterrupted run with the same seed; a newer checkpoint whose trainer_state.json was cut short (a kill while
+    the Trainer wrote it) is named and skipped."""
     data = write_task(tmp_path / "task.jsonl", 60)
     flags = ["--model", str(tiny_dir / "model"), "--data", str(data), "--heads", str(tiny_dir / "heads"),
              "--num-heads", "2", "--epochs", "3", "--batch-size", "4", "--learning-rate", "0.003",
@@ -200,15 +202,30 @@ def test_killed_finetune_resumes_to_the_same_weights(tiny_dir, tmp_path):
     interrupted = tmp_path / "interrupted"
     finetune_complete_and_killed(flags, tmp_path / "complete", interrupted, "checkpoint-6/trainer_state.json")
     assert not (interrupted / RUN_FILE).exists(), "the run must be killed before it finished"
-    subprocess.run(FINETUNE_COMMAND + flags + ["--output", str(interrupted), "--resume"], check=True,
-                   env=SUBPROCESS_ENV, capture_output=True)
+    newest = max(interrupted.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    cut_short = interrupted / "checkpoint-1000"
+    shutil.copytree(newest, cut_short)
+    state = (cut_short / "trainer_state.json").read_bytes()
+    (cut_short / "trainer_state.json").write_bytes(state[:len(state) // 2])
+    resumed = subprocess.run(FINETUNE_COMMAND + flags + ["--output", str(interrupted), "--resume"], check=True,
+                             env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert "skipping checkpoint-1000, which lacks a whole trainer_state.json" in resumed.stderr
     assert_same_tensors(tmp_path / "complete" / FINAL_DIR / "adapter_model.safetensors",
                         interrupted / FINAL_DIR / "adapter_model.safetensors")
 
 
+def _saved_whole(checkpoint: Path) -> bool:
+    """Whether the save of `checkpoint` has ended: trainer_state.json is written last, and a kill while writing it
+    leaves it empty or cut short."""
+    try:
+        return isinstance(json.loads((checkpoint / "trainer_state.json").read_bytes()), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def _half_written_checkpoint(run: Path) -> Path | None:
-    """A checkpoint folder whose save has begun but not ended (trainer_state.json is written last)."""
-    return next((path for path in run.glob("checkpoint-*") if not (path / "trainer_state.json").exists()), None)
+    """A checkpoint folder whose save has begun but not ended."""
+    return next((path for path in run.glob("checkpoint-*") if not _saved_whole(path)), None)
 
 
 def _start_and_kill_when(flags: list[str], run: Path, moment) -> tuple[bool, str]:
@@ -250,7 +267,7 @@ def test_killed_at_random_moments_even_inside_a_checkpoint_save_the_run_ends_wit
         return _half_written_checkpoint(run) is not None and last_checkpoint(run) is not None
 
     def after_a_random_checkpoint(run: Path) -> bool:
-        if not (run / f"checkpoint-{after_step}" / "trainer_state.json").exists():
+        if not _saved_whole(run / f"checkpoint-{after_step}"):
             return False
         time.sleep(rng.uniform(0, 0.05))
         return True
@@ -262,8 +279,8 @@ def test_killed_at_random_moments_even_inside_a_checkpoint_save_the_run_ends_wit
         if moment is inside_a_save:
             partial = _half_written_checkpoint(run)
             assert partial is not None, "the kill came after the save had finished"
-            _, stderr = _start_and_kill_when(flags, run, lambda run, partial=partial: not partial.exists() or (
-                partial / "trainer_state.json").exists())
+            _, stderr = _start_and_kill_when(
+                flags, run, lambda run, partial=partial: not partial.exists() or _saved_whole(partial))
             skipped_named |= partial.name in stderr
     assert skipped_named, "resuming never named the half-written checkpoint it skipped"
     finished, stderr = _start_and_kill_when(flags, run, lambda run: False)

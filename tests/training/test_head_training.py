@@ -286,18 +286,22 @@ def test_bad_training_data_fails_before_loading_the_model(tiny_model_dir, tmp_pa
 
 
 def test_the_last_checkpoint_is_the_newest_complete_one(tmp_path):
-    """A checkpoint folder without `trainer_state.json` (the Trainer writes it last) is one a killed run was still
-    writing: resuming takes the newest complete one before it."""
+    """A checkpoint folder without a whole `trainer_state.json` (the Trainer writes it last, not atomically) is one
+    a killed run was still writing: resuming takes the newest complete one before it."""
     from caftkit.training.head_training import last_checkpoint
 
     assert last_checkpoint(tmp_path / "absent") is None
-    for step, complete in ((4, True), (8, True), (12, False), (100, False)):
+    state = json.dumps({"global_step": 4, "log_history": [{"loss": 1.5}]})
+    written = {4: state, 8: state, 12: None, 16: "", 20: state[:-1], 24: "[]", 100: None}
+    for step, text in written.items():
         (tmp_path / f"checkpoint-{step}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        if text is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(text)
     (tmp_path / "checkpoint-x").mkdir()
-    with pytest.warns(UserWarning, match=f"{tmp_path}: skipping checkpoint-12, checkpoint-100, which lack "
-                                         "trainer_state.json .*; the last complete checkpoint is checkpoint-8"):
+    with pytest.warns(UserWarning, match=f"{tmp_path}: skipping checkpoint-12, checkpoint-16, checkpoint-20, "
+                                         "checkpoint-24, checkpoint-100, which lack a whole trainer_state.json .*; "
+                                         "the last complete checkpoint is checkpoint-8"):
         assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
-    (tmp_path / "checkpoint-12" / "trainer_state.json").write_text("{}")
-    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-12")
+    (tmp_path / "checkpoint-20" / "trainer_state.json").write_text(state)
+    with pytest.warns(UserWarning, match="skipping checkpoint-24, checkpoint-100, which lack"):
+        assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")

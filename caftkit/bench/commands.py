@@ -6,15 +6,18 @@ imported when the command runs: the command line reads and checks the settings f
 
 from __future__ import annotations
 
+import json
+
 from ..command_line import print_json
+from ..atomic_files import write_text_atomically
 from ..outputs import check_new_file
 from .settings import GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
 
 
-def _check_output(output: str | None) -> None:
+def _check_output(output: str | None, flag: str = "--output") -> None:
     # Before the benchmark runs, not after: a path that will be refused costs no measuring time.
     if output:
-        check_new_file(output, "--output")
+        check_new_file(output, flag)
 
 
 def bench_generate_command(settings: GenerationBenchSettings) -> dict:
@@ -35,21 +38,45 @@ def bench_generate_command(settings: GenerationBenchSettings) -> dict:
 
 
 def bench_train_command(settings: TrainBenchSettings) -> dict:
-    """Time and peak memory of a CAFT training step against next-token fine-tuning, two ways.
+    """Time and peak memory of a CAFT training step against next-token fine-tuning, three ways.
 
-    The baselines: `plain`, `model(input_ids, labels=...)` as transformers users write it (full logits), and
-    `ntp`, caftkit's own next-token path (`caft finetune --mode ntp`: fused chunked cross-entropy). Every side
-    trains every weight but the unembedding (frozen) on the same random tokens, every position labelled, each in a
-    fresh process. Prints JSON with `time_ratio` and `peak_memory_ratio` (CAFT / plain), the same against each
-    baseline under `against`, `flop_floor_time_ratio` (the ratio the extra matrix multiplies alone imply) and
+    The baselines: `plain`, `model(input_ids, labels=...)` as transformers users write it (full logits), `trl`,
+    the loss of TRL's SFTTrainer as it computes it by default, and `ntp`, caftkit's own next-token path (`caft
+    finetune --mode ntp`: fused chunked cross-entropy). Every side trains every weight but the unembedding
+    (frozen) on the same random tokens, every position labelled, each in a fresh process. Prints JSON with
+    `time_ratio` and `peak_memory_ratio` (CAFT / plain), the same against each baseline under `against`,
+    `flop_floor_time_ratio` (the ratio the extra matrix multiplies alone imply) and
     `against.ntp.time_over_flop_floor`.
+
+    With --sweep, CAFT is measured against `ntp` along three axes (sequence length, number of heads, vocabulary
+    size), one at a time; a table is printed, and the JSON goes to --output, the plot to --plot.
     """
+    _check_output(settings.output)
+    _check_output(settings.plot, "--plot")
+    if settings.sweep:
+        return _bench_train_sweep(settings)
     from .train_step import bench_train
 
-    _check_output(settings.output)
     return print_json(bench_train(model=settings.model, batch_size=settings.batch_size, seq_len=settings.seq_len,
-                           num_aux_heads=settings.num_aux_heads, steps=settings.steps, warmup=settings.warmup,
-                           dtype=settings.dtype, device=settings.device, seed=settings.seed), settings.output)
+                                  num_aux_heads=settings.num_aux_heads, steps=settings.steps,
+                                  warmup=settings.warmup, dtype=settings.dtype, device=settings.device,
+                                  seed=settings.seed, repeats=settings.repeats), settings.output)
+
+
+def _bench_train_sweep(settings: TrainBenchSettings) -> dict:
+    from .train_sweep import plot_sweep, run_sweep, sweep_table
+
+    sweep = run_sweep(settings.model, settings.batch_size, settings.seq_len, settings.num_aux_heads,
+                      settings.sweep_seq_lens, settings.sweep_aux_heads, settings.sweep_vocab_sizes, settings.steps,
+                      settings.warmup, settings.dtype, settings.device, settings.seed, settings.repeats)
+    print(sweep_table(sweep))
+    if settings.output:
+        check_new_file(settings.output, "--output")
+        write_text_atomically(settings.output, json.dumps(sweep, indent=2) + "\n")
+    if settings.plot:
+        check_new_file(settings.plot, "--plot")
+        plot_sweep(sweep, settings.plot)
+    return sweep
 
 
 def bench_precision_command(settings: PrecisionBenchSettings) -> dict:

@@ -83,8 +83,28 @@ class TrainBenchSettings(ModelSettings):
                                  formerly=("num_heads",), minimum=1)
     steps: int = setting(5, help="timed steps per side (the median is reported).", minimum=1)
     warmup: int = setting(1, help="untimed steps before them.", minimum=0)
+    repeats: int = setting(1, help="fresh processes per side, run in turn (plain, trl, ntp, caft, plain, ...) with "
+                                   "their timed steps pooled: a slow spell of a shared machine falls on every side "
+                                   "alike.", minimum=1)
     seed: int = setting(0, help="seed of the random tokens.", minimum=0)
+    sweep: bool = setting(False, help="instead of one step shape, measure CAFT against caftkit's next-token step "
+                                      "(ntp) along three axes from --seq-len and --num-aux-heads, one axis at a "
+                                      "time: the sequence lengths, the numbers of heads and the vocabulary sizes "
+                                      "below; prints a table.")
+    sweep_seq_lens: list[int] = setting(default_factory=lambda: [256, 512, 1024, 2048, 4096],
+                                        help="--sweep: the sequence lengths.", minimum=2)
+    sweep_aux_heads: list[int] = setting(default_factory=lambda: [1, 2, 4, 8],
+                                         help="--sweep: the numbers of auxiliary heads.", minimum=1)
+    sweep_vocab_sizes: list[int] = setting(default_factory=lambda: [32000, 49152, 128256],
+                                           help="--sweep: the vocabulary sizes (the model's architecture with that "
+                                                "vocabulary and random weights).", minimum=2)
+    plot: str | None = setting(None, help="--sweep: also draw the ratios along each axis to this new PNG file.")
     output: str | None = setting(None, help="also write the JSON to this new file (an existing one is refused).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.plot is not None and not self.sweep:
+            raise ValueError("--plot draws a sweep: add --sweep")
 
 
 PRECISIONS = ("no", "bf16")

@@ -69,9 +69,24 @@ def _memory(device: torch.device, peak: bool) -> int:
     raise RuntimeError("cannot read the process's memory from /proc/self/status")
 
 
+def random_model(model_name: str, vocab_size: int, dtype: str):
+    """`model_name`'s architecture with a vocabulary of `vocab_size` tokens and random weights (seeded by the caller's
+    `torch.manual_seed`): what the cost of a step against the vocabulary is measured on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import parse_dtype, pretrained_source
+
+    path, offline = pretrained_source(model_name)
+    config = AutoConfig.from_pretrained(path, **offline)
+    config.get_text_config().vocab_size = vocab_size
+    return AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
+
+
 def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_heads: int, steps: int, warmup: int,
-             dtype: str, device: str, seed: int) -> TrainBenchResult:
-    """Measure one side in this process: `warmup` untimed steps, then `steps` timed forward+backward steps."""
+             dtype: str, device: str, seed: int, vocab_size: int | None = None) -> TrainBenchResult:
+    """Measure one side in this process: `warmup` untimed steps, then `steps` timed forward+backward steps.
+
+    With `vocab_size`, the model is `model_name`'s architecture with that vocabulary and random weights."""
     from ..core.architecture import find_model_parts
     from ..core.heads import attach_heads
     from ..core.multitoken import head_statistics, weighted_loss
@@ -80,7 +95,12 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_
 
     torch.manual_seed(seed)
     device = torch.device(device)
-    model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype)
+    if vocab_size is None:
+        model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype)
+    elif side == "trl":
+        raise ValueError("the trl side runs the model's own tokenizer: it cannot take another vocabulary size")
+    else:
+        model, tokenizer = random_model(model_name, vocab_size, dtype), None
     model.to(device).train()
     find_model_parts(model).lm_head.requires_grad_(False)
     if side == "caft":
@@ -144,8 +164,10 @@ def _trl_loss(model, tokenizer, batch_size: int, seq_len: int, device: torch.dev
     return lambda batch: trainer.compute_loss(trainer.model, batch)
 
 
-def train_step_flops(config, batch_size: int, seq_len: int, num_aux_heads: int) -> dict[str, float]:
-    """Matrix-multiply FLOPs of one forward+backward step of each side, counted from the model config.
+def train_step_flops(config, batch_size: int, seq_len: int, num_aux_heads: int, vocab_size: int | None = None
+                     ) -> dict[str, float]:
+    """Matrix-multiply FLOPs of one forward+backward step of each side, counted from the model config (with
+    `vocab_size` in place of its vocabulary when given).
 
     A trained matrix costs 6 FLOPs per weight per token (forward, input gradient, weight gradient); a frozen
     one 4 (no weight gradient); attention scores and values 4*T*H per token per layer forward, twice that
@@ -162,7 +184,7 @@ def train_step_flops(config, batch_size: int, seq_len: int, num_aux_heads: int) 
     mlp_mats = 3 if getattr(config, "hidden_act", "gelu") in ("silu", "swiglu") or "llama" in config.model_type else 2
     layer_weights = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2 + mlp_mats * hidden * inter
     attention = 4 * seq_len * heads * head_dim  # per token, forward, QK^T and AV
-    vocab = config.vocab_size
+    vocab = vocab_size or config.vocab_size
     tokens = batch_size * seq_len
     trunk = tokens * layers * (6 * layer_weights + 3 * attention)
     unembedding = tokens * 4 * hidden * vocab  # frozen in both sides
@@ -172,33 +194,69 @@ def train_step_flops(config, batch_size: int, seq_len: int, num_aux_heads: int) 
     return {"plain": float(plain), "caft": float(caft), "ratio": caft / plain}
 
 
-def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 512, num_aux_heads: int = 4,
-                steps: int = 5, warmup: int = 1, dtype: str = "float32", device: str = "auto", seed: int = 0) -> dict:
-    """Run every side, each in a fresh process, and return CAFT's ratios against each next-token baseline (the
-top-level `time_ratio` and `peak_memory_ratio` are against `plain`) with the raw figures."""
+def measure_sides(sides: tuple[str, ...], model: str, batch_size: int, seq_len: int, num_aux_heads: int, steps: int,
+                  warmup: int, dtype: str, device: str, seed: int, repeats: int = 1, vocab_size: int | None = None
+                  ) -> dict[str, dict]:
+    """Measure each of `sides`, each time in a fresh process, `repeats` times in turn (a, b, c, a, b, c, ...), and
+    pool each side's timed steps: a slow spell of a shared machine then falls on every side alike instead of on
+    the one that happened to run in it. A side's peak memory is the largest of its processes'."""
+    measured: dict[str, list[dict]] = {side: [] for side in sides}
+    for repeat in range(repeats):
+        for side in sides:
+            print(f"caft bench train: {side} side{f' ({repeat + 1}/{repeats})' if repeats > 1 else ''}, {warmup} "
+                  f"warm-up + {steps} timed steps in a fresh process...", file=sys.stderr, flush=True)
+            command = [sys.executable, "-m", "caftkit.bench.train_step", side, model, str(batch_size), str(seq_len),
+                       str(num_aux_heads), str(steps), str(warmup), dtype, device, str(seed), str(vocab_size or 0)]
+            completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+            if completed.returncode != 0:
+                raise RuntimeError(f"the {side} side failed:\n{completed.stderr[-4000:]}")
+            measured[side].append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    return {side: _pooled(runs) for side, runs in measured.items()}
+
+
+def _pooled(runs: list[dict]) -> dict:
+    steps = [seconds for run in runs for seconds in run["step_seconds"]]
+    return {**asdict(TrainBenchResult(runs[0]["side"], steps, statistics.median(steps),
+                                      max(run["peak_memory_bytes"] for run in runs),
+                                      max(run["memory_before_steps_bytes"] for run in runs), runs[0]["memory_kind"],
+                                      runs[0]["loss"])),
+            "processes": len(runs)}
+
+
+def caft_ratios(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """CAFT's median step time and peak memory over each other side's in `results`."""
+    caft = results["caft"]
+    return {side: {"time_ratio": caft["median_step_seconds"] / result["median_step_seconds"],
+                   "peak_memory_ratio": caft["peak_memory_bytes"] / result["peak_memory_bytes"]}
+            for side, result in results.items() if side != "caft"}
+
+
+def step_flops(model: str, batch_size: int, seq_len: int, num_aux_heads: int, vocab_size: int | None = None
+               ) -> dict[str, float]:
+    """`train_step_flops` of `model`'s config (read offline)."""
     from transformers import AutoConfig
 
-    from ..models import pretrained_source, resolve_model_path
+    from ..models import pretrained_source
+
+    path, offline = pretrained_source(model)
+    return train_step_flops(AutoConfig.from_pretrained(path, **offline), batch_size, seq_len, num_aux_heads,
+                            vocab_size)
+
+
+def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 512, num_aux_heads: int = 4,
+                steps: int = 5, warmup: int = 1, dtype: str = "float32", device: str = "auto", seed: int = 0,
+                repeats: int = 1) -> dict:
+    """Run every side, each in a fresh process (`repeats` times in turn, steps pooled), and return CAFT's ratios
+    against each next-token baseline (the top-level `time_ratio` and `peak_memory_ratio` are against `plain`) with
+    the raw figures."""
+    from ..models import resolve_model_path
 
     device = resolve_device(device)
-    resolve_model_path(model)  # convert the bundled model once, before the two timed processes
-    results = {}
-    for side in SIDES:
-        print(f"caft bench train: {side} side, {warmup} warm-up + {steps} timed steps in a fresh process...",
-              file=sys.stderr, flush=True)
-        command = [sys.executable, "-m", "caftkit.bench.train_step", side, model, str(batch_size), str(seq_len),
-                   str(num_aux_heads),
-                   str(steps), str(warmup), dtype, device, str(seed)]
-        completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
-        if completed.returncode != 0:
-            raise RuntimeError(f"the {side} side failed:\n{completed.stderr[-4000:]}")
-        results[side] = json.loads(completed.stdout.strip().splitlines()[-1])
-    path, offline = pretrained_source(model)
-    flops = train_step_flops(AutoConfig.from_pretrained(path, **offline), batch_size, seq_len, num_aux_heads)
-    caft = results["caft"]
-    ratios = {baseline: {"time_ratio": caft["median_step_seconds"] / results[baseline]["median_step_seconds"],
-                         "peak_memory_ratio": caft["peak_memory_bytes"] / results[baseline]["peak_memory_bytes"]}
-              for baseline in BASELINES}
+    resolve_model_path(model)  # convert the bundled model once, before the timed processes
+    results = measure_sides(SIDES, model, batch_size, seq_len, num_aux_heads, steps, warmup, dtype, device, seed,
+                            repeats)
+    flops = step_flops(model, batch_size, seq_len, num_aux_heads)
+    ratios = caft_ratios(results)
     # Both baselines multiply the same matrices, so the floor is one figure; how far CAFT's time is above it,
     # against caftkit's own next-token path (the same loss code without the heads).
     ratios["ntp"]["time_over_flop_floor"] = ratios["ntp"]["time_ratio"] / flops["ratio"]
@@ -209,6 +267,7 @@ top-level `time_ratio` and `peak_memory_ratio` are against `plain`) with the raw
         "batch_size": batch_size,
         "seq_len": seq_len,
         "num_aux_heads": num_aux_heads,
+        "repeats": repeats,
         "time_ratio": ratios["plain"]["time_ratio"],
         "peak_memory_ratio": ratios["plain"]["peak_memory_ratio"],
         "flop_floor_time_ratio": flops["ratio"],
@@ -218,9 +277,9 @@ top-level `time_ratio` and `peak_memory_ratio` are against `plain`) with the raw
 
 
 if __name__ == "__main__":
-    side, model_name, batch_size, seq_len, num_aux_heads, steps, warmup, dtype, device, seed = sys.argv[1:]
+    side, model_name, batch_size, seq_len, num_aux_heads, steps, warmup, dtype, device, seed, vocab_size = sys.argv[1:]
     result = run_side(side, model_name, int(batch_size), int(seq_len), int(num_aux_heads), int(steps), int(warmup),
-                      dtype, device, int(seed))
+                      dtype, device, int(seed), int(vocab_size) or None)
     print(json.dumps(asdict(result)))
 
 

@@ -4,11 +4,13 @@ FLOP floor it reports."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import pytest
 from tiny_models import saved_model_dir, tiny_model
 
-from caftkit.bench.train_step import train_step_flops
+from caftkit.bench.train_step import run_side, train_step_flops
 from caftkit.cli import main
 
 
@@ -21,14 +23,17 @@ def test_bench_train_end_to_end(tiny_model_dir, tmp_path, capsys):
     config = tmp_path / "bench.yaml"
     config.write_text(f"model: {tiny_model_dir}\nbatch-size: 2\nseq_len: 16\nsteps: 2\nwarmup: 1\nnum_heads: 3\n")
     output = tmp_path / "bench.json"
-    assert main(["bench", "train", "--config", str(config), "--seq-len", "24", "--output", str(output)]) == 0
+    assert main(["bench", "train", "--config", str(config), "--seq-len", "24", "--repeats", "2", "--output",
+                 str(output)]) == 0
     printed = json.loads(capsys.readouterr().out)
     written = json.loads(output.read_text())
     assert printed == written
     assert written["seq_len"] == 24  # the flag overrides the config file
     assert written["batch_size"] == 2 and written["num_aux_heads"] == 3
     for side in ("plain", "trl", "ntp", "caft"):
-        assert len(written[side]["step_seconds"]) == 2
+        # Two processes per side, their timed steps pooled.
+        assert len(written[side]["step_seconds"]) == 4 and written[side]["processes"] == 2
+        assert written[side]["median_step_seconds"] == pytest.approx(statistics.median(written[side]["step_seconds"]))
         assert written[side]["peak_memory_bytes"] >= written[side]["memory_before_steps_bytes"] > 0
     plain, ntp, caft = written["plain"], written["ntp"], written["caft"]
     assert written["time_ratio"] == pytest.approx(caft["median_step_seconds"] / plain["median_step_seconds"])
@@ -59,3 +64,52 @@ def test_flop_floor_counts_heads():
     assert flops["plain"] == plain
     one_head = train_step_flops(config, batch_size=1, seq_len=8, num_aux_heads=1)
     assert one_head["caft"] == plain + 8 * (4 * layer + 3 * attention) + 8 * 4 * 32 * 128
+
+
+def test_flop_floor_with_another_vocabulary():
+    config = tiny_model("llama").config
+    own, larger = (train_step_flops(config, 1, 8, 2, vocab) for vocab in (None, 1000))
+    assert larger["plain"] - own["plain"] == 8 * 4 * 32 * (1000 - 128)
+    assert larger["caft"] - own["caft"] == 3 * 8 * 4 * 32 * (1000 - 128)
+
+
+def test_a_side_with_another_vocabulary_runs_random_weights_of_that_size(tiny_model_dir):
+    """Random weights give near-uniform predictions: the next-token loss is close to log(vocabulary)."""
+    for vocab in (96, 3000):
+        result = run_side("ntp", str(tiny_model_dir), 2, 16, 2, 1, 0, "float32", "cpu", 0, vocab)
+        assert result.loss == pytest.approx(math.log(vocab), rel=0.02)
+    with pytest.raises(ValueError, match="the trl side runs the model's own tokenizer"):
+        run_side("trl", str(tiny_model_dir), 2, 16, 2, 1, 0, "float32", "cpu", 0, 96)
+
+
+def test_sweep_moves_one_axis_at_a_time_and_draws_it(tiny_model_dir, tmp_path, capsys):
+    output, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    assert main(["bench", "train", "--sweep", "--model", str(tiny_model_dir), "--batch-size", "2", "--seq-len",
+                 "16", "--num-aux-heads", "2", "--sweep-seq-lens", "8,16", "--sweep-aux-heads", "1,2",
+                 "--sweep-vocab-sizes", "64", "--steps", "1", "--warmup", "0", "--output", str(output),
+                 "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    sweep = json.loads(output.read_text())
+    rows = sweep["points"]
+    assert [(row["axis"], row["value"]) for row in rows] == [
+        ("seq_len", 8), ("seq_len", 16), ("num_aux_heads", 1), ("num_aux_heads", 2), ("vocab_size", 64)]
+    assert [(row["seq_len"], row["num_aux_heads"], row["vocab_size"], row["weights"]) for row in rows] == [
+        (8, 2, None, "model"), (16, 2, None, "model"), (16, 1, None, "model"), (16, 2, None, "model"),
+        (16, 2, 64, "random")]
+    # The base shape lies on two axes and is measured once.
+    assert rows[1] == {**rows[3], "axis": "seq_len", "value": 16}
+    config = tiny_model("llama").config
+    for row in rows:
+        assert row["time_ratio"] == pytest.approx(row["caft_step_seconds"] / row["ntp_step_seconds"])
+        assert row["peak_memory_ratio"] == pytest.approx(row["caft_peak_memory_bytes"] / row["ntp_peak_memory_bytes"])
+        floor = train_step_flops(config, 2, row["seq_len"], row["num_aux_heads"], row["vocab_size"])["ratio"]
+        assert row["flop_floor_time_ratio"] == pytest.approx(floor)
+        assert row["time_over_flop_floor"] == pytest.approx(row["time_ratio"] / floor)
+    assert len(table) == 2 + len(rows) and table[0].startswith("| axis | value |")
+    assert table[2].startswith(f"| seq_len | 8 | {rows[0]['ntp_step_seconds']:.2f} s |")
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    # The plot draws a sweep only, and an existing file is never replaced.
+    assert main(["bench", "train", "--plot", str(tmp_path / "other.png")]) == 2
+    assert "--plot draws a sweep: add --sweep" in capsys.readouterr().err
+    assert main(["bench", "train", "--sweep", "--plot", str(plot)]) == 2
+    assert f"{plot}: " in capsys.readouterr().err

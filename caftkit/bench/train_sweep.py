@@ -10,6 +10,7 @@ random weights (a step's cost does not depend on the values of the weights). Eac
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +49,13 @@ def run_sweep(model: str, batch_size: int, seq_len: int, num_aux_heads: int, seq
     resolve_model_path(model)  # convert the bundled model once, before the timed processes
     measured: dict[SweepPoint, dict] = {}
     rows = []
-    for axis, value, point in sweep_points(seq_len, num_aux_heads, seq_lens, aux_heads, vocab_sizes):
+    points = sweep_points(seq_len, num_aux_heads, seq_lens, aux_heads, vocab_sizes)
+    shapes = len({point for _, _, point in points})
+    for axis, value, point in points:
         if point not in measured:
+            weights = f"vocabulary {point.vocab_size}, random weights" if point.vocab_size else "the model's weights"
+            print(f"caft bench train --sweep: shape {len(measured) + 1} of {shapes}: {point.seq_len} tokens, "
+                  f"{point.num_aux_heads} auxiliary heads, {weights}", file=sys.stderr, flush=True)
             measured[point] = measure_sides(SWEEP_SIDES, model, batch_size, point.seq_len, point.num_aux_heads,
                                             steps, warmup, dtype, device, seed, repeats, point.vocab_size)
         results = measured[point]
@@ -93,19 +99,24 @@ def plot_sweep(sweep: dict, path: str | os.PathLike) -> Path:
     from ..evaluation.charts import save_figure
 
     axes_present = [axis for axis in AXES if any(row["axis"] == axis for row in sweep["points"])]
-    figure, panels = plt.subplots(1, len(axes_present), figsize=(4.5 * len(axes_present), 3.8), squeeze=False)
+    figure, panels = plt.subplots(1, len(axes_present), figsize=(4.5 * len(axes_present), 4.2), squeeze=False,
+                                  layout="constrained")
     for panel, axis in zip(panels[0], axes_present):
         rows = [row for row in sweep["points"] if row["axis"] == axis]
         values = [row["value"] for row in rows]
-        panel.plot(values, [row["time_ratio"] for row in rows], "o-", label="time ratio")
-        panel.plot(values, [row["flop_floor_time_ratio"] for row in rows], "k--", label="FLOP floor")
-        panel.plot(values, [row["peak_memory_ratio"] for row in rows], "s-", label="peak memory ratio")
+        # markers on every series: an axis may have a single value
+        lines = [panel.plot(values, [row["time_ratio"] for row in rows], "o-", color="C0")[0],
+                 panel.plot(values, [row["flop_floor_time_ratio"] for row in rows], "_--", color="black",
+                            markersize=14)[0],
+                 panel.plot(values, [row["peak_memory_ratio"] for row in rows], "s-", color="C1")[0]]
+        panel.axhline(1.0, color="grey", linewidth=0.8)
         if axis == "seq_len":
             panel.set_xscale("log", base=2)
         panel.set_xticks(values, [str(value) for value in values])
         panel.set_xlabel(_AXIS_LABELS[axis])
         panel.set_ylabel("CAFT / next-token step")
         panel.grid(alpha=0.3)
-    panels[0][0].legend()
+    figure.legend(lines, ["time ratio", "FLOP floor of the time ratio", "peak memory ratio"],
+                  loc="outside lower center", ncol=3)
     figure.suptitle(f"{sweep['model']}, batch {sweep['batch_size']}, {sweep['dtype']}, {sweep['device']}")
     return save_figure(figure, path)

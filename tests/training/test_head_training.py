@@ -158,27 +158,47 @@ def test_mixed_precision_setting_maps_to_autocast():
     assert HeadTrainingSettings(model="m", data="d").mixed_precision == "auto"
 
 
-def test_device_auto_picks_a_visible_gpu_and_cuda_without_one_is_refused(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def _torch_sees(monkeypatch, accelerator: str | None, count: int = 0) -> None:
+    """Fake what `torch.accelerator` reports: `accelerator` ("cuda", "xpu", "mps") with `count` devices, or none."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: accelerator is not None)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator",
+                        lambda check_available=False: None if accelerator is None else torch.device(accelerator))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: count)
+
+
+def test_device_auto_picks_a_visible_accelerator_and_a_missing_one_is_refused(monkeypatch):
+    _torch_sees(monkeypatch, None)
     # the settings resolve `auto` once, when they are made
     assert HeadTrainingSettings(model="m", data="d").device == "cpu"
     assert resolve_device("auto") == "cpu"
     assert resolve_device("cpu") == "cpu"
     assert trainer_arguments(settings_for("d.jsonl"), "out", 8)["use_cpu"] is True
-    for name in ("cuda", "cuda:1"):
-        with pytest.raises(ValueError, match=f"device '{name}': no CUDA GPU is visible to torch"):
+    for name in ("cuda", "cuda:1", "xpu", "mps"):
+        with pytest.raises(ValueError, match=f"device '{name}': no {name[:4].rstrip(':').upper()} accelerator is "
+                                             "visible to torch \\(it sees none; use --device auto or cpu\\)"):
             resolve_device(name)
-    with pytest.raises(ValueError, match="device must be auto, cpu, cuda, cuda:N or another torch device, got 'gpu'"):
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda, cuda:N, xpu, mps or another torch device, "
+                                         "got 'gpu'"):
         resolve_device("gpu")
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    _torch_sees(monkeypatch, "cuda", 2)
     assert resolve_device("auto") == "cuda"
     assert resolve_device("cuda:1") == "cuda:1"
-    with pytest.raises(ValueError, match="device 'cuda:2': torch sees 2 CUDA GPU"):
+    with pytest.raises(ValueError, match="device 'cuda:2': torch sees 2 CUDA device"):
         resolve_device("cuda:2")
+    with pytest.raises(ValueError, match="device 'mps': no MPS accelerator is visible to torch \\(it sees cuda"):
+        resolve_device("mps")
     assert trainer_arguments(settings_for("d.jsonl"), "out", 8)["use_cpu"] is False
     assert trainer_arguments(settings_for("d.jsonl", device="cpu"), "out", 8)["use_cpu"] is True
+
+    for accelerator in ("xpu", "mps"):
+        _torch_sees(monkeypatch, accelerator, 1)
+        assert resolve_device("auto") == accelerator
+        assert HeadTrainingSettings(model="m", data="d").device == accelerator
+        assert trainer_arguments(settings_for("d.jsonl"), "out", 8)["use_cpu"] is False
+        with pytest.raises(ValueError, match=f"device 'cuda': no CUDA accelerator is visible to torch \\(it sees "
+                                             f"{accelerator};"):
+            resolve_device("cuda")
 
 
 def test_resume_continues_to_the_same_heads(tmp_path):

@@ -15,10 +15,12 @@ from ..atomic_files import atomic_folder, check_replaceable
 from ..core.heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config, rebase_heads
 from ..models import load_model, load_tokenizer
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
+from .model_card import CARD_FILE, exported_model_card
 
 # Written into the model folder and the heads folder of an export: what they were made from. An output folder
 # holding it is an earlier export, which a new one may replace; any other existing path is refused.
 EXPORT_MARKER = "caft_export.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
@@ -33,7 +35,10 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_finetuned(run_dir: str | Path, dtype: str | None = None):
-    """The fine-tuned model of a run as a plain transformers model (LoRA merged, no heads), and its tokenizer."""
+    """The fine-tuned model of a run as a plain transformers model (LoRA merged, no heads), with the generation
+    config training left (end-of-sequence tokens aligned with the tokenizer's), and its tokenizer."""
+    from transformers import GenerationConfig
+
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     settings = run["settings"]
@@ -46,6 +51,8 @@ def load_finetuned(run_dir: str | Path, dtype: str | None = None):
         model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
     else:
         model = load_model(str(final), dtype)
+    if (final / GENERATION_CONFIG_FILE).is_file():  # earlier runs kept none beside a LoRA adapter
+        model.generation_config = GenerationConfig.from_pretrained(final)
     detach_heads(model)
     return model, load_tokenizer(str(final))
 
@@ -58,44 +65,6 @@ def _heads_source(run_dir: Path) -> Path | None:
         return trained
     used = run_dir / RUN_HEADS_DIR
     return used if (used / HEADS_WEIGHTS_FILE).is_file() else None
-
-
-def model_card(run: dict[str, Any]) -> str:
-    """A README.md for the exported model: base, data, CAFT settings and final held-out metrics."""
-    s = run["settings"]
-    lines = [
-        "---",
-        "library_name: transformers",
-        f"base_model: {s['model']}",
-        "tags: [caftkit, concept-aware-fine-tuning]",
-        "---",
-        "",
-        f"# {Path(s['data']).stem} fine-tune of {s['model']}",
-        "",
-        f"Fine-tuned with caftkit, mode `{s['mode']}` "
-        + ("(Concept-Aware Fine-Tuning: next-token loss plus auxiliary-head losses, paper eq. 4)"
-           if s["mode"] == "caft" else "(plain next-token fine-tuning)")
-        + f", method `{s['method']}`. A plain transformers checkpoint: load it with "
-        "`AutoModelForCausalLM.from_pretrained`; caftkit is not needed.",
-        "",
-        "## Training",
-        "",
-        f"- data: `{s['data']}`: {run['train_examples']} training and {run['held_out_examples']} held-out examples",
-        f"- epochs {s['epochs']}, learning rate {s['learning_rate']} ({s['lr_scheduler']}), batch "
-        f"{s['batch_size']} x {s['grad_accum']} accumulation, {run['optimizer_steps']} optimisation steps",
-    ]
-    if s["method"] == "lora":
-        lines.append(f"- LoRA rank {s['lora_r']}, alpha {s['lora_alpha']}, dropout {s['lora_dropout']} "
-                     "(merged into the weights)")
-    if s["mode"] == "caft":
-        num_aux_heads = s.get("num_aux_heads", s.get("num_heads"))  # runs recorded before the rename say num_heads
-        lines.append(f"- CAFT: {num_aux_heads} auxiliary heads, alpha {s['alpha']}, beta {s['beta']}, "
-                     f"schedule `{s['schedule']}`; head warm-up: {run.get('head_warmup') or 'no'}")
-    lines += ["", "## Held-out metrics", "", "| head | predicts | loss | top-1 accuracy |", "|---|---|---|---|"]
-    for name, metrics in run.get("held_out_per_head", {}).items():
-        k = int(name.split("_")[1])
-        lines.append(f"| {k} | t+{k} | {metrics['loss']:.4f} | {metrics['accuracy']:.4f} |")
-    return "\n".join(lines) + "\n"
 
 
 def default_heads_output(out: str | Path) -> Path:
@@ -125,7 +94,7 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
     with atomic_folder(out, EXPORT_MARKER) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "README.md").write_text(model_card(run))
+        exported_model_card(run, out, target).save(staging / CARD_FILE)
         (staging / EXPORT_MARKER).write_text(record)
     written = {"model": str(out), "heads": None}
     if target is not None:

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..core.architecture import unwrap_model
 from ..core.distributed import is_main_process, wait_for_everyone
 from ..core.heads import attach_heads, check_heads_fit, get_heads, read_heads_config, save_heads
 from ..data import tokenize_source
@@ -172,6 +173,11 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         shutil.rmtree(final_dir, ignore_errors=True)
     wait_for_everyone()
     trainer.save_model(str(final_dir))
+    if is_main_process():
+        # The generation config as training left it: the Trainer aligns its end-of-sequence tokens with the
+        # tokenizer's (a chat model's end of turn). A LoRA adapter's folder has none, and an export that took the
+        # base's would not stop where the fine-tuned model stops.
+        unwrap_model(trainer.model).generation_config.save_pretrained(final_dir)
     history = trainer.state.log_history
     summary = {
         "settings": asdict(settings),

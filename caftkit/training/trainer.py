@@ -33,6 +33,7 @@ from ..core.multitoken import count_targets, head_statistics, weighted_loss
 from ..core.trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
 from ..core.weights import MODES, SCHEDULES, gamma_schedule, head_loss_weights
 from ..models import pretrained_source
+from .model_card import CAFT_PAPER, CARD_FILE, run_folder_card
 
 CHECKPOINT_HEADS_DIR = "caft_heads"
 
@@ -182,6 +183,10 @@ class CAFTTrainer(SFTTrainer):
     # `compute_loss` normalises by the valid targets of the whole optimisation step (all micro-batches and
     # processes), so the Trainer must not divide it again by the gradient-accumulation steps.
     loss_is_scaled_for_ga = True
+    # TRL's model-card hooks: the tags pushed with the model, the method's name and its paper.
+    _tag_names = ["trl", "caftkit", "concept-aware-fine-tuning"]
+    _name = "CAFT"
+    _paper = CAFT_PAPER
 
     def __init__(self, model, args: CAFTConfig | None = None, *pos, peft_config=None, **kwargs):
         if args is None:
@@ -374,6 +379,16 @@ class CAFTTrainer(SFTTrainer):
                 UserWarning,
                 stacklevel=2,
             )
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None) -> None:
+        """The run folder's README.md, which TRL writes with each checkpoint: a caftkit run (CAFT or next-token) of
+        its base, named even when it is a local folder, and how to export it."""
+        if not self.is_world_process_zero():
+            return
+        base = getattr(unwrap_model(self.model).config, "_name_or_path", None) or None
+        method = "lora" if hasattr(self.model, "peft_config") else "full"
+        run_folder_card(base, self.args.mode, method).save(Path(self.args.output_dir) / CARD_FILE)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if self.args.mode == "heads":

@@ -64,6 +64,35 @@ def caft_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.double()
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_export_stops_where_the_fine_tuned_model_stops(tiny_dir, tmp_path, method):
+    """The tokenizer's end of turn (<|im_end|>, id 5) is not the config's eos_token_id (2): training aligns the
+    generation config with the tokenizer, and the export keeps that config, so plain `generate()` on the exported
+    model stops at the end of the turn, where the fine-tuned model stops."""
+    data = write_task(tmp_path / "task.jsonl")
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    assert model.generation_config.eos_token_id == 2 and tokenizer.eos_token_id == 5
+    run, out = tmp_path / "run", tmp_path / "model"
+    finetune(str(run), settings_for(tiny_dir, data, method=method, mode="ntp", heads=None, epochs=6,
+                                    learning_rate=1e-2), model=model, tokenizer=tokenizer)
+    trained_eos = model.generation_config.eos_token_id
+    assert 5 in (trained_eos if isinstance(trained_eos, list) else [trained_eos])
+    export_run(run, out)
+    exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert exported.generation_config.eos_token_id == trained_eos
+    ids = torch.tensor([tokenizer("<|im_start|>user\nmolecule 3<|im_end|>\n<|im_start|>assistant\n")["input_ids"]])
+    fine_tuned = model.eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                       do_sample=False)[0, ids.shape[1]:].tolist()
+    plain = exported.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                              do_sample=False)[0, ids.shape[1]:].tolist()
+    assert plain == fine_tuned
+    assert plain[-1] == 5 and len(plain) < 24, f"the model did not end its turn: {plain}"
+    # With the base's generation config (eos 2 only), the same model would have run past the end of its turn.
+    past_the_turn = exported.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                      eos_token_id=2)[0, ids.shape[1]:].tolist()
+    assert past_the_turn[:len(plain)] == plain and len(past_the_turn) > len(plain)
+
+
 PLAIN_LOAD = """
 import sys, torch
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -121,7 +150,7 @@ def test_exported_model_has_the_fine_tuned_logits_without_caftkit(tiny_dir, tmp_
     print(f"{method}: exported vs fine-tuned logits, max abs difference {difference:.2e}")
     assert difference < 1e-5
     card = (out / "README.md").read_text()
-    assert f"method `{method}`" in card and "| 2 | t+2 |" in card
+    assert f"- {method} fine-tuning, 2 epoch(s)" in card and "| 2 | t+2 |" in card
 
 
 def test_ntp_loss_is_trl_sft_loss(tiny_dir, tmp_path):

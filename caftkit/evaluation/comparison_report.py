@@ -139,7 +139,7 @@ def plot_differences(rows: Sequence[ComparisonRow], path: str | os.PathLike,
         raise ValueError("no rows to plot")
     confidence = _method(rows)[0]
     groups = [(unit, [row for row in rows if row.percent == is_rate])
-              for unit, is_rate in (("percentage points", True), ("metric units", False))]
+              for unit, is_rate in (("percentage points", True), ("score, its own units", False))]
     groups = [(unit, group) for unit, group in groups if group]
     figure, axes_list = plt.subplots(1, len(groups), squeeze=False,
                                      figsize=(max(4.5, 1.2 * len(rows) + 2.5 * len(groups)), 4.2),

@@ -46,7 +46,7 @@ from ..training.finetuning import (
 )
 from ..training.head_training import last_checkpoint
 from .compare_report import ArmComparison, arm_dir, write_comparison_report
-from .settings import TASK_COLUMNS, CompareSettings
+from .settings import TASK_COLUMNS, TASK_RATES, CompareSettings
 
 TIMINGS_FILE = "timings.json"
 COMPARISON_FILE = "comparison.json"
@@ -195,7 +195,8 @@ def compare_arms(output: Path, settings: CompareSettings) -> list[ArmComparison]
             raise ValueError(f"{arm} and {baseline} were scored on different test examples; remove their eval/ "
                              f"folders")
         rows = comparison_table(base_records, arm_records_, metrics=list(TASK_COLUMNS[settings.task]),
-                                set_metrics=set_metrics, n_resamples=settings.n_resamples)
+                                set_metrics=set_metrics, percent=TASK_RATES[settings.task],
+                                n_resamples=settings.n_resamples)
         comparisons.append(ArmComparison(arm, baseline, seeds, rows))
     return comparisons
 

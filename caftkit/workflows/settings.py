@@ -21,6 +21,13 @@ TASK_COLUMNS = {
                   "groups_match": "groups_match", "exact_match": "exact_match", "tanimoto": "tanimoto"},
     "humaneval": {"pass@1": "passed"},
 }
+# The metrics of each task that are rates (a fraction of the examples, shown in percent, their differences in
+# percentage points); the others are scores in their own units. Declared, not guessed from the values: a score
+# that happens to be 0 or 1 on every example (an arm whose answers are all invalid) is still a score.
+TASK_RATES = {
+    "molecules": frozenset({"validity", "formula_match", "groups_match", "exact_match", "uniqueness"}),
+    "humaneval": frozenset({"pass@1"}),
+}
 
 # Fine-tuning settings that compare sets itself, per arm.
 _ARM_KEYS = {"model", "data", "mode", "method", "seed", "heads", "head_warmup", "dtype", "device"}

@@ -75,6 +75,10 @@ def test_comparison_trains_both_arms_alike_and_reports_the_paired_difference(tin
     [comparison] = result["comparisons"]
     assert (comparison["arm"], comparison["baseline"], comparison["seeds"]) == ("caft", "ntp", [0])
     rows = {row["metric"]: row for row in comparison["rows"]}
+    # Rates in percent, scores in their own units: as the task declares them, whatever values they took here.
+    assert {metric: row["percent"] for metric, row in rows.items()} == {
+        "validity": True, "formula_match": True, "group_recall": False, "groups_match": True, "exact_match": True,
+        "tanimoto": False, "uniqueness": True}
     assert rows["validity"]["ntp"] == pytest.approx(3 / 6) and rows["validity"]["caft"] == pytest.approx(1.0)
     assert rows["exact_match"]["ntp"] == pytest.approx(2 / 6) and rows["exact_match"]["caft"] == pytest.approx(5 / 6)
     assert rows["exact_match"]["difference"] == pytest.approx(3 / 6)

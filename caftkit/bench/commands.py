@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from ..command_line import print_json
 from ..atomic_files import write_text_atomically
+from ..command_line import print_json
 from ..outputs import check_new_file
 from .settings import GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
 

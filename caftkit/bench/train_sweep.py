@@ -55,7 +55,8 @@ def run_sweep(model: str, batch_size: int, seq_len: int, num_aux_heads: int, seq
         if point not in measured:
             weights = f"vocabulary {point.vocab_size}, random weights" if point.vocab_size else "the model's weights"
             print(f"caft bench train --sweep: shape {len(measured) + 1} of {shapes}: {point.seq_len} tokens, "
-                  f"{point.num_aux_heads} auxiliary heads, {weights}", file=sys.stderr, flush=True)
+                  f"{point.num_aux_heads} auxiliary head{'s' if point.num_aux_heads != 1 else ''}, {weights}",
+                  file=sys.stderr, flush=True)
             measured[point] = measure_sides(SWEEP_SIDES, model, batch_size, point.seq_len, point.num_aux_heads,
                                             steps, warmup, dtype, device, seed, repeats, point.vocab_size)
         results = measured[point]

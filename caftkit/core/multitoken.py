@@ -20,7 +20,6 @@ from .distributed import gather_for_loss, loss_impl_for
 from .heads import get_heads
 from .layer_call import LayerCall, call_rows, capture_layer_inputs
 from .loss import (
-    DEFAULT_CHUNK_ELEMENTS,
     IGNORE_INDEX,
     linear_cross_entropy,
     sequence_ids_from_positions,
@@ -100,7 +99,7 @@ def head_statistics(
     heads_need_grad: bool = True,
     main_needs_grad: bool = True,
     impl: str = "fused",
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     trunk_cache: TrunkCache | None = None,
 ) -> HeadStatistics:
     """Run `model` (possibly PEFT/DDP-wrapped) on `batch` and score its main head and `num_aux_heads` auxiliary heads.

@@ -13,6 +13,9 @@ from torch import nn
 
 from caftkit.core.heads import attach_heads, get_heads
 from caftkit.core.loss import (
+    DEFAULT_CHUNK_ELEMENTS,
+    MIN_DEFAULT_CHUNK_ROWS,
+    chunk_rows,
     linear_cross_entropy,
     sequence_ids_from_positions,
     shifted_targets,
@@ -52,6 +55,39 @@ def test_linear_cross_entropy_matches_full_logits(impl, scale, softcap, bias):
     assert_close(loss.double(), expected)
     assert correct.item() == (logits.argmax(-1) == targets).sum().item()
     for got, want in zip(grads, expected_grads):
+        assert_close(got, want)
+
+
+def test_default_chunks_hold_enough_rows_to_amortise_the_unembedding():
+    # Large vocabularies: never fewer than the minimum rows, whatever the element budget says.
+    assert chunk_rows(128_256) == MIN_DEFAULT_CHUNK_ROWS == 1024
+    assert chunk_rows(49_152) == 1024
+    # Small vocabularies: the element budget gives more rows than the minimum.
+    assert chunk_rows(4_096) == DEFAULT_CHUNK_ELEMENTS // 4_096 == 2048
+    # An explicit budget is taken as given (tests and users who need small chunks).
+    assert chunk_rows(49_152, chunk_elements=100 * 49_152) == 100
+    assert chunk_rows(50, chunk_elements=10) == 1
+
+
+def test_default_chunking_over_several_chunks_matches_full_logits():
+    torch.manual_seed(0)
+    vocab = 9_000  # above DEFAULT_CHUNK_ELEMENTS / MIN_DEFAULT_CHUNK_ROWS: chunks of the minimum 1,024 rows
+    rows = 2 * MIN_DEFAULT_CHUNK_ROWS + 37  # three chunks, the last one short
+    assert chunk_rows(vocab) == MIN_DEFAULT_CHUNK_ROWS
+    hidden = torch.randn(rows, 8, dtype=torch.float64, requires_grad=True)
+    head = nn.Linear(8, vocab, bias=False).double()
+    targets = torch.randint(0, vocab, (rows,))
+    loss, correct = linear_cross_entropy(hidden, head, targets)
+    loss.backward()
+    grads = [hidden.grad.clone(), head.weight.grad.clone()]
+    hidden.grad = None
+    head.zero_grad()
+    logits = head(hidden)
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    expected.backward()
+    assert_close(loss.double(), expected)
+    assert correct.item() == (logits.argmax(-1) == targets).sum().item()
+    for got, want in zip(grads, [hidden.grad, head.weight.grad]):
         assert_close(got, want)
 
 

@@ -87,22 +87,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 exponentials = logits.sub_(row_max[:, None]).exp_()
                 sum_exp = exponentials.sum(dim=-1)
                 loss_sum += (row_max + sum_exp.log() - target_logits).sum()
-                if not (needs_hidden or needs_weight or needs_bias):
-                    continue
-                # d CE / d logits = softmax - one_hot, then back through the soft-cap and the scale.
-                grad_logits = exponentials.mul_(sum_exp.reciprocal()[:, None])
-                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                if softcap is not None:
-                    grad_logits *= 1.0 - torch.tanh(raw * (scale / softcap)) ** 2
-                if scale != 1.0:
-                    grad_logits *= scale
-                if needs_bias:
-                    grad_bias += grad_logits.sum(0)
-                grad_logits = grad_logits.to(compute_dtype)
-                if needs_hidden:
-                    grad_hidden[start : start + rows] = (grad_logits @ w).to(hidden.dtype)
-                if needs_weight:
-                    grad_weight.addmm_(grad_logits.t().to(acc_dtype), h.to(acc_dtype))
+                if needs_hidden or needs_weight or needs_bias:
+                    # d CE / d logits = softmax - one_hot, then back through the soft-cap and the scale.
+                    grad_logits = exponentials.mul_(sum_exp.reciprocal()[:, None])
+                    grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                    if softcap is not None:
+                        grad_logits *= 1.0 - torch.tanh(raw * (scale / softcap)) ** 2
+                    if scale != 1.0:
+                        grad_logits *= scale
+                    if needs_bias:
+                        grad_bias += grad_logits.sum(0)
+                    grad_logits = grad_logits.to(compute_dtype)
+                    if needs_hidden:
+                        grad_hidden[start : start + rows] = (grad_logits @ w).to(hidden.dtype)
+                    if needs_weight:
+                        grad_weight.addmm_(grad_logits.t().to(acc_dtype), h.to(acc_dtype))
+                # This chunk's logits go before the next chunk's are made: the names would otherwise hold them
+                # through the next matrix multiply, two chunks at once at the peak.
+                raw = logits = exponentials = grad_logits = None
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(num_correct)
         ctx.weight_dtype = weight.dtype

@@ -105,9 +105,10 @@ def test_the_check_finds_an_upward_import_and_a_private_name(tmp_path):
 
 def test_tests_are_in_the_folder_of_the_wing_they_test():
     """Each test module lives in `tests/<wing>/` (base: the modules at the package's top), or at the top of
-    `tests/` for the command line (its parser and the bad inputs given to every command) and the layout itself."""
+    `tests/` for the command line (its parser, the bad inputs given to every command, the README's command block)
+    and the layout itself."""
     tests = Path(__file__).resolve().parent
     folders = {path.parent.name for path in tests.rglob("test_*.py") if path.parent != tests}
     assert folders <= WINGS | {"base"}
     assert sorted(path.name for path in tests.glob("test_*.py")) == ["test_bad_inputs.py", "test_cli.py",
-                                                                     "test_layout.py"]
+                                                                     "test_layout.py", "test_readme.py"]

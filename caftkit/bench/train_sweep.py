@@ -100,6 +100,10 @@ def plot_sweep(sweep: dict, path: str | os.PathLike) -> Path:
     from ..evaluation.charts import save_figure
 
     axes_present = [axis for axis in AXES if any(row["axis"] == axis for row in sweep["points"])]
+    # An axis held at the base shape is one point, the same on every panel: it gets a panel only when nothing varied.
+    swept = [axis for axis in axes_present
+             if len({row["value"] for row in sweep["points"] if row["axis"] == axis}) > 1]
+    axes_present = swept or axes_present
     figure, panels = plt.subplots(1, len(axes_present), figsize=(4.5 * len(axes_present), 4.2), squeeze=False,
                                   layout="constrained")
     for panel, axis in zip(panels[0], axes_present):

@@ -3,7 +3,8 @@
 A run folder holds the Trainer's checkpoints (`checkpoint-N/`), the final weights (`final/`: a LoRA adapter or
 a full model, heads never included), the heads the run used (`heads/`; warmed up on the task when asked),
 `caft_run.json` (settings, data counts, final held-out metrics: what `caft export` writes into the model card),
-`log_history.json` and `head_losses.png` (L1..Ln over the steps).
+`log_history.json` and `head_losses.png` (L1..Ln over the steps); with `--report-to tensorboard`, `tensorboard/`
+(and `warmup-heads/tensorboard/` for the warm-up).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .head_training import (
     train_heads,
 )
 from .settings import FinetuneSettings, trainer_arguments
+from .tracking import tracking_callbacks
 
 RUN_FILE = "caft_run.json"
 FINAL_DIR = "final"
@@ -86,10 +88,10 @@ def finetune_arguments(settings: FinetuneSettings, output_dir: str, num_train_ex
     return arguments
 
 
-def _callbacks(settings: FinetuneSettings, given: list | None) -> list:
+def _callbacks(settings: FinetuneSettings, output: Path, given: list | None) -> list:
     from transformers import EarlyStoppingCallback
 
-    callbacks = list(given or [])
+    callbacks = list(given or []) + tracking_callbacks(settings.report_to, output)
     if settings.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(settings.early_stopping_patience, settings.early_stopping_threshold))
     return callbacks
@@ -164,7 +166,7 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
     trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
                           eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer,
                           peft_config=lora_config(settings) if settings.method == "lora" else None,
-                          callbacks=_callbacks(settings, callbacks))
+                          callbacks=_callbacks(settings, run_dir, callbacks))
     trainer.train(resume_from_checkpoint=checkpoint)
     final = trainer.evaluate()
 

@@ -24,6 +24,7 @@ from ..evaluation.charts import plot_head_losses
 from ..models import load_model, load_tokenizer, resolve_device, resolve_mixed_precision
 from ..outputs import OUTPUT_MARKER
 from .settings import HeadTrainingSettings, trainer_arguments
+from .tracking import TENSORBOARD_DIR, tracking_callbacks
 
 CHECKPOINTS_DIR = "checkpoints"
 LOSS_CURVES_FILE = "loss_curves.png"
@@ -114,8 +115,9 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
     if not resume and last_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir}: holds checkpoints of an earlier run: resume it (--resume) or choose a new output")
-    if not resume and output_dir.is_dir() and any(path not in (run_dir, output_dir / OUTPUT_MARKER)
-                                                  for path in output_dir.iterdir()):
+    if not resume and output_dir.is_dir() and any(
+            path not in (run_dir, output_dir / OUTPUT_MARKER, output_dir / TENSORBOARD_DIR)
+            for path in output_dir.iterdir()):
         raise ValueError(f"{output_dir}: already exists and is not empty: choose a new output folder (the heads "
                          "written there would replace what it holds)")
     if settings.init and model is None:  # a model given is checked against the heads' fingerprint as they attach
@@ -151,7 +153,8 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         **trainer_arguments(settings, str(run_dir), len(train_examples)),
     )
     trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
-                          eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer)
+                          eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer,
+                          callbacks=tracking_callbacks(settings.report_to, output_dir))
     trainer.train(resume_from_checkpoint=checkpoint)
     history = trainer.state.log_history
     start = next((entry for entry in history if entry.get("step") == 0 and "eval_loss_head_2" in entry), None)

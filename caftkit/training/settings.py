@@ -14,6 +14,7 @@ from ..command_line import setting
 from ..core.weights import SCHEDULES
 from ..data import BUNDLED_SHAREGPT
 from ..models import MIXED_PRECISION, ModelSettings, resolve_device, resolve_mixed_precision
+from .tracking import trainer_report_to
 
 # `CAFTConfig` fields that caftkit's own settings set (`trainer_arguments`, and the CAFT loss of each run): a
 # `trainer` mapping may not set them behind those settings' backs.
@@ -138,7 +139,7 @@ def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples
         # Weights stay in `dtype`; with bf16 the matrix multiplies run under autocast.
         bf16=resolve_mixed_precision(settings.mixed_precision, device) == "bf16",
         use_cpu=device == "cpu",
-        report_to=settings.report_to,
+        report_to=trainer_report_to(settings.report_to),  # tensorboard: see tracking.py
         seed=settings.seed,
         data_seed=settings.seed,
         dataloader_num_workers=0,

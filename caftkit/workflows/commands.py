@@ -45,21 +45,31 @@ def demo_command(settings: DemoSettings) -> dict:
 
     Self-distils a few ShareGPT prompts, trains general heads on the answers, builds molecule-design records
     from MOSES, warms the heads up on them and fine-tunes with CAFT and LoRA, exports a plain transformers
-    model, and scores its greedy answers to held-out MOSES test prompts (valid SMILES, formula match, groups
-    present). A rerun reuses the stages already done. Prints where each artefact is and what to run next.
+    model, and scores the base model and the exported one on the same held-out MOSES test prompts (valid
+    SMILES, formula match, groups present). With the `tracking` extra installed the runs log to tensorboard. A
+    rerun reuses the stages already done. Prints the scores, where each artefact is and what to run next.
     """
     from ..outputs import output_folder
-    from .demo import run_demo
+    from .demo import format_scores, run_demo
 
     started = time.perf_counter()
     with output_folder(settings.output, "demo", ("distilled.jsonl", "distilled.meta.json")):
         report = run_demo(settings)
     artefacts = report["artefacts"]
-    print(f"\ndone in {time.perf_counter() - started:.0f} s. Artefacts:")
+    print(f"\ndone in {time.perf_counter() - started:.0f} s.\n")
+    print(format_scores(report["evaluation"]))
+    print("\nArtefacts:")
     for name, path in artefacts.items():
-        print(f"  {name:<12} {path}")
-    print("next:")
+        print(f"  {name:<12} {', '.join(path) if isinstance(path, list) else path}")
+    if report["tracking"]:
+        print(f"Training curves: tensorboard --logdir {settings.output}")
+    else:
+        print("Training curves: install the tracking extra (pip install -e '.[tracking]') and rerun with a new "
+              "--output to log them to tensorboard")
+    print("Next:")
+    print(f"  caft generate --model {artefacts['model']} --heads {artefacts['model_heads']} --speculative "
+          "--prompt \"Design a molecule with the molecular formula C9H11NO2 that contains these functional groups: "
+          "benzene ring, amide. Answer with its SMILES string only.\"")
     print(f"  caft train-heads --data {artefacts['distilled']} --output heads      # heads on more data")
     print(f"  caft finetune --data {artefacts['task_data']} --heads {artefacts['heads']} --output run")
-    print("  caft export run --output model")
     return report

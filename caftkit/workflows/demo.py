@@ -1,8 +1,10 @@
 """The whole CAFT pipeline, small enough for a laptop CPU: distil, train heads, warm them up on a task,
-fine-tune with CAFT and LoRA, export, and score the exported model on held-out molecule-design prompts."""
+fine-tune with CAFT and LoRA, export, and score the base and the exported model on held-out molecule-design
+prompts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -14,9 +16,14 @@ from ..resumable_jsonl import read_complete_records
 from ..tasks.molecules import write_molecule_records
 from ..training.distill import DistillSettings, distill
 from ..training.export import export_run
-from ..training.finetuning import FinetuneSettings, finetune
-from ..training.head_training import HeadTrainingSettings, format_head_table, train_heads
+from ..training.finetuning import HEAD_LOSSES_FILE, FinetuneSettings, finetune
+from ..training.head_training import LOSS_CURVES_FILE, HeadTrainingSettings, format_head_table, train_heads
 from .settings import DemoSettings
+
+# Where the runs log besides the console when the `tracking` extra is installed (`make demo` installs it).
+TRACKER = "tensorboard"
+# A molecule-design answer is one SMILES, a few dozen tokens; the base model talks on, so its answers are cut here.
+ANSWER_TOKENS = 64
 
 
 def _stage(name: str, timings: dict[str, float]):
@@ -39,8 +46,10 @@ def run_demo(sizes: DemoSettings) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     tokenizer = load_tokenizer(model_name)
+    tracked = importlib.util.find_spec(TRACKER) is not None
+    report_to = [TRACKER] if tracked else []
 
-    with _stage("1/6 self-distillation (caft distill)", timings):
+    with _stage("1/7 self-distillation (caft distill)", timings):
         distilled = root / "distilled.jsonl"
         summary = distill(lambda: load_model(model_name).to(device), tokenizer, distilled,
                           DistillSettings(model=model_name, data="sharegpt", max_samples=sizes.distill_prompts,
@@ -49,60 +58,68 @@ def run_demo(sizes: DemoSettings) -> dict[str, Any]:
         print(f"{summary.written_total} answers, {summary.tokens_per_second:.0f} tokens/s")
 
     heads = root / "heads"
-    with _stage("2/6 head training (caft train-heads)", timings):
+    with _stage("2/7 head training (caft train-heads)", timings):
         if not (heads / "heads_config.json").is_file():
             result = train_heads(str(heads), HeadTrainingSettings(model=model_name, data=str(distilled),
                                                                   epochs=sizes.epochs, eval_fraction=0.1,
-                                                                  device=device))
+                                                                  report_to=report_to, device=device))
             print(format_head_table(result["held_out_before"], result["held_out_after"]))
 
     molecules = root / "molecules.jsonl"
-    with _stage("3/6 molecule-design task data (caft data molecules)", timings):
+    with _stage("3/7 molecule-design task data (caft data molecules)", timings):
         stats = write_molecule_records("moses:train", molecules, n=sizes.molecules, seed=0)
         print(f"{stats.written} records")
 
     run = root / "run"
-    with _stage("4/6 head warm-up and CAFT LoRA fine-tuning (caft finetune)", timings):
+    with _stage("4/7 head warm-up and CAFT LoRA fine-tuning (caft finetune)", timings):
         if not (run / "caft_run.json").is_file():
             finetune(str(run), FinetuneSettings(model=model_name, data=str(molecules), heads=str(heads),
                                                 head_warmup="yes", method="lora", mode="caft", epochs=sizes.epochs,
                                                 # A few dozen steps only: a higher rate than a full run would use.
                                                 learning_rate=1e-3,
                                                 eval_fraction=sizes.eval_molecules / sizes.molecules,
-                                                device=device),
+                                                report_to=report_to, device=device),
                      resume=any(run.glob("checkpoint-*")))
 
     exported = root / "model"
-    with _stage("5/6 export (caft export)", timings):
+    with _stage("5/7 export (caft export)", timings):
         written = export_run(run, exported)
 
-    with _stage("6/6 evaluation on held-out molecules", timings):
-        scores = _score_exported(exported, root, sizes, device)
+    # Molecules from the MOSES test split: never seen in training (the task data comes from the train split).
+    held_out = root / "molecules-test.jsonl"
+    write_molecule_records("moses:test", held_out, n=sizes.eval_molecules, seed=1)
+    with _stage("6/7 the base model on held-out molecules (caft eval)", timings):
+        base_scores = _score(model_name, held_out, root / "eval-base", device)
+    with _stage("7/7 the CAFT fine-tuned model on the same molecules (caft eval)", timings):
+        scores = _score(str(exported), held_out, root / "eval", device)
 
     report = {"artefacts": {"distilled": str(distilled), "heads": str(heads), "task_data": str(molecules),
-                            "run": str(run), "model": written["model"], "model_heads": written["heads"]},
-              "evaluation": scores, "seconds": timings}
+                            "run": str(run), "model": written["model"], "model_heads": written["heads"],
+                            "model_card": str(Path(written["model"]) / "README.md"),
+                            "plots": [str(heads / LOSS_CURVES_FILE), str(run / HEAD_LOSSES_FILE)]},
+              "tracking": TRACKER if tracked else None,
+              "evaluation": {"base": base_scores, "fine_tuned": scores}, "seconds": timings}
     (root / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _score_exported(model_dir: Path, root: Path, sizes: DemoSettings, device: str) -> dict[str, Any]:
-    """`caft eval --task molecules` on held-out MOSES test molecules, through the same code."""
-    # Molecules from the MOSES test split: never seen in training (the task data comes from the train split).
-    held_out = root / "molecules-test.jsonl"
-    write_molecule_records("moses:test", held_out, n=sizes.eval_molecules, seed=1)
-    result = evaluate(root / "eval", EvalSettings(model=str(model_dir), task="molecules", data=str(held_out),
-                                                  device=device), progress=False)
+def _score(model: str, held_out: Path, output: Path, device: str) -> dict[str, Any]:
+    """`caft eval --task molecules` of `model` on the held-out records, through the same code."""
+    result = evaluate(output, EvalSettings(model=model, task="molecules", data=str(held_out),
+                                           max_new_tokens=ANSWER_TOKENS, device=device), progress=False)
     metrics = result["metrics"]
-    rows = read_complete_records(root / "eval" / EXAMPLES_FILE, required=("prompt", "output"),
+    rows = read_complete_records(output / EXAMPLES_FILE, required=("prompt", "output"),
                                  what="a per-example row of caft eval")
-    scores = {"prompts": metrics["n"], "valid": metrics["validity"], "formula_match": metrics["formula_match"],
-              "groups_match": metrics["groups_match"],
-              "examples": [{"prompt": row["prompt"], "answer": row["output"]} for row in rows[:3]]}
-    print(f"valid SMILES {scores['valid']:.2f}, formula match {scores['formula_match']:.2f}, "
-          f"all groups present {scores['groups_match']:.2f} over {scores['prompts']} MOSES test molecules")
-    print("(a few dozen LoRA steps on a 135M model shape its answers like SMILES, not yet into valid molecules: "
-          "the demo shows the pipeline; a full run trains on thousands of records for several epochs)")
-    return scores
+    return {"prompts": metrics["n"], "valid": metrics["validity"], "formula_match": metrics["formula_match"],
+            "groups_match": metrics["groups_match"],
+            "examples": [{"prompt": row["prompt"], "answer": row["output"]} for row in rows[:3]]}
 
 
+def format_scores(evaluation: dict[str, dict[str, Any]]) -> str:
+    """The base and the fine-tuned model side by side, one row per metric."""
+    base, tuned = evaluation["base"], evaluation["fine_tuned"]
+    lines = [f"{tuned['prompts']} held-out MOSES test molecules   base model   CAFT fine-tuned"]
+    for key, label in (("valid", "valid SMILES"), ("formula_match", "formula match"),
+                       ("groups_match", "all groups present")):
+        lines.append(f"  {label:<34} {base[key]:>10.2f}   {tuned[key]:>15.2f}")
+    return "\n".join(lines)

@@ -108,6 +108,10 @@ def test_sweep_moves_one_axis_at_a_time_and_draws_it(tiny_model_dir, tmp_path, c
     assert len(table) == 2 + len(rows) and table[0].startswith("| axis | value |")
     assert table[2].startswith(f"| seq_len | 8 | {rows[0]['ntp_step_seconds']:.2f} s |")
     assert plot.read_bytes().startswith(b"\x89PNG")
+    # Two panels, 4.5 inches each at 120 dpi: the vocabulary, held at one value, has none of its own.
+    from PIL import Image
+
+    assert Image.open(plot).size[0] == 2 * 4.5 * 120
     # The plot draws a sweep only, and an existing file is never replaced.
     assert main(["bench", "train", "--plot", str(tmp_path / "other.png")]) == 2
     assert "--plot draws a sweep: add --sweep" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -518,3 +519,42 @@ def test_export_never_replaces_what_it_did_not_write(tiny_dir, tmp_path, capsys)
         assert main(["export", str(run), "--output", str(tmp_path / "model")]) == 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["mine", "model", "model-heads", "run", "task.jsonl"]
     assert json.loads((tmp_path / "model" / "caft_export.json").read_text())["heads"] == str(tmp_path / "model-heads")
+
+
+def test_tensorboard_holds_every_head_loss_the_run_and_its_warm_up_logged(tiny_dir, tmp_path):
+    data = write_task(tmp_path / "task.jsonl", 24)
+    run = tmp_path / "run"
+    finetune(str(run), settings_for(tiny_dir, data, max_steps=4, logging_steps=1, eval_steps=2, head_warmup="yes",
+                                    report_to=["tensorboard"]))
+    history = json.loads((run / "log_history.json").read_text())
+    events = _tensorboard_events(run / "tensorboard")
+    logged = [entry for entry in history if "loss_head_1" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    for tag in ("loss", "loss_head_1", "loss_head_2", "accuracy_head_1", "accuracy_head_2", "caft_gamma",
+                "learning_rate"):
+        scalars = events.Scalars(f"train/{tag}")
+        assert [scalar.step for scalar in scalars] == [1, 2, 3, 4], tag
+        # Event files hold float32.
+        assert [scalar.value for scalar in scalars] == pytest.approx([entry[tag] for entry in logged], rel=1e-6)
+    held_out = [entry for entry in history if "eval_loss_head_2" in entry]
+    assert [scalar.step for scalar in events.Scalars("eval/loss_head_2")] == [entry["step"] for entry in held_out]
+    assert [scalar.value for scalar in events.Scalars("eval/loss_head_2")] == pytest.approx(
+        [entry["eval_loss_head_2"] for entry in held_out], rel=1e-6)
+    # Nothing went where transformers writes by default.
+    assert not list(run.rglob("runs"))
+    # The warm-up's curves outlive its checkpoints, which are removed when it ends.
+    warmup = run / "warmup-heads"
+    assert not (warmup / "checkpoints").exists()
+    warmup_history = json.loads((warmup / "log_history.json").read_text())
+    warmup_logged = [entry for entry in warmup_history if "loss_head_2" in entry and "eval_loss_head_2" not in entry]
+    assert warmup_logged
+    assert [scalar.value for scalar in _tensorboard_events(warmup / "tensorboard").Scalars("train/loss_head_2")] == \
+        pytest.approx([entry["loss_head_2"] for entry in warmup_logged], rel=1e-6)
+
+
+def _tensorboard_events(folder: Path) -> EventAccumulator:
+    """Every event file of `folder` (training opens one, an evaluation after it another), read as one run."""
+    assert next(folder.glob("events.out.tfevents.*"), None) is not None, folder
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return events

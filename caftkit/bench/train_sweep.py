@@ -104,8 +104,9 @@ def plot_sweep(sweep: dict, path: str | os.PathLike) -> Path:
     swept = [axis for axis in axes_present
              if len({row["value"] for row in sweep["points"] if row["axis"] == axis}) > 1]
     axes_present = swept or axes_present
-    figure, panels = plt.subplots(1, len(axes_present), figsize=(4.5 * len(axes_present), 4.2), squeeze=False,
-                                  layout="constrained")
+    # At least 7 inches wide: the legend's one row below the panels needs it.
+    figure, panels = plt.subplots(1, len(axes_present), figsize=(max(7.0, 4.5 * len(axes_present)), 4.2),
+                                  squeeze=False, layout="constrained")
     for panel, axis in zip(panels[0], axes_present):
         rows = [row for row in sweep["points"] if row["axis"] == axis]
         values = [row["value"] for row in rows]

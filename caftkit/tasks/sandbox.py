@@ -614,11 +614,12 @@ def _build_dev(dev: str) -> None:
     _mount(None, dev, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NOEXEC)
 
 
-def _expose(path: str) -> None:
-    """Show the host's `path` (read-only) inside a directory the sandbox hides."""
+def _expose(path: str, source: int) -> None:
+    """Show the host's `path` (read-only) inside a directory the sandbox hides; `source` is that directory, opened
+    before the scaffold covered /tmp (a path under the host's /tmp could not be reached by its name any more)."""
     target = _NEW_ROOT + path
     os.makedirs(target, exist_ok=True)
-    _mount(path, target, None, _MS_BIND | _MS_REC)
+    _mount(f"/proc/self/fd/{source}", target, None, _MS_BIND | _MS_REC)
     for mount_point in _mount_points_under(target):
         _remount_read_only(mount_point)
 
@@ -626,6 +627,9 @@ def _expose(path: str) -> None:
 def _build_root(config: dict) -> None:
     """Assemble the sandbox's root at _NEW_ROOT: the host's file system, read-only; a fresh /proc (of the new PID
     namespace) and /dev; the work directory; the hidden directories replaced by empty ones, bar the exposed ones."""
+    # The directories to show again are held open first: the scaffold below covers the host's /tmp, where an
+    # interpreter or a virtual environment may live.
+    sources = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in config["expose"]}
     _mount("tmpfs", _SCAFFOLD, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,mode=0755")
     os.mkdir(_NEW_ROOT)
     _mount("/", _NEW_ROOT, None, _MS_BIND | _MS_REC)
@@ -638,8 +642,9 @@ def _build_root(config: dict) -> None:
     hidden = [_NEW_ROOT + path for path in config["hide"]]
     for path in hidden:
         _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=64k,mode=0755")
-    for path in config["expose"]:
-        _expose(path)
+    for path, source in sources.items():
+        _expose(path, source)
+        os.close(source)
     for path in hidden:
         _mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
 

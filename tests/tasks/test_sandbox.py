@@ -62,6 +62,33 @@ def test_the_sandbox_works_here():
     assert sandbox_problem() is None
 
 
+def test_the_sandbox_works_for_an_environment_under_the_host_tmp(tmp_path):
+    """A virtual environment under /tmp (a fresh clone's `.venv` there) is shown inside the sandbox, whose own /tmp
+    covers the host's: the program runs, passes, and sees nothing else of the host's /tmp."""
+    import site
+    import sysconfig
+
+    environment = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(environment)], check=True)
+    python = environment / "bin" / "python"
+    # The new environment finds caftkit and its dependencies through a .pth file naming this one's paths.
+    packages = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    ours = [sysconfig.get_paths()["purelib"], *site.getsitepackages(), str(Path(__file__).parents[2])]
+    (Path(packages) / "outer.pth").write_text("\n".join(dict.fromkeys(ours)) + "\n")
+    (tmp_path / "host-secret.txt").write_text("host")
+    program = ANSWER + f"import os\nassert not os.path.exists({str(tmp_path / 'host-secret.txt')!r})\n"
+    script = ("import sys\n"
+              "from caftkit.tasks.sandbox import run_completion, sandbox_problem\n"
+              f"assert sys.prefix.startswith({str(tmp_path)!r}), sys.prefix\n"
+              "problem = sandbox_problem()\n"
+              "assert problem is None, problem\n"
+              f"print(run_completion({TOY!r}, {program!r}).status)\n")
+    result = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "passed"
+
+
 # --- processes ----------------------------------------------------------------------------------------------------
 
 # The program forks a child that leaves its session (setsid) and becomes a sleeper named by a marker; the program

@@ -93,7 +93,11 @@ def check_output_folder(path: str | os.PathLike, command: str, signatures: tuple
     if maker is not None:
         raise OutputError(f"{path}: made by caft {maker}, not caft {command}: choose another output (nothing was "
                           "changed)")
-    if not any(path.iterdir()) or any(next(path.glob(pattern), None) for pattern in signatures):
+    # The staging file of a marker being written (`mark_output_folder`): under a launcher the main process may be
+    # marking the folder while the others check it, and it holds nothing of anyone else's.
+    staged_marker = f"{OUTPUT_MARKER}.*.partial"
+    entries = [entry for entry in path.iterdir() if not entry.match("." + staged_marker)]
+    if not entries or any(next(path.glob(pattern), None) for pattern in signatures):
         return
     raise OutputError(f"{path}: a folder caft {command} did not make: choose a new or empty output folder (nothing "
                       "in it was changed)")

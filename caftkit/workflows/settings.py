@@ -175,7 +175,7 @@ class DemoSettings(ModelSettings):
     output: str = setting("demo-output", help="folder for every artefact.")
     distill_prompts: int = setting(48, help="ShareGPT prompts to self-distil.", minimum=2)
     distill_new_tokens: int = setting(96, help="most tokens per distilled answer.", minimum=1)
-    molecules: int = setting(320, help="molecule-design records from the MOSES train split to fine-tune on (some "
-                                       "held out).", minimum=2)
+    molecules: int = setting(480, help="molecule-design records from the MOSES train split to fine-tune on (some "
+                                       "held out): 55 steps of 8 with the defaults.", minimum=2)
     eval_molecules: int = setting(40, help="MOSES test molecules to score the exported model on.", minimum=1)
     epochs: float = setting(1.0, help="passes of head training and fine-tuning.", above=0)

@@ -62,6 +62,9 @@ def test_an_empty_folder_of_the_user_is_used_and_given_back_empty(tmp_path):
     ({"eval_settings.json": "{}"}, True),               # an earlier release's output of this command
     ({OUTPUT_MARKER: '{"command": "finetune"}'}, False),  # another command's
     ({"notes.txt": "mine"}, False),                    # a user's
+    # The main process of a launched run writing the marker while another process checks the folder.
+    ({f".{OUTPUT_MARKER}.k2j4x9.partial": ""}, True),
+    ({f".{OUTPUT_MARKER}.k2j4x9.partial": "", "notes.txt": "mine"}, False),
 ])
 def test_which_folders_a_command_takes(tmp_path, contents, allowed):
     folder = tmp_path / "out"

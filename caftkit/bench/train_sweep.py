@@ -4,7 +4,8 @@ length, the number of auxiliary heads and the vocabulary.
 One axis moves at a time from the base shape (`--seq-len`, `--num-aux-heads`, the model's vocabulary). The first
 two axes run the model's own weights; the vocabulary axis runs the model's architecture with each vocabulary and
 random weights (a step's cost does not depend on the values of the weights). Each point measures the `ntp` and
-`caft` sides of `caft bench train`, each in fresh processes, and sets CAFT's time ratio beside its FLOP floor.
+`caft` sides of `caft bench train`, each in fresh processes (their times and peak memory), and both steps in turn
+in one more process (`ntp+caft`), whose paired time ratio is set beside CAFT's FLOP floor.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .train_step import caft_ratios, measure_sides, step_flops
+from .train_step import PAIRED, caft_ratios, measure_sides, step_flops
 
-SWEEP_SIDES = ("ntp", "caft")
+SWEEP_SIDES = ("ntp", "caft", PAIRED)
 AXES = ("seq_len", "num_aux_heads", "vocab_size")
 _AXIS_LABELS = {"seq_len": "sequence length (tokens)", "num_aux_heads": "auxiliary heads",
                 "vocab_size": "vocabulary (tokens, random weights)"}
@@ -43,7 +44,8 @@ def run_sweep(model: str, batch_size: int, seq_len: int, num_aux_heads: int, seq
               aux_heads: list[int], vocab_sizes: list[int], steps: int, warmup: int, dtype: str, device: str,
               seed: int, repeats: int = 1) -> dict:
     """Measure every point of the sweep (a point on two axes, the base shape, is measured once) and return one row
-    per (axis, value): both sides' median step time and peak memory, CAFT's ratios and its FLOP floor."""
+    per (axis, value): both sides' median step time and peak memory, CAFT's ratios (the time ratio also from steps
+    taken in turn in one process) and its FLOP floor."""
     from ..models import resolve_model_path
 
     resolve_model_path(model)  # convert the bundled model once, before the timed processes
@@ -68,8 +70,8 @@ def run_sweep(model: str, batch_size: int, seq_len: int, num_aux_heads: int, seq
                      "caft_step_seconds": results["caft"]["median_step_seconds"],
                      "ntp_peak_memory_bytes": results["ntp"]["peak_memory_bytes"],
                      "caft_peak_memory_bytes": results["caft"]["peak_memory_bytes"],
-                     "time_ratio": ratios["time_ratio"], "flop_floor_time_ratio": floor,
-                     "time_over_flop_floor": ratios["time_ratio"] / floor,
+                     "time_ratio": ratios["time_ratio"], "paired_time_ratio": ratios["paired_time_ratio"],
+                     "flop_floor_time_ratio": floor, "time_over_flop_floor": ratios["paired_time_ratio"] / floor,
                      "peak_memory_ratio": ratios["peak_memory_ratio"],
                      "memory_kind": results["caft"]["memory_kind"]})
     return {"model": model, "device": device, "dtype": dtype, "batch_size": batch_size, "seq_len": seq_len,
@@ -78,11 +80,11 @@ def run_sweep(model: str, batch_size: int, seq_len: int, num_aux_heads: int, seq
 
 def sweep_table(sweep: dict) -> str:
     """The sweep as a Markdown table, one row per (axis, value)."""
-    lines = ["| axis | value | ntp step | CAFT step | time ratio | FLOP floor | over floor | ntp peak | CAFT peak "
-             "| memory ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| axis | value | ntp step | CAFT step | time ratio | paired | FLOP floor | paired over floor | ntp peak "
+             "| CAFT peak | memory ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in sweep["points"]:
         lines.append(f"| {row['axis']} | {row['value']} | {row['ntp_step_seconds']:.2f} s | "
-                     f"{row['caft_step_seconds']:.2f} s | {row['time_ratio']:.3f} | "
+                     f"{row['caft_step_seconds']:.2f} s | {row['time_ratio']:.3f} | {row['paired_time_ratio']:.3f} | "
                      f"{row['flop_floor_time_ratio']:.3f} | {row['time_over_flop_floor']:.3f} | "
                      f"{row['ntp_peak_memory_bytes'] / 1e9:.2f} GB | {row['caft_peak_memory_bytes'] / 1e9:.2f} GB | "
                      f"{row['peak_memory_ratio']:.3f} |")
@@ -90,8 +92,8 @@ def sweep_table(sweep: dict) -> str:
 
 
 def plot_sweep(sweep: dict, path: str | os.PathLike) -> Path:
-    """Draw CAFT's time ratio, its FLOP floor and its peak-memory ratio over caftkit's next-token step along each
-    axis of `sweep`, one panel per axis, to the PNG file `path`."""
+    """Draw CAFT's time ratio (steps taken in turn in one process), its FLOP floor and its peak-memory ratio over
+    caftkit's next-token step along each axis of `sweep`, one panel per axis, to the PNG file `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +113,7 @@ def plot_sweep(sweep: dict, path: str | os.PathLike) -> Path:
         rows = [row for row in sweep["points"] if row["axis"] == axis]
         values = [row["value"] for row in rows]
         # markers on every series: an axis may have a single value
-        lines = [panel.plot(values, [row["time_ratio"] for row in rows], "o-", color="C0")[0],
+        lines = [panel.plot(values, [row["paired_time_ratio"] for row in rows], "o-", color="C0")[0],
                  panel.plot(values, [row["flop_floor_time_ratio"] for row in rows], "_--", color="black",
                             markersize=14)[0],
                  panel.plot(values, [row["peak_memory_ratio"] for row in rows], "s-", color="C1")[0]]
@@ -122,7 +124,7 @@ def plot_sweep(sweep: dict, path: str | os.PathLike) -> Path:
         panel.set_xlabel(_AXIS_LABELS[axis])
         panel.set_ylabel("CAFT / next-token step")
         panel.grid(alpha=0.3)
-    figure.legend(lines, ["time ratio", "FLOP floor of the time ratio", "peak memory ratio"],
+    figure.legend(lines, ["time ratio (paired steps)", "FLOP floor of the time ratio", "peak memory ratio"],
                   loc="outside lower center", ncol=3)
     figure.suptitle(f"{sweep['model']}, batch {sweep['batch_size']}, {sweep['dtype']}, {sweep['device']}")
     return save_figure(figure, path)

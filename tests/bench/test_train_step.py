@@ -10,7 +10,7 @@ import statistics
 import pytest
 from tiny_models import saved_model_dir, tiny_model
 
-from caftkit.bench.train_step import run_side, train_step_flops
+from caftkit.bench.train_step import PAIRED, run_paired, run_side, train_step_flops
 from caftkit.cli import main
 
 
@@ -41,9 +41,15 @@ def test_bench_train_end_to_end(tiny_model_dir, tmp_path, capsys):
     against_ntp = written["against"]["ntp"]
     assert against_ntp["time_ratio"] == pytest.approx(caft["median_step_seconds"] / ntp["median_step_seconds"])
     assert against_ntp["peak_memory_ratio"] == pytest.approx(caft["peak_memory_bytes"] / ntp["peak_memory_bytes"])
+    # The last process takes both steps in turn: each CAFT step is divided by the next-token step beside it.
+    paired = written[PAIRED]
+    assert paired["processes"] == 2 and len(paired["ntp_step_seconds"]) == len(paired["caft_step_seconds"]) == 4
+    assert paired["step_ratios"] == pytest.approx([caft_seconds / ntp_seconds for caft_seconds, ntp_seconds
+                                                   in zip(paired["caft_step_seconds"], paired["ntp_step_seconds"])])
+    assert against_ntp["paired_time_ratio"] == pytest.approx(statistics.median(paired["step_ratios"]))
     floor = train_step_flops(tiny_model("llama").config, 2, 24, 3)["ratio"]
     assert written["flop_floor_time_ratio"] == pytest.approx(floor)
-    assert against_ntp["time_over_flop_floor"] == pytest.approx(against_ntp["time_ratio"] / floor)
+    assert against_ntp["time_over_flop_floor"] == pytest.approx(against_ntp["paired_time_ratio"] / floor)
     for baseline in ("plain", "trl", "ntp"):
         assert set(written["against"][baseline]) >= {"time_ratio", "peak_memory_ratio"}
     # Every side scores the same random tokens with the same weights: TRL's and caftkit's next-token losses are the
@@ -51,6 +57,9 @@ def test_bench_train_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert ntp["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert written["trl"]["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert caft["loss"] > plain["loss"]
+    # The paired process runs the same two steps (the next-token one with the heads attached but unused).
+    assert paired["ntp_loss"] == pytest.approx(ntp["loss"], rel=1e-6)
+    assert paired["caft_loss"] == pytest.approx(caft["loss"], rel=1e-6)
 
 
 def test_flop_floor_counts_heads():
@@ -82,6 +91,16 @@ def test_a_side_with_another_vocabulary_runs_random_weights_of_that_size(tiny_mo
         run_side("trl", str(tiny_model_dir), 2, 16, 2, 1, 0, "float32", "cpu", 0, 96)
 
 
+def test_paired_steps_are_the_two_sides_steps_in_turn(tiny_model_dir):
+    shape = (str(tiny_model_dir), 2, 16, 2, 3, 1, "float32", "cpu", 0, 96)
+    paired = run_paired(*shape)
+    assert paired.side == PAIRED and len(paired.ntp_step_seconds) == len(paired.caft_step_seconds) == 3
+    assert min(paired.ntp_step_seconds + paired.caft_step_seconds) > 0
+    assert paired.ntp_loss == pytest.approx(run_side("ntp", *shape).loss, rel=1e-6)
+    assert paired.caft_loss == pytest.approx(run_side("caft", *shape).loss, rel=1e-6)
+    assert paired.caft_loss > paired.ntp_loss
+
+
 def test_sweep_moves_one_axis_at_a_time_and_draws_it(tiny_model_dir, tmp_path, capsys):
     output, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
     assert main(["bench", "train", "--sweep", "--model", str(tiny_model_dir), "--batch-size", "2", "--seq-len",
@@ -104,9 +123,10 @@ def test_sweep_moves_one_axis_at_a_time_and_draws_it(tiny_model_dir, tmp_path, c
         assert row["peak_memory_ratio"] == pytest.approx(row["caft_peak_memory_bytes"] / row["ntp_peak_memory_bytes"])
         floor = train_step_flops(config, 2, row["seq_len"], row["num_aux_heads"], row["vocab_size"])["ratio"]
         assert row["flop_floor_time_ratio"] == pytest.approx(floor)
-        assert row["time_over_flop_floor"] == pytest.approx(row["time_ratio"] / floor)
+        assert row["time_over_flop_floor"] == pytest.approx(row["paired_time_ratio"] / floor)
     assert len(table) == 2 + len(rows) and table[0].startswith("| axis | value |")
     assert table[2].startswith(f"| seq_len | 8 | {rows[0]['ntp_step_seconds']:.2f} s |")
+    assert f" | {rows[0]['time_ratio']:.3f} | {rows[0]['paired_time_ratio']:.3f} | " in table[2]
     assert plot.read_bytes().startswith(b"\x89PNG")
     # Two panels, 4.5 inches each at 120 dpi: the vocabulary, held at one value, has none of its own.
     from PIL import Image

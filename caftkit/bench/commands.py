@@ -43,10 +43,13 @@ def bench_train_command(settings: TrainBenchSettings) -> dict:
     The baselines: `plain`, `model(input_ids, labels=...)` as transformers users write it (full logits), `trl`,
     the loss of TRL's SFTTrainer as it computes it by default, and `ntp`, caftkit's own next-token path (`caft
     finetune --mode ntp`: fused chunked cross-entropy). Every side trains every weight but the unembedding
-    (frozen) on the same random tokens, every position labelled, each in a fresh process. Prints JSON with
-    `time_ratio` and `peak_memory_ratio` (CAFT / plain), the same against each baseline under `against`,
+    (frozen) on the same random tokens, every position labelled, each in a fresh process. On a CUDA device with
+    liger-kernel installed, `liger` (Liger's fused linear cross-entropy) is a fourth baseline. A last process
+    takes `ntp` and CAFT steps in turn: the median of each CAFT step over the next-token step beside it is
+    `against.ntp.paired_time_ratio`, which a busy machine's drift between processes does not blur. Prints JSON
+    with `time_ratio` and `peak_memory_ratio` (CAFT / plain), the same against each baseline under `against`,
     `flop_floor_time_ratio` (the ratio the extra matrix multiplies alone imply) and
-    `against.ntp.time_over_flop_floor`.
+    `against.ntp.time_over_flop_floor` (the paired ratio over it).
 
     With --sweep, CAFT is measured against `ntp` along three axes (sequence length, number of heads, vocabulary
     size), one at a time; a table is printed, and the JSON goes to --output, the plot to --plot.

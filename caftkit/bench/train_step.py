@@ -6,11 +6,13 @@ every position labelled. Three next-token baselines: `plain`, what a transformer
 labels=...)`, full logits), `trl`, the loss of TRL's `SFTTrainer` as it computes it by default (`compute_loss`:
 the model's fused LM head, which also scores entropy and token accuracy), and `ntp`, caftkit's own next-token
 path (`caft finetune --mode ntp`: the main head through the fused chunked cross-entropy, no full logits). CAFT is
-measured against each. A last process takes `ntp` and CAFT steps in turn, for the time ratio against the FLOP floor.
+measured against each, and on a CUDA device with liger-kernel installed, against `liger` too (Liger's fused
+linear cross-entropy). A last process takes `ntp` and CAFT steps in turn, for the time ratio against the FLOP floor.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -31,6 +33,9 @@ SIDES = (*BASELINES, "caft")
 # apart, fresh processes of the same side differ by more than CAFT's margin over its FLOP floor on a shared machine;
 # steps taken side by side do not, so CAFT's time against its floor is read from this process.
 PAIRED = "ntp+caft"
+# One more baseline where it can run: the next-token loss through Liger's fused linear cross-entropy (Triton kernels,
+# CUDA only; the liger-kernel package is not a caftkit dependency). It goes before CAFT when measured.
+LIGER = "liger"
 
 
 @dataclass
@@ -172,6 +177,31 @@ def _bench_model_and_batch(side: str, model_name: str, batch_size: int, seq_len:
     return model, batch, device
 
 
+def liger_unavailable(device: str | torch.device) -> str | None:
+    """Why the `liger` side cannot be measured on `device`, or None when it can."""
+    if torch.device(device).type != "cuda":
+        return "Liger's fused linear cross-entropy runs Triton kernels, for CUDA devices only"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    return None
+
+
+def fused_linear_next_token_loss(model, input_ids: torch.Tensor, linear_cross_entropy) -> torch.Tensor:
+    """`model`'s next-token loss on `input_ids`, every position labelled, with the unembedding and the
+    cross-entropy done in one call, `linear_cross_entropy(unembedding weight, hidden states, targets)` (the
+    convention of Liger's `LigerFusedLinearCrossEntropyLoss`), on the final norm's output: no full logits."""
+    from ..core.architecture import find_model_parts
+    from ..core.layer_call import capture_layer_inputs
+
+    parts = find_model_parts(model)
+    with capture_layer_inputs(parts) as capture:
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    hidden = capture.final_hidden[:, :-1]
+    loss = linear_cross_entropy(parts.lm_head.weight, hidden.reshape(-1, hidden.shape[-1]),
+                                input_ids[:, 1:].reshape(-1))
+    return loss[0] if isinstance(loss, tuple) else loss  # releases that can add a z-loss return a pair
+
+
 def _step_function(side: str, model, batch: dict, num_aux_heads: int, device: torch.device, model_name: str
                    ) -> Callable[[], float]:
     """One forward+backward step of `side` on `batch`, returning its loss; the gradients are dropped after it."""
@@ -185,12 +215,18 @@ def _step_function(side: str, model, batch: dict, num_aux_heads: int, device: to
         from ..models import load_tokenizer
 
         trl_loss = _trl_loss(model, load_tokenizer(model_name), *input_ids.shape, device)
+    elif side == LIGER:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger_loss = LigerFusedLinearCrossEntropyLoss()
 
     def step() -> float:
         if side == "plain":
             loss = model(input_ids=input_ids, labels=input_ids).loss
         elif side == "trl":
             loss = trl_loss(dict(batch))
+        elif side == LIGER:
+            loss = fused_linear_next_token_loss(model, input_ids, liger_loss)
         else:
             stats = head_statistics(model, batch, num_aux_heads=aux_heads)
             loss = weighted_loss(stats, weights, stats.counts)
@@ -329,12 +365,14 @@ def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 
                 repeats: int = 1) -> dict:
     """Run every side, each in a fresh process (`repeats` times in turn, steps pooled), and return CAFT's ratios
     against each next-token baseline (the top-level `time_ratio` and `peak_memory_ratio` are against `plain`) with
-    the raw figures."""
+    the raw figures. `not_measured` says why a side was left out (Liger, away from a CUDA device)."""
     from ..models import resolve_model_path
 
     device = resolve_device(device)
     resolve_model_path(model)  # convert the bundled model once, before the timed processes
-    results = measure_sides((*SIDES, PAIRED), model, batch_size, seq_len, num_aux_heads, steps, warmup, dtype,
+    liger_reason = liger_unavailable(device)
+    sides = SIDES if liger_reason else (*BASELINES, LIGER, "caft")
+    results = measure_sides((*sides, PAIRED), model, batch_size, seq_len, num_aux_heads, steps, warmup, dtype,
                             device, seed, repeats)
     flops = step_flops(model, batch_size, seq_len, num_aux_heads)
     ratios = caft_ratios(results)
@@ -353,6 +391,7 @@ def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 
         "peak_memory_ratio": ratios["plain"]["peak_memory_ratio"],
         "flop_floor_time_ratio": flops["ratio"],
         "against": ratios,
+        "not_measured": {LIGER: liger_reason} if liger_reason else {},
         **results,
     }
 

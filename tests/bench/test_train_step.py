@@ -8,9 +8,19 @@ import math
 import statistics
 
 import pytest
+import torch
+import torch.nn.functional as F
 from tiny_models import saved_model_dir, tiny_model
 
-from caftkit.bench.train_step import PAIRED, run_paired, run_side, train_step_flops
+from caftkit.bench.train_step import (
+    LIGER,
+    PAIRED,
+    fused_linear_next_token_loss,
+    liger_unavailable,
+    run_paired,
+    run_side,
+    train_step_flops,
+)
 from caftkit.cli import main
 
 
@@ -52,6 +62,10 @@ def test_bench_train_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert against_ntp["time_over_flop_floor"] == pytest.approx(against_ntp["paired_time_ratio"] / floor)
     for baseline in ("plain", "trl", "ntp"):
         assert set(written["against"][baseline]) >= {"time_ratio", "peak_memory_ratio"}
+    # On the CPU, Liger's side is left out, and the JSON says why.
+    assert LIGER not in written and LIGER not in written["against"]
+    assert written["not_measured"] == {LIGER: "Liger's fused linear cross-entropy runs Triton kernels, for CUDA "
+                                              "devices only"}
     # Every side scores the same random tokens with the same weights: TRL's and caftkit's next-token losses are the
     # plain one, and the CAFT loss adds small positive terms.
     assert ntp["loss"] == pytest.approx(plain["loss"], rel=1e-5)
@@ -137,3 +151,24 @@ def test_sweep_moves_one_axis_at_a_time_and_draws_it(tiny_model_dir, tmp_path, c
     assert "--plot draws a sweep: add --sweep" in capsys.readouterr().err
     assert main(["bench", "train", "--sweep", "--plot", str(plot)]) == 2
     assert f"{plot}: " in capsys.readouterr().err
+
+
+def test_liger_side_loss_and_gradients_are_the_plain_next_token_ones():
+    """The liger side's plumbing (final norm's output, shifted targets, the unembedding's weight), with a naive
+    linear cross-entropy in Liger's calling convention in place of its kernel, which needs a CUDA device."""
+    assert liger_unavailable("cpu") is not None
+    model = tiny_model("llama")
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def naive(weight, hidden, targets):
+        return F.cross_entropy(hidden @ weight.T, targets)
+
+    fused = fused_linear_next_token_loss(model, input_ids, naive)
+    fused.backward()
+    fused_grads = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    plain = model(input_ids=input_ids, labels=input_ids).loss
+    plain.backward()
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(fused_grads[name], parameter.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .command_line import check_settings, setting
+from .json_text import read_json_file
 
 if TYPE_CHECKING:
     import torch
@@ -108,6 +109,14 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return getattr(torch, DTYPES[dtype])
 
 
+# The JSON files of a model folder that transformers, tokenizers and PEFT read. Each is parsed before loading: a
+# broken one is then named with its line and column (transformers names only some, and passes over a broken
+# generation_config.json, so that generation would silently lose the model's end-of-turn tokens).
+MODEL_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "adapter_config.json",
+                    "model.safetensors.index.json")
+
+
 def check_model_source(name_or_path: str) -> None:
     """Refuse, before anything loads, a model that cannot be read here: a folder without `config.json` (or a PEFT
     adapter's `adapter_config.json`), or a hub id that is not in the Hugging Face cache (caftkit never downloads)."""
@@ -119,6 +128,9 @@ def check_model_source(name_or_path: str) -> None:
     if path.is_dir():
         if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
             raise FileNotFoundError(f"model: {path} has no config.json: not a transformers model folder")
+        for name in MODEL_JSON_FILES:
+            if (path / name).is_file():
+                read_json_file(path / name)
         return
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError

@@ -164,13 +164,18 @@ def test_a_hub_id_not_in_the_cache(workspace, tmp_path, capsys, monkeypatch):
              "--output", str(tmp_path / "run")], tmp_path, capsys, "someone/not-cached-model")
 
 
-@pytest.mark.parametrize("damage", ["config.json", "model.safetensors", "tokenizer.json"])
+@pytest.mark.parametrize("damage", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                    "generation_config.json"])
 def test_a_model_folder_with_a_broken_file(workspace, tmp_path, capsys, damage):
+    """A broken JSON file is named with its line (transformers would name the folder at best, and would pass over
+    a broken generation_config.json); broken weights name the folder."""
     model = copy_tree(workspace / "model", tmp_path / "model")
     data = (model / damage).read_bytes()
     (model / damage).write_bytes(data[: len(data) // 2])  # cut off, as by a full disk or an interrupted copy
-    refused(["finetune", "--model", str(model), "--data", str(workspace / "task.jsonl"), "--mode", "ntp",
-             "--output", str(tmp_path / "run")], tmp_path, capsys, f"{model}")
+    error = refused(["finetune", "--model", str(model), "--data", str(workspace / "task.jsonl"), "--mode", "ntp",
+                     "--output", str(tmp_path / "run")], tmp_path, capsys, f"{model}")
+    if damage.endswith(".json"):
+        assert f"{model / damage}: not valid JSON (" in error and " at line " in error, error
 
 
 @pytest.mark.parametrize("damage", ["heads.safetensors", "heads_config.json"])

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import torch
+from datasets import Dataset
 from tiny_models import saved_model_dir, tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
 from caftkit.cli import main
+from caftkit.core.heads import get_heads
 from caftkit.models import BUNDLED_MODEL
 
 ROOT = Path(__file__).parents[1]
@@ -38,18 +45,23 @@ WRITES = {"export": ["model/config.json", "model/README.md", "model-heads/heads_
           "demo": ["demo-output/demo.json"], "compare": ["compare/report.md"]}
 
 
-def readme_commands() -> list[list[str]]:
-    """The `caft` lines of the README's command block, as argument lists without the comments."""
-    blocks, block = [], None
+def readme_blocks() -> list[tuple[str, list[str]]]:
+    """The README's fenced blocks: (language, lines) each."""
+    blocks, block, language = [], None, ""
     for line in (ROOT / "README.md").read_text().splitlines():
         if line.startswith("```") and block is None:
-            block = []
+            block, language = [], line[3:].strip()
         elif line.startswith("```"):
-            blocks.append(block)
+            blocks.append((language, block))
             block = None
         elif block is not None:
             block.append(line)
-    commands = next(block for block in blocks if block[0].startswith("caft distill"))
+    return blocks
+
+
+def readme_commands() -> list[list[str]]:
+    """The `caft` lines of the README's command block, as argument lists without the comments."""
+    commands = next(block for _, block in readme_blocks() if block[0].startswith("caft distill"))
     return [shlex.split(line, comments=True)[1:] for line in commands if line.strip()]
 
 
@@ -94,3 +106,70 @@ def test_the_readme_command_block_runs_in_order(tmp_path, monkeypatch, single_th
 def _outputs(argv: list[str]) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--output"]
 
+
+
+def test_the_readme_python_block_trains_as_written(tmp_path, monkeypatch, single_thread):
+    """The Python API block runs as written, given the three names it leaves to the reader (a model, a dataset
+    TRL accepts, a tokenizer): four frozen heads are attached, CAFT trains the model under them, and every head's
+    loss is logged with the decaying weight."""
+    python = [block for language, block in readme_blocks() if language == "python"]
+    assert len(python) == 1
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model("llama")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    dataset = Dataset.from_list([{"messages": [{"role": "user", "content": f"molecule {i}"},
+                                               {"role": "assistant", "content": "CC(=O)O" * (1 + i % 3)}]}
+                                 for i in range(8)])
+    names = {"model": model, "dataset": dataset, "tokenizer": tiny_tokenizer()}
+    exec(compile("\n".join(python[0]), "README.md python block", "exec"), names)
+    trainer, model = names["trainer"], names["model"]
+    assert trainer.state.global_step == 3  # 8 examples, batch 8, the default 3 epochs
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {f"loss_head_{k}" for k in range(1, 6)} | {f"accuracy_head_{k}" for k in range(1, 6)} <= logged
+    assert "caft_gamma" in logged
+    heads = get_heads(model)
+    assert len(heads.layers) == 4
+    last_layer = model.model.layers[-1].state_dict()
+    for head in heads.layers:  # copies of the last layer as it was, kept frozen while the model moved
+        for name, tensor in head.state_dict().items():
+            assert torch.equal(tensor, before[f"model.layers.{len(model.model.layers) - 1}.{name}"]), name
+    assert any(not torch.equal(tensor, before[f"model.layers.{len(model.model.layers) - 1}.{name}"])
+               for name, tensor in last_layer.items())
+    assert (tmp_path / "run").is_dir()
+
+
+def test_the_readme_distributed_block_runs_with_cpu_processes(tmp_path):
+    """The torchrun line runs as written on two CPU processes (gloo) instead of eight GPUs. accelerate runs FSDP
+    only on GPUs (with `--cpu` it starts one process), so the fsdp2 line's config must exist and its caftkit
+    command runs in one process, on the heads the torchrun line made."""
+    lines = next(block for _, block in readme_blocks() if block and block[0].startswith("torchrun"))
+    assert [line.split()[0] for line in lines] == ["torchrun", "accelerate"]
+    saved_model_dir(tmp_path / "tiny-model", tiny_model("llama", seed=1))
+    chats = "".join(json.dumps({"id": f"m{i}", "messages": [
+        {"role": "user", "content": f"molecule {i}"},
+        {"role": "assistant", "content": "CC(=O)O" * (1 + i % 3)}]}) + "\n" for i in range(16))
+    (tmp_path / "distilled.jsonl").write_text(chats)
+    (tmp_path / "task.jsonl").write_text(chats)
+    small = ["--model", str(tmp_path / "tiny-model"), "--max-steps", "2", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def on_cpu(argv: list[str]) -> list[str]:
+        return ["cpu" if argv[i - 1] == "--device" and arg == "cuda" else arg for i, arg in enumerate(argv)]
+
+    torchrun = on_cpu(shlex.split(lines[0]))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                *["2" if torchrun[i - 1] == "--nproc_per_node" else arg for i, arg in enumerate(torchrun)][1:]]
+    accelerate = on_cpu(shlex.split(lines[1]))
+    assert accelerate[:3] == ["accelerate", "launch", "--config_file"] and (ROOT / accelerate[3]).exists()
+    module = accelerate.index("-m")
+    one_process = [sys.executable, *accelerate[module:]]
+    for command in (torchrun, one_process):
+        result = subprocess.run(command + small, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+    heads = json.loads((tmp_path / "heads" / "heads_config.json").read_text())["training"]
+    assert heads["launch"] == {"processes": 2, "distribution": "MULTI_CPU"}
+    assert heads["optimizer_steps"] == 2
+    run = json.loads((tmp_path / "run" / "caft_run.json").read_text())
+    assert run["launch"] == {"processes": 1, "distribution": "NO"}
+    assert run["heads"] == str(Path("run") / "heads") and run["settings"]["heads"] == "heads"
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()

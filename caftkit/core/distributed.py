@@ -34,6 +34,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launch_record(accelerator) -> dict[str, int | str]:
+    """How a training run was spread: its process count and accelerate's distribution (`NO`, `MULTI_CPU`,
+    `MULTI_GPU`, `FSDP`, `DEEPSPEED`, ...), for the run's record."""
+    return {"processes": world_size(), "distribution": accelerator.distributed_type.value}
+
+
 def is_main_process() -> bool:
     """True in the one process that writes shared files (global rank 0; always true without a launcher)."""
     return process_index() == 0

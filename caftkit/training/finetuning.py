@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.architecture import unwrap_model
-from ..core.distributed import is_main_process, wait_for_everyone
+from ..core.distributed import is_main_process, launch_record, wait_for_everyone
 from ..core.heads import attach_heads, check_heads_fit, get_heads, read_heads_config, save_heads
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
@@ -190,6 +190,7 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         "held_out_examples": len(held_out),
         "data": {"records": data.stats.read, "dropped_or_truncated": data.stats.skipped},
         "device": resolve_device(settings.device),
+        "launch": launch_record(trainer.accelerator),
         "optimizer_steps": trainer.state.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "final_eval": {key: value for key, value in final.items() if isinstance(value, (int, float))},

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..core.distributed import is_main_process, wait_for_everyone
+from ..core.distributed import is_main_process, launch_record, wait_for_everyone
 from ..core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, attach_heads, check_heads_fit, get_heads, save_heads
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
@@ -177,6 +177,7 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         "held_out_examples": len(held_out),
         "data": {"records": data.stats.read, "dropped_or_truncated": data.stats.skipped},
         "device": device,
+        "launch": launch_record(trainer.accelerator),
         "mixed_precision": resolve_mixed_precision(settings.mixed_precision, device),
         "trunk_cache": None if trainer.trunk_cache is None else {
             "batches": len(trainer.trunk_cache), "gb": round(trainer.trunk_cache.bytes / 2**30, 3),

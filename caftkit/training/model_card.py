@@ -154,6 +154,13 @@ def exported_model_card(run: dict[str, Any], model_dir: str | Path, heads_dir: s
     return _card(card_data, "\n".join(body))
 
 
+def _launch_text(launch: dict[str, Any] | None) -> str:
+    """`, 2 processes (FSDP)` for a run spread over processes; nothing for one process or an older record."""
+    if not launch or launch["processes"] == 1:
+        return ""
+    return f", {launch['processes']} processes ({launch['distribution']})"
+
+
 def _training_lines(run: dict[str, Any]) -> list[str]:
     s = run["settings"]
     lines = [f"- data: `{s['data']}`: {run['train_examples']} training and {run['held_out_examples']} held-out "
@@ -161,7 +168,8 @@ def _training_lines(run: dict[str, Any]) -> list[str]:
              f"- {s['method']} fine-tuning, {s['epochs']} epoch(s), learning rate {s['learning_rate']} "
              f"({s['lr_scheduler']}), batch {s['batch_size']} x {s['grad_accum']} accumulation, "
              f"{run['optimizer_steps']} optimisation steps, seed {s['seed']}",
-             f"- weights in {s['dtype']}, mixed precision `{s['mixed_precision']}`, on `{run.get('device', '?')}`"]
+             f"- weights in {s['dtype']}, mixed precision `{s['mixed_precision']}`, on `{run.get('device', '?')}`"
+             + _launch_text(run.get("launch"))]
     if s["method"] == "lora":
         lines.append(f"- LoRA rank {s['lora_r']}, alpha {s['lora_alpha']}, dropout {s['lora_dropout']}")
     if s["mode"] == "caft":
@@ -176,16 +184,30 @@ def _training_lines(run: dict[str, Any]) -> list[str]:
 def run_folder_card(base: str | None, mode: str, method: str | None = None):
     """The card TRL's hooks write into a run folder while it trains: a caftkit run (CAFT or next-token) of
     `base`, and how to export it."""
+    return _run_card(base, mode, method, adapter=False)
+
+
+def adapter_card(base: str | None, mode: str):
+    """The card of a LoRA adapter folder (`final/`, `checkpoint-N/`) in place of PEFT's blank template: what it
+    adapts, how to load it, and how to export it merged."""
+    return _run_card(base, mode, "lora", adapter=True)
+
+
+def _run_card(base: str | None, mode: str, method: str | None, adapter: bool):
     from huggingface_hub import ModelCardData
 
     mode_name = "CAFT" if mode == "caft" else "next-token"
-    card_data = ModelCardData(base_model=hub_id(base), library_name="transformers", pipeline_tag="text-generation",
-                              tags=["trl", *_tags(mode, method)])
-    body = [f"# A caftkit {mode_name} fine-tuning run", "",
-            f"Checkpoints and the final weights of a {mode_name} fine-tuning of "
-            f"{describe_base(base) if base else 'a model'}, trained with caftkit on TRL's SFTTrainer"
+    card_data = ModelCardData(base_model=hub_id(base), library_name="peft" if adapter else "transformers",
+                              pipeline_tag="text-generation", tags=["trl", *_tags(mode, method)])
+    what = (f"The LoRA adapter of a {mode_name} fine-tuning" if adapter
+            else f"Checkpoints and the final weights of a {mode_name} fine-tuning")
+    body = [f"# A caftkit {mode_name} fine-tuning {'adapter' if adapter else 'run'}", "",
+            f"{what} of {describe_base(base) if base else 'a model'}, trained with caftkit on TRL's SFTTrainer"
             + (f" ([Concept-Aware Fine-Tuning](https://arxiv.org/abs/{CAFT_PAPER['id']}))" if mode == "caft" else "")
-            + ".", "",
-            "`caft export <this folder> --output <model>` writes the fine-tuned model as a plain transformers "
-            "checkpoint (LoRA merged, heads in `<model>-heads`), with its full model card.", "", _citation()]
+            + ".", ""]
+    if adapter:
+        body += ["`peft.PeftModel.from_pretrained(base_model, <this folder>)` loads it onto the base model.", ""]
+    body += [f"`caft export <{'the run folder above this one' if adapter else 'this folder'}> --output <model>` "
+             "writes the fine-tuned model as a plain transformers checkpoint (LoRA merged, heads in "
+             "`<model>-heads`), with its full model card.", "", _citation()]
     return _card(card_data, "\n".join(body))

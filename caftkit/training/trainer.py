@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig, SFTTrainer
 
 from ..core.architecture import find_model_parts, unwrap_model
@@ -33,7 +34,7 @@ from ..core.multitoken import count_targets, head_statistics, weighted_loss
 from ..core.trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
 from ..core.weights import MODES, SCHEDULES, gamma_schedule, head_loss_weights
 from ..models import pretrained_source
-from .model_card import CAFT_PAPER, CARD_FILE, run_folder_card
+from .model_card import CAFT_PAPER, CARD_FILE, adapter_card, run_folder_card
 
 CHECKPOINT_HEADS_DIR = "caft_heads"
 
@@ -117,8 +118,19 @@ class CAFTConfig(SFTConfig):
         default=True,
         metadata={"help": "CAFT never builds full logits, so evaluation reports losses and per-head metrics only."},
     )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. Unset: on, as in TRL, wherever transformers takes it (a GPU or "
+                  "XPU that multiplies bf16, a TPU, or `use_cpu=True`); off on a machine with none of these, where "
+                  "TRL's default stops with an error instead."},
+    )
 
     def __post_init__(self):
+        # TRL turns bf16 on when it is unset, and transformers then refuses a machine without a bf16 accelerator
+        # unless use_cpu is set: the same config would train on a GPU and fail on a laptop. There it trains in
+        # float32; everywhere else the default is TRL's.
+        if self.bf16 is None and not self.fp16 and not self.use_cpu and not bf16_accelerator_available():
+            self.bf16 = False
         super().__post_init__()
         self.num_aux_heads = from_former_num_heads(self.num_heads, self.num_aux_heads, "CAFTConfig")
         self.num_heads = None
@@ -135,6 +147,11 @@ class CAFTConfig(SFTConfig):
             raise ValueError(f"trunk_cache_gb must be 0 or more, got {self.trunk_cache_gb}")
         if self.num_aux_heads < 1 and self.mode != "ntp":
             raise ValueError(f"num_aux_heads must be at least 1 in {self.mode!r} mode, got {self.num_aux_heads}")
+
+
+def bf16_accelerator_available() -> bool:
+    """Whether transformers accepts bf16 here without `use_cpu`: a GPU or XPU that multiplies bf16, or a TPU."""
+    return is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
 class _HeadTotals:
@@ -386,9 +403,11 @@ class CAFTTrainer(SFTTrainer):
         its base, named even when it is a local folder, and how to export it."""
         if not self.is_world_process_zero():
             return
-        base = getattr(unwrap_model(self.model).config, "_name_or_path", None) or None
         method = "lora" if hasattr(self.model, "peft_config") else "full"
-        run_folder_card(base, self.args.mode, method).save(Path(self.args.output_dir) / CARD_FILE)
+        run_folder_card(self._base_name(), self.args.mode, method).save(Path(self.args.output_dir) / CARD_FILE)
+
+    def _base_name(self) -> str | None:
+        return getattr(unwrap_model(self.model).config, "_name_or_path", None) or None
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if self.args.mode == "heads":
@@ -400,6 +419,10 @@ class CAFTTrainer(SFTTrainer):
                 torch.save(self.args, target / TRAINING_ARGS_NAME)
         else:
             super()._save(output_dir, state_dict)
+            if hasattr(self.model, "peft_config") and self.args.should_save:
+                # PEFT writes a blank template card (and a local folder as `base_model`) beside the adapter.
+                target = Path(output_dir if output_dir is not None else self.args.output_dir)
+                adapter_card(self._base_name(), self.args.mode).save(target / CARD_FILE)
         heads = get_heads(self.model)
         # The model's own checkpoint leaves the heads out (it stays a plain transformers checkpoint); heads that
         # train are saved beside it so that resuming restores them.

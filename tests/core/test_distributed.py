@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from tiny_models import saved_model_dir, tiny_model
 
 from caftkit.core.heads import HEADS_WEIGHTS_FILE, attach_heads, get_heads
+from caftkit.training.export import export_run
 
 
 def free_port() -> int:
@@ -104,6 +105,14 @@ def test_ddp_finetune_equals_one_process_with_the_same_global_batch(tiny_run_inp
             torch.testing.assert_close(warm_two[name], warm_one[name], rtol=1e-5, atol=1e-5, msg=name)
         run = json.loads((tmp_path / "two" / "caft_run.json").read_text())
         assert run["head_warmup"]["warmed_up"] is True
+    # The run records how it was spread, and the exported model's card says so.
+    assert json.loads((tmp_path / "one" / "caft_run.json").read_text())["launch"] == {"processes": 1,
+                                                                                       "distribution": "NO"}
+    assert json.loads((tmp_path / "two" / "caft_run.json").read_text())["launch"] == {"processes": 2,
+                                                                                       "distribution": "MULTI_CPU"}
+    if head_warmup == "no":
+        export_run(tmp_path / "two", tmp_path / "exported")
+        assert "on `cpu`, 2 processes (MULTI_CPU)" in (tmp_path / "exported" / "README.md").read_text()
     single = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     double = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     assert set(single) == set(double) and not any("caft_heads" in name for name in single)

@@ -74,6 +74,22 @@ def test_run_folder_card_says_caft_and_names_the_base(exported, tiny_dir):  # no
     assert "[None]" not in card.text and "caft export" in card.text
 
 
+def test_lora_adapter_folders_get_caftkit_cards_not_peft_templates(exported, tiny_dir):  # noqa: F811
+    """`final/` (and each checkpoint) of a LoRA run is an adapter a user may load or push with PEFT: its card says
+    what it adapts and how to load and export it, with valid metadata, instead of PEFT's blank template."""
+    run = exported / "run"
+    folders = [run / "final", *sorted(run.glob("checkpoint-*"))]
+    for folder in folders:
+        assert (folder / "adapter_config.json").exists(), folder
+        card = ModelCard.load(folder / "README.md")
+        data = card.data.to_dict()
+        assert data["library_name"] == "peft" and "base_model" not in data  # a local folder is no Hub id
+        assert "lora" in data["tags"] and "caftkit" in data["tags"]
+        assert "# A caftkit CAFT fine-tuning adapter" in card.text
+        assert f"the local model `{tiny_dir / 'model'}`" in card.text
+        assert "PeftModel.from_pretrained" in card.text and "More Information Needed" not in card.text
+
+
 def test_hub_ids_licences_and_the_bundled_model(tmp_path, monkeypatch):
     """A base is metadata only as a Hub id; its licence comes from its card in the local Hub cache (never
     downloaded), and the bundled model's provenance and licence are caftkit's own record."""

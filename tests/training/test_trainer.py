@@ -168,3 +168,22 @@ def test_trl_loss_type_is_pinned_to_nll(tmp_path):
     assert config(tmp_path).loss_type == "nll"
     with pytest.raises(ValueError, match="computes the CAFT loss itself: loss_type must be 'nll', got 'dft'"):
         config(tmp_path, loss_type="dft")
+
+
+def test_bf16_unset_trains_in_float32_where_no_accelerator_takes_it(tmp_path):
+    """TRL's default (bf16 on) makes transformers refuse a machine without a bf16 accelerator; CAFTConfig keeps
+    TRL's default wherever transformers takes it and trains in float32 elsewhere, but never overrides a choice."""
+    from trl import SFTConfig
+
+    from caftkit.training.trainer import bf16_accelerator_available
+
+    if bf16_accelerator_available():
+        assert CAFTConfig(output_dir=str(tmp_path)).bf16 is True  # TRL's default where it works
+        return
+    with pytest.raises(ValueError, match="bf16"):
+        SFTConfig(output_dir=str(tmp_path))
+    assert CAFTConfig(output_dir=str(tmp_path)).bf16 is False
+    assert CAFTConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is True  # bf16 autocast on the CPU, as asked
+    assert CAFTConfig(output_dir=str(tmp_path), fp16=False, bf16=False).bf16 is False
+    with pytest.raises(ValueError, match="bf16"):
+        CAFTConfig(output_dir=str(tmp_path), bf16=True)  # an explicit choice is transformers' to judge

@@ -7,6 +7,7 @@ trainable heads in checkpoints are overridden.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,10 @@ class CAFTConfig(SFTConfig):
         if self.bf16 is None and not self.fp16 and not self.use_cpu and not bf16_accelerator_available():
             self.bf16 = False
         super().__post_init__()
+        if self.run_name is None:
+            # Unnamed, trackio (and W&B) make up a name at each start of logging, and the evaluation that follows
+            # training, logged after the run was closed, opened a second run. One name per config keeps it one.
+            self.run_name = f"{self.output_dir} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         self.num_aux_heads = from_former_num_heads(self.num_heads, self.num_aux_heads, "CAFTConfig")
         self.num_heads = None
         if self.loss_type != "nll":

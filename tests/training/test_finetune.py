@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -556,6 +557,28 @@ def test_tensorboard_holds_every_head_loss_the_run_and_its_warm_up_logged(tiny_d
     assert warmup_logged
     assert [scalar.value for scalar in _tensorboard_events(warmup / "tensorboard").Scalars("train/loss_head_2")] == \
         pytest.approx([entry["loss_head_2"] for entry in warmup_logged], rel=1e-6)
+
+
+def test_trackio_gets_one_run_per_fine_tuning_with_its_final_evaluation(tiny_dir, tmp_path):
+    """The held-out evaluation after training is logged into the run's own trackio run, not a second one (an
+    unnamed run got a new random name when logging restarted after training ended)."""
+    data = write_task(tmp_path / "task.jsonl", 24)
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "caftkit.cli", "finetune", "--model", str(tiny_dir / "model"), "--data",
+               str(data), "--mode", "ntp", "--max-steps", "2", "--batch-size", "4", "--logging-steps", "1",
+               "--report-to", "trackio", "--output", str(tmp_path / "run")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with sqlite3.connect(next((tmp_path / "trackio").glob("*.db"))) as database:
+        rows = database.execute("SELECT run_name, metrics FROM metrics ORDER BY step").fetchall()
+    (name,) = {name for name, _ in rows}
+    assert name.startswith(f"{tmp_path / 'run'} 20")  # the output folder and the start time
+    logged = [json.loads(metrics) for _, metrics in rows]
+    history = json.loads((tmp_path / "run" / "log_history.json").read_text())
+    assert [entry["train/loss_head_1"] for entry in logged if "train/loss_head_1" in entry] == pytest.approx(
+        [entry["loss_head_1"] for entry in history if "loss_head_1" in entry])
+    final = json.loads((tmp_path / "run" / "caft_run.json").read_text())["final_eval"]
+    assert logged[-1]["eval/loss"] == pytest.approx(final["eval_loss"])
 
 
 def _tensorboard_events(folder: Path) -> EventAccumulator:

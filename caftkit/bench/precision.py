@@ -26,13 +26,13 @@ from typing import Any
 from ..evaluation.charts import head_loss_series
 from ..models import bf16_is_fast, resolve_device
 from ..training.finetuning import LOG_HISTORY_FILE, FinetuneSettings
+from .memory import peak_memory_bytes, reset_peak_memory
 from .settings import PRECISIONS
-from .train_step import peak_memory_bytes, reset_peak_memory
 
 
 def step_timer_and_stop(steps: int, device: str = "cpu"):
     """A TrainerCallback that times every optimisation step, ends training after `steps` of them, and starts the
-    peak-memory measurement (`train_step.reset_peak_memory`) when training starts, after loading and warm-up."""
+    peak-memory measurement (`memory.reset_peak_memory`) when training starts, after loading and warm-up."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..models import BUNDLED_MODEL, resolve_device
+from .memory import memory_bytes, memory_kind, peak_memory_bytes, reset_peak_memory
 
 # The next-token baselines CAFT is measured against, then CAFT; each side runs in a fresh process, in this order.
 BASELINES = ("plain", "trl", "ntp")
@@ -62,34 +63,6 @@ class PairedStepTimes:
     caft_loss: float
 
 
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new peak-memory measurement of this process on `device` (see `peak_memory_bytes`)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        # Linux resets the process's peak resident set size ("high water mark") on writing 5 to clear_refs.
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-
-
-def peak_memory_bytes(device: torch.device | str) -> int:
-    """This process's peak memory since `reset_peak_memory`: CUDA's `max_memory_allocated` on a GPU, the peak
-    resident set size (VmHWM) on the CPU."""
-    return _memory(torch.device(device), peak=True)
-
-
-def _memory(device: torch.device, peak: bool) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)
-    key = "VmHWM:" if peak else "VmRSS:"
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read the process's memory from /proc/self/status")
-
-
 def random_model(model_name: str, vocab_size: int, dtype: str):
     """`model_name`'s architecture with a vocabulary of `vocab_size` tokens and random weights (seeded by the caller's
     `torch.manual_seed`): what the cost of a step against the vocabulary is measured on."""
@@ -114,16 +87,15 @@ def run_side(side: str, model_name: str, batch_size: int, seq_len: int, num_aux_
     for _ in range(warmup):
         step()
     model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    before = _memory(device, peak=False)
+    _synchronize(device)
+    before = memory_bytes(device)
     reset_peak_memory(device)
     times, loss = [], float("nan")
     for _ in range(steps):
         seconds, loss = _timed(step, device)
         times.append(seconds)
-    return TrainBenchResult(side, times, statistics.median(times), _memory(device, peak=True), before,
-                            "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)", loss)
+    return TrainBenchResult(side, times, statistics.median(times), peak_memory_bytes(device), before,
+                            memory_kind(device), loss)
 
 
 def run_paired(model_name: str, batch_size: int, seq_len: int, num_aux_heads: int, steps: int, warmup: int,
@@ -241,9 +213,16 @@ def _timed(step: Callable[[], float], device: torch.device) -> tuple[float, floa
     """`step`'s wall time (the device synchronised) and its loss."""
     start = time.perf_counter()
     loss = step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     return time.perf_counter() - start, loss
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on an accelerator, so that a step's time is the step's."""
+    if device.type == "mps":
+        torch.mps.synchronize()
+    elif device.type in ("cuda", "xpu"):
+        getattr(torch, device.type).synchronize(device)
 
 
 def _trl_loss(model, tokenizer, batch_size: int, seq_len: int, device: torch.device):

@@ -128,6 +128,17 @@ def test_export_never_replaces_what_it_did_not_write(finished_run, tmp_path, cap
     refused(["export", str(run), *flags], tmp_path, capsys, f"{named}: exists and was not written by this command")
 
 
+@pytest.mark.parametrize("damage", ["caft_run.json", "final/adapter_config.json"])
+def test_export_of_a_run_with_a_broken_json_file(finished_run, tmp_path, capsys, damage):
+    """The run's record and its LoRA adapter's config are named with their line when broken (PEFT's own error
+    named neither)."""
+    run = copy_tree(finished_run, tmp_path / "run")
+    data = (run / damage).read_bytes()
+    (run / damage).write_bytes(data[: len(data) // 2])
+    error = refused(["export", str(run), "--output", str(tmp_path / "model")], tmp_path, capsys, f"{run / damage}")
+    assert ": not valid JSON (" in error and " at line " in error, error
+
+
 def test_train_heads_over_finished_heads(workspace, tmp_path, capsys):
     heads = copy_tree(workspace / "heads", tmp_path / "heads")
     refused(["train-heads", "--model", str(workspace / "model"), "--data", str(workspace / "task.jsonl"),

@@ -23,6 +23,7 @@ from typing import Any
 from ..atomic_files import write_text_atomically
 from ..command_line import setting
 from ..data import DataError, iter_raw_records, render_prompt, to_messages
+from ..json_text import read_json_file
 from ..models import ModelSettings, resolve_device
 from ..resumable_jsonl import read_complete_records
 
@@ -127,7 +128,7 @@ def _check_resumable(output_dir: Path, settings: EvalSettings) -> None:
     """Refuse to add answers to a folder whose earlier answers were generated with other settings."""
     path = output_dir / SETTINGS_FILE
     if (output_dir / GENERATIONS_FILE).exists() and path.exists():
-        previous = json.loads(path.read_text())
+        previous = read_json_file(path)
         changed = [f"{name}={previous.get(name)!r} (now {getattr(settings, name)!r})"
                    for name in _GENERATION_SETTINGS if previous.get(name) != getattr(settings, name)]
         if changed:

@@ -24,6 +24,7 @@ import torch
 from ..atomic_files import write_text_atomically
 from ..data import ReadStats, Record, iter_prompts, render_prompt
 from ..decoding.greedy import STOP_END_OF_TURN, generate_batch
+from ..json_text import read_json_file
 from ..outputs import OutputError
 from ..resumable_jsonl import read_complete_records
 from .settings import DistillSettings
@@ -92,7 +93,7 @@ def _check_resumable(output: Path, settings: DistillSettings, done: set[str]) ->
     meta = meta_path(output)
     if not done or not meta.exists():
         return
-    previous = json.loads(meta.read_text()).get("settings", {})
+    previous = read_json_file(meta).get("settings", {})
     changed = [f"{name}={previous.get(name)!r} (now {getattr(settings, name)!r})"
                for name in _GENERATION_SETTINGS if previous.get(name) != getattr(settings, name)]
     if changed:
@@ -143,7 +144,7 @@ def plan_stages(output: Path, num_prompts: int, already_written: int) -> list[in
     meta = meta_path(output)
     previous: list[int] = []
     if already_written and meta.exists():
-        recorded = json.loads(meta.read_text())
+        recorded = read_json_file(meta)
         previous = recorded.get("plan_stages") or [recorded.get("last_run", {}).get("prompts_selected") or 0]
     stages = [stage for stage in previous if 0 < stage < num_prompts]
     return stages + [num_prompts]

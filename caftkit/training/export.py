@@ -13,7 +13,8 @@ from typing import Any
 
 from ..atomic_files import atomic_folder, check_replaceable
 from ..core.heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config, rebase_heads
-from ..models import load_model, load_tokenizer
+from ..json_text import read_json_file
+from ..models import check_model_source, load_model, load_tokenizer
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
 from .model_card import CARD_FILE, exported_model_card
 
@@ -28,10 +29,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; is {run_dir} a finished `caft finetune` run folder?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    return read_json_file(path)
 
 
 def load_finetuned(run_dir: str | Path, dtype: str | None = None):
@@ -47,6 +45,7 @@ def load_finetuned(run_dir: str | Path, dtype: str | None = None):
     if settings["method"] == "lora":
         from peft import PeftModel
 
+        check_model_source(str(final))  # a broken adapter_config.json is named before the base loads
         base = load_model(settings["model"], dtype)
         model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
     else:

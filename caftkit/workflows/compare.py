@@ -35,6 +35,7 @@ from typing import Any
 from ..core.heads import HEADS_CONFIG_FILE
 from ..evaluation.bootstrap import comparison_table, uniqueness_metric
 from ..evaluation.task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
+from ..json_text import read_json_file
 from ..resumable_jsonl import read_complete_records
 from ..training.export import export_run
 from ..training.finetuning import (
@@ -62,7 +63,7 @@ class _Timings:
 
     def __init__(self, path: Path):
         self.path = path
-        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        self.seconds: dict[str, float] = read_json_file(path) if path.exists() else {}
 
     def record(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
@@ -90,15 +91,15 @@ def _check_reusable(root: Path, settings: FinetuneSettings, eval_settings: EvalS
     """Stop when a finished or started step of this arm and seed was made with other settings than asked now."""
     recorded = []
     if (root / ARM_SETTINGS_FILE).exists():
-        recorded.append((root / ARM_SETTINGS_FILE, json.loads((root / ARM_SETTINGS_FILE).read_text())["finetune"]))
+        recorded.append((root / ARM_SETTINGS_FILE, read_json_file(root / ARM_SETTINGS_FILE)["finetune"]))
     if (root / "run" / RUN_FILE).exists():
-        recorded.append((root / "run" / RUN_FILE, json.loads((root / "run" / RUN_FILE).read_text())["settings"]))
+        recorded.append((root / "run" / RUN_FILE, read_json_file(root / "run" / RUN_FILE)["settings"]))
     differing = []
     for path, done in recorded:
         differing += [f"{path}: {item}" for item in _differences(done, settings, _NOT_COMPARED)]
     metrics = root / "eval" / METRICS_FILE
     if metrics.exists():
-        done = json.loads(metrics.read_text()).get("settings", {})
+        done = read_json_file(metrics).get("settings", {})
         differing += [f"{metrics}: {item}" for item in _differences(done, eval_settings, _EVAL_NOT_COMPARED)]
     if differing:
         raise ValueError(f"{root}: was made with other settings than asked now: {'; '.join(differing)}. Remove "
@@ -120,7 +121,7 @@ def _share_warmup(output: Path, settings: CompareSettings, arm_name: str, seed: 
         config = source / HEADS_CONFIG_FILE
         if other == arm_name or not config.exists():
             continue
-        done = json.loads(config.read_text()).get("training", {}).get("settings", {})
+        done = read_json_file(config).get("training", {}).get("settings", {})
         if {key: value for key, value in done.items() if key not in ignored} == wanted:
             run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(source, run_dir / WARMUP_HEADS_DIR)
@@ -156,7 +157,7 @@ def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timing
         started = time.perf_counter()
         evaluate(eval_dir, eval_settings, progress=progress)
         timings.record(f"seed-{seed}/{arm}/eval", time.perf_counter() - started)
-    return json.loads((eval_dir / METRICS_FILE).read_text())
+    return read_json_file(eval_dir / METRICS_FILE)
 
 
 def read_examples(eval_dir: Path) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ It reads what the comparison wrote (`<output>/seed-<s>/<arm>/run/caft_run.json`,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from ..evaluation.comparison_report import (
     reading_section,
     results_section,
 )
+from ..json_text import read_json_file
 from ..training.finetuning import RUN_FILE, WARMUP_HEADS_DIR
 
 if TYPE_CHECKING:  # the settings live with the comparison, which imports this module
@@ -46,7 +46,7 @@ def arm_dir(output: Path, seed: int, arm: str) -> Path:
 
 
 def run_summary(output: Path, seed: int, arm: str) -> dict[str, Any]:
-    return json.loads((arm_dir(output, seed, arm) / "run" / RUN_FILE).read_text())
+    return read_json_file(arm_dir(output, seed, arm) / "run" / RUN_FILE)
 
 
 def _budget(run: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def _heads_table(output: Path, settings: CompareSettings) -> list[str]:
             run = run_summary(output, seed, name)
             record = run.get("head_warmup") or {}
             warm_config = arm_dir(output, seed, name) / "run" / WARMUP_HEADS_DIR / HEADS_CONFIG_FILE
-            training = json.loads(warm_config.read_text()).get("training", {}) if warm_config.exists() else {}
+            training = read_json_file(warm_config).get("training", {}) if warm_config.exists() else {}
             start = training.get("held_out_before") or record.get("held_out_at_start") or {}
             warmed = training.get("held_out_after") or {}
             end = run.get("held_out_per_head", {})

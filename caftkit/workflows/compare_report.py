@@ -97,6 +97,19 @@ def _summary_table(comparisons: list[ArmComparison], settings: CompareSettings) 
     return lines + [""]
 
 
+def _held_out_table(output: Path, settings: CompareSettings) -> list[str]:
+    """The main head's held-out loss and top-1 accuracy at the end of each arm's fine-tuning, per seed: a smoother
+    signal than the task metrics, which greedy decoding makes jumpy from seed to seed."""
+    lines = ["| arm | seeds | next-token loss | mean | top-1 accuracy | mean |", "|---|---|---|---:|---|---:|"]
+    for name, arm in settings.arm_settings.items():
+        heads = [run_summary(output, seed, name)["held_out_per_head"]["head_1"] for seed in arm.seeds]
+        losses, accuracies = [head["loss"] for head in heads], [head["accuracy"] for head in heads]
+        lines.append(f"| {name} | {format_context(arm.seeds)} | {', '.join(f'{v:.4f}' for v in losses)} | "
+                     f"{sum(losses) / len(losses):.4f} | {', '.join(f'{v:.4f}' for v in accuracies)} | "
+                     f"{sum(accuracies) / len(accuracies):.4f} |")
+    return lines + [""]
+
+
 def _heads_table(output: Path, settings: CompareSettings) -> list[str]:
     """Held-out top-1 accuracy of each auxiliary head of every CAFT run: at the start (the given heads on the task),
     after the warm-up, and at the end of fine-tuning (the heads frozen, the model moved under them)."""
@@ -155,6 +168,9 @@ def write_comparison_report(output: Path, settings: CompareSettings, comparisons
         lines += reading_section(comparison.rows, comparison.baseline, comparison.arm)
         lines += [f"![{comparison.arm} - {comparison.baseline} per metric, with "
                   f"{100 * comparison.rows[0].confidence:g}% CI]({chart})", ""]
+    lines += ["## Held-out next-token loss", "",
+              "The main head on the held-out split of the training data at the end of fine-tuning (every arm's "
+              "own split: the same examples for the same seed).", ""] + _held_out_table(output, settings)
     heads = _heads_table(output, settings)
     if heads:
         lines += ["## Auxiliary heads: held-out top-1 accuracy", "",

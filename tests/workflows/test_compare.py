@@ -175,6 +175,14 @@ def test_several_arms_against_one_baseline_share_the_warm_up_and_pair_by_seed(ti
     # the same warm-up: the same accuracy at the start and after it, another after fine-tuning with another beta
     assert [row.split("|")[4:6] for row in heads_rows] == [row.split("|")[4:6] for row in caft_rows]
     assert (output / "report-caft-beta0.5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the main head's held-out loss and accuracy at the end of each run, per seed and averaged
+    for arm, seeds in (("ntp", [0, 1]), ("caft", [0, 1]), ("caft-beta0.5", [1])):
+        heads = [runs[(arm, seed)]["held_out_per_head"]["head_1"] for seed in seeds]
+        losses = [head["loss"] for head in heads]
+        accuracies = [head["accuracy"] for head in heads]
+        assert (f"| {arm} | {', '.join(map(str, seeds))} | {', '.join(f'{v:.4f}' for v in losses)} | "
+                f"{sum(losses) / len(losses):.4f} | {', '.join(f'{v:.4f}' for v in accuracies)} | "
+                f"{sum(accuracies) / len(accuracies):.4f} |") in report
 
 
 def test_a_finished_step_made_with_other_settings_is_not_reused(tiny_setup, tmp_path):

@@ -34,9 +34,8 @@ from typing import Any
 
 from ..core.heads import HEADS_CONFIG_FILE
 from ..evaluation.bootstrap import comparison_table, uniqueness_metric
-from ..evaluation.task_eval import EXAMPLES_FILE, METRICS_FILE, EvalSettings, evaluate
+from ..evaluation.task_eval import METRICS_FILE, EvalSettings, evaluate
 from ..json_text import read_json_file
-from ..resumable_jsonl import read_complete_records
 from ..training.export import export_run
 from ..training.finetuning import (
     RUN_FILE,
@@ -46,7 +45,7 @@ from ..training.finetuning import (
     warmup_settings,
 )
 from ..training.head_training import last_checkpoint
-from .compare_report import ArmComparison, arm_dir, write_comparison_report
+from .compare_report import ArmComparison, arm_dir, read_examples, write_comparison_report
 from .settings import TASK_COLUMNS, TASK_RATES, CompareSettings
 
 TIMINGS_FILE = "timings.json"
@@ -158,11 +157,6 @@ def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timing
         evaluate(eval_dir, eval_settings, progress=progress)
         timings.record(f"seed-{seed}/{arm}/eval", time.perf_counter() - started)
     return read_json_file(eval_dir / METRICS_FILE)
-
-
-def read_examples(eval_dir: Path) -> list[dict[str, Any]]:
-    """The per-example rows `caft eval` wrote."""
-    return read_complete_records(eval_dir / EXAMPLES_FILE, required=(), what="a per-example row of caft eval")
 
 
 def arm_records(output: Path, settings: CompareSettings, arm: str, seeds: list[int] | None = None

@@ -19,7 +19,9 @@ from ..evaluation.comparison_report import (
     reading_section,
     results_section,
 )
+from ..evaluation.task_eval import EXAMPLES_FILE
 from ..json_text import read_json_file
+from ..resumable_jsonl import read_complete_records
 from ..training.finetuning import RUN_FILE, WARMUP_HEADS_DIR
 
 if TYPE_CHECKING:  # the settings live with the comparison, which imports this module
@@ -43,6 +45,11 @@ DEFINITIONS = {
 def arm_dir(output: Path, seed: int, arm: str) -> Path:
     """The folder of one arm and seed."""
     return output / f"seed-{seed}" / arm
+
+
+def read_examples(eval_dir: Path) -> list[dict[str, Any]]:
+    """The per-example rows `caft eval` wrote."""
+    return read_complete_records(eval_dir / EXAMPLES_FILE, required=(), what="a per-example row of caft eval")
 
 
 def run_summary(output: Path, seed: int, arm: str) -> dict[str, Any]:
@@ -142,13 +149,14 @@ def write_comparison_report(output: Path, settings: CompareSettings, comparisons
                             timings) -> Path:
     """Write `report.md` (context, arms, summary, one section per CAFT arm with its chart, heads) and the charts."""
     first = next(iter(settings.arm_settings))
-    n_examples = comparisons[0].rows[0].n_examples if comparisons else 0
+    first_seed = settings.arm_settings[first].seeds[0]
+    n_examples = len(read_examples(arm_dir(output, first_seed, first) / "eval"))
     context = {
         "base model": settings.model,
         "task": settings.task,
         "training data": settings.data,
         "test data": f"{settings.test_data or 'default'} ({n_examples} examples)",
-        "budget (every run)": _budget(run_summary(output, settings.arm_settings[first].seeds[0], first)),
+        "budget (every run)": _budget(run_summary(output, first_seed, first)),
         "shared fine-tuning settings": settings.finetune or "defaults",
         "evaluation": f"greedy, batch {settings.eval_batch_size}, dtype {settings.dtype}",
     }
@@ -158,6 +166,9 @@ def write_comparison_report(output: Path, settings: CompareSettings, comparisons
     if comparisons:
         lines += ["## Summary", "", "Each arm's mean over the seeds it is compared on; per-seed values in brackets.",
                   ""] + _summary_table(comparisons, settings)
+    else:
+        lines += ["No CAFT arm, so no difference to report: each arm's metrics are in "
+                  "`seed-<s>/<arm>/eval/metrics.json`.", ""]
     for comparison in comparisons:
         title = f"{comparison.arm} against {comparison.baseline}"
         chart = f"report-{comparison.arm}.png"

@@ -190,6 +190,10 @@ def test_a_finished_step_made_with_other_settings_is_not_reused(tiny_setup, tmp_
     settings = settings_for(tiny_setup, arms={"ntp": {"mode": "ntp"}})
     write_answers(output, settings, "ntp", 0, NTP_ANSWERS)
     compare(str(output), settings, progress=False)
+    # with no CAFT arm the report still counts the examples scored, and says why it has no differences
+    report = (output / REPORT_FILE).read_text()
+    assert f"**test data**: {tiny_setup / 'test.jsonl'} (6 examples)" in report
+    assert "No CAFT arm, so no difference to report" in report and "## Summary" not in report
     changed = settings_for(tiny_setup, arms={"ntp": {"mode": "ntp", "finetune": {"learning_rate": 1e-3}}})
     with pytest.raises(ValueError, match=r"seed-0/ntp: was made with other settings than asked now: .*"
                                          r"learning_rate=0.003 \(asked: 0.001\)"):

@@ -88,8 +88,9 @@ def bench_precision_command(settings: PrecisionBenchSettings) -> dict:
     The same run (data, seed, mode, heads, learning-rate and gamma schedules of the whole run) is started twice,
     with `--mixed-precision no` and `bf16`, each in a fresh process and stopped after `--steps` optimisation
     steps, without head warm-up. Prints JSON with `time_ratio` (median step time, bf16 / float32),
-    `peak_memory_ratio` (peak memory during training), `largest_relative_loss_difference` (over the steps and
-    the heads, of each head's training loss) and `within_tolerance`.
+    `peak_memory_ratio` (peak memory during training, of the kind `memory_kind` names),
+    `largest_relative_loss_difference` (over the steps and the heads, of each head's training loss) and
+    `within_tolerance`.
     """
     from .precision import bench_precision
 

@@ -26,7 +26,7 @@ from typing import Any
 from ..evaluation.charts import head_loss_series
 from ..models import bf16_is_fast, resolve_device
 from ..training.finetuning import LOG_HISTORY_FILE, FinetuneSettings
-from .memory import peak_memory_bytes, reset_peak_memory
+from .memory import memory_kind, peak_memory_bytes, reset_peak_memory
 from .settings import PRECISIONS
 
 
@@ -73,6 +73,7 @@ def run_side(settings: FinetuneSettings, steps: int, output: str) -> dict[str, A
         "step_seconds": timer.seconds,
         "median_step_seconds": statistics.median(timer.seconds),
         "peak_memory_bytes": peak_memory_bytes(resolve_device(settings.device)),
+        "memory_kind": memory_kind(resolve_device(settings.device)),
         "train_loss_per_head": {str(k): [[step, loss] for step, loss in series] for k, series in train.items()},
         "held_out_per_head": summary["held_out_per_head"],
     }
@@ -127,6 +128,7 @@ def bench_precision(settings: FinetuneSettings, steps: int = 20, tolerance: floa
         "steps": steps,
         "time_ratio": bf16["median_step_seconds"] / reference["median_step_seconds"],
         "peak_memory_ratio": bf16["peak_memory_bytes"] / reference["peak_memory_bytes"],
+        "memory_kind": reference["memory_kind"],
         "largest_relative_loss_difference": losses["largest"],
         "relative_loss_difference_per_head": losses["per_head"],
         "tolerance": tolerance,

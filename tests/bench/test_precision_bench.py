@@ -71,6 +71,9 @@ def test_bench_compares_bf16_with_float32_in_fresh_processes(tiny_task, tmp_path
     assert result["float32"]["steps"] == result["bf16"]["steps"] == 2
     assert result["time_ratio"] == result["bf16"]["median_step_seconds"] / result["float32"]["median_step_seconds"]
     assert result["peak_memory_ratio"] == result["bf16"]["peak_memory_bytes"] / result["float32"]["peak_memory_bytes"]
+    # the figures say what they measure: on the CPU, the process's peak resident memory
+    assert result["memory_kind"] == result["float32"]["memory_kind"] == result["bf16"]["memory_kind"]
+    assert result["memory_kind"].startswith("peak RSS")
     expected = largest_relative_difference(result["float32"]["train_loss_per_head"],
                                            result["bf16"]["train_loss_per_head"])["largest"]
     assert result["largest_relative_loss_difference"] == expected

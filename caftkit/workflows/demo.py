@@ -92,9 +92,9 @@ def run_demo(sizes: DemoSettings) -> dict[str, Any]:
     held_out = root / "molecules-test.jsonl"
     write_molecule_records("moses:test", held_out, n=sizes.eval_molecules, seed=1)
     with _stage("6/7 the base model on held-out molecules (caft eval)", timings):
-        base_scores = _score(model_name, held_out, root / "eval-base", device)
+        base_scores = score_held_out(model_name, held_out, root / "eval-base", device)
     with _stage("7/7 the CAFT fine-tuned model on the same molecules (caft eval)", timings):
-        scores = _score(str(exported), held_out, root / "eval", device)
+        scores = score_held_out(str(exported), held_out, root / "eval", device)
 
     report = {"artefacts": {"distilled": str(distilled), "heads": str(heads), "task_data": str(molecules),
                             "run": str(run), "model": written["model"], "model_heads": written["heads"],
@@ -106,7 +106,7 @@ def run_demo(sizes: DemoSettings) -> dict[str, Any]:
     return report
 
 
-def _score(model: str, held_out: Path, output: Path, device: str) -> dict[str, Any]:
+def score_held_out(model: str, held_out: Path, output: Path, device: str) -> dict[str, Any]:
     """`caft eval --task molecules` of `model` on the held-out records, through the same code."""
     result = evaluate(output, EvalSettings(model=model, task="molecules", data=str(held_out),
                                            max_new_tokens=ANSWER_TOKENS, device=device), progress=False)
@@ -114,7 +114,7 @@ def _score(model: str, held_out: Path, output: Path, device: str) -> dict[str, A
     rows = read_complete_records(output / EXAMPLES_FILE, required=("prompt", "output"),
                                  what="a per-example row of caft eval")
     return {"prompts": metrics["n"], "valid": metrics["validity"], "formula_match": metrics["formula_match"],
-            "groups_match": metrics["groups_match"],
+            "groups_match": metrics["groups_match"], "uniqueness": metrics["uniqueness"],
             "examples": [{"prompt": row["prompt"], "answer": row["output"]} for row in rows[:3]]}
 
 
@@ -122,7 +122,8 @@ def format_scores(evaluation: dict[str, dict[str, Any]]) -> str:
     """The base and the fine-tuned model side by side, one row per metric."""
     base, tuned = evaluation["base"], evaluation["fine_tuned"]
     lines = [f"{tuned['prompts']} held-out MOSES test molecules   base model   CAFT fine-tuned"]
+    # uniqueness shows what the other rows hide: a short fine-tuning may give one valid molecule to most prompts
     for key, label in (("valid", "valid SMILES"), ("formula_match", "formula match"),
-                       ("groups_match", "all groups present")):
+                       ("groups_match", "all groups present"), ("uniqueness", "distinct / valid answers")):
         lines.append(f"  {label:<34} {base[key]:>10.2f}   {tuned[key]:>15.2f}")
     return "\n".join(lines)

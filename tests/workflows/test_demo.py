@@ -1,0 +1,45 @@
+"""The demo's scoring of the base and the fine-tuned model, and the table it prints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import saved_model_dir, tiny_model
+
+from caftkit.evaluation.task_eval import GENERATIONS_FILE, molecule_examples
+from caftkit.tasks.molecules import describe_molecule, molecule_record
+from caftkit.workflows.demo import format_scores, score_held_out
+
+HELD_OUT = ["CCO", "Oc1ccccc1", "CC#N", "CCN"]
+
+
+def scored(tmp_path, name: str, answers: list[str]) -> dict:
+    """The demo's scores of `answers` to the held-out molecules (given instead of generated)."""
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text("".join(json.dumps(molecule_record(describe_molecule(s))) + "\n" for s in HELD_OUT))
+    output = tmp_path / name
+    output.mkdir()
+    ids = [example.id for example in molecule_examples(str(held_out))]
+    (output / GENERATIONS_FILE).write_text("".join(json.dumps({"id": i, "output": a}) + "\n"
+                                                   for i, a in zip(ids, answers)))
+    model = tmp_path / "model"
+    if not model.exists():
+        saved_model_dir(model, tiny_model("llama"))
+    return score_held_out(str(model), held_out, output, "cpu")
+
+
+def test_the_table_shows_how_many_valid_answers_are_distinct(tmp_path):
+    base = scored(tmp_path, "base", ["hello", "C1CC", "the answer", "CC"])  # one valid: CC
+    tuned = scored(tmp_path, "tuned", ["CCO", "CCO", "CC#N", "CCO"])      # all valid, two distinct
+    assert (base["prompts"], base["valid"], base["uniqueness"]) == (4, 0.25, 1.0)
+    assert (tuned["valid"], tuned["formula_match"], tuned["groups_match"]) == (1.0, 0.5, 0.5)
+    assert tuned["uniqueness"] == pytest.approx(2 / 4)
+    assert [example["answer"] for example in tuned["examples"]] == ["CCO", "CCO", "CC#N"]
+    assert format_scores({"base": base, "fine_tuned": tuned}).splitlines() == [
+        "4 held-out MOSES test molecules   base model   CAFT fine-tuned",
+        "  valid SMILES                             0.25              1.00",
+        "  formula match                            0.00              0.50",
+        "  all groups present                       0.00              0.50",
+        "  distinct / valid answers                 1.00              0.50",
+    ]

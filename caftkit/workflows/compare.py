@@ -19,7 +19,7 @@ schedule or the method) share it: the warmed-up heads of the first are copied in
     <output>/seed-<s>/<arm>/run/     the fine-tuning run (`caft finetune`)
     <output>/seed-<s>/<arm>/model/   the exported model (`caft export`)
     <output>/seed-<s>/<arm>/eval/    metrics.json, examples.jsonl (`caft eval`)
-    <output>/timings.json            wall time of every stage that ran
+    <output>/timings.json            wall time of every stage, every start of it counted
     <output>/report.md, report-<arm>.png, comparison.json
 """
 
@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import write_text_atomically
 from ..core.heads import HEADS_CONFIG_FILE
 from ..evaluation.bootstrap import comparison_table, uniqueness_metric
 from ..evaluation.task_eval import METRICS_FILE, EvalSettings, evaluate
@@ -58,15 +62,41 @@ _EVAL_NOT_COMPARED = {"model", "device", "batch_size", "workers", "allow_unsandb
 
 
 class _Timings:
-    """Wall time of each stage, kept on disk so that a resumed comparison reports the stages it did not redo."""
+    """Wall time of each stage, kept on disk so that a resumed comparison reports the stages it did not redo.
 
-    def __init__(self, path: Path):
+    A running stage writes its time so far every `flush_interval_s` seconds, so a stage that is stopped and then
+    resumed counts the time of every start, not only of the last one (at most one interval is lost per stop)."""
+
+    def __init__(self, path: Path, flush_interval_s: float = 30.0, clock: Callable[[], float] = time.perf_counter):
         self.path = path
+        self.flush_interval_s = flush_interval_s
+        self.clock = clock
         self.seconds: dict[str, float] = read_json_file(path) if path.exists() else {}
+        self._lock = threading.Lock()
 
-    def record(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
-        self.path.write_text(json.dumps(self.seconds, indent=2) + "\n")
+    def _write(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = round(seconds, 1)
+            write_text_atomically(self.path, json.dumps(self.seconds, indent=2) + "\n")
+
+    @contextmanager
+    def stage(self, stage: str) -> Iterator[None]:
+        """Time the block as `stage`, added to what earlier starts of it recorded, written while it runs."""
+        before, started = self.seconds.get(stage, 0.0), self.clock()
+        stopped = threading.Event()
+
+        def flush_until_stopped() -> None:
+            while not stopped.wait(self.flush_interval_s):
+                self._write(stage, before + self.clock() - started)
+
+        flusher = threading.Thread(target=flush_until_stopped, name=f"timings {stage}", daemon=True)
+        flusher.start()
+        try:
+            yield
+        finally:
+            stopped.set()
+            flusher.join()
+            self._write(stage, before + self.clock() - started)
 
     def arm_total(self, arm: str) -> float:
         return round(sum(value for key, value in self.seconds.items() if key.split("/")[1:2] == [arm]), 1)
@@ -145,17 +175,14 @@ def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timing
         if shared_from is not None:
             (root / ARM_SETTINGS_FILE).write_text(json.dumps(
                 {"finetune": asdict(finetune_settings), "warmup_shared_from": shared_from}, indent=2) + "\n")
-        started = time.perf_counter()
-        finetune(str(run_dir), finetune_settings, resume=resume)
-        timings.record(f"seed-{seed}/{arm}/finetune", time.perf_counter() - started)
+        with timings.stage(f"seed-{seed}/{arm}/finetune"):
+            finetune(str(run_dir), finetune_settings, resume=resume)
     if not (model_dir / "config.json").exists():
-        started = time.perf_counter()
-        export_run(run_dir, model_dir)
-        timings.record(f"seed-{seed}/{arm}/export", time.perf_counter() - started)
+        with timings.stage(f"seed-{seed}/{arm}/export"):
+            export_run(run_dir, model_dir)
     if not (eval_dir / METRICS_FILE).exists():
-        started = time.perf_counter()
-        evaluate(eval_dir, eval_settings, progress=progress)
-        timings.record(f"seed-{seed}/{arm}/eval", time.perf_counter() - started)
+        with timings.stage(f"seed-{seed}/{arm}/eval"):
+            evaluate(eval_dir, eval_settings, progress=progress)
     return read_json_file(eval_dir / METRICS_FILE)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from caftkit.evaluation.task_eval import GENERATIONS_FILE, molecule_examples
 from caftkit.tasks.molecules import describe_molecule, molecule_record
 from caftkit.training.finetuning import RUN_FILE
 from caftkit.training.head_training import HeadTrainingSettings, train_heads
-from caftkit.workflows.compare import COMPARISON_FILE, TIMINGS_FILE, CompareSettings, compare
+from caftkit.workflows.compare import COMPARISON_FILE, TIMINGS_FILE, CompareSettings, _Timings, compare
 from caftkit.workflows.compare_report import REPORT_FILE
 
 TRAIN = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "CC#N", "CC(C)O", "OCC(O)CO", "CC(=O)N", "Oc1ccccc1", "CCOC"]
@@ -99,6 +100,30 @@ def test_comparison_trains_both_arms_alike_and_reports_the_paired_difference(tin
     assert compare(str(output), settings, progress=False)["comparisons"] == result["comparisons"]
     assert (output / TIMINGS_FILE).read_text() == timings
     assert (output / "seed-0" / "caft" / "run" / RUN_FILE).stat().st_mtime_ns == stamp
+
+
+def test_a_stage_stopped_and_resumed_counts_the_time_of_every_start(tmp_path):
+    path, now = tmp_path / TIMINGS_FILE, [100.0]
+    timings = _Timings(path, flush_interval_s=0.01, clock=lambda: now[0])
+    with pytest.raises(KeyboardInterrupt), timings.stage("seed-0/caft/finetune"):
+        now[0] += 40.0
+        # while the stage runs its time so far reaches the file: a process killed here keeps it
+        deadline = time.monotonic() + 30
+        while not path.exists() or json.loads(path.read_text()).get("seed-0/caft/finetune") != 40.0:
+            assert time.monotonic() < deadline, "the running stage never wrote its time"
+            time.sleep(0.01)
+        now[0] += 2.5
+        raise KeyboardInterrupt
+    assert json.loads(path.read_text()) == {"seed-0/caft/finetune": 42.5}
+
+    # The resumed comparison adds the time of its own start to what the stopped one recorded.
+    resumed = _Timings(path, flush_interval_s=60, clock=lambda: now[0])
+    with resumed.stage("seed-0/caft/finetune"):
+        now[0] += 30.0
+    with resumed.stage("seed-0/caft/eval"):
+        now[0] += 7.5
+    assert json.loads(path.read_text()) == {"seed-0/caft/finetune": 72.5, "seed-0/caft/eval": 7.5}
+    assert resumed.arm_total("caft") == 80.0 and resumed.arm_total("ntp") == 0
 
 
 def test_compare_command_checks_its_settings(tiny_setup, tmp_path, capsys):

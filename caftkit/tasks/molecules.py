@@ -15,13 +15,14 @@ import json
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..atomic_files import atomic_path
 from ..command_line import check_settings, setting
 from ..package_data import package_file
+from .task import RecordStats
 
 # Name -> SMARTS, in the order groups are named in prompts.
 FUNCTIONAL_GROUPS: dict[str, str] = {
@@ -139,23 +140,11 @@ def read_smiles(source: str) -> list[tuple[str, str]]:
     return molecules
 
 
-@dataclass
-class MoleculeDataStats:
-    """What building the records found."""
-
-    read: int = 0
-    written: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-
-
 def iter_molecule_records(source: str, n: int | None = None, seed: int = 0,
-                          stats: MoleculeDataStats | None = None) -> Iterator[dict[str, Any]]:
+                          stats: RecordStats | None = None) -> Iterator[dict[str, Any]]:
     """Records for up to `n` molecules of `source`, drawn in a seeded random order; SMILES that RDKit cannot
     parse, and molecules with none of the functional groups, are skipped and counted; duplicates are dropped."""
-    stats = stats if stats is not None else MoleculeDataStats()
+    stats = stats if stats is not None else RecordStats()
     molecules = read_smiles(source)
     random.Random(seed).shuffle(molecules)
     seen: set[str] = set()
@@ -201,11 +190,11 @@ class MoleculeDataSettings:
 
 
 def write_molecule_records(source: str, output: str | os.PathLike, n: int | None = None, seed: int = 0
-                           ) -> MoleculeDataStats:
+                           ) -> RecordStats:
     """Write the records of `iter_molecule_records` to a JSONL file (complete or not at all)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    stats = MoleculeDataStats()
+    stats = RecordStats()
     with atomic_path(output) as staging, staging.open("w", encoding="utf-8") as handle:
         for record in iter_molecule_records(source, n, seed, stats):
             handle.write(json.dumps(record) + "\n")

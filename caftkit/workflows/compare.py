@@ -37,9 +37,11 @@ from typing import Any
 
 from ..atomic_files import write_text_atomically
 from ..core.heads import HEADS_CONFIG_FILE
-from ..evaluation.bootstrap import comparison_table, uniqueness_metric
+from ..evaluation.bootstrap import SetMetric, comparison_table, subset_mean_metric, uniqueness_metric
 from ..evaluation.task_eval import METRICS_FILE, EvalSettings, evaluate
 from ..json_text import read_json_file
+from ..tasks.registry import get_task
+from ..tasks.task import ReportMetric
 from ..training.export import export_run
 from ..training.finetuning import (
     RUN_FILE,
@@ -50,7 +52,7 @@ from ..training.finetuning import (
 )
 from ..training.head_training import last_checkpoint
 from .compare_report import ArmComparison, arm_dir, read_examples, write_comparison_report
-from .settings import TASK_COLUMNS, TASK_RATES, CompareSettings
+from .settings import CompareSettings
 
 TIMINGS_FILE = "timings.json"
 COMPARISON_FILE = "comparison.json"
@@ -186,38 +188,62 @@ def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timing
     return read_json_file(eval_dir / METRICS_FILE)
 
 
-def arm_records(output: Path, settings: CompareSettings, arm: str, seeds: list[int] | None = None
-                ) -> tuple[list[dict[str, list]], list[str]]:
-    """Per-seed record sets of one arm (report name -> per-example values), and the example ids."""
-    columns = TASK_COLUMNS[settings.task]
+# Records hold the raw per-example columns under this prefix (what set metrics read), beside each per-example
+# metric under its own name.
+_COLUMN = "column:"
+
+
+def _set_metric(metric: ReportMetric) -> SetMetric:
+    """The bootstrap's function of a metric computed on the whole set of answers."""
+    if metric.distinct_of is not None:
+        return uniqueness_metric(_COLUMN + metric.distinct_of, _COLUMN + metric.column)
+    where_column, value = metric.within
+    return subset_mean_metric(_COLUMN + metric.column, _COLUMN + where_column, value)
+
+
+def report_metrics(output: Path, settings: CompareSettings, arm: str) -> list[ReportMetric]:
+    """What the comparison reports, as the task says for the test examples of `arm`'s first seed."""
+    return get_task(settings.task).report_metrics(read_examples(arm_dir(output, settings.arm_settings[arm].seeds[0],
+                                                                        arm) / "eval"))
+
+
+def arm_records(output: Path, settings: CompareSettings, arm: str, metrics: list[ReportMetric],
+                seeds: list[int] | None = None) -> tuple[list[dict[str, list]], list[str]]:
+    """Per-seed record sets of one arm (each per-example metric by name, and the raw columns the others read), and
+    the example ids."""
     records, ids = [], None
     seeds = settings.arm_settings[arm].seeds if seeds is None else seeds
+    columns = {name for metric in metrics if not metric.per_example
+               for name in (metric.column, metric.distinct_of, metric.within and metric.within[0]) if name}
     for seed in seeds:
         rows = read_examples(arm_dir(output, seed, arm) / "eval")
         seed_ids = [row["id"] for row in rows]
         if ids is not None and seed_ids != ids:
             raise ValueError(f"seed {seed} of {arm} was scored on other test examples than seed {seeds[0]}")
         ids = seed_ids
-        record = {name: [float(row[column]) for row in rows] for name, column in columns.items()}
-        if settings.task == "molecules":
-            record["answer"] = [row["canonical_smiles"] for row in rows]
+        record = {metric.name: [float(row[metric.column]) for row in rows] for metric in metrics
+                  if metric.per_example}
+        record.update({_COLUMN + name: [row[name] for row in rows] for name in columns})
         records.append(record)
     return records, ids or []
 
 
 def compare_arms(output: Path, settings: CompareSettings) -> list[ArmComparison]:
     """Every CAFT arm against its baseline, paired by seed on the seeds both ran."""
-    set_metrics = {"uniqueness": uniqueness_metric("answer", "validity")} if settings.task == "molecules" else {}
     comparisons = []
     for arm, baseline in settings.baselines.items():
         seeds = [seed for seed in settings.arm_settings[arm].seeds if seed in settings.arm_settings[baseline].seeds]
-        base_records, base_ids = arm_records(output, settings, baseline, seeds)
-        arm_records_, ids = arm_records(output, settings, arm, seeds)
+        metrics = report_metrics(output, settings, baseline)
+        base_records, base_ids = arm_records(output, settings, baseline, metrics, seeds)
+        arm_records_, ids = arm_records(output, settings, arm, metrics, seeds)
         if ids != base_ids:
             raise ValueError(f"{arm} and {baseline} were scored on different test examples; remove their eval/ "
                              f"folders")
-        rows = comparison_table(base_records, arm_records_, metrics=list(TASK_COLUMNS[settings.task]),
-                                set_metrics=set_metrics, percent=TASK_RATES[settings.task],
+        rows = comparison_table(base_records, arm_records_,
+                                metrics=[metric.name for metric in metrics if metric.per_example],
+                                set_metrics={metric.name: _set_metric(metric) for metric in metrics
+                                             if not metric.per_example},
+                                percent={metric.name for metric in metrics if metric.rate},
                                 n_resamples=settings.n_resamples)
         comparisons.append(ArmComparison(arm, baseline, seeds, rows))
     return comparisons

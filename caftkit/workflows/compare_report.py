@@ -22,25 +22,14 @@ from ..evaluation.comparison_report import (
 from ..evaluation.task_eval import EXAMPLES_FILE
 from ..json_text import read_json_file
 from ..resumable_jsonl import read_complete_records
+from ..tasks.registry import get_task
 from ..training.finetuning import RUN_FILE, WARMUP_HEADS_DIR
 
 if TYPE_CHECKING:  # the settings live with the comparison, which imports this module
     from .compare import CompareSettings
 
 REPORT_FILE = "report.md"
-DEFINITIONS = {
-    "molecules": {
-        "validity": "the answer parses as a molecule (RDKit).",
-        "formula_match": "the molecule has exactly the requested molecular formula.",
-        "group_recall": "fraction of the requested functional groups present (0 for an invalid answer).",
-        "groups_match": "every requested functional group is present.",
-        "exact_match": "the canonical SMILES equals the reference molecule's.",
-        "tanimoto": "Tanimoto similarity to the reference of Morgan fingerprints (radius 2, 2048 bits); 0 when "
-                    "invalid.",
-        "uniqueness": "distinct valid molecules / valid answers.",
-    },
-    "humaneval": {"pass@1": "the greedy completion passes the problem's tests."},
-}
+
 
 def arm_dir(output: Path, seed: int, arm: str) -> Path:
     """The folder of one arm and seed."""
@@ -150,7 +139,8 @@ def write_comparison_report(output: Path, settings: CompareSettings, comparisons
     """Write `report.md` (context, arms, summary, one section per CAFT arm with its chart, heads) and the charts."""
     first = next(iter(settings.arm_settings))
     first_seed = settings.arm_settings[first].seeds[0]
-    n_examples = len(read_examples(arm_dir(output, first_seed, first) / "eval"))
+    first_rows = read_examples(arm_dir(output, first_seed, first) / "eval")
+    n_examples = len(first_rows)
     context = {
         "base model": settings.model,
         "task": settings.task,
@@ -189,7 +179,8 @@ def write_comparison_report(output: Path, settings: CompareSettings, comparisons
                   "the task (eq. 3, the base frozen), and at the end of fine-tuning (the heads frozen while the model "
                   "moved under them).", ""] + heads
     lines += ["## Definitions", ""]
-    lines += [f"- **{name}**: {text}" for name, text in DEFINITIONS[settings.task].items()]
+    lines += [f"- **{metric.name}**: {metric.definition}" + (f" Unit: {metric.unit}." if metric.unit else "")
+              for metric in get_task(settings.task).report_metrics(first_rows)]
     path = output / REPORT_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -11,23 +11,10 @@ from typing import Any
 from ..command_line import setting, with_current_names
 from ..evaluation.task_eval import EvalSettings
 from ..models import ModelSettings
+from ..tasks.registry import get_task, task_names
 from ..training.settings import HEAD_WARMUP_CHOICES, METHODS, FinetuneSettings
 
 DEFAULT_ARMS = {"ntp": {"mode": "ntp"}, "caft": {"mode": "caft"}}
-
-# What each task's report compares: the per-example columns of `examples.jsonl` (report name -> column).
-TASK_COLUMNS = {
-    "molecules": {"validity": "valid", "formula_match": "formula_match", "group_recall": "group_recall",
-                  "groups_match": "groups_match", "exact_match": "exact_match", "tanimoto": "tanimoto"},
-    "humaneval": {"pass@1": "passed"},
-}
-# The metrics of each task that are rates (a fraction of the examples, shown in percent, their differences in
-# percentage points); the others are scores in their own units. Declared, not guessed from the values: a score
-# that happens to be 0 or 1 on every example (an arm whose answers are all invalid) is still a score.
-TASK_RATES = {
-    "molecules": frozenset({"validity", "formula_match", "groups_match", "exact_match", "uniqueness"}),
-    "humaneval": frozenset({"pass@1"}),
-}
 
 # Fine-tuning settings that compare sets itself, per arm.
 _ARM_KEYS = {"model", "data", "mode", "method", "seed", "heads", "head_warmup", "dtype", "device"}
@@ -55,10 +42,10 @@ class CompareSettings(ModelSettings):
 
     data: str = setting(help="the task's training records (e.g. from `caft data molecules`).",
                         formerly=("train_data",))
-    task: str = setting("molecules", help="how the exported models are scored (see `caft eval`).",
-                        choices=tuple(TASK_COLUMNS))
-    test_data: str | None = setting(None, help="the test examples (default: moses:test for molecules, the bundled "
-                                               "HumanEval set).")
+    task: str = setting("molecules", help=f"how the exported models are scored: {', '.join(task_names())} (the "
+                                          "registered tasks; see `caft eval`).")
+    test_data: str | None = setting(None, help="the test examples (default: the task's own: moses:test for molecules, "
+                                               "the bundled HumanEval set; math needs a file from `caft data math`).")
     test_examples: int | None = setting(500, help="score the first this many test examples; 0 or none for all.",
                                         minimum=0)
     heads: str | None = setting(None, help="heads folder of the caft arms (from `caft train-heads`); the default of "
@@ -82,6 +69,7 @@ class CompareSettings(ModelSettings):
 
     def __post_init__(self):
         super().__post_init__()
+        get_task(self.task)
         if self.test_examples == 0:
             self.test_examples = None
         self.finetune = with_current_names(self.finetune, FinetuneSettings, "finetune")

@@ -19,11 +19,11 @@ from caftkit.evaluation.task_eval import (
     METRICS_FILE,
     EvalSettings,
     evaluate,
-    molecule_examples,
 )
 from caftkit.tasks.humaneval import read_problems
 from caftkit.tasks.molecule_metrics import check_molecule, molecule_metrics
 from caftkit.tasks.molecules import describe_molecule, molecule_record
+from caftkit.tasks.registry import get_task
 
 # Reference molecules of the test set: ethanol, phenol, benzoic acid, acetonitrile.
 REFERENCES = ["CCO", "Oc1ccccc1", "OC(=O)c1ccccc1", "CC#N"]
@@ -49,7 +49,7 @@ def tiny_dir(tmp_path_factory):
 def test_molecule_scores_are_the_checks_of_the_answers(tiny_dir, tmp_path):
     """Every answer already there is scored, not regenerated; the metrics are those of the per-example checks."""
     data = write_molecule_set(tmp_path / "test.jsonl")
-    ids = [example.id for example in molecule_examples(str(data))]
+    ids = [example.id for example in get_task("molecules").examples(str(data), None, 0)]
     answers = ["OCC", "`c1ccccc1O` is phenol", "C1CC", "CC#N."]  # exact, exact, invalid, exact
     output = tmp_path / "eval"
     prefill(output, dict(zip(ids, answers)))
@@ -69,7 +69,7 @@ def test_molecule_scores_are_the_checks_of_the_answers(tiny_dir, tmp_path):
 def test_missing_answers_are_generated_greedily_and_appended(tiny_dir, tmp_path):
     """A rerun after an interruption generates only the answers missing; they equal `model.generate` greedy."""
     data = write_molecule_set(tmp_path / "test.jsonl")
-    examples = molecule_examples(str(data))
+    examples = get_task("molecules").examples(str(data), None, 0)
     output = tmp_path / "eval"
     prefill(output, {examples[0].id: "CCO", examples[2].id: "C"})
     settings = EvalSettings(model=str(tiny_dir), task="molecules", data=str(data), max_new_tokens=7, batch_size=2)
@@ -150,7 +150,7 @@ def test_eval_command_end_to_end(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--task", "translation"], "argument --task: 'translation' is not one of molecules, humaneval, loss"),
+        (["--task", "translation"], "unknown task 'translation'; expected one of molecules, humaneval, math, loss"),
         (["--task", "loss"], "--task loss needs --data"),
         (["--task", "molecules", "--data", "{missing}"], "missing.jsonl: data file not found"),
         (["--task", "molecules", "--data", "{bad}"], r"bad.jsonl:1: field 'meta.smiles': reference SMILES 'C1CC'"),

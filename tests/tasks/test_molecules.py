@@ -9,7 +9,6 @@ import pytest
 
 from caftkit.tasks.molecules import (
     FUNCTIONAL_GROUPS,
-    MoleculeDataStats,
     MoleculeFacts,
     describe_molecule,
     design_prompt,
@@ -18,6 +17,7 @@ from caftkit.tasks.molecules import (
     read_smiles,
     write_molecule_records,
 )
+from caftkit.tasks.task import RecordStats
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def test_the_groups_are_the_documented_thirteen():
 def test_records_from_a_smiles_file_skip_and_count_bad_molecules(tmp_path):
     source = tmp_path / "molecules.smi"
     source.write_text("CC(=O)O\nC1CC\n\nCCCC\nOC(=O)C\nN#Cc1ccccc1 benzonitrile\n")
-    stats = MoleculeDataStats()
+    stats = RecordStats()
     records = list(iter_molecule_records(str(source), n=None, seed=0, stats=stats))
     assert stats.read == 5 and stats.written == 2
     assert stats.skipped == {"invalid SMILES": 1, "none of the functional groups": 1, "duplicate molecule": 1}

@@ -10,8 +10,9 @@ import pytest
 from tiny_models import saved_model_dir, tiny_model
 
 from caftkit.cli import main
-from caftkit.evaluation.task_eval import GENERATIONS_FILE, molecule_examples
+from caftkit.evaluation.task_eval import GENERATIONS_FILE
 from caftkit.tasks.molecules import describe_molecule, molecule_record
+from caftkit.tasks.registry import get_task
 from caftkit.training.finetuning import RUN_FILE
 from caftkit.training.head_training import HeadTrainingSettings, train_heads
 from caftkit.workflows.compare import COMPARISON_FILE, TIMINGS_FILE, CompareSettings, _Timings, compare
@@ -55,7 +56,7 @@ CAFT_ANSWERS = ["OCC", "Oc1ccccc1", "OC(=O)c1ccccc1", "CC#N", "CCN", "CCN"]  # v
 def test_comparison_trains_both_arms_alike_and_reports_the_paired_difference(tiny_setup, tmp_path):
     output = tmp_path / "compare"
     settings = settings_for(tiny_setup)
-    ids = [example.id for example in molecule_examples(settings.test_data)]
+    ids = [example.id for example in get_task("molecules").examples(settings.test_data, None, 0)]
     for arm, answers in (("ntp", NTP_ANSWERS), ("caft", CAFT_ANSWERS)):
         eval_dir = output / "seed-0" / arm / "eval"
         eval_dir.mkdir(parents=True)
@@ -135,7 +136,7 @@ def test_compare_command_checks_its_settings(tiny_setup, tmp_path, capsys):
     assert main(["compare", "--data", "x.jsonl", "--finetune", "{epochz: 1}"]) == 2
     assert "unknown finetune settings ['epochz']" in capsys.readouterr().err
     assert main(["compare", "--data", "x.jsonl", "--task", "loss"]) == 2
-    assert "caft: error: argument --task: 'loss' is not one of molecules, humaneval" in capsys.readouterr().err
+    assert "caft: error: unknown task 'loss'; expected one of molecules, humaneval, math" in capsys.readouterr().err
     # the old name of --data is still understood, with a note
     assert main(["compare", "--train-data", "x.jsonl", "--finetune", "{epochz: 1}"]) == 2
     assert "caft compare: note: --train-data is now --data" in capsys.readouterr().err
@@ -143,7 +144,7 @@ def test_compare_command_checks_its_settings(tiny_setup, tmp_path, capsys):
 
 def write_answers(output, settings, arm: str, seed: int, answers: list[str]) -> None:
     """Answers the evaluation of one arm and seed scores instead of generating."""
-    ids = [example.id for example in molecule_examples(settings.test_data)]
+    ids = [example.id for example in get_task("molecules").examples(settings.test_data, None, 0)]
     eval_dir = output / f"seed-{seed}" / arm / "eval"
     eval_dir.mkdir(parents=True)
     (eval_dir / GENERATIONS_FILE).write_text("".join(json.dumps({"id": i, "output": a}) + "\n"

@@ -7,8 +7,9 @@ import json
 import pytest
 from tiny_models import saved_model_dir, tiny_model
 
-from caftkit.evaluation.task_eval import GENERATIONS_FILE, molecule_examples
+from caftkit.evaluation.task_eval import GENERATIONS_FILE
 from caftkit.tasks.molecules import describe_molecule, molecule_record
+from caftkit.tasks.registry import get_task
 from caftkit.workflows.demo import format_scores, score_held_out
 
 HELD_OUT = ["CCO", "Oc1ccccc1", "CC#N", "CCN"]
@@ -20,7 +21,7 @@ def scored(tmp_path, name: str, answers: list[str]) -> dict:
     held_out.write_text("".join(json.dumps(molecule_record(describe_molecule(s))) + "\n" for s in HELD_OUT))
     output = tmp_path / name
     output.mkdir()
-    ids = [example.id for example in molecule_examples(str(held_out))]
+    ids = [example.id for example in get_task("molecules").examples(str(held_out), None, 0)]
     (output / GENERATIONS_FILE).write_text("".join(json.dumps({"id": i, "output": a}) + "\n"
                                                    for i, a in zip(ids, answers)))
     model = tmp_path / "model"
@@ -32,8 +33,8 @@ def scored(tmp_path, name: str, answers: list[str]) -> dict:
 def test_the_table_shows_how_many_valid_answers_are_distinct(tmp_path):
     base = scored(tmp_path, "base", ["hello", "C1CC", "the answer", "CC"])  # one valid: CC
     tuned = scored(tmp_path, "tuned", ["CCO", "CCO", "CC#N", "CCO"])      # all valid, two distinct
-    assert (base["prompts"], base["valid"], base["uniqueness"]) == (4, 0.25, 1.0)
-    assert (tuned["valid"], tuned["formula_match"], tuned["groups_match"]) == (1.0, 0.5, 0.5)
+    assert (base["prompts"], base["validity"], base["uniqueness"]) == (4, 0.25, 1.0)
+    assert (tuned["validity"], tuned["formula_match"], tuned["groups_match"]) == (1.0, 0.5, 0.5)
     assert tuned["uniqueness"] == pytest.approx(2 / 4)
     assert [example["answer"] for example in tuned["examples"]] == ["CCO", "CCO", "CC#N"]
     assert format_scores({"base": base, "fine_tuned": tuned}).splitlines() == [

@@ -48,6 +48,10 @@ class EvalSettings(ModelSettings):
                                           "(`caft data math`, required); loss: a JSONL/JSON file of conversations "
                                           "(required).")
     heads: str | None = setting(None, help="a heads folder to score (loss task).")
+    heads_base_check: bool = setting(True, help="loss task: refuse heads trained for another base than --model (a "
+                                                "fingerprint of its last layer); --no-heads-base-check scores them on "
+                                                "a fine-tuned descendant of their base (same architecture and shapes, "
+                                                "still checked), as `caft compare` does for the paper's Ln diagnostic.")
     max_examples: int | None = setting(None, help="score only the first this many examples; 0 or none for all.",
                                        minimum=0)
     max_new_tokens: int | None = setting(None, help="most tokens per answer (default: the task's own: 96 for "
@@ -196,7 +200,7 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
 
     if task is None:
         if settings.heads:
-            attach_heads(model, settings.heads)
+            attach_heads(model, settings.heads, check_base=settings.heads_base_check)
         metrics, rows = score_loss(model, tokenizer, settings)
     else:
         answers = generate_answers(model, tokenizer, examples, output_dir, settings.max_new_tokens,

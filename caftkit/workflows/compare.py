@@ -51,6 +51,7 @@ from ..training.finetuning import (
     warmup_settings,
 )
 from ..training.head_training import last_checkpoint
+from .compare_ln import ln_results, ln_section, run_ln, write_ln_conversations
 from .compare_report import ArmComparison, arm_dir, read_examples, write_comparison_report
 from .settings import CompareSettings
 
@@ -255,16 +256,22 @@ def compare(output: str, settings: CompareSettings, progress: bool = True) -> di
     output_dir.mkdir(parents=True, exist_ok=True)
     timings = _Timings(output_dir / TIMINGS_FILE)
     seeds = sorted({seed for arm in settings.arm_settings.values() for seed in arm.seeds})
+    ln_data = write_ln_conversations(output_dir, settings) if settings.ln_diagnostic else None
     for seed in seeds:  # seed by seed: a comparison stopped early already has every arm of its first seeds
         for name, arm in settings.arm_settings.items():
             if seed in arm.seeds:
                 run_arm(output_dir, settings, seed, name, timings, progress)
+        for name, baseline in settings.baselines.items():
+            if ln_data is not None and seed in settings.arm_settings[name].seeds and seed in (
+                    settings.arm_settings[baseline].seeds):
+                run_ln(output_dir, settings, name, seed, ln_data, timings)
     comparisons = compare_arms(output_dir, settings)
-    write_comparison_report(output_dir, settings, comparisons, timings)
+    ln = ln_results(output_dir, settings)
+    write_comparison_report(output_dir, settings, comparisons, timings, ln_section(ln))
     result = _as_json({"settings": asdict(settings),
               "comparisons": [{"arm": c.arm, "baseline": c.baseline, "seeds": c.seeds,
                                "rows": [asdict(row) for row in c.rows]} for c in comparisons],
-              "timings_s": timings.seconds})
+              "ln": ln, "timings_s": timings.seconds})
     (output_dir / COMPARISON_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
 

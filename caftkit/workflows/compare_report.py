@@ -135,8 +135,9 @@ def _heads_table(output: Path, settings: CompareSettings) -> list[str]:
 
 
 def write_comparison_report(output: Path, settings: CompareSettings, comparisons: list[ArmComparison],
-                            timings) -> Path:
-    """Write `report.md` (context, arms, summary, one section per CAFT arm with its chart, heads) and the charts."""
+                            timings, ln_lines: list[str] = ()) -> Path:
+    """Write `report.md` (context, arms, summary, one section per CAFT arm with its chart, heads, the Ln diagnostic's
+    `ln_lines`) and the charts."""
     first = next(iter(settings.arm_settings))
     first_seed = settings.arm_settings[first].seeds[0]
     first_rows = read_examples(arm_dir(output, first_seed, first) / "eval")
@@ -178,6 +179,7 @@ def write_comparison_report(output: Path, settings: CompareSettings, comparisons
                   "On the held-out split of the training data: the given heads at the start, after the warm-up on "
                   "the task (eq. 3, the base frozen), and at the end of fine-tuning (the heads frozen while the model "
                   "moved under them).", ""] + heads
+    lines += list(ln_lines)
     lines += ["## Definitions", ""]
     lines += [f"- **{metric.name}**: {metric.definition}" + (f" Unit: {metric.unit}." if metric.unit else "")
               for metric in get_task(settings.task).report_metrics(first_rows)]

@@ -66,6 +66,9 @@ class CompareSettings(ModelSettings):
     allow_unsandboxed: bool = setting(False, help="humaneval: score the programs even where they cannot be isolated, "
                                                   "as `caft eval --allow-unsandboxed` (see its help).")
     n_resamples: int = setting(10000, help="bootstrap resamples of the confidence intervals.", minimum=1)
+    ln_diagnostic: bool = setting(True, help="score every caft arm's final model and its baseline's under the heads "
+                                             "that arm fine-tuned with, on the test examples' reference answers: the "
+                                             "paper's Ln (eq. 3), which it expects to end lower with CAFT.")
 
     def __post_init__(self):
         super().__post_init__()

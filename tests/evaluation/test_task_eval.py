@@ -11,7 +11,7 @@ from tiny_tokenizer import tiny_tokenizer
 
 from caftkit.cli import main
 from caftkit.core.heads import attach_heads, get_heads, save_heads
-from caftkit.data import render_prompt
+from caftkit.data import render_prompt, tokenize_conversation
 from caftkit.evaluation.head_metrics import head_metrics
 from caftkit.evaluation.task_eval import (
     EXAMPLES_FILE,
@@ -131,6 +131,32 @@ def test_loss_task_reports_each_heads_metrics(tiny_dir, tmp_path):
         assert result["metrics"][f"loss_head_{k}"] == pytest.approx(expected[f"head_{k}"]["loss"], rel=1e-5)
         assert result["metrics"][f"accuracy_head_{k}"] == pytest.approx(expected[f"head_{k}"]["accuracy"])
     assert result["metrics"]["n"] == 5
+
+
+def test_heads_of_the_base_score_a_fine_tuned_descendant_only_when_asked(tiny_dir, tmp_path, capsys):
+    """The Ln diagnostic scores the heads of a base on a model fine-tuned from it: its last layer has moved, so the
+    fingerprint differs; --no-heads-base-check scores it, and the shapes are still checked."""
+    conversation = [{"role": "user", "content": "say"}, {"role": "assistant", "content": "carbon ring"}]
+    data = tmp_path / "conversations.jsonl"
+    data.write_text(json.dumps({"messages": conversation}) + "\n")
+    base = tiny_model("llama")
+    attach_heads(base, 2)
+    save_heads(get_heads(base), tmp_path / "heads")
+    tuned = tiny_model("llama")
+    with torch.no_grad():
+        tuned.model.layers[-1].mlp.down_proj.weight.add_(0.01)
+    tuned_dir = saved_model_dir(tmp_path / "tuned", tuned)
+    flags = ["eval", "--model", str(tuned_dir), "--task", "loss", "--data", str(data), "--heads",
+             str(tmp_path / "heads")]
+    assert main([*flags, "--output", str(tmp_path / "checked")]) == 2
+    assert "these heads were trained for another base model (last_layer_sha256" in capsys.readouterr().err
+    assert main([*flags, "--no-heads-base-check", "--output", str(tmp_path / "descendant")]) == 0
+    scored = json.loads((tmp_path / "descendant" / METRICS_FILE).read_text())["metrics"]
+    attach_heads(tuned, str(tmp_path / "heads"), check_base=False)
+    tokenized = tokenize_conversation(tiny_tokenizer(), conversation)
+    examples = [{"input_ids": tokenized.input_ids, "assistant_masks": tokenized.assistant_masks}]
+    expected = head_metrics(tuned, examples, pad_token_id=tiny_tokenizer().pad_token_id or 0)
+    assert scored["loss_head_3"] == pytest.approx(expected["head_3"]["loss"], rel=1e-5)
 
 
 def test_eval_command_end_to_end(tiny_dir, tmp_path, capsys):

@@ -10,7 +10,11 @@ import pytest
 from tiny_models import saved_model_dir, tiny_model
 
 from caftkit.cli import main
+from caftkit.core.heads import attach_heads
+from caftkit.data import tokenize_conversation
+from caftkit.evaluation.head_metrics import head_metrics
 from caftkit.evaluation.task_eval import GENERATIONS_FILE
+from caftkit.models import load_model, load_tokenizer
 from caftkit.tasks.molecules import describe_molecule, molecule_record
 from caftkit.tasks.registry import get_task
 from caftkit.training.finetuning import RUN_FILE
@@ -94,6 +98,30 @@ def test_comparison_trains_both_arms_alike_and_reports_the_paired_difference(tin
     assert f"optimizer steps per run={runs['caft']['optimizer_steps']}" in report
     assert (output / "report-caft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((output / COMPARISON_FILE).read_text())["comparisons"] == result["comparisons"]
+
+    # The paper's Ln: both final models under the heads caft fine-tuned with, on the test answers, as caft eval
+    # --task loss scores them; Ln = sum_k alpha^(k-2) CE_k.
+    [ln] = result["ln"]
+    assert (ln["arm"], ln["baseline"], ln["seed"], ln["alpha"], ln["examples"]) == ("caft", "ntp", 0, 0.8, 6)
+    heads = output / "seed-0" / "caft" / "run" / "heads"
+    conversations = [json.loads(line)["messages"] for line in (output / "ln-conversations.jsonl").read_text()
+                     .splitlines()]
+    assert [turns[-1]["content"] for turns in conversations] == [describe_molecule(s).smiles for s in TEST]
+    tokenizer = load_tokenizer(str(output / "seed-0" / "ntp" / "model"))
+    examples = [{"input_ids": t.input_ids, "assistant_masks": t.assistant_masks}
+                for t in (tokenize_conversation(tokenizer, turns) for turns in conversations)]
+    for role, arm in (("baseline_model", "ntp"), ("arm_model", "caft")):
+        model = attach_heads(load_model(str(output / "seed-0" / arm / "model")), str(heads), check_base=False)
+        expected = head_metrics(model, examples, pad_token_id=tokenizer.pad_token_id, batch_size=16)
+        for k in (1, 2, 3):
+            assert ln[role][f"loss_head_{k}"] == pytest.approx(expected[f"head_{k}"]["loss"], rel=1e-5)
+        assert ln[role]["ln"] == pytest.approx(expected["head_2"]["loss"] + 0.8 * expected["head_3"]["loss"],
+                                               rel=1e-5)
+    difference = ln["arm_model"]["ln"] - ln["baseline_model"]["ln"]
+    assert (f"| caft | ntp | 0 | {ln['baseline_model']['ln']:.4f} | {ln['arm_model']['ln']:.4f} | "
+            f"{difference:+.4f} |") in report
+    direction = "as the paper expects" if difference < 0 else "against the paper's expectation"
+    assert f"- caft: Ln is lower than ntp's on {int(difference < 0)} of 1 seeds" in report and direction in report
 
     # A rerun redoes nothing: no stage is timed again and the runs are untouched.
     timings = (output / TIMINGS_FILE).read_text()

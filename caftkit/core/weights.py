@@ -12,15 +12,23 @@ SCHEDULES = ("rsine", "sine", "linear", "constant")
 MODES = ("caft", "ntp", "heads")
 
 
-def gamma_schedule(name: str, step: int, total_steps: int) -> float:
+def gamma_schedule(name: str, step: int, total_steps: int, end: float = 1.0) -> float:
     """Value of the auxiliary-loss schedule gamma at `step` of `total_steps`.
 
+    The schedule runs over the first `end` of the run (a fraction in (0, 1]) and gamma is 0 after it, so that with
+    `end` < 1 the auxiliary weight reaches zero early (a curriculum from multi-token to next-token prediction).
+    With `total = end * total_steps`:
     - `rsine` (reflected sine, the paper's default): `sin(pi/2 * (1 - step/total))`, 1 at the start, 0 at the end.
     - `sine`: `sin(pi/2 * step/total)`, 0 at the start, 1 at the end.
     - `linear`: `1 - step/total`.
     - `constant`: 1.
     """
-    progress = min(max(step / total_steps, 0.0), 1.0) if total_steps > 0 else 0.0
+    if not 0.0 < end <= 1.0:
+        raise ValueError(f"the schedule's end must be in (0, 1], got {end}")
+    if end < 1.0 and step >= end * total_steps:
+        return 0.0
+    span = end * total_steps
+    progress = min(max(step / span, 0.0), 1.0) if span > 0 else 0.0
     if name == "rsine":
         return math.sin(math.pi / 2 * (1.0 - progress))
     if name == "sine":

@@ -75,7 +75,8 @@ def finetune_arguments(settings: FinetuneSettings, output_dir: str, num_train_ex
     arguments = trainer_arguments(settings, output_dir, num_train_examples)
     arguments.update(
         mode=settings.mode, num_aux_heads=settings.num_aux_heads, alpha=settings.alpha, beta=settings.beta,
-        schedule=settings.schedule, train_heads=settings.train_heads, freeze_unembedding=settings.freeze_unembedding,
+        schedule=settings.schedule, schedule_end=settings.schedule_end, train_heads=settings.train_heads,
+        freeze_unembedding=settings.freeze_unembedding,
         activation_checkpointing=settings.activation_checkpointing, packing=settings.packing,
     )
     if settings.packing:

@@ -201,6 +201,10 @@ class FinetuneSettings(RunSettings):
     beta: float = setting(0.01, help="overall weight of the auxiliary losses.", minimum=0)
     schedule: str = setting("rsine", help="gamma(step), the decay of the auxiliary weight over the run.",
                             choices=SCHEDULES)
+    schedule_end: float = setting(1.0, help="fraction of the run over which gamma follows --schedule; gamma is 0 "
+                                            "after it (0.25: the auxiliary weight reaches zero after the first "
+                                            "quarter, a curriculum from multi-token to next-token prediction).",
+                                  above=0, maximum=1)
     train_heads: bool = setting(False, help="also train the auxiliary heads during fine-tuning.")
     freeze_unembedding: bool = setting(True, help="keep lm_head frozen in full fine-tuning (with tied embeddings, "
                                                   "the input embeddings too).")

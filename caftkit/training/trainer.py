@@ -87,6 +87,11 @@ class CAFTConfig(SFTConfig):
                   "low late), `sine` sin(pi/2 step/total), `linear` 1 - step/total, `constant` 1.",
                   "choices": list(SCHEDULES)},
     )
+    schedule_end: float = field(
+        default=1.0,
+        metadata={"help": "Fraction of the run, in (0, 1], over which gamma follows `schedule`; gamma is 0 after it "
+                  "(0.25: the auxiliary weight reaches zero after the first quarter)."},
+    )
     train_heads: bool = field(
         default=False,
         metadata={"help": "Also train the auxiliary heads during `caft` fine-tuning (frozen by default). Always on in "
@@ -146,6 +151,8 @@ class CAFTConfig(SFTConfig):
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 < self.schedule_end <= 1.0:
+            raise ValueError(f"schedule_end must be in (0, 1], got {self.schedule_end!r}")
         if self.loss_impl not in ("fused", "checkpoint"):
             raise ValueError(f"loss_impl must be 'fused' or 'checkpoint', got {self.loss_impl!r}")
         if self.trunk_cache_gb < 0:
@@ -333,7 +340,7 @@ class CAFTTrainer(SFTTrainer):
 
     def current_gamma(self) -> float:
         """gamma(step) of the configured schedule at the current optimisation step."""
-        return gamma_schedule(self.args.schedule, self.state.global_step, self.state.max_steps)
+        return gamma_schedule(self.args.schedule, self.state.global_step, self.state.max_steps, self.args.schedule_end)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         split = "train" if model.training else "eval"

@@ -265,6 +265,18 @@ def test_schedules():
         gamma_schedule("cosine", 0, 1)
 
 
+def test_a_schedule_that_ends_early_is_zero_after_its_end():
+    # rsine over the first quarter of 100 steps: the whole curve in steps 0..25, then nothing
+    assert gamma_schedule("rsine", 0, 100, end=0.25) == pytest.approx(1.0)
+    assert gamma_schedule("rsine", 10, 100, end=0.25) == pytest.approx(math.sin(math.pi / 2 * (1 - 10 / 25)))
+    assert [gamma_schedule(name, step, 100, end=0.25) for name in ("rsine", "constant", "sine")
+            for step in (25, 26, 99)] == [0.0] * 9
+    assert gamma_schedule("linear", 5, 100, end=0.1) == pytest.approx(0.5)
+    assert gamma_schedule("constant", 99, 100, end=1.0) == 1.0  # the default: the whole run
+    with pytest.raises(ValueError, match=r"end must be in \(0, 1\], got 0"):
+        gamma_schedule("rsine", 0, 100, end=0)
+
+
 def test_head_loss_weights_follow_the_paper():
     assert head_loss_weights("ntp", 4) == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert head_loss_weights("heads", 4, alpha=0.8) == pytest.approx([0.0, 1.0, 0.8, 0.64, 0.512])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -54,6 +55,20 @@ def test_caft_training_lowers_every_head_loss(tmp_path):
     assert 0.0 <= losses(trainer, "accuracy_head_2")[-1] <= 1.0
     # rsine: gamma falls from 1 to 0 over the 12 steps, logged after steps 4, 8, 12.
     assert losses(trainer, "caft_gamma") == pytest.approx([0.8660254, 0.5, 0.0])
+
+
+def test_a_schedule_that_ends_early_is_zero_after_its_end_in_training(tmp_path):
+    trainer = CAFTTrainer(model=tiny_model("llama"), args=config(tmp_path, max_steps=8, logging_steps=2,
+                                                                 schedule_end=0.5, beta=0.5),
+                          train_dataset=chat_dataset(), processing_class=tiny_tokenizer())
+    trainer.train()
+    # rsine over the first 4 of the 8 steps, logged after steps 2, 4, 6, 8: then nothing
+    assert losses(trainer, "caft_gamma") == pytest.approx([math.sin(math.pi / 4), 0.0, 0.0, 0.0])
+    # with gamma 0 every auxiliary weight is 0, whatever beta
+    trainer.state.global_step = 5
+    assert trainer.current_gamma() == 0.0
+    with pytest.raises(ValueError, match=r"schedule_end must be in \(0, 1\], got 1.5"):
+        config(tmp_path, schedule_end=1.5)
 
 
 def test_frozen_parts_stay_frozen_in_caft_mode(tmp_path):

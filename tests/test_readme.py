@@ -42,7 +42,7 @@ TAKES_MODEL = {"distill", "train-heads", "finetune", "eval", "compare", "generat
                "bench generate", "bench precision"}
 # What each command leaves behind, checked after it ran (paths from its own --output unless listed here).
 WRITES = {"export": ["model/config.json", "model/README.md", "model-heads/heads_config.json"],
-          "demo": ["demo-output/demo.json"], "compare": ["compare/report.md"]}
+          "demo": ["demo-output/demo.json"]}
 
 
 def readme_blocks() -> list[tuple[str, list[str]]]:
@@ -81,8 +81,8 @@ def test_the_readme_command_block_runs_in_order(tmp_path, monkeypatch, single_th
     commands = readme_commands()
     names = [command_name(argv) for argv in commands]
     # Every command of the pipeline is shown, and every one taking long has its sizes here.
-    assert {"distill", "train-heads", "data molecules", "finetune", "export", "eval", "compare", "generate", "demo",
-            "bench train", "bench generate", "bench precision", "env"} <= set(names)
+    assert {"distill", "train-heads", "data molecules", "data math", "finetune", "export", "eval", "compare",
+            "generate", "demo", "bench train", "bench generate", "bench precision", "env"} <= set(names)
     assert set(SMALL_SIZES) <= set(names)
     tiny = str(saved_model_dir(tmp_path / "tiny-model", tiny_model("llama")))
     work = tmp_path / "work"
@@ -101,6 +101,8 @@ def test_the_readme_command_block_runs_in_order(tmp_path, monkeypatch, single_th
     report = (work / "compare" / "report.md").read_text()
     for arm in ("caft-beta0.1", "caft-beta0.5", "caft-full"):
         assert arm in report
+    math_report = (work / "compare-math" / "report.md").read_text()
+    assert "## caft-curriculum against ntp" in math_report and "## The paper's Ln" in math_report
 
 
 def _outputs(argv: list[str]) -> list[str]:

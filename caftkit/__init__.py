@@ -22,7 +22,7 @@ _PUBLIC = {
     "load_heads": "core.heads", "rebase_heads": "core.heads", "save_heads": "core.heads",
     "gamma_schedule": "core.weights", "head_loss_weights": "core.weights", "linear_cross_entropy": "core.loss",
     "head_statistics": "core.multitoken", "weighted_loss": "core.multitoken",
-    "GenerationOutput": "decoding.speculative", "generate": "decoding.speculative",
+    "GenerationOutput": "decoding.speculative", "generate": "decoding.speculative", "Sampling": "decoding.settings",
     "CAFTConfig": "training.trainer", "CAFTTrainer": "training.trainer",
 }
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "GenerationOutput",
     "HeadsMismatchError",
     "ModelParts",
+    "Sampling",
     "UnsupportedModelError",
     "attach_heads",
     "base_fingerprint",
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     from .core.loss import linear_cross_entropy
     from .core.multitoken import head_statistics, weighted_loss
     from .core.weights import gamma_schedule, head_loss_weights
+    from .decoding.settings import Sampling
     from .decoding.speculative import GenerationOutput, generate
     from .training.trainer import CAFTConfig, CAFTTrainer
 

@@ -16,7 +16,7 @@ from .bench.commands import bench_generate_command, bench_precision_command, ben
 from .bench.settings import GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
 from .command_line import Command, run_command
 from .decoding.commands import generate_command
-from .decoding.settings import GenerateSettings
+from .decoding.settings import GenerateSettings, Sampling
 from .environment import env_command
 from .evaluation.commands import EvalOutput, eval_command, eval_tasks_help
 from .evaluation.task_eval import EvalSettings
@@ -43,7 +43,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(eval_command, (EvalSettings, EvalOutput), more_help=eval_tasks_help),
     "compare": Command(compare_command, (CompareSettings, CompareOutput)),
     "demo": Command(demo_command, (DemoSettings,)),
-    "generate": Command(generate_command, (GenerateSettings,)),
+    "generate": Command(generate_command, (GenerateSettings, Sampling)),
     "bench train": Command(bench_train_command, (TrainBenchSettings,)),
     "bench generate": Command(bench_generate_command, (GenerationBenchSettings,)),
     "bench precision": Command(bench_precision_command, (PrecisionBenchSettings,)),

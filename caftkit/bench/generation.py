@@ -147,7 +147,7 @@ def _synchronize(device) -> None:
 
 def _speculative(model, ids, mask, max_new_tokens, stop_ids, shape: DraftShape, draft_dtype):
     return generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                    eos_token_id=sorted(stop_ids), num_aux_heads=shape.num_aux_heads, top_k=shape.top_k,
+                    eos_token_id=sorted(stop_ids), num_aux_heads=shape.num_aux_heads, candidates=shape.candidates,
                     tree_size=shape.tree_size, draft_dtype=draft_dtype)
 
 

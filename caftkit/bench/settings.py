@@ -17,7 +17,7 @@ class DraftShape:
     """How many heads draft, how many candidates each proposes, and how many drafts a pass verifies."""
 
     num_aux_heads: int
-    top_k: int = 1
+    candidates: int = 1
     tree_size: int | None = None
 
     @classmethod
@@ -25,20 +25,20 @@ class DraftShape:
         """`H` (H heads, one candidate each), `HxK` (K candidates per head) or `HxK:N` (N drafts verified per pass)."""
         try:
             heads, _, rest = text.strip().partition("x")
-            top_k, _, size = rest.partition(":")
-            return cls(int(heads), int(top_k) if top_k else 1, int(size) if size else None)
+            candidates, _, size = rest.partition(":")
+            return cls(int(heads), int(candidates) if candidates else 1, int(size) if size else None)
         except ValueError:
             raise ValueError(f"draft shape {text!r}: expected H, HxK or HxK:N (heads, candidates per head, "
                              "drafts per pass), e.g. 4 or 4x3:16") from None
 
     @property
     def drafts_per_pass(self) -> int:
-        return self.tree_size if self.tree_size is not None else default_tree_size(self.num_aux_heads, self.top_k)
+        return self.tree_size if self.tree_size is not None else default_tree_size(self.num_aux_heads, self.candidates)
 
     def __str__(self) -> str:
-        if self.top_k == 1:
+        if self.candidates == 1:
             return str(self.num_aux_heads)
-        return f"{self.num_aux_heads}x{self.top_k}:{self.drafts_per_pass}"
+        return f"{self.num_aux_heads}x{self.candidates}:{self.drafts_per_pass}"
 
 
 @dataclass(kw_only=True)

@@ -1,16 +1,17 @@
 """Draft trees for speculative decoding: which of the heads' candidate tokens to verify, and which of them held.
 
-With `num_aux_heads` heads proposing `top_k` tokens each, a draft is a path (r1, ..., rd): the r1-th candidate of
+With `num_aux_heads` heads proposing `candidates` tokens each, a draft is a path (r1, ..., rd): the r1-th candidate of
 the first head, then the r2-th of the second, and so on. All such paths form a tree under the root (the
 model's own next token). Each pass verifies only the `size` likeliest paths, scored by the sum of the heads'
 log-probabilities along the path; a path always scores at least as high as its extensions, so the chosen
-nodes include their ancestors and form a tree themselves. With `top_k` 1 the tree is a chain of `num_aux_heads`
+nodes include their ancestors and form a tree themselves. With `candidates` 1 the tree is a chain of `num_aux_heads`
 drafts.
 
 A verification pass runs the model once over the root and the chosen nodes, each node attending to the
 accepted text and to its own ancestors only. A node holds when its token is the model's greedy token after its
 parent and its parent holds; at most one node per depth can hold (siblings are different tokens), so the
-nodes that hold are one path: the accepted tokens.
+nodes that hold are one path: the accepted tokens. When the model samples, "its greedy token" is the token it
+sampled after the parent: the child equal to it is followed.
 """
 
 from __future__ import annotations
@@ -42,17 +43,17 @@ class AcceptedPath:
 
 
 class DraftTree:
-    """All candidate paths of `num_aux_heads` heads with `top_k` tokens each, and the choice of the likeliest."""
+    """All candidate paths of `num_aux_heads` heads with `candidates` tokens each, and the choice of the likeliest."""
 
-    def __init__(self, num_aux_heads: int, top_k: int, device: torch.device | str = "cpu"):
-        if num_aux_heads < 1 or top_k < 1:
+    def __init__(self, num_aux_heads: int, candidates: int, device: torch.device | str = "cpu"):
+        if num_aux_heads < 1 or candidates < 1:
             raise ValueError(f"a draft tree needs at least one head and one candidate (got {num_aux_heads} heads, "
-                             f"top-k {top_k})")
+                             f"{candidates} candidates)")
         paths: list[tuple[int, ...]] = [()]
         for depth in range(1, num_aux_heads + 1):
-            paths += list(product(range(top_k), repeat=depth))
+            paths += list(product(range(candidates), repeat=depth))
         index = {path: i for i, path in enumerate(paths)}
-        self.num_aux_heads, self.top_k = num_aux_heads, top_k
+        self.num_aux_heads, self.candidates_per_head = num_aux_heads, candidates
         self.candidates = len(paths) - 1
         self.depth = torch.tensor([len(p) for p in paths], device=device)
         # The head and the rank of a path's last candidate (the root gets head 0, rank 0: never read).
@@ -64,11 +65,11 @@ class DraftTree:
 
     @property
     def is_chain(self) -> bool:
-        return self.top_k == 1
+        return self.candidates_per_head == 1
 
     def choose(self, root: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, size: int) -> DraftBlock:
         """The `size` likeliest paths for each row, given the root tokens `[batch]` and the heads' candidates and
-        their log-probabilities, `[batch, num_aux_heads, top_k]` each (candidates in decreasing order)."""
+        their log-probabilities, `[batch, num_aux_heads, candidates]` each (candidates in decreasing order)."""
         batch = root.shape[0]
         size = min(size, self.candidates)
         step = logprobs[:, self.head, self.rank].float()  # [batch, paths]: log-prob of each path's last step
@@ -87,17 +88,17 @@ class DraftTree:
                           attends=attends)
 
 
-def accept(block: DraftBlock, greedy: torch.Tensor) -> AcceptedPath:
-    """The path of `block` that the model's greedy tokens confirm; `greedy[:, i]` is the token the model puts after
-    node i."""
-    holds = block.tokens == greedy.gather(1, block.parent)
+def accept(block: DraftBlock, chosen: torch.Tensor) -> AcceptedPath:
+    """The path of `block` that the model's own tokens confirm; `chosen[:, i]` is the token the model chose after
+    node i (its greedy token, or its sample)."""
+    holds = block.tokens == chosen.gather(1, block.parent)
     holds[:, 0] = True
     max_depth = int(block.depth.max())
     for _ in range(max_depth):  # a node holds only if all its ancestors hold
         holds &= holds.gather(1, block.parent)
     last = torch.where(holds, block.depth, -1).argmax(-1)
     length = block.depth.gather(1, last[:, None]).squeeze(1) + 1
-    nodes = torch.zeros(block.tokens.shape[0], max_depth + 1, dtype=torch.long, device=greedy.device)
+    nodes = torch.zeros(block.tokens.shape[0], max_depth + 1, dtype=torch.long, device=chosen.device)
     node = last
     for _ in range(max_depth + 1):  # walk up from the deepest accepted node, writing each at its depth
         nodes.scatter_(1, block.depth.gather(1, node[:, None]), node[:, None])

@@ -1,14 +1,18 @@
-"""Greedy self-speculative decoding with the auxiliary heads: the model drafts several tokens per forward pass.
+"""Self-speculative decoding with the auxiliary heads: the model drafts several tokens per forward pass.
 
-At the last accepted position the main head gives the next token (the greedy one, so always right) and the
-auxiliary heads guess the tokens after it. One forward pass of the model over the drafted block verifies them:
-the logits at each drafted position give the greedy token that must follow it, so the longest prefix of
-drafts that agrees with them is exactly what plain greedy decoding would have produced, and the logits at the
-last accepted position give the next token for free. The model's KV cache is then cut back to what was
+At the last accepted position the main head gives the next token (chosen from the model's own distribution, so
+always right) and the auxiliary heads guess the tokens after it. One forward pass of the model over the drafted
+block verifies them: at each drafted position the model's own token is chosen from its logits there (the greedy
+token, or a sample after the same processing as `generate()`), and drafts are accepted while each equals the token
+chosen at its parent. The accepted text is therefore exactly what the model chooses, token by token: greedy
+output equals plain greedy decoding, and sampled output has plain sampling's distribution, since each token is
+drawn from the model's distribution given the accepted text before it (the heads' drafts are fixed candidates; they
+only decide how many of the drawn tokens one pass can keep). The token chosen at the last accepted position is the
+next token for free. The model's KV cache is then cut back to what was
 accepted; the heads keep their own caches (each head is a copy of layer L and attends over layer L's inputs),
 fed with the layer-L inputs the verification pass computed anyway.
 
-With `top_k` above 1 the heads propose several candidates each and a pass verifies a small tree of them
+With `candidates` above 1 the heads propose several candidates each and a pass verifies a small tree of them
 (`draft_tree.py`); the cache then keeps the accepted path's slots (`draft_cache.py`).
 
 Rows of a batch accept different numbers of tokens. The caches keep the longest acceptance of the batch, and
@@ -31,7 +35,8 @@ from ..core.architecture import find_model_parts, unwrap_model
 from ..core.heads import AuxiliaryHeads, from_former_num_heads, get_heads
 from ..core.layer_call import LayerCall, cache_parameter, capture_layer_inputs
 from .draft_tree import DraftBlock, DraftTree, accept
-from .settings import default_tree_size
+from .sampling import TokenChooser
+from .settings import Sampling, default_tree_size
 
 
 @dataclass
@@ -90,7 +95,8 @@ class _HeadDrafter:
     the unembedding in that dtype (made once per generation): cheaper guesses, while the model still verifies
     in its own dtype, so the output tokens do not change."""
 
-    def __init__(self, model, heads: AuxiliaryHeads, num_aux_heads: int, top_k: int, dtype: torch.dtype | None = None):
+    def __init__(self, model, heads: AuxiliaryHeads, num_aux_heads: int, candidates: int,
+                 dtype: torch.dtype | None = None):
         from .draft_cache import DraftCache
 
         parts = find_model_parts(model)
@@ -102,7 +108,7 @@ class _HeadDrafter:
             self.lm_head = _copy_in(self.lm_head, self.dtype)
         self.layers = layers
         self.caches = [DraftCache() for _ in self.layers]
-        self.top_k = top_k
+        self.candidates = candidates
         # The captured call holds no cache (`head_call`); each head gets its own under the name its layer takes.
         self.cache_argument = cache_parameter(layers[0].forward)
         if self.cache_argument is None:
@@ -110,8 +116,9 @@ class _HeadDrafter:
                              "incrementally; generate with num_aux_heads=0")
 
     def run(self, call: LayerCall, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed a block of layer-L inputs to every head (extending its cache) and return each head's `top_k`
-        candidates at `positions[row]` of the block and their log-probabilities: `[batch, num_aux_heads, top_k]`."""
+        """Feed a block of layer-L inputs to every head (extending its cache) and return each head's `candidates`
+        best tokens at `positions[row]` of the block and their log-probabilities: `[batch, num_aux_heads,
+        candidates]`."""
         rows = torch.arange(positions.shape[0], device=positions.device)
         hidden_states, args, kwargs = call.hidden_states, call.args, dict(call.kwargs)
         if self.dtype is not None:
@@ -126,10 +133,10 @@ class _HeadDrafter:
         # One unembedding product for all heads: at batch 1 its cost is reading the vocabulary matrix, once.
         stacked = torch.stack(picked, dim=1)  # [batch, num_aux_heads, hidden]
         logits = self.lm_head(self.final_norm(stacked)).float()
-        if self.top_k == 1:  # a chain: the scores are never compared
+        if self.candidates == 1:  # a chain: the scores are never compared
             tokens = logits.argmax(-1, keepdim=True)
             return tokens, torch.zeros_like(tokens, dtype=logits.dtype)
-        logprobs, tokens = logits.log_softmax(-1).topk(self.top_k, dim=-1)
+        logprobs, tokens = logits.log_softmax(-1).topk(self.candidates, dim=-1)
         return tokens, logprobs
 
     def crop(self, tokens: int) -> None:
@@ -172,18 +179,22 @@ def generate(
     max_new_tokens: int = 128,
     eos_token_id: int | list[int] | None = None,
     num_aux_heads: int | None = None,
-    top_k: int = 1,
+    candidates: int = 1,
     tree_size: int | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
     draft_dtype: torch.dtype | str | None = None,
+    sampling: Sampling | None = None,
     num_heads: int | None = None,
 ) -> GenerationOutput:
-    """Greedy decoding of `input_ids` (left-padded, with `attention_mask`), sped up by the auxiliary heads.
+    """Decoding of `input_ids` (left-padded, with `attention_mask`), sped up by the auxiliary heads.
 
-    The output tokens are those of `model.generate(do_sample=False)`: heads only propose, the model decides.
+    Greedy by default: the output tokens are those of `model.generate(do_sample=False)`. With `sampling`
+    (`Sampling(temperature=0.7, top_p=0.9, seed=0)`) each token is sampled from the model's distribution after
+    `generate()`'s processing, and the output has the distribution of `model.generate(do_sample=True, ...)`:
+    heads only propose, the model decides.
     `heads` defaults to the heads attached to `model`; `num_aux_heads` uses only the first few of them (0 decodes
-    one token per pass, plain greedy). With `top_k` 1 each pass verifies a chain of one draft per head; with
-    more, a tree of the `tree_size` likeliest paths through the heads' `top_k` candidates (full-attention models
+    one token per pass, plain greedy). With `candidates` 1 each pass verifies a chain of one draft per head; with
+    more, a tree of the `tree_size` likeliest paths through the heads' `candidates` best tokens (full-attention models
     only; default size: `default_tree_size`). A row stops at one of `eos_token_id` (default: the model's
     generation config) or after `max_new_tokens`. `on_tokens(row, tokens)` is called with each row's newly
     accepted tokens as they come (for streaming). `draft_dtype` (e.g. `torch.bfloat16` for a float32 model) runs
@@ -198,14 +209,14 @@ def generate(
     num_aux_heads = available if num_aux_heads is None else num_aux_heads
     if num_aux_heads > available:
         raise ValueError(f"{num_aux_heads} heads asked for, but {available} are available")
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if candidates < 1:
+        raise ValueError(f"candidates must be at least 1, got {candidates}")
     sliding = _uses_sliding_window(model.config)
-    if top_k > 1 and sliding:
-        raise ValueError("draft trees (top_k > 1) need full attention in every layer; this model has sliding-window "
-                         "layers: use top_k=1 (a chain)")
-    tree = DraftTree(num_aux_heads, top_k, input_ids.device) if num_aux_heads > 0 else None
-    size = tree_size if tree_size is not None else default_tree_size(num_aux_heads, top_k)
+    if candidates > 1 and sliding:
+        raise ValueError("draft trees (candidates > 1) need full attention in every layer; this model has "
+                         "sliding-window layers: use candidates=1 (a chain)")
+    tree = DraftTree(num_aux_heads, candidates, input_ids.device) if num_aux_heads > 0 else None
+    size = tree_size if tree_size is not None else default_tree_size(num_aux_heads, candidates)
     if tree is not None and size < 1:
         raise ValueError(f"tree_size must be at least 1, got {size}")
 
@@ -226,13 +237,14 @@ def generate(
         from ..models import parse_dtype
 
         draft_dtype = parse_dtype(draft_dtype)
-    drafter = _HeadDrafter(model, heads, num_aux_heads, top_k, draft_dtype) if tree is not None else None
+    drafter = _HeadDrafter(model, heads, num_aux_heads, candidates, draft_dtype) if tree is not None else None
+    choose = TokenChooser(sampling or Sampling(), device)
 
     # Prefill: the prompt through the model and the heads; left padding gets position 0 like generate() does.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = DraftCache()
     logits, call = _forward(model, parts, input_ids, attention_mask, position_ids, cache, cache_argument)
-    next_token = logits[:, -1].argmax(-1)
+    next_token = choose(logits[:, -1])
     last_position = torch.full((batch,), input_ids.shape[1] - 1, device=device)
     candidates = drafter.run(call, last_position) if drafter else None
     mask = attention_mask.clone()
@@ -255,8 +267,8 @@ def generate(
             block_mask = _tree_mask(mask, block.attends, logits.dtype)
         logits, call = _forward(model, parts, block.tokens, block_mask, positions, cache, cache_argument)
         output.forward_passes += 1
-        greedy = logits.argmax(-1)  # greedy[:, j]: the token that must follow node j
-        path = accept(block, greedy)
+        chosen = choose(logits)  # chosen[:, j]: the model's token after node j
+        path = accept(block, chosen)
         keep = int(path.length.max() if keep_longest else path.length.min())
         taken = path.length if keep_longest else torch.full_like(path.length, keep)
         last = path.nodes.gather(1, (taken - 1)[:, None]).squeeze(1)
@@ -292,7 +304,7 @@ def generate(
         kept = (torch.arange(keep, device=device)[None, :] < taken[:, None]).to(mask.dtype)
         mask = torch.cat([mask, kept], dim=-1)
         next_position = next_position + taken
-        next_token = greedy.gather(1, last[:, None]).squeeze(1)
+        next_token = chosen.gather(1, last[:, None]).squeeze(1)
 
         if finished.any():
             alive = (~finished).nonzero().squeeze(1)

@@ -1,5 +1,5 @@
-"""`caft generate`: one prompt answered greedily through the model's chat template, streamed to the terminal,
-plainly or by self-speculative decoding with the heads."""
+"""`caft generate`: one prompt answered through the model's chat template (greedily or sampled), streamed to the
+terminal, plainly or by self-speculative decoding with the heads."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ..core.heads import attach_heads, check_heads_fit
 from ..data import render_prompt
 from ..models import load_model, load_tokenizer
 from .greedy import stop_token_ids
-from .settings import GenerateSettings
+from .settings import GenerateSettings, Sampling
 from .speculative import generate as speculative_generate
 
 
@@ -36,9 +36,10 @@ class _TokenStream(BaseStreamer):
         pass
 
 
-def answer_prompt(settings: GenerateSettings) -> dict[str, Any]:
-    """Answer `settings.prompt`, printing the text as it comes and a speed line on stderr; returns the tokens, the
-    seconds, the forward passes and the mean tokens accepted per pass."""
+def answer_prompt(settings: GenerateSettings, sampling: Sampling | None = None) -> dict[str, Any]:
+    """Answer `settings.prompt` (greedily, or as `sampling` says), printing the text as it comes and a speed line on
+    stderr; returns the tokens, the seconds, the forward passes and the mean tokens accepted per pass."""
+    sampling = sampling or Sampling()
     if settings.speculative:
         check_heads_fit(settings.heads, settings.model)
     tokenizer = load_tokenizer(settings.model)
@@ -64,14 +65,17 @@ def answer_prompt(settings: GenerateSettings) -> dict[str, Any]:
     started = time.perf_counter()
     if settings.speculative:
         result = speculative_generate(model, input_ids=ids, max_new_tokens=settings.max_new_tokens,
-                                      eos_token_id=stop_ids, num_aux_heads=settings.num_aux_heads, top_k=settings.top_k,
-                                      tree_size=settings.tree_size, on_tokens=show, draft_dtype=settings.draft_dtype)
+                                      eos_token_id=stop_ids, num_aux_heads=settings.num_aux_heads,
+                                      candidates=settings.candidates, tree_size=settings.tree_size, on_tokens=show,
+                                      draft_dtype=settings.draft_dtype, sampling=sampling)
         passes, accepted = result.forward_passes, result.mean_accepted
     else:
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
-                           do_sample=False, eos_token_id=stop_ids, streamer=_TokenStream(show), top_k=None,
-                           top_p=None, temperature=None, pad_token_id=tokenizer.pad_token_id or stop_ids[0])
+                           eos_token_id=stop_ids, streamer=_TokenStream(show), **sampling.generate_kwargs(),
+                           pad_token_id=tokenizer.pad_token_id or stop_ids[0])
         passes, accepted = len(answer), 1.0  # one token per forward pass
     seconds = time.perf_counter() - started
     print()

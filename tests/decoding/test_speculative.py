@@ -41,14 +41,15 @@ def repetitive_model(model_type: str):
 
 
 SLIDING = {"gemma3_text"}  # tiny models with sliding-window layers: chains only
-DRAFTS = [{"top_k": 1}, {"top_k": 3, "tree_size": 8}, {"top_k": 2, "tree_size": 14},
-          {"top_k": 1, "draft_dtype": torch.bfloat16}, {"top_k": 3, "tree_size": 8, "draft_dtype": "bfloat16"}]
+DRAFTS = [{"candidates": 1}, {"candidates": 3, "tree_size": 8}, {"candidates": 2, "tree_size": 14},
+          {"candidates": 1, "draft_dtype": torch.bfloat16},
+          {"candidates": 3, "tree_size": 8, "draft_dtype": "bfloat16"}]
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 @pytest.mark.parametrize("draft", DRAFTS, ids=["chain", "tree-3x8", "tree-2x14", "chain-bf16", "tree-3x8-bf16"])
 def test_speculative_tokens_equal_greedy_generate(model_type, draft):
-    if draft["top_k"] > 1 and model_type in SLIDING:
+    if draft["candidates"] > 1 and model_type in SLIDING:
         return test_trees_are_refused_on_sliding_window_models(model_type, draft)
     model = repetitive_model(model_type)
     expected = [reference(model, prompt, 24) for prompt in PROMPTS]
@@ -63,7 +64,7 @@ def test_speculative_tokens_equal_greedy_generate(model_type, draft):
 
 def test_trees_are_refused_on_sliding_window_models(model_type="gemma3_text", draft=DRAFTS[1]):
     model = repetitive_model(model_type)
-    with pytest.raises(ValueError, match="sliding-window layers: use top_k=1"):
+    with pytest.raises(ValueError, match="sliding-window layers: use candidates=1"):
         generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=4, **draft)
 
 
@@ -79,7 +80,7 @@ def test_drafts_are_accepted_and_save_forward_passes():
     assert out.sequences == [reference(model, PROMPTS[0], 40)] and len(out.sequences[0]) == 40
     assert out.mean_accepted > 1.2
     assert out.forward_passes < 40  # plain greedy needs 1 prefill + 39 decoding passes
-    tree = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[], top_k=3,
+    tree = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[], candidates=3,
                     tree_size=12)
     assert tree.sequences == out.sequences and tree.mean_accepted > 1.2
 
@@ -144,7 +145,7 @@ def test_generate_command_streams_the_same_text_with_and_without_heads(tiny_dir,
 
     texts = []
     speculative = ["--heads", str(tiny_dir / "heads"), "--speculative"]
-    for extra in ([], speculative, speculative + ["--top-k", "2", "--tree-size", "5"],
+    for extra in ([], speculative, speculative + ["--candidates", "2", "--tree-size", "5"],
                   speculative + ["--draft-dtype", "bfloat16"]):
         assert main(["generate", "--model", str(tiny_dir / "model"), "--prompt", "molecule 3",
                      "--max-new-tokens", "20", *extra]) == 0
@@ -152,6 +153,27 @@ def test_generate_command_streams_the_same_text_with_and_without_heads(tiny_dir,
         texts.append(captured.out)
         assert "tokens per pass]" in captured.err
     assert texts[0] == texts[1] == texts[2] == texts[3] and texts[0].strip()
+
+
+def test_generate_command_samples_reproducibly_with_and_without_heads(tiny_dir, capsys):
+    """A seed gives the same sampled text on every run; --top-k without a temperature is refused, naming
+    --candidates (the former meaning of --top-k)."""
+    from caftkit.cli import main
+
+    base = ["generate", "--model", str(tiny_dir / "model"), "--prompt", "molecule 3", "--max-new-tokens", "20",
+            "--temperature", "0.8", "--top-p", "0.95", "--top-k", "40", "--seed", "7"]
+    speculative = ["--heads", str(tiny_dir / "heads"), "--speculative"]
+    texts = {}
+    for name, extra in (("plain", []), ("plain again", []), ("speculative", speculative),
+                        ("speculative again", speculative)):
+        assert main([*base, *extra]) == 0
+        texts[name] = capsys.readouterr().out
+    assert texts["plain"] == texts["plain again"] and texts["speculative"] == texts["speculative again"]
+    assert main([*base[:7], "--seed", "8", "--temperature", "0.8"]) == 0
+    assert capsys.readouterr().out != texts["plain"]  # another seed, another sample of this near-uniform model
+    assert main(["generate", "--model", str(tiny_dir / "model"), "--prompt", "hi", "--top-k", "3"]) == 2
+    assert "give a temperature above 0 (the candidates per head of a draft tree are --candidates)" in (
+        capsys.readouterr().err)
 
 
 def test_bad_draft_shape_is_a_clear_error(tiny_dir, capsys):

@@ -10,7 +10,7 @@ a value is read. A flag and a YAML key go through the same converter, so `--lear
 - `X | None`: also `none` (or `null`, or an empty value);
 - `list[int]`, `list[str]`: comma-separated on the command line, a YAML list or a comma-separated string in YAML;
 - `dict[str, Any]`: a YAML mapping, or on the command line YAML text such as `{beta: 0.5}`;
-- `choices`: listed in the help and in the error.
+- `choices`: listed in the help and in the error (for a list, each item is one of them).
 
 Flags are `--with-dashes`, and `--with_underscores` is accepted too; YAML keys may use either.
 """
@@ -84,7 +84,8 @@ def check_settings(settings: Any) -> None:
     for field in dataclasses.fields(settings):
         value = getattr(settings, field.name)
         choices = field.metadata.get("choices")
-        if choices and value not in choices:
+        chosen = value if isinstance(value, list) else [value]  # a list setting: each item is one of the choices
+        if choices and any(item not in choices for item in chosen):
             raise ValueError(f"{field.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
         numbers = value if isinstance(value, (list, tuple)) else [value]
         for number in numbers:
@@ -152,8 +153,9 @@ def convert(field: dataclasses.Field, annotation: Any, value: Any) -> Any:
             raise
         raise SettingsError(f"{name}: expected {_describe(base, optional)}, got {value!r}") from None
     choices = field.metadata.get("choices")
-    if choices and converted not in choices:
-        raise SettingsError(f"{name}: {converted!r} is not one of {', '.join(map(str, choices))}")
+    for item in converted if isinstance(converted, list) else [converted]:
+        if choices and item not in choices:
+            raise SettingsError(f"{name}: {item!r} is not one of {', '.join(map(str, choices))}")
     return converted
 
 

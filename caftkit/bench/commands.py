@@ -21,12 +21,14 @@ def _check_output(output: str | None, flag: str = "--output") -> None:
 
 
 def bench_generate_command(settings: GenerationBenchSettings) -> dict:
-    """Plain greedy `generate()` against self-speculative decoding with the heads, on the same prompts.
+    """Plain `generate()` against self-speculative decoding with the heads, on the same prompts.
 
     Both sides run in this process on the same batches (chat template applied, prompts grouped by length,
-    left-padded), after an untimed warm-up; each batch is decoded plainly and then with every draft shape. Prints,
-    per batch size and draft shape, new tokens per second of each side, the speedup, the mean tokens accepted per
-    verification pass, and how many answers are token for token the same (all should be). The speedup is split
+    left-padded), after an untimed warm-up; each batch is decoded plainly and then with every draft shape, each
+    with fixed drafts (every head at every pass) and adaptive ones (as far as the heads are confident, stopping
+    where drafting does not pay); greedily, and sampled at each of --temperatures. Prints, per temperature, batch
+    size, draft shape and drafting, new tokens per second of each side, the speedup, the mean tokens accepted per
+    verification pass, and, greedy, how many answers are token for token the same (all should be). The speedup is split
     into `pass_reduction` (plain forward passes over speculative ones: what the heads save) and `pass_cost` (a
     speculative pass's time in plain one-token steps: what the device charges): speedup = pass_reduction /
     pass_cost.

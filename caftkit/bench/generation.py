@@ -1,10 +1,11 @@
-"""`caft bench generate`: plain greedy `generate()` against self-speculative decoding, on the same prompts.
+"""`caft bench generate`: plain `generate()` against self-speculative decoding, on the same prompts.
 
 Both sides run in one process on the same batches of prompts (chat template applied, left-padded, grouped by
-length), after one untimed warm-up batch each; each batch is decoded plainly and then with every draft shape
-asked for, so that all are timed under the same conditions. Reported per batch size and draft shape: new tokens
-per second of each side, their ratio, the mean tokens accepted per verification pass, and whether every answer
-is token for token the same.
+length), after one untimed warm-up batch each; each batch is decoded plainly and then with every draft shape asked
+for, each with fixed and with adaptive drafting (`decoding/draft_policy.py`), so that all are timed under the same
+conditions; greedily, and sampled at each temperature asked for. Reported per temperature, batch size, draft shape
+and drafting: new tokens per second of each side, their ratio, the mean tokens accepted per verification pass, and
+(greedy only: samples differ by the random stream) whether every answer is token for token the same.
 
 The ratio is split in two factors, so that a slow result says what to improve: `pass_reduction`, how many times
 fewer forward passes speculative decoding made (what the heads' acceptance buys), and `pass_cost`, how many plain
@@ -21,11 +22,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
 from ..core.heads import attach_heads, check_heads_fit, get_heads
 from ..data import ReadStats, iter_prompts, render_prompt
+from ..decoding.settings import Sampling
 from ..decoding.speculative import generate
 from ..models import load_model, load_tokenizer
 from .settings import DraftShape, GenerationBenchSettings
@@ -37,13 +40,15 @@ class GenerationBenchRow:
 
     batch_size: int
     draft: str
+    drafting: str
+    temperature: float
     prompts: int
     plain_tokens: int
     plain_seconds: float
     speculative_tokens: int
     speculative_seconds: float
     mean_accepted: float
-    identical: int
+    identical: int | None
     plain_passes: int
     speculative_passes: int
 
@@ -133,10 +138,11 @@ class _ForwardCounter:
         self._handle.remove()
 
 
-def _plain(model, ids, mask, max_new_tokens, stop_ids, pad_id) -> list[list[int]]:
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=sorted(stop_ids), pad_token_id=pad_id, top_k=None, top_p=None,
-                         temperature=None)
+def _plain(model, ids, mask, max_new_tokens, stop_ids, pad_id, sampling: Sampling) -> list[list[int]]:
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         eos_token_id=sorted(stop_ids), pad_token_id=pad_id, **sampling.generate_kwargs())
     return [_cut(row, stop_ids) for row in out[:, ids.shape[1]:].tolist()]
 
 
@@ -145,10 +151,12 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _speculative(model, ids, mask, max_new_tokens, stop_ids, shape: DraftShape, draft_dtype):
+def _speculative(model, ids, mask, max_new_tokens, stop_ids, shape: DraftShape, drafting: str, draft_dtype,
+                 sampling: Sampling):
     return generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                     eos_token_id=sorted(stop_ids), num_aux_heads=shape.num_aux_heads, candidates=shape.candidates,
-                    tree_size=shape.tree_size, draft_dtype=draft_dtype)
+                    tree_size=shape.tree_size, draft_dtype=draft_dtype, sampling=sampling,
+                    adaptive=drafting == "adaptive")
 
 
 def _timed(device, run):
@@ -160,45 +168,50 @@ def _timed(device, run):
 
 
 def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
-                   shapes: list[DraftShape], draft_dtype=None) -> list[GenerationBenchRow]:
-    """Time plain greedy `generate()` and speculative decoding with each draft shape on the same prompts, at each
-    batch size (drafting in `draft_dtype`, default the model's)."""
+                   shapes: list[DraftShape], draft_dtype=None, drafting: tuple[str, ...] = ("fixed", "adaptive"),
+                   samplings: tuple[Sampling, ...] = (Sampling(),)) -> list[GenerationBenchRow]:
+    """Time plain `generate()` and speculative decoding with each draft shape and each way of `drafting` on the
+    same prompts, at each batch size and with each of `samplings` (drafting in `draft_dtype`, default the
+    model's)."""
     from ..decoding.greedy import stop_token_ids
 
     device = next(model.parameters()).device
     stop_ids = set(stop_token_ids(model, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
     model.eval()
+    sides = [(shape, way) for shape in shapes for way in drafting]
     rows = []
-    for batch_size in batch_sizes:
-        batches = _batches(prompts, batch_size, pad_id, device)
-        # Warm-up: first calls pay for allocations and lazy initialisation, on every side.
-        _plain(model, *batches[0], min(8, max_new_tokens), stop_ids, pad_id)
-        for shape in shapes:
-            _speculative(model, *batches[0], min(8, max_new_tokens), stop_ids, shape, draft_dtype)
-        plain_out, plain_seconds, plain_passes = [], 0.0, 0
-        drafted = {shape: {"out": [], "seconds": 0.0, "accepted": [], "passes": 0} for shape in shapes}
-        for ids, mask in batches:
-            with _ForwardCounter(model) as counter:
-                out, seconds = _timed(device, lambda ids=ids, mask=mask: _plain(
-                    model, ids, mask, max_new_tokens, stop_ids, pad_id))
-            plain_out += out
-            plain_seconds += seconds
-            plain_passes += counter.calls
-            for shape in shapes:
-                result, seconds = _timed(device, lambda ids=ids, mask=mask, shape=shape: _speculative(
-                    model, ids, mask, max_new_tokens, stop_ids, shape, draft_dtype))
-                drafted[shape]["out"] += result.sequences
-                drafted[shape]["seconds"] += seconds
-                drafted[shape]["accepted"] += result.accepted_per_step
-                drafted[shape]["passes"] += result.forward_passes
-        for shape, side in drafted.items():
-            rows.append(GenerationBenchRow(
-                batch_size=batch_size, draft=str(shape), prompts=len(prompts), plain_tokens=sum(map(len, plain_out)),
-                plain_seconds=plain_seconds, speculative_tokens=sum(map(len, side["out"])),
-                speculative_seconds=side["seconds"], mean_accepted=sum(side["accepted"]) / len(side["accepted"]),
-                identical=sum(a == b for a, b in zip(plain_out, side["out"])), plain_passes=plain_passes,
-                speculative_passes=side["passes"]))
+    for sampling in samplings:
+        for batch_size in batch_sizes:
+            batches = _batches(prompts, batch_size, pad_id, device)
+            # Warm-up: first calls pay for allocations and lazy initialisation, on every side.
+            _plain(model, *batches[0], min(8, max_new_tokens), stop_ids, pad_id, sampling)
+            for shape, way in sides:
+                _speculative(model, *batches[0], min(8, max_new_tokens), stop_ids, shape, way, draft_dtype, sampling)
+            plain_out, plain_seconds, plain_passes = [], 0.0, 0
+            drafted = {side: {"out": [], "seconds": 0.0, "accepted": [], "passes": 0} for side in sides}
+            for ids, mask in batches:
+                with _ForwardCounter(model) as counter:
+                    out, seconds = _timed(device, partial(_plain, model, ids, mask, max_new_tokens, stop_ids, pad_id,
+                                                          sampling))
+                plain_out += out
+                plain_seconds += seconds
+                plain_passes += counter.calls
+                for shape, way in sides:
+                    result, seconds = _timed(device, partial(_speculative, model, ids, mask, max_new_tokens, stop_ids,
+                                                             shape, way, draft_dtype, sampling))
+                    drafted[shape, way]["out"] += result.sequences
+                    drafted[shape, way]["seconds"] += seconds
+                    drafted[shape, way]["accepted"] += result.accepted_per_step
+                    drafted[shape, way]["passes"] += result.forward_passes
+            for (shape, way), side in drafted.items():
+                rows.append(GenerationBenchRow(
+                    batch_size=batch_size, draft=str(shape), drafting=way, temperature=sampling.temperature,
+                    prompts=len(prompts), plain_tokens=sum(map(len, plain_out)), plain_seconds=plain_seconds,
+                    speculative_tokens=sum(map(len, side["out"])), speculative_seconds=side["seconds"],
+                    mean_accepted=sum(side["accepted"]) / len(side["accepted"]),
+                    identical=sum(a == b for a, b in zip(plain_out, side["out"])) if sampling.greedy else None,
+                    plain_passes=plain_passes, speculative_passes=side["passes"]))
     return rows
 
 
@@ -221,10 +234,12 @@ def run_generation_bench(settings: GenerationBenchSettings) -> dict:
     model = load_model(settings.model, settings.dtype).to(settings.device)
     attach_heads(model, settings.heads)
     shapes = settings.shapes or [DraftShape(get_heads(model).num_aux_heads)]
+    samplings = tuple(Sampling(temperature=t, top_p=settings.top_p if t > 0 else 1.0, seed=settings.seed)
+                      for t in settings.temperatures)
     rows = rows_as_dict(bench_generate(model, tokenizer, prompts, settings.batch_sizes, settings.max_new_tokens,
-                                       shapes, settings.draft_dtype))
+                                       shapes, settings.draft_dtype, tuple(settings.drafting), samplings))
     return {"model": settings.model, "heads": settings.heads, "device": settings.device, "dtype": settings.dtype,
             "draft_dtype": settings.draft_dtype or settings.dtype, "max_new_tokens": settings.max_new_tokens,
-            "rows": rows}
+            "top_p": settings.top_p, "seed": settings.seed, "rows": rows}
 
 

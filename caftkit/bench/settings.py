@@ -61,6 +61,15 @@ class GenerationBenchSettings(ModelSettings):
     draft_dtype: str | None = setting(None, help="draft with the heads in this dtype (e.g. bfloat16 for a float32 "
                                                  "model: cheaper drafts, the model still verifies in --dtype); "
                                                  "default: --dtype.")
+    drafting: list[str] = setting(default_factory=lambda: ["fixed", "adaptive"],
+                                  help="how each draft shape drafts: fixed (every head at every pass) and adaptive "
+                                       "(as far as the heads are confident, stopping where it does not pay); each "
+                                       "one asked for is measured.", choices=("fixed", "adaptive"))
+    temperatures: list[float] = setting(default_factory=lambda: [0.0], help="0 decodes greedily; above 0 samples "
+                                                                           "(with --top-p and --seed); each one "
+                                                                           "asked for is measured.", minimum=0)
+    top_p: float = setting(1.0, help="sampling: the top-p of every temperature above 0.", above=0, maximum=1)
+    seed: int = setting(0, help="seed of the sampling, the same on every side.", minimum=0)
     output: str | None = setting(None, help="also write the JSON to this new file (an existing one is refused).")
 
     def __post_init__(self):

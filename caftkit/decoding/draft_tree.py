@@ -67,16 +67,22 @@ class DraftTree:
     def is_chain(self) -> bool:
         return self.candidates_per_head == 1
 
-    def choose(self, root: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, size: int) -> DraftBlock:
+    def choose(self, root: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, size: int,
+               max_depth: int | None = None) -> DraftBlock:
         """The `size` likeliest paths for each row, given the root tokens `[batch]` and the heads' candidates and
-        their log-probabilities, `[batch, num_aux_heads, candidates]` each (candidates in decreasing order)."""
+        their log-probabilities, `[batch, num_aux_heads, candidates]` each (candidates in decreasing order); only
+        paths through the first `max_depth` heads when given (0: the root alone)."""
         batch = root.shape[0]
-        size = min(size, self.candidates)
+        allowed = self.depth <= (self.num_aux_heads if max_depth is None else max_depth)
+        size = min(size, int(allowed.sum()) - 1)
+        if size == 0:
+            return DraftBlock(tokens=root[:, None], parent=root.new_zeros(batch, 1), depth=root.new_zeros(batch, 1),
+                              attends=torch.ones(batch, 1, 1, dtype=torch.bool, device=root.device))
         step = logprobs[:, self.head, self.rank].float()  # [batch, paths]: log-prob of each path's last step
         step[:, 0] = 0.0
         score = step @ self.ancestors.T  # a path's score: the sum over its nodes
         # Strictly below the parent even when a step has log-prob 0, so that ties never pick a child first.
-        score = score - 1e-4 * self.depth
+        score = (score - 1e-4 * self.depth).masked_fill(~allowed, float("-inf"))
         chosen = score[:, 1:].topk(size, dim=-1).indices + 1
         nodes = torch.cat([chosen.new_zeros(batch, 1), chosen.sort(dim=-1).values], dim=-1)  # paths in BFS order
         node_tokens = tokens[:, self.head, self.rank].gather(1, nodes)

@@ -34,6 +34,7 @@ from torch import nn
 from ..core.architecture import find_model_parts, unwrap_model
 from ..core.heads import AuxiliaryHeads, from_former_num_heads, get_heads
 from ..core.layer_call import LayerCall, cache_parameter, capture_layer_inputs
+from .draft_policy import DraftPolicy, drafting_cost
 from .draft_tree import DraftBlock, DraftTree, accept
 from .sampling import TokenChooser
 from .settings import Sampling, default_tree_size
@@ -133,9 +134,6 @@ class _HeadDrafter:
         # One unembedding product for all heads: at batch 1 its cost is reading the vocabulary matrix, once.
         stacked = torch.stack(picked, dim=1)  # [batch, num_aux_heads, hidden]
         logits = self.lm_head(self.final_norm(stacked)).float()
-        if self.candidates == 1:  # a chain: the scores are never compared
-            tokens = logits.argmax(-1, keepdim=True)
-            return tokens, torch.zeros_like(tokens, dtype=logits.dtype)
         logprobs, tokens = logits.log_softmax(-1).topk(self.candidates, dim=-1)
         return tokens, logprobs
 
@@ -184,6 +182,7 @@ def generate(
     on_tokens: Callable[[int, list[int]], None] | None = None,
     draft_dtype: torch.dtype | str | None = None,
     sampling: Sampling | None = None,
+    adaptive: bool = True,
     num_heads: int | None = None,
 ) -> GenerationOutput:
     """Decoding of `input_ids` (left-padded, with `attention_mask`), sped up by the auxiliary heads.
@@ -199,6 +198,8 @@ def generate(
     generation config) or after `max_new_tokens`. `on_tokens(row, tokens)` is called with each row's newly
     accepted tokens as they come (for streaming). `draft_dtype` (e.g. `torch.bfloat16` for a float32 model) runs
     the heads and their unembedding in a cheaper dtype: the drafts may change, the output tokens do not.
+    `adaptive` (the default) drafts at each pass only as far as the heads are confident, and stops drafting when it
+    does not pay for itself (`draft_policy.py`); `adaptive=False` always drafts through every head.
     `num_heads` is the former name of `num_aux_heads`.
     """
     num_aux_heads = from_former_num_heads(num_heads, num_aux_heads, "generate")
@@ -238,6 +239,8 @@ def generate(
 
         draft_dtype = parse_dtype(draft_dtype)
     drafter = _HeadDrafter(model, heads, num_aux_heads, candidates, draft_dtype) if tree is not None else None
+    policy = DraftPolicy(num_aux_heads, drafting_cost(model, heads, num_aux_heads) if drafter else 0.0,
+                         adaptive=adaptive)
     choose = TokenChooser(sampling or Sampling(), device)
 
     # Prefill: the prompt through the model and the heads; left padding gets position 0 like generate() does.
@@ -253,14 +256,17 @@ def generate(
     output = GenerationOutput([[] for _ in range(batch)], forward_passes=1)
     rows = torch.arange(batch, device=device)  # original row of each row still generating
     while rows.numel() > 0:
+        if drafter is not None and not policy.active:  # drafting did not pay: plain decoding from here on
+            drafter, tree, candidates = None, None, None
+        drafted = policy.depth(candidates[1][:, :, 0].exp()) if drafter else 0
         if tree is None:
             block = DraftBlock(tokens=next_token[:, None], parent=next_token.new_zeros(rows.numel(), 1),
                                depth=next_token.new_zeros(rows.numel(), 1), attends=None)
         else:
-            block = tree.choose(next_token, *candidates, size)
+            block = tree.choose(next_token, *candidates, size, max_depth=drafted)
         width = block.tokens.shape[1]
         positions = next_position[:, None] + block.depth
-        if tree is None or tree.is_chain:
+        if tree is None or tree.is_chain or width == 1:
             # A chain is causal within the block: the plain 2D mask serves, sliding windows included.
             block_mask = torch.cat([mask, mask.new_ones(rows.numel(), width)], dim=-1)
         else:
@@ -269,6 +275,7 @@ def generate(
         output.forward_passes += 1
         chosen = choose(logits)  # chosen[:, j]: the model's token after node j
         path = accept(block, chosen)
+        policy.record(drafted, path.length)
         keep = int(path.length.max() if keep_longest else path.length.min())
         taken = path.length if keep_longest else torch.full_like(path.length, keep)
         last = path.nodes.gather(1, (taken - 1)[:, None]).squeeze(1)
@@ -293,7 +300,7 @@ def generate(
                 on_tokens(row, tokens)
         output.accepted_per_step.append(sum(step_tokens) / len(step_tokens))
 
-        if tree is None or tree.is_chain:  # the accepted path is a prefix of the block
+        if tree is None or tree.is_chain or width == 1:  # the accepted path is a prefix of the block
             cache.crop(-(width - keep))
             if drafter:
                 drafter.crop(width - keep)

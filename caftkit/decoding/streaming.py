@@ -67,7 +67,8 @@ def answer_prompt(settings: GenerateSettings, sampling: Sampling | None = None) 
         result = speculative_generate(model, input_ids=ids, max_new_tokens=settings.max_new_tokens,
                                       eos_token_id=stop_ids, num_aux_heads=settings.num_aux_heads,
                                       candidates=settings.candidates, tree_size=settings.tree_size, on_tokens=show,
-                                      draft_dtype=settings.draft_dtype, sampling=sampling)
+                                      draft_dtype=settings.draft_dtype, sampling=sampling,
+                                      adaptive=settings.adaptive)
         passes, accepted = result.forward_passes, result.mean_accepted
     else:
         if sampling.seed is not None:

@@ -47,7 +47,8 @@ def plain_samples(model, sampling: Sampling) -> np.ndarray:
 
 def speculative_samples(model, sampling: Sampling, **draft) -> tuple[np.ndarray, float]:
     ids = torch.tensor([PROMPT] * SAMPLES)
-    out = generate(model, input_ids=ids, max_new_tokens=NEW_TOKENS, eos_token_id=[], sampling=sampling, **draft)
+    out = generate(model, input_ids=ids, max_new_tokens=NEW_TOKENS, eos_token_id=[], sampling=sampling,
+                   adaptive=False, **draft)
     return np.array(out.sequences), out.mean_accepted
 
 
@@ -110,8 +111,7 @@ def test_temperature_zero_is_greedy_token_for_token(model):
     greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
                             eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
     for draft in ({"candidates": 1}, {"candidates": 3, "tree_size": 8}):
-        out = generate(model, input_ids=ids, max_new_tokens=20, eos_token_id=[], sampling=Sampling(temperature=0,
-                                                                                                    seed=5), **draft)
+        out = generate(model, input_ids=ids, max_new_tokens=20, eos_token_id=[], sampling=Sampling(seed=5), **draft)
         assert out.sequences == [greedy]
 
 

@@ -41,13 +41,18 @@ def repetitive_model(model_type: str):
 
 
 SLIDING = {"gemma3_text"}  # tiny models with sliding-window layers: chains only
-DRAFTS = [{"candidates": 1}, {"candidates": 3, "tree_size": 8}, {"candidates": 2, "tree_size": 14},
-          {"candidates": 1, "draft_dtype": torch.bfloat16},
-          {"candidates": 3, "tree_size": 8, "draft_dtype": "bfloat16"}]
+# Fixed drafts (every head at every pass), and adaptive drafting, which on these tiny models (whose heads cost more
+# than the model) drafts for its trial passes and then stops: both ways must give the same tokens.
+DRAFTS = [{"candidates": 1, "adaptive": False}, {"candidates": 3, "tree_size": 8, "adaptive": False},
+          {"candidates": 2, "tree_size": 14, "adaptive": False},
+          {"candidates": 1, "draft_dtype": torch.bfloat16, "adaptive": False},
+          {"candidates": 3, "tree_size": 8, "draft_dtype": "bfloat16", "adaptive": False},
+          {"candidates": 1}, {"candidates": 3, "tree_size": 8}]
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-@pytest.mark.parametrize("draft", DRAFTS, ids=["chain", "tree-3x8", "tree-2x14", "chain-bf16", "tree-3x8-bf16"])
+@pytest.mark.parametrize("draft", DRAFTS, ids=["chain", "tree-3x8", "tree-2x14", "chain-bf16", "tree-3x8-bf16",
+                                               "chain-adaptive", "tree-3x8-adaptive"])
 def test_speculative_tokens_equal_greedy_generate(model_type, draft):
     if draft["candidates"] > 1 and model_type in SLIDING:
         return test_trees_are_refused_on_sliding_window_models(model_type, draft)
@@ -74,14 +79,15 @@ def test_drafts_are_accepted_and_save_forward_passes():
 
     model = repetitive_model("llama")
     with _ForwardCounter(model) as counter:
-        out = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[])
+        out = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[],
+                       adaptive=False)
     # forward_passes counts every call of the model: the prefill, then one verification pass per step.
     assert counter.calls == out.forward_passes == 1 + len(out.accepted_per_step)
     assert out.sequences == [reference(model, PROMPTS[0], 40)] and len(out.sequences[0]) == 40
     assert out.mean_accepted > 1.2
     assert out.forward_passes < 40  # plain greedy needs 1 prefill + 39 decoding passes
     tree = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[], candidates=3,
-                    tree_size=12)
+                    tree_size=12, adaptive=False)
     assert tree.sequences == out.sequences and tree.mean_accepted > 1.2
 
 
@@ -94,7 +100,7 @@ def test_bfloat16_drafts_come_from_copies_and_leave_the_heads_alone():
     assert {p.dtype for layer in drafter.layers for p in layer.parameters()} == {torch.bfloat16}
     assert drafter.lm_head.weight.dtype == torch.bfloat16 and drafter.lm_head is not model.lm_head
     assert _HeadDrafter(model, get_heads(model), 3, 1, torch.float32).lm_head is model.lm_head  # no copy needed
-    out = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[],
+    out = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[], adaptive=False,
                    draft_dtype=torch.bfloat16)
     assert out.sequences == [reference(model, PROMPTS[0], 40)] and out.mean_accepted > 1.2
     for name, tensor in get_heads(model).state_dict().items():
@@ -204,8 +210,8 @@ def test_bench_generate_reports_identical_answers(tiny_dir, tmp_path, capsys):
                  "--output", str(output)]) == 0
     result = json.loads(output.read_text())
     assert (result["dtype"], result["draft_dtype"]) == ("float32", "bfloat16")
-    assert [(row["batch_size"], row["draft"]) for row in result["rows"]] == [
-        (1, "3"), (1, "2"), (1, "3x2:6"), (4, "3"), (4, "2"), (4, "3x2:6")]
+    assert [(row["batch_size"], row["draft"], row["drafting"]) for row in result["rows"]] == [
+        (size, draft, way) for size in (1, 4) for draft in ("3", "2", "3x2:6") for way in ("fixed", "adaptive")]
     for row in result["rows"]:
         assert row["prompts"] == 5 and row["identical"] == 5
         assert row["plain_tokens"] == row["speculative_tokens"] > 0
@@ -217,3 +223,26 @@ def test_bench_generate_reports_identical_answers(tiny_dir, tmp_path, capsys):
         # generate() runs one forward pass per new token of the longest answer of a batch; at batch 1, of the answer.
         if row["batch_size"] == 1:
             assert row["plain_passes"] == row["plain_tokens"]
+
+
+def test_bench_generate_samples_on_every_side_with_one_seed(tiny_dir, tmp_path, capsys):
+    import json
+
+    from caftkit.cli import main
+
+    output = tmp_path / "bench.json"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"say {i}"}]})
+                               + "\n" for i in range(3)))
+    assert main(["bench", "generate", "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),
+                 "--data", str(prompts), "--num-prompts", "3", "--batch-sizes", "1", "--max-new-tokens", "10",
+                 "--temperatures", "0,0.7", "--top-p", "0.9", "--drafting", "adaptive", "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert (result["top_p"], result["seed"]) == (0.9, 0)
+    rows = {row["temperature"]: row for row in result["rows"]}
+    assert set(rows) == {0.0, 0.7} and {row["drafting"] for row in result["rows"]} == {"adaptive"}
+    assert rows[0.0]["identical"] == 3 and rows[0.7]["identical"] is None  # samples differ by their random stream
+    assert rows[0.7]["speculative_tokens"] > 0 and rows[0.7]["plain_tokens"] > 0
+    assert main(["bench", "generate", "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),
+                 "--drafting", "fixed,greedy"]) == 2
+    assert "--drafting: 'greedy' is not one of fixed, adaptive" in capsys.readouterr().err

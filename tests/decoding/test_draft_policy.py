@@ -1,0 +1,70 @@
+"""Adaptive drafting: as far as the heads are confident, the bar tuned by what held, and no drafting at all once it
+does not pay for itself; the tokens never change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_speculative import PROMPTS, reference, repetitive_model
+
+from caftkit.core.heads import get_heads
+from caftkit.decoding.draft_policy import DraftPolicy, drafting_cost
+from caftkit.decoding.speculative import generate
+
+
+def test_depth_is_the_run_of_confident_leading_heads():
+    policy = DraftPolicy(4, cost=0.2, threshold=0.5)
+    confidence = torch.tensor([[0.9, 0.6, 0.4, 0.9],    # 2: the third head breaks the run
+                               [0.9, 0.8, 0.7, 0.1]])   # 3
+    assert policy.depth(confidence) == 3  # the longest over the rows
+    assert policy.depth(torch.tensor([[0.3, 0.9, 0.9, 0.9]])) == 0  # zero drafts is allowed
+    assert DraftPolicy(4, cost=0.2, adaptive=False).depth(torch.tensor([[0.0] * 4])) == 4
+
+
+def test_the_threshold_follows_what_held():
+    policy = DraftPolicy(4, cost=0.0, threshold=0.5, step=0.1)
+    policy.record(2, torch.tensor([3]))  # both drafts held: draft more
+    assert policy.threshold == pytest.approx(0.4)
+    policy.record(3, torch.tensor([2]))  # one held of three: draft less
+    assert policy.threshold == pytest.approx(0.5)
+    policy.record(0, torch.tensor([1]))  # nothing drafted: lower the bar a little
+    assert policy.threshold == pytest.approx(0.48)
+
+
+def test_drafting_stops_when_it_does_not_pay_for_itself():
+    policy = DraftPolicy(4, cost=0.3, trial_passes=4, window=4)
+    for _ in range(3):
+        policy.record(4, torch.tensor([1]))  # nothing held
+    assert policy.active  # still within its trial
+    policy.record(4, torch.tensor([2]))
+    assert not policy.active  # (1 + 1 + 1 + 2) / 4 = 1.25 tokens per pass < 1.3
+    assert policy.depth(torch.tensor([[1.0] * 4])) == 0
+    paying = DraftPolicy(4, cost=0.3, trial_passes=4, window=4)
+    for accepted in (2, 1, 2, 1, 2, 1):
+        paying.record(4, torch.tensor([accepted]))
+    assert paying.active  # 1.5 tokens per pass > 1.3
+
+
+def test_drafting_cost_counts_the_weights_read():
+    model = repetitive_model("llama")
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    unembedding = model.lm_head.weight.numel()
+    assert drafting_cost(model, get_heads(model), 2) == pytest.approx((2 * layer + unembedding) /
+                                                                      (2 * layer + unembedding))
+    assert drafting_cost(model, get_heads(model), 1) == pytest.approx((layer + unembedding) / (2 * layer + unembedding))
+
+
+def test_adaptive_generation_stops_running_the_heads_and_keeps_the_tokens():
+    """On a tiny model the heads cost as much as the model, so drafting cannot pay: after its trial passes the
+    heads are not run again, and the tokens are plain greedy decoding's."""
+    model = repetitive_model("llama")
+    calls = []
+    handle = get_heads(model).layers[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        out = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[])
+    finally:
+        handle.remove()
+    assert out.sequences == [reference(model, PROMPTS[0], 40)]
+    assert len(calls) == 1 + 8  # the prefill, then the 8 trial passes
+    assert out.forward_passes == 1 + len(out.accepted_per_step)
+    assert out.accepted_per_step[8:] == [1.0] * (len(out.accepted_per_step) - 8)

@@ -21,10 +21,17 @@ from .environment import env_command
 from .evaluation.commands import EvalOutput, eval_command, eval_tasks_help
 from .evaluation.task_eval import EvalSettings
 from .tasks.registry import get_task, task_names
-from .training.commands import distill_command, export_command, finetune_command, train_heads_command
+from .training.commands import (
+    distill_command,
+    export_command,
+    export_heads_command,
+    finetune_command,
+    train_heads_command,
+)
 from .training.settings import (
     DistillOutput,
     DistillSettings,
+    ExportHeadsSettings,
     ExportSettings,
     FinetuneSettings,
     HeadsOutput,
@@ -40,6 +47,7 @@ COMMANDS: dict[str, Command] = {
     "train-heads": Command(train_heads_command, (HeadTrainingSettings, HeadsOutput)),
     "finetune": Command(finetune_command, (FinetuneSettings, RunOutput)),
     "export": Command(export_command, (ExportSettings,), positional=("run",)),
+    "export-heads": Command(export_heads_command, (ExportHeadsSettings,)),
     "eval": Command(eval_command, (EvalSettings, EvalOutput), more_help=eval_tasks_help),
     "compare": Command(compare_command, (CompareSettings, CompareOutput)),
     "demo": Command(demo_command, (DemoSettings,)),

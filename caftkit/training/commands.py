@@ -1,4 +1,4 @@
-"""The `caft` commands of the training wing: distill, train-heads, finetune, export.
+"""The `caft` commands of the training wing: distill, train-heads, finetune, export, export-heads.
 
 Each runs its library function and prints what it returns; its docstring is the command's help. The library is
 imported when a command runs, not with this module: the command line reads and checks the settings first, without
@@ -10,6 +10,7 @@ from __future__ import annotations
 from .settings import (
     DistillOutput,
     DistillSettings,
+    ExportHeadsSettings,
     ExportSettings,
     FinetuneSettings,
     HeadsOutput,
@@ -98,18 +99,47 @@ def finetune_command(settings: FinetuneSettings, where: RunOutput) -> dict:
     return summary
 
 
+def export_heads_command(settings: ExportHeadsSettings) -> dict:
+    """Write the heads in a format a serving engine loads beside the model.
+
+    --format eagle3: head 2 (the first auxiliary head, which predicts token t+2) as an EAGLE-3 draft, config.json and
+    model.safetensors, exactly: the draft reads the input of the last layer (fc the identity, the embedding half of
+    q/k/v zero), the head's input norm is its hidden_norm, the model's final norm and unembedding its norm and
+    lm_head. vLLM and SGLang serve it as a speculative draft of one token per step (heads 3..n stay caftkit's own).
+    Llama- and Qwen3-family models only; another is refused before anything is written, naming why, and every
+    weight written is checked against the layout the engines load.
+    """
+    from ..outputs import output_lock
+    from .export_heads import export_heads
+
+    with output_lock(settings.output):
+        written = export_heads(settings.model, settings.heads, settings.output, settings.dtype)
+    print(f"EAGLE-3 draft of {settings.heads} written to {written['draft']}; serve it with vLLM: vllm serve "
+          f"{settings.model} --speculative-config '{{\"method\": \"eagle3\", \"model\": \"{written['draft']}\", "
+          f"\"num_speculative_tokens\": 1}}'")
+    return written
+
+
 def export_command(settings: ExportSettings) -> dict:
     """Export a `caft finetune` run as a plain transformers model: LoRA merged, heads stripped.
 
     The model folder gets the weights, config, tokenizer and a model card (base, data, CAFT settings, final
     held-out metrics), and loads with `AutoModelForCausalLM.from_pretrained` without caftkit. The heads the run
     used are copied beside it, for reuse and for speculative decoding, recorded as heads of the exported model
-    (`caft generate --model OUT --heads OUT-heads --speculative` accepts the pair).
+    (`caft generate --model OUT --heads OUT-heads --speculative` accepts the pair). With --eagle3, head 2 is also
+    written as an EAGLE-3 draft of the exported model to OUT-eagle3, for vLLM and SGLang (see `caft export-heads`).
     """
-    from ..outputs import output_lock
-    from .export import default_heads_output, export_run
+    from contextlib import ExitStack
 
-    with output_lock(settings.output), output_lock(settings.heads_output or default_heads_output(settings.output)):
-        written = export_run(settings.run, settings.output, settings.heads_output, settings.dtype)
-    print(f"model written to {written['model']}" + (f"; heads to {written['heads']}" if written["heads"] else ""))
+    from ..outputs import output_lock
+    from .export import default_draft_output, default_heads_output, export_run
+
+    outputs = [settings.output, settings.heads_output or default_heads_output(settings.output)]
+    outputs += [default_draft_output(settings.output)] if settings.eagle3 else []
+    with ExitStack() as locks:
+        for output in outputs:
+            locks.enter_context(output_lock(output))
+        written = export_run(settings.run, settings.output, settings.heads_output, settings.dtype, settings.eagle3)
+    print(f"model written to {written['model']}" + (f"; heads to {written['heads']}" if written["heads"] else "")
+          + (f"; EAGLE-3 draft to {written['draft']}" if written.get("draft") else ""))
     return written

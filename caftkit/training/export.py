@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_files import atomic_folder, check_replaceable
-from ..core.heads import HEADS_WEIGHTS_FILE, detach_heads, read_heads_config, rebase_heads
+from ..core.eagle3 import eagle3_refusal
+from ..core.heads import HEADS_WEIGHTS_FILE, attach_heads, detach_heads, read_heads_config, rebase_heads
 from ..json_text import read_json_file
 from ..models import check_model_source, load_model, load_tokenizer
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
@@ -72,22 +73,38 @@ def default_heads_output(out: str | Path) -> Path:
     return out.with_name(out.name + "-heads")
 
 
+def default_draft_output(out: str | Path) -> Path:
+    """Where `caft export --eagle3` writes the EAGLE-3 draft: `<out>-eagle3` beside the model."""
+    out = Path(out)
+    return out.with_name(out.name + "-eagle3")
+
+
 def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | None = None,
-               dtype: str | None = None) -> dict[str, Any]:
+               dtype: str | None = None, eagle3: bool = False) -> dict[str, Any]:
     """Write the run's model to `out` (plain transformers, with tokenizer and model card) and its heads to
-    `heads_out` (default: `<out>-heads`), recorded as heads of the exported model (`rebase_heads`). Returns the
-    paths written."""
+    `heads_out` (default: `<out>-heads`), recorded as heads of the exported model (`rebase_heads`); with `eagle3`,
+    head 2 as an EAGLE-3 draft of the exported model to `<out>-eagle3`. Returns the paths written."""
+    from .export_heads import DRAFT_MARKER, write_eagle3_draft
+
     run_dir, out = Path(run_dir), Path(out)
     run = read_run(run_dir)
     source = _heads_source(run_dir)
     target = (Path(heads_out) if heads_out else default_heads_output(out)) if source is not None else None
-    # Both outputs are checked before anything loads: each must be new, or an earlier export (it holds
-    # EXPORT_MARKER); a user's folder, the run's own heads or the working directory are never replaced.
+    if eagle3 and source is None:
+        raise ValueError(f"{run_dir}: a next-token run has no heads to write as an EAGLE-3 draft")
+    # Every output is checked before anything loads: each must be new, or an earlier export (it holds its
+    # marker); a user's folder, the run's own heads or the working directory are never replaced.
     check_replaceable(out, EXPORT_MARKER)
+    if eagle3:
+        check_replaceable(default_draft_output(out), DRAFT_MARKER)
     if target is not None:
         check_replaceable(target, EXPORT_MARKER)
         read_heads_config(source)  # a broken heads folder fails here, not at generation time
     model, tokenizer = load_finetuned(run_dir, dtype)
+    if eagle3:
+        refusal = eagle3_refusal(model)
+        if refusal is not None:  # before anything is written
+            raise ValueError(f"cannot write the heads as an EAGLE-3 draft: {refusal}")
     record = json.dumps({"run": str(run_dir), "model": str(out), "heads": str(target) if target else None},
                         indent=2) + "\n"
     with atomic_folder(out, EXPORT_MARKER) as staging:
@@ -104,6 +121,10 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
             rebase_heads(staging, model)
             (staging / EXPORT_MARKER).write_text(record)
         written["heads"] = str(target)
+    if eagle3:
+        attach_heads(model, str(target))  # the heads just recorded as this model's
+        written["draft"] = str(write_eagle3_draft(model, default_draft_output(out), json.loads(record)))
+        detach_heads(model)
     return written
 
 

@@ -272,6 +272,18 @@ class ExportSettings:
     heads_output: str | None = setting(None, help="where to copy the heads (default: <output>-heads).",
                                        formerly=("heads_out",))
     dtype: str | None = setting(None, help="dtype of the saved weights (default: the one the run trained in).")
+    eagle3: bool = setting(False, help="also write head 2 as an EAGLE-3 draft of the exported model to "
+                                       "<output>-eagle3, for vLLM and SGLang (see `caft export-heads`).")
+
+
+@dataclass(kw_only=True)
+class ExportHeadsSettings(ModelSettings):
+    """What `caft export-heads` writes: which heads of which model, in which engine format, where."""
+
+    heads: str = setting(help="the heads folder (from `caft train-heads`, or <model>-heads from `caft export`).")
+    format: str = setting("eagle3", help="eagle3: head 2 as an EAGLE-3 draft that vLLM and SGLang load beside the "
+                                         "model (Llama- and Qwen3-family bases).", choices=("eagle3",))
+    output: str = setting(help="the draft folder to write (config.json, model.safetensors).")
 
 
 @dataclass(kw_only=True)

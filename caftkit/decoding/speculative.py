@@ -150,7 +150,13 @@ class _HeadDrafter:
             cache.batch_select_indices(rows)
 
 
-def _forward(model, parts, input_ids, attention_mask, position_ids, cache, cache_argument):
+def _forward(model, parts, input_ids, attention_mask, position_ids, cache, cache_argument, capture_call=True):
+    """The model's logits over a block and, when `capture_call`, the call of its last layer (what the heads read);
+    without it no hook is installed: plain decoding pays nothing for the heads."""
+    if not capture_call:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=True, **{cache_argument: cache})
+        return out.logits, None
     with capture_layer_inputs(parts) as capture:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, **{cache_argument: cache})
@@ -246,7 +252,8 @@ def generate(
     # Prefill: the prompt through the model and the heads; left padding gets position 0 like generate() does.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = DraftCache()
-    logits, call = _forward(model, parts, input_ids, attention_mask, position_ids, cache, cache_argument)
+    logits, call = _forward(model, parts, input_ids, attention_mask, position_ids, cache, cache_argument,
+                            capture_call=drafter is not None)
     next_token = choose(logits[:, -1])
     last_position = torch.full((batch,), input_ids.shape[1] - 1, device=device)
     candidates = drafter.run(call, last_position) if drafter else None
@@ -271,7 +278,8 @@ def generate(
             block_mask = torch.cat([mask, mask.new_ones(rows.numel(), width)], dim=-1)
         else:
             block_mask = _tree_mask(mask, block.attends, logits.dtype)
-        logits, call = _forward(model, parts, block.tokens, block_mask, positions, cache, cache_argument)
+        logits, call = _forward(model, parts, block.tokens, block_mask, positions, cache, cache_argument,
+                                capture_call=drafter is not None)
         output.forward_passes += 1
         chosen = choose(logits)  # chosen[:, j]: the model's token after node j
         path = accept(block, chosen)

@@ -23,6 +23,7 @@ import difflib
 import inspect
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -317,6 +318,7 @@ def read_config(path: str | Path, *classes: type) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise SettingsError(f"{path}: expected a mapping of setting names to values")
+    _refuse_duplicate_keys(node, path)
     lines = {key.value: key.start_mark.line + 1 for key, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
     known = {field.name: (field, annotation) for cls in classes for field, annotation in fields_of(cls)}
     former = former_names(*classes)
@@ -331,11 +333,40 @@ def read_config(path: str | Path, *classes: type) -> dict[str, Any]:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
             raise SettingsError(f"{where}: unknown setting {key!r}{hint}")
+        if name in values:
+            raise SettingsError(f"{where}: {key!r} sets {name.replace('_', '-')!r} a second time")
         try:
-            values[name] = convert(*known[name], value)
+            values[name] = convert(*known[name], _home_expanded(value))
         except SettingsError as error:
             raise SettingsError(f"{where}: {error}") from None
     return values
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: Path) -> None:
+    """A mapping (at any depth) that names one key twice is refused: YAML loaders keep the last silently."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                line = key.start_mark.line + 1
+                if key.value in seen:
+                    raise SettingsError(f"{path}:{line}: key {key.value!r} given twice (first on line "
+                                        f"{seen[key.value]}); give it once")
+                seen[key.value] = line
+            _refuse_duplicate_keys(value, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path)
+
+
+def _home_expanded(value: Any) -> Any:
+    """`~/x` (in a value or a list of values) as the shell would expand it on the command line: a YAML config
+    reads it as text, and `~` would otherwise become a folder of that name."""
+    if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+        return os.path.expanduser(value)
+    if isinstance(value, list):
+        return [_home_expanded(item) for item in value]
+    return value
 
 
 def build_settings(cls: type, given: dict[str, Any], config: str | Path | None = None) -> Any:

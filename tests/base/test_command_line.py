@@ -104,10 +104,19 @@ def read_config_text(text: str):
     ("data: x\nmax_samples: 2.5\n", r"c.yaml:2: --max-samples: expected an integer or none, got 2.5"),
     ("data: [x\n", r"c.yaml:2: not valid YAML"),
     ("- data\n", r"c.yaml: expected a mapping of setting names to values"),
+    ("data: x\nepochs: 1\nepochs: 2\n", r"c.yaml:3: key 'epochs' given twice \(first on line 2\); give it once"),
+    ("data: x\nfinetune: {beta: 1, beta: 2}\n", r"c.yaml:2: key 'beta' given twice \(first on line 2\)"),
+    ("data: x\nlearning-rate: 1\nlearning_rate: 2\n", r"c.yaml:3: 'learning_rate' sets 'learning-rate' a second time"),
 ])
 def test_a_bad_config_value_is_one_line_naming_file_line_and_setting(text, message):
     with pytest.raises(SettingsError, match=message):
         read_config_text(text)
+
+
+def test_a_home_path_in_a_config_is_expanded_as_the_shell_does_on_the_command_line():
+    values = read_config_text("data: ~/records.jsonl\noutput: ~/runs/a\nmode: ntp\n")
+    assert values["data"] == str(Path.home() / "records.jsonl") and values["output"] == str(Path.home() / "runs/a")
+    assert read_config_text("data: x~/y\n")["data"] == "x~/y"  # only a leading ~ is the home folder
 
 
 def test_bad_flags_name_the_flag_and_the_choices():

@@ -227,7 +227,9 @@ def resolve_device(device: str) -> str:
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N, xpu, mps or another torch device, got "
                          f"{device!r}") from None
-    if parsed.type in ("cpu", "meta"):
+    if parsed.type == "meta":  # tensors without data: nothing can be computed on it
+        raise ValueError(f"device {device!r}: holds shapes without data, nothing runs on it; use auto or cpu")
+    if parsed.type == "cpu":
         return device
     if visible is None or visible.type != parsed.type:
         sees = f"it sees {visible.type}" if visible is not None else "it sees none"

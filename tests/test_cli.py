@@ -47,6 +47,10 @@ def test_unknown_device_is_refused_before_anything_loads(command, tmp_path, caps
     assert ("device must be auto, cpu, cuda, cuda:N, xpu, mps or another torch device, got 'gpu'"
             in capsys.readouterr().err)
     assert not output.exists()
+    assert main([*command, "--output", str(output), "--device", "meta"] if command[0] != "generate"
+                else [*command, "--device", "meta"]) == 2
+    assert "device 'meta': holds shapes without data, nothing runs on it; use auto or cpu" in capsys.readouterr().err
+    assert not output.exists()
 
 
 def test_missing_config_file(tmp_path, capsys):

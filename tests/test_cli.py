@@ -252,7 +252,7 @@ def test_the_command_line_reads_and_refuses_settings_without_importing_torch():
     (["finetune", "--data", "task.jsonl", "--beta", "nan"], "beta must be a finite number, got nan"),
     (["finetune", "--data", "task.jsonl", "--epochs", "inf"], "epochs must be a finite number, got inf"),
     (["train-heads", "--data", "d.jsonl", "--epochs", "-1"], "epochs must be > 0, got -1"),
-    (["finetune", "--data", "task.jsonl", "--alpha", "-1"], "alpha must be > 0, got -1"),
+    (["finetune", "--data", "task.jsonl", "--alpha", "-1"], "alpha must be > 0 and <= 1, got -1"),
     (["finetune", "--data", "task.jsonl", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
     (["finetune", "--data", "task.jsonl", "--grad-accum", "0"], "grad_accum must be >= 1, got 0"),
     (["distill", "--max-samples", "-5"], "max_samples must be >= 0, got -5"),

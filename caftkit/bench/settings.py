@@ -26,10 +26,14 @@ class DraftShape:
         try:
             heads, _, rest = text.strip().partition("x")
             candidates, _, size = rest.partition(":")
-            return cls(int(heads), int(candidates) if candidates else 1, int(size) if size else None)
+            shape = cls(int(heads), int(candidates) if candidates else 1, int(size) if size else None)
         except ValueError:
+            shape = None
+        if shape is None or min(shape.num_aux_heads, shape.candidates) < 1 or (
+                shape.tree_size is not None and shape.tree_size < 1):
             raise ValueError(f"draft shape {text!r}: expected H, HxK or HxK:N (heads, candidates per head, "
-                             "drafts per pass), e.g. 4 or 4x3:16") from None
+                             "drafts per pass, each at least 1), e.g. 4 or 4x3:16")
+        return shape
 
     @property
     def drafts_per_pass(self) -> int:

@@ -164,7 +164,8 @@ class HeadTrainingSettings(RunSettings):
                                           "of the last layer otherwise.")
     num_aux_heads: int = setting(4, help="auxiliary heads to train, predicting tokens t+2 .. t+num_aux_heads+1 (with "
                                      "--init, at most as many as the folder has).", formerly=("num_heads",), minimum=1)
-    alpha: float = setting(0.8, help="decay of the per-head loss weights alpha^(k-2).", above=0)
+    alpha: float = setting(0.8, help="decay of the per-head loss weights alpha^(k-2) (at most 1: later heads never "
+                                     "weigh more).", above=0, maximum=1)
     # Two passes: on 3,000 self-distilled answers of the bundled model, the t+2 head still gains in the second.
     epochs: float = setting(2.0, help="passes over the training split.", above=0)
     learning_rate: float | None = setting(1e-3, help="peak learning rate.", above=0)
@@ -197,7 +198,8 @@ class FinetuneSettings(RunSettings):
                                                    "paper's rule).", minimum=0)
     num_aux_heads: int = setting(4, help="auxiliary heads (with --heads, at most as many as the folder has).",
                                  formerly=("num_heads",), minimum=0)
-    alpha: float = setting(0.8, help="decay of the auxiliary weights alpha^(k-1).", above=0)
+    alpha: float = setting(0.8, help="decay of the auxiliary weights alpha^(k-1) (at most 1: later heads never "
+                                     "weigh more).", above=0, maximum=1)
     beta: float = setting(0.01, help="overall weight of the auxiliary losses.", minimum=0)
     schedule: str = setting("rsine", help="gamma(step), the decay of the auxiliary weight over the run.",
                             choices=SCHEDULES)

@@ -7,6 +7,7 @@ trainable heads in checkpoints are overridden.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -153,6 +154,10 @@ class CAFTConfig(SFTConfig):
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0.0 < self.schedule_end <= 1.0:
             raise ValueError(f"schedule_end must be in (0, 1], got {self.schedule_end!r}")
+        if not 0.0 < self.alpha <= 1.0:  # also refuses nan
+            raise ValueError(f"alpha must be in (0, 1] (later heads never weigh more), got {self.alpha!r}")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
         if self.loss_impl not in ("fused", "checkpoint"):
             raise ValueError(f"loss_impl must be 'fused' or 'checkpoint', got {self.loss_impl!r}")
         if self.trunk_cache_gb < 0:

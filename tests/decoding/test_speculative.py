@@ -188,6 +188,10 @@ def test_bad_draft_shape_is_a_clear_error(tiny_dir, capsys):
     assert main(["bench", "generate", "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),
                  "--drafts", "3,three"]) != 0
     assert "--drafts: draft shape 'three': expected H, HxK or HxK:N" in capsys.readouterr().err
+    for shape in ("-1", "0", "3x0", "3x2:0"):
+        assert main(["bench", "generate", "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),
+                     "--drafts", shape]) == 2
+        assert f"--drafts: draft shape '{shape}': expected H, HxK or HxK:N" in capsys.readouterr().err
     for command in (["bench", "generate"], ["generate", "--prompt", "hi", "--speculative"]):
         assert main([*command, "--model", str(tiny_dir / "model"), "--heads", str(tiny_dir / "heads"),
                      "--draft-dtype", "bfloat8"]) != 0

@@ -71,6 +71,18 @@ def test_a_schedule_that_ends_early_is_zero_after_its_end_in_training(tmp_path):
         config(tmp_path, schedule_end=1.5)
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"alpha": 2.0}, r"alpha must be in \(0, 1\] \(later heads never weigh more\), got 2.0"),
+    ({"alpha": 0.0}, r"alpha must be in \(0, 1\]"),
+    ({"alpha": float("nan")}, r"alpha must be in \(0, 1\]"),
+    ({"beta": float("nan")}, r"beta must be a finite number >= 0, got nan"),
+    ({"beta": -0.1}, r"beta must be a finite number >= 0"),
+])
+def test_the_caft_weights_are_checked_in_the_config_as_on_the_command_line(tmp_path, values, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, **values)
+
+
 def test_frozen_parts_stay_frozen_in_caft_mode(tmp_path):
     model = tiny_model("qwen2")
     trainer = CAFTTrainer(model=model, args=config(tmp_path, max_steps=3), train_dataset=chat_dataset(),

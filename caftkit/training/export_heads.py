@@ -50,7 +50,7 @@ def read_eagle3_draft(directory: str | Path) -> tuple[dict[str, Any], dict]:
     return config, state
 
 
-def export_heads(model_name: str, heads: str, output: str | Path, dtype: str | None = None) -> dict[str, Any]:
+def export_heads(model_name: str, heads: str, output: str | Path, dtype: str = "float32") -> dict[str, Any]:
     """Load `model_name` with `heads` (checked against it) and write head 2 as an EAGLE-3 draft to `output`."""
     check_heads_fit(heads, model_name)
     model = load_model(model_name, dtype)

@@ -130,8 +130,12 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         raise ValueError(f"{run_dir}: holds an earlier run: resume it (--resume) or choose a new output folder")
     if not resume:
         checkpoint = None
-    if settings.mode == "caft" and settings.heads and model is None:
-        check_heads_fit(settings.heads, settings.model)
+    if settings.mode == "caft" and settings.heads:
+        config = check_heads_fit(settings.heads, settings.model) if model is None else read_heads_config(
+            settings.heads)
+        if settings.num_aux_heads > config["num_heads"]:  # before any work, not a run recording heads it lacks
+            raise ValueError(f"num_aux_heads is {settings.num_aux_heads}, but {settings.heads} holds "
+                             f"{config['num_heads']} heads")
 
     if tokenizer is None:
         tokenizer = load_tokenizer(settings.model)

@@ -350,6 +350,11 @@ def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):
     assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--output",
                  str(tmp_path / "r2"), "--method", "qlora"]) == 2
     assert "argument --method: 'qlora' is not one of lora, full" in capsys.readouterr().err
+    # more heads asked for than the folder holds: refused before anything loads or is written
+    assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--heads",
+                 str(tiny_dir / "heads"), "--num-aux-heads", "1000", "--output", str(tmp_path / "r3")]) == 2
+    assert f"num_aux_heads is 1000, but {tiny_dir / 'heads'} holds 2 heads" in capsys.readouterr().err
+    assert not (tmp_path / "r3").exists()
 
 
 @pytest.mark.parametrize("threshold, warmed", [(0.0, True), (1e9, False)])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .head_training import (
     split_held_out,
     train_heads,
 )
-from .settings import FinetuneSettings, trainer_arguments
+from .settings import DEFAULT_NUM_AUX_HEADS, FinetuneSettings, trainer_arguments
 from .tracking import tracking_callbacks
 
 RUN_FILE = "caft_run.json"
@@ -52,11 +52,22 @@ def lora_config(settings: FinetuneSettings):
                       target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
 
 
+def aux_head_count(settings: FinetuneSettings) -> int:
+    """The auxiliary heads a run trains with: `num_aux_heads` where given, else all its heads folder holds, else
+    the default. More than the folder holds is refused (before any work, not a run recording heads it lacks)."""
+    held = read_heads_config(settings.heads)["num_heads"] if settings.mode == "caft" and settings.heads else None
+    if settings.num_aux_heads is None:
+        return DEFAULT_NUM_AUX_HEADS if held is None else held
+    if held is not None and settings.num_aux_heads > held:
+        raise ValueError(f"num_aux_heads is {settings.num_aux_heads}, but {settings.heads} holds {held} heads")
+    return settings.num_aux_heads
+
+
 def warmup_settings(settings: FinetuneSettings, heads_dir: str | None) -> HeadTrainingSettings:
     """The head training of the task warm-up: one epoch on the run's training split, from `heads_dir`. Runs whose
     warm-up settings are equal get the same warmed-up heads (`caft compare` shares them between its arms)."""
     return HeadTrainingSettings(
-        model=settings.model, data=settings.data, init=heads_dir, num_aux_heads=settings.num_aux_heads,
+        model=settings.model, data=settings.data, init=heads_dir, num_aux_heads=aux_head_count(settings),
         alpha=settings.alpha,
         epochs=1.0, batch_size=settings.batch_size, grad_accum=settings.grad_accum, max_length=settings.max_length,
         eval_fraction=settings.eval_fraction, save_steps=settings.save_steps, seed=settings.seed, dtype=settings.dtype,
@@ -130,12 +141,9 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
         raise ValueError(f"{run_dir}: holds an earlier run: resume it (--resume) or choose a new output folder")
     if not resume:
         checkpoint = None
-    if settings.mode == "caft" and settings.heads:
-        config = check_heads_fit(settings.heads, settings.model) if model is None else read_heads_config(
-            settings.heads)
-        if settings.num_aux_heads > config["num_heads"]:  # before any work, not a run recording heads it lacks
-            raise ValueError(f"num_aux_heads is {settings.num_aux_heads}, but {settings.heads} holds "
-                             f"{config['num_heads']} heads")
+    if settings.mode == "caft" and settings.heads and model is None:
+        check_heads_fit(settings.heads, settings.model)
+    settings = replace(settings, num_aux_heads=aux_head_count(settings))  # what the run records is what it uses
 
     if tokenizer is None:
         tokenizer = load_tokenizer(settings.model)

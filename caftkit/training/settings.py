@@ -154,6 +154,8 @@ HEAD_WARMUP_CHOICES = ("no", "yes", "auto")
 
 # Usual peak learning rates for each method (LoRA adapters tolerate ten times the rate of full weights).
 DEFAULT_LEARNING_RATES = {"lora": 2e-4, "full": 2e-5}
+# The paper's n = 5: the next token and four auxiliary heads (t+2 .. t+5).
+DEFAULT_NUM_AUX_HEADS = 4
 
 
 @dataclass(kw_only=True)
@@ -162,8 +164,10 @@ class HeadTrainingSettings(RunSettings):
 
     init: str | None = setting(None, help="a heads folder to start from (the task warm-up); new heads are copies "
                                           "of the last layer otherwise.")
-    num_aux_heads: int = setting(4, help="auxiliary heads to train, predicting tokens t+2 .. t+num_aux_heads+1 (with "
-                                     "--init, at most as many as the folder has).", formerly=("num_heads",), minimum=1)
+    num_aux_heads: int = setting(DEFAULT_NUM_AUX_HEADS,
+                                 help="auxiliary heads to train, predicting tokens t+2 .. t+num_aux_heads+1 (with "
+                                      "--init, at most as many as the folder has).", formerly=("num_heads",),
+                                 minimum=1)
     alpha: float = setting(0.8, help="decay of the per-head loss weights alpha^(k-2) (at most 1: later heads never "
                                      "weigh more).", above=0, maximum=1)
     # Two passes: on 3,000 self-distilled answers of the bundled model, the t+2 head still gains in the second.
@@ -196,8 +200,9 @@ class FinetuneSettings(RunSettings):
                                choices=HEAD_WARMUP_CHOICES)
     l2_warmup_threshold: float = setting(4.0, help="the L2 above which --head-warmup auto warms the heads up (the "
                                                    "paper's rule).", minimum=0)
-    num_aux_heads: int = setting(4, help="auxiliary heads (with --heads, at most as many as the folder has).",
-                                 formerly=("num_heads",), minimum=0)
+    num_aux_heads: int | None = setting(None, help="auxiliary heads (default: all the --heads folder holds, "
+                                                   f"{DEFAULT_NUM_AUX_HEADS} without --heads; never more than it "
+                                                   "holds).", formerly=("num_heads",), minimum=0)
     alpha: float = setting(0.8, help="decay of the auxiliary weights alpha^(k-1) (at most 1: later heads never "
                                      "weigh more).", above=0, maximum=1)
     beta: float = setting(0.01, help="overall weight of the auxiliary losses.", minimum=0)
@@ -236,7 +241,7 @@ class FinetuneSettings(RunSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_aux_heads < 1 and self.mode == "caft":
+        if self.num_aux_heads is not None and self.num_aux_heads < 1 and self.mode == "caft":
             raise ValueError(f"num_aux_heads must be at least 1 in caft mode, got {self.num_aux_heads}")
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATES[self.method]

@@ -27,7 +27,16 @@ from caftkit.core.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
 from caftkit.decoding.speculative import generate
 from caftkit.training.export import export_run
 from caftkit.training.export_heads import read_eagle3_draft
-from caftkit.training.finetuning import FINAL_DIR, HEAD_LOSSES_FILE, RUN_FILE, RUN_HEADS_DIR, FinetuneSettings, finetune
+from caftkit.training.finetuning import (
+    FINAL_DIR,
+    HEAD_LOSSES_FILE,
+    RUN_FILE,
+    RUN_HEADS_DIR,
+    FinetuneSettings,
+    aux_head_count,
+    finetune,
+    warmup_settings,
+)
 from caftkit.training.head_training import HeadTrainingSettings, last_checkpoint, train_heads
 
 MOLECULES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C#N", "CC(C)O", "OCC(O)CO", "CC(=O)N", "CC#N", "OC(=O)c1ccccc1"]
@@ -355,6 +364,19 @@ def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):
                  str(tiny_dir / "heads"), "--num-aux-heads", "1000", "--output", str(tmp_path / "r3")]) == 2
     assert f"num_aux_heads is 1000, but {tiny_dir / 'heads'} holds 2 heads" in capsys.readouterr().err
     assert not (tmp_path / "r3").exists()
+
+
+def test_the_number_of_auxiliary_heads_defaults_to_what_the_folder_holds(tiny_dir, tmp_path):
+    """Without --num-aux-heads a run uses every head of its folder (2 here), 4 without a folder; fewer is allowed,
+    more refused; the warm-up trains the count the run uses."""
+    data = write_task(tmp_path / "task.jsonl", 4)
+    assert aux_head_count(settings_for(tiny_dir, data, num_aux_heads=None)) == 2
+    assert aux_head_count(settings_for(tiny_dir, data, num_aux_heads=1)) == 1
+    assert aux_head_count(settings_for(tiny_dir, data, num_aux_heads=None, heads=None)) == 4
+    assert aux_head_count(settings_for(tiny_dir, data, num_aux_heads=None, mode="ntp")) == 4
+    assert warmup_settings(settings_for(tiny_dir, data, num_aux_heads=None), None).num_aux_heads == 2
+    with pytest.raises(ValueError, match="num_aux_heads is 3, but .* holds 2 heads"):
+        aux_head_count(settings_for(tiny_dir, data, num_aux_heads=3))
 
 
 @pytest.mark.parametrize("threshold, warmed", [(0.0, True), (1e9, False)])

@@ -1,11 +1,11 @@
 """Files written whole or not at all: the content goes to a new temporary file beside the target, which is renamed
 over it only when the writing succeeded. An interrupted or failed write leaves the target as it was, and the
-temporary name is unique, so no other file is ever overwritten on the way."""
+temporary name is unique, so no other file is ever overwritten on the way. (Folders written whole:
+`outputs.replace_folder`.)"""
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,35 +39,3 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `path` whole or not at all."""
     with atomic_path(path) as staging:
         staging.write_text(text, encoding="utf-8")
-
-
-def check_replaceable(path: str | os.PathLike, marker: str) -> None:
-    """Refuse `path` as an output folder unless it is absent, or a folder an earlier run of the same command wrote
-    (it holds the file `marker`): anything else, a user's folder or file, is never touched."""
-    path = Path(path)
-    if path.exists() and not (path.is_dir() and (path / marker).is_file()):
-        raise ValueError(f"{path}: exists and was not written by this command: choose another output (nothing was "
-                         "changed)")
-
-
-@contextmanager
-def atomic_folder(path: str | os.PathLike, marker: str) -> Iterator[Path]:
-    """A new temporary folder beside `path` to fill; when the block ends without an error it takes `path`'s place,
-    else it is removed. `path` must be absent or an earlier output of the same command (`check_replaceable`); that
-    earlier output is swapped out and only then removed, so a failure at any point leaves one whole folder."""
-    path = Path(path)
-    check_replaceable(path, marker)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
-    try:
-        yield staging
-        check_replaceable(path, marker)  # nothing else appeared there meanwhile
-        if path.exists():
-            retired = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, retired / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

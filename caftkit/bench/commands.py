@@ -56,8 +56,13 @@ def bench_train_command(settings: TrainBenchSettings) -> dict:
     With --sweep, CAFT is measured against `ntp` along three axes (sequence length, number of heads, vocabulary
     size), one at a time; a table is printed, and the JSON goes to --output, the plot to --plot.
     """
+    from ..models import check_positions
+
     _check_output(settings.output)
     _check_output(settings.plot, "--plot")
+    flag, longest = max([("--seq-len", settings.seq_len)] + [("--sweep-seq-lens", length) for length in (
+        settings.sweep_seq_lens if settings.sweep else [])], key=lambda pair: pair[1])
+    check_positions(settings.model, longest, flag, flag)  # in this process, not as a child's traceback
     if settings.sweep:
         return _bench_train_sweep(settings)
     from .train_step import bench_train

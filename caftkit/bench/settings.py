@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
-from ..command_line import setting, with_current_names
 from ..data import BUNDLED_SHAREGPT
 from ..decoding.settings import default_tree_size
 from ..models import ModelSettings, parse_dtype
+from ..settings import MAX_SEED, setting, with_current_names
 from ..training.settings import METHODS, FinetuneSettings
 
 
@@ -73,7 +75,7 @@ class GenerationBenchSettings(ModelSettings):
                                                                            "(with --top-p and --seed); each one "
                                                                            "asked for is measured.", minimum=0)
     top_p: float = setting(1.0, help="sampling: the top-p of every temperature above 0.", above=0, maximum=1)
-    seed: int = setting(0, help="seed of the sampling, the same on every side.", minimum=0)
+    seed: int = setting(0, help="seed of the sampling, the same on every side.", minimum=0, maximum=MAX_SEED)
     output: str | None = setting(None, help="also write the JSON to this new file (an existing one is refused).")
 
     def __post_init__(self):
@@ -99,7 +101,7 @@ class TrainBenchSettings(ModelSettings):
     repeats: int = setting(1, help="fresh processes per side, run in turn (plain, trl, ntp, caft, plain, ...) with "
                                    "their timed steps pooled: a slow spell of a shared machine falls on every side "
                                    "alike.", minimum=1)
-    seed: int = setting(0, help="seed of the random tokens.", minimum=0)
+    seed: int = setting(0, help="seed of the random tokens.", minimum=0, maximum=MAX_SEED)
     sweep: bool = setting(False, help="instead of one step shape, measure CAFT against caftkit's next-token step "
                                       "(ntp) along three axes from --seq-len and --num-aux-heads, one axis at a "
                                       "time: the sequence lengths, the numbers of heads and the vocabulary sizes "
@@ -118,6 +120,11 @@ class TrainBenchSettings(ModelSettings):
         super().__post_init__()
         if self.plot is not None and not self.sweep:
             raise ValueError("--plot draws a sweep: add --sweep")
+        if self.plot is not None and Path(self.plot).suffix.lower() != ".png":
+            raise ValueError(f"{self.plot}: --plot writes a PNG file: name it .png")
+        if self.plot is not None and self.output is not None and (
+                os.path.realpath(self.plot) == os.path.realpath(self.output)):
+            raise ValueError(f"{self.plot}: --plot and --output are one file; give each its own")
 
 
 PRECISIONS = ("no", "bf16")
@@ -134,7 +141,7 @@ class PrecisionBenchSettings(ModelSettings):
     steps: int = setting(20, help="optimisation steps per side.", minimum=1)
     tolerance: float = setting(0.02, help="the largest relative loss difference accepted (0.02: 2%%).", minimum=0)
     seed: int = setting(0, help="seed of the run (split, shuffling, LoRA initialisation, dropout), the same on both "
-                                "sides.", minimum=0)
+                                "sides.", minimum=0, maximum=MAX_SEED)
     finetune: dict[str, Any] = setting(default_factory=dict, help="further `caft finetune` settings, e.g. "
                                                                   "{batch_size: 8, epochs: 1}.")
     output: str | None = setting(None, help="also write the JSON to this new file (an existing one is refused).")

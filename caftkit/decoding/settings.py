@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..command_line import check_settings, setting
 from ..models import ModelSettings, parse_dtype
+from ..settings import MAX_SEED, check_settings, setting
 
 
 @dataclass(kw_only=True)
@@ -22,7 +22,8 @@ class Sampling:
                                      "this (1: all).", above=0, maximum=1)
     top_k: int = setting(0, help="sampling: keep only this many likeliest tokens (0: all). Not the candidates per "
                                  "head of a draft tree: that is --candidates.", minimum=0)
-    seed: int | None = setting(None, help="seed of the sampler (none: torch's global generator).", minimum=0)
+    seed: int | None = setting(None, help="seed of the sampler (none: torch's global generator).",
+                               minimum=0, maximum=MAX_SEED)
 
     def __post_init__(self):
         check_settings(self)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass
 
-from ..command_line import setting
+from ..settings import setting
 from ..tasks.registry import get_task, task_names
 from .task_eval import LOSS, EvalSettings
 
@@ -27,10 +27,10 @@ def eval_command(settings: EvalSettings, where: EvalOutput) -> dict:
     `generations.jsonl` as they come: rerunning the command resumes.
     """
     from ..outputs import output_folder
-    from .task_eval import GENERATIONS_FILE, SETTINGS_FILE, evaluate, format_metrics
+    from .task_eval import evaluate, format_metrics
 
     output = where.output or f"eval-{settings.task}"
-    with output_folder(output, "eval", (SETTINGS_FILE, GENERATIONS_FILE)):
+    with output_folder(output, "eval"):
         result = evaluate(output, settings)
     print(format_metrics(result["metrics"]))
     print(f"results written to {output}")

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_files import write_text_atomically
-from ..command_line import setting
 from ..data import DataError, render_prompt
 from ..json_text import read_json_file
 from ..models import ModelSettings, resolve_device
 from ..resumable_jsonl import read_complete_records
+from ..settings import MAX_SEED, setting
 from ..tasks.registry import get_task, task_names
 from ..tasks.task import Task, TaskExample
 
@@ -58,8 +58,11 @@ class EvalSettings(ModelSettings):
                                                     "molecules, 512 for humaneval, 256 for math).", minimum=1)
     batch_size: int = setting(16, help="prompts generated (or conversations scored) together.", minimum=1)
     max_length: int = setting(1024, help="loss task: conversations are truncated to this many tokens.", minimum=1)
-    seed: int = setting(0, help="order of the molecules drawn from a MOSES split.", minimum=0)
-    timeout_s: float = setting(10.0, help="humaneval: wall-clock limit of one program, in seconds.", above=0)
+    seed: int = setting(0, help="order of the molecules drawn from a MOSES split.", minimum=0, maximum=MAX_SEED)
+    # At most a day: the sandbox's backstop `signal.alarm` takes seconds as a C int (3e9 overflowed it), and no test
+    # of a program needs more.
+    timeout_s: float = setting(10.0, help="humaneval: wall-clock limit of one program, in seconds (at most a day).",
+                               above=0, maximum=86_400)
     memory_mb: int = setting(1024, help="humaneval: address-space limit of one program, in MB.", minimum=256)
     workers: int = setting(2, help="humaneval: programs run in parallel.", minimum=1)
     allow_unsandboxed: bool = setting(False, help="humaneval: run the programs even on a machine where they cannot "
@@ -161,7 +164,11 @@ def score_loss(model, tokenizer, settings: EvalSettings) -> tuple[dict[str, floa
         raise DataError(settings.data, "no conversations to score")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     per_head = head_metrics(model, examples, pad_token_id=pad, batch_size=settings.batch_size)
-    metrics: dict[str, float] = {"n": len(examples)}
+    # What reading dropped (no assistant token left within --max-length, ...) or cut is counted, never silent.
+    truncated = sum(count for reason, count in data.stats.skipped.items() if reason.startswith("truncated"))
+    metrics: dict[str, float] = {"n": len(examples), "records_read": data.stats.read,
+                                 "records_dropped": data.stats.read - len(data.examples),
+                                 "records_truncated": truncated}
     for name, values in per_head.items():
         metrics[f"loss_{name}"] = values["loss"]
         metrics[f"accuracy_{name}"] = values["accuracy"]

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_files import atomic_path
-from ..command_line import check_settings, setting
 from ..data import DataError, iter_raw_records, to_messages
+from ..settings import MAX_SEED, check_settings, setting
 from .task import RecordStats, ReportMetric, Task, TaskExample, reference_records
 
 FAMILIES = ("gsm_symbolic", "chain_sum", "products")
@@ -63,7 +63,8 @@ class MathDataSettings:
     n: int = setting(1000, help="number of problems written (repeats and excluded problems are drawn past).",
                      minimum=1)
     seed: int = setting(0, help="reasoning-gym seed: problem i is drawn from seed + i, so sets whose seeds are "
-                                "closer than their sizes share problems unless --exclude removes them.", minimum=0)
+                                "closer than their sizes share problems unless --exclude removes them.",
+                        minimum=0, maximum=MAX_SEED)
     min_terms: int = setting(2, help="arithmetic families: fewest numbers in a problem.", minimum=1)
     max_terms: int = setting(2, help="arithmetic families: most numbers in a problem.", minimum=1)
     min_digits: int = setting(1, help="arithmetic families: fewest digits of a number.", minimum=1)

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_files import atomic_path
-from ..command_line import check_settings, setting
+from ..data import DataError, skipped_text
 from ..package_data import package_file
+from ..settings import MAX_SEED, check_settings, setting
 from .task import RecordStats
 
 # Name -> SMARTS, in the order groups are named in prompts.
@@ -177,7 +178,7 @@ class MoleculeDataSettings:
                                               "(optionally .gz).")
     n: int | None = setting(1000, help="number of records (molecules drawn in a seeded random order); 0 or none for "
                                        "all.", minimum=0)
-    seed: int = setting(0, help="seed of the order.", minimum=0)
+    seed: int = setting(0, help="seed of the order.", minimum=0, maximum=MAX_SEED)
     replace: bool = setting(False, help="replace an existing --output file; without it an existing file is refused "
                                         "and left as it is.")
 
@@ -198,6 +199,8 @@ def write_molecule_records(source: str, output: str | os.PathLike, n: int | None
     with atomic_path(output) as staging, staging.open("w", encoding="utf-8") as handle:
         for record in iter_molecule_records(source, n, seed, stats):
             handle.write(json.dumps(record) + "\n")
+        if not stats.written:  # refused, and nothing written: an empty file would pass for a data set
+            raise DataError(source, f"no usable molecule ({stats.read} read; skipped: {skipped_text(stats.skipped)})")
     return stats
 
 

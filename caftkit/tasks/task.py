@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, ClassVar
 
-from ..data import DataError, to_messages
+from ..data import DataError, skipped_text, to_messages
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,8 @@ class RecordStats:
 
     def summary(self, what: str, output: str | os.PathLike, source: str) -> str:
         """`12 records written to F from 15 molecules read; skipped: 3 duplicate molecule` (`source`: what was read)."""
-        skipped = ", ".join(f"{count} {reason}" for reason, count in self.skipped.items()) or "none"
-        return f"{self.written} {what} written to {output} from {self.read} {source}; skipped: {skipped}"
+        return f"{self.written} {what} written to {output} from {self.read} {source}; skipped: " \
+               f"{skipped_text(self.skipped)}"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ def distill_command(settings: DistillSettings, where: DistillOutput) -> dict:
     `max_new_tokens`) and the number of new tokens. Rerunning the same command resumes: ids already written are
     skipped and a half-written last line is redone. Settings and counts are kept in `<output stem>.meta.json`.
     """
+    from ..data import skipped_text
     from ..models import load_model, load_tokenizer
     from ..outputs import output_lock
     from .distill import check_distill_output, distill
@@ -36,7 +37,7 @@ def distill_command(settings: DistillSettings, where: DistillOutput) -> dict:
         tokenizer = load_tokenizer(settings.model)
         summary = distill(lambda: load_model(settings.model, settings.dtype).to(settings.device), tokenizer,
                           where.output, settings)
-    skipped = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items()) or "none"
+    skipped = skipped_text(summary.skipped)
     tail = " (the file ends mid-record: its complete records were read)" if summary.source_truncated_tail else ""
     print(f"read {summary.records_read} records{tail}; skipped: {skipped}")
     print(f"{summary.prompts_selected} prompts selected, {summary.already_done} already in {where.output}, "
@@ -58,13 +59,9 @@ def train_heads_command(settings: HeadTrainingSettings, where: HeadsOutput) -> d
     `log_history.json` and `loss_curves.png`.
     """
     from ..core.distributed import is_main_process
-    from ..core.heads import HEADS_CONFIG_FILE
-    from ..outputs import output_folder
-    from .head_training import CHECKPOINTS_DIR, format_head_table, train_heads
+    from .head_training import format_head_table, train_heads
 
-    with output_folder(where.output, "train-heads", (HEADS_CONFIG_FILE, CHECKPOINTS_DIR),
-                       main_process=is_main_process()):
-        summary = train_heads(where.output, settings, resume=where.resume, keep_checkpoints=where.keep_checkpoints)
+    summary = train_heads(where.output, settings, resume=where.resume, keep_checkpoints=where.keep_checkpoints)
     if is_main_process():  # under a launcher, one process reports
         print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
               f"{summary['optimizer_steps']} steps; data: {summary['data']}")
@@ -84,12 +81,9 @@ def finetune_command(settings: FinetuneSettings, where: RunOutput) -> dict:
     a plain transformers model with `caft export`.
     """
     from ..core.distributed import is_main_process
-    from ..outputs import output_folder
-    from .finetuning import RUN_FILE, WARMUP_HEADS_DIR, finetune
+    from .finetuning import finetune
 
-    with output_folder(where.output, "finetune", (RUN_FILE, "checkpoint-*", WARMUP_HEADS_DIR),
-                       main_process=is_main_process()):
-        summary = finetune(where.output, settings, resume=where.resume)
+    summary = finetune(where.output, settings, resume=where.resume)
     if is_main_process():  # under a launcher, one process reports
         print(f"{summary['train_examples']} training and {summary['held_out_examples']} held-out examples, "
               f"{summary['optimizer_steps']} steps; data: {summary['data']}")
@@ -132,12 +126,10 @@ def export_command(settings: ExportSettings) -> dict:
     from contextlib import ExitStack
 
     from ..outputs import output_lock
-    from .export import default_draft_output, default_heads_output, export_run
+    from .export import export_outputs, export_run
 
-    outputs = [settings.output, settings.heads_output or default_heads_output(settings.output)]
-    outputs += [default_draft_output(settings.output)] if settings.eagle3 else []
     with ExitStack() as locks:
-        for output in outputs:
+        for output in export_outputs(settings.output, settings.heads_output, settings.eagle3):
             locks.enter_context(output_lock(output))
         written = export_run(settings.run, settings.output, settings.heads_output, settings.dtype, settings.eagle3)
     print(f"model written to {written['model']}" + (f"; heads to {written['heads']}" if written["heads"] else "")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..atomic_files import write_text_atomically
-from ..data import ReadStats, Record, iter_prompts, render_prompt
+from ..data import DataError, ReadStats, Record, iter_prompts, render_prompt, skipped_text
 from ..decoding.greedy import STOP_END_OF_TURN, generate_batch
 from ..json_text import read_json_file
 from ..outputs import OutputError
@@ -176,6 +176,9 @@ def distill(model, tokenizer, output: str | os.PathLike, settings: DistillSettin
     done = recover_output(output)
     _check_resumable(output, settings, done)
     prompts = select_prompts(tokenizer, settings, summary)
+    if not prompts:  # before anything is written: an empty output would pass for a finished distillation
+        raise DataError(settings.data, f"no prompt to answer ({summary.records_read} records read; skipped: "
+                                       f"{skipped_text(summary.skipped)})")
     selected_ids = {record.id for record, _ in prompts}
     summary.already_done = len(done & selected_ids)
     stages = plan_stages(output, len(prompts), len(done))

@@ -7,21 +7,23 @@ self-speculative decoding; the model folder itself loads with `AutoModelForCausa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import atomic_folder, check_replaceable
 from ..core.eagle3 import eagle3_refusal
 from ..core.heads import HEADS_WEIGHTS_FILE, attach_heads, detach_heads, read_heads_config, rebase_heads
 from ..json_text import read_json_file
 from ..models import check_model_source, load_model, load_tokenizer
+from ..outputs import OUTPUT_MARKER, check_replaceable, replace_folder
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
 from .model_card import CARD_FILE, exported_model_card
 
-# Written into the model folder and the heads folder of an export: what they were made from. An output folder
-# holding it is an earlier export, which a new one may replace; any other existing path is refused.
-EXPORT_MARKER = "caft_export.json"
+# Written into the model folder and the heads folder of an export: what they were made from.
+EXPORT_RECORD = "caft_export.json"
+# The command whose marker an exported model or heads folder holds: a folder made by it may be replaced by it.
+EXPORT_COMMAND = "export"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
@@ -79,12 +81,27 @@ def default_draft_output(out: str | Path) -> Path:
     return out.with_name(out.name + "-eagle3")
 
 
+def export_outputs(out: str | Path, heads_out: str | Path | None, eagle3: bool) -> list[Path]:
+    """The folders an export writes (model, heads, and the draft with `eagle3`), refused when two are one folder
+    (the same path, or spellings of it): each export folder is replaced whole."""
+    outputs = {"--output": Path(out), "--heads-output": Path(heads_out) if heads_out else default_heads_output(out)}
+    if eagle3:
+        outputs["the EAGLE-3 draft"] = default_draft_output(out)
+    seen: dict[str, str] = {}
+    for name, path in outputs.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(f"{path}: {name} is the folder of {seen[real]}; give each its own folder")
+        seen[real] = name
+    return list(outputs.values())
+
+
 def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | None = None,
                dtype: str | None = None, eagle3: bool = False) -> dict[str, Any]:
     """Write the run's model to `out` (plain transformers, with tokenizer and model card) and its heads to
     `heads_out` (default: `<out>-heads`), recorded as heads of the exported model (`rebase_heads`); with `eagle3`,
     head 2 as an EAGLE-3 draft of the exported model to `<out>-eagle3`. Returns the paths written."""
-    from .export_heads import DRAFT_MARKER, write_eagle3_draft
+    from .export_heads import DRAFT_COMMAND, write_eagle3_draft
 
     run_dir, out = Path(run_dir), Path(out)
     run = read_run(run_dir)
@@ -92,13 +109,14 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
     target = (Path(heads_out) if heads_out else default_heads_output(out)) if source is not None else None
     if eagle3 and source is None:
         raise ValueError(f"{run_dir}: a next-token run has no heads to write as an EAGLE-3 draft")
-    # Every output is checked before anything loads: each must be new, or an earlier export (it holds its
-    # marker); a user's folder, the run's own heads or the working directory are never replaced.
-    check_replaceable(out, EXPORT_MARKER)
+    # Every output is checked before anything loads: each must be new, or an earlier export holding only what the
+    # export wrote (its marker says so); a user's folder, the run's own heads or the working directory are never
+    # replaced.
+    check_replaceable(out, EXPORT_COMMAND)
     if eagle3:
-        check_replaceable(default_draft_output(out), DRAFT_MARKER)
+        check_replaceable(default_draft_output(out), DRAFT_COMMAND)
     if target is not None:
-        check_replaceable(target, EXPORT_MARKER)
+        check_replaceable(target, EXPORT_COMMAND)
         read_heads_config(source)  # a broken heads folder fails here, not at generation time
     model, tokenizer = load_finetuned(run_dir, dtype)
     if eagle3:
@@ -107,19 +125,19 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
             raise ValueError(f"cannot write the heads as an EAGLE-3 draft: {refusal}")
     record = json.dumps({"run": str(run_dir), "model": str(out), "heads": str(target) if target else None},
                         indent=2) + "\n"
-    with atomic_folder(out, EXPORT_MARKER) as staging:
+    with replace_folder(out, EXPORT_COMMAND) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         exported_model_card(run, out, target).save(staging / CARD_FILE)
-        (staging / EXPORT_MARKER).write_text(record)
+        (staging / EXPORT_RECORD).write_text(record)
     written = {"model": str(out), "heads": None}
     if target is not None:
-        with atomic_folder(target, EXPORT_MARKER) as staging:
-            shutil.copytree(source, staging, dirs_exist_ok=True)
+        with replace_folder(target, EXPORT_COMMAND) as staging:
+            shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(OUTPUT_MARKER))
             # Fine-tuning changed layer L under the heads; they go with the exported model, so that
             # `caft generate --model out --heads out-heads --speculative` accepts the pair.
             rebase_heads(staging, model)
-            (staging / EXPORT_MARKER).write_text(record)
+            (staging / EXPORT_RECORD).write_text(record)
         written["heads"] = str(target)
     if eagle3:
         attach_heads(model, str(target))  # the heads just recorded as this model's

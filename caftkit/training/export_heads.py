@@ -9,28 +9,30 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from ..atomic_files import atomic_folder
 from ..core.eagle3 import check_eagle3_draft, eagle3_draft
 from ..core.heads import attach_heads, check_heads_fit, get_heads
 from ..models import load_model
+from ..outputs import replace_folder
 
-# Written into the draft folder: what it was made from; a folder holding it is an earlier export, which a new one
-# may replace.
-DRAFT_MARKER = "caft_draft.json"
+# Written into the draft folder: what it was made from.
+DRAFT_RECORD = "caft_draft.json"
+# The command whose marker a draft folder holds (`caft export --eagle3` writes the same folder): a draft folder made by
+# it may be replaced by a new draft.
+DRAFT_COMMAND = "export-heads"
 DRAFT_WEIGHTS_FILE = "model.safetensors"
 DRAFT_CONFIG_FILE = "config.json"
 
 
 def write_eagle3_draft(model, output: str | Path, record: dict[str, Any]) -> Path:
     """Write head 2 of the heads attached to `model` as an EAGLE-3 draft folder (refused for a base it cannot be
-    expressed for exactly; every key and shape checked against the engines' layout), with `record` as its marker.
+    expressed for exactly; every key and shape checked against the engines' layout), with `record` kept in it.
     The folder is written beside its place and renamed into it."""
     config, state = eagle3_draft(model, get_heads(model))
     output = Path(output)
-    with atomic_folder(output, DRAFT_MARKER) as staging:
+    with replace_folder(output, DRAFT_COMMAND) as staging:
         save_file(state, str(staging / DRAFT_WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / DRAFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        (staging / DRAFT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        (staging / DRAFT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return output
 
 

@@ -10,7 +10,6 @@ a full model, heads never included), the heads the run used (`heads/`; warmed up
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,7 +21,9 @@ from ..core.heads import attach_heads, check_heads_fit, get_heads, read_heads_co
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
 from ..evaluation.head_metrics import head_metrics
-from ..models import load_model, load_tokenizer, resolve_device
+from ..models import check_positions, load_model, load_tokenizer, resolve_device
+from ..outputs import claim, output_folder, remove_claimed
+from .checkpoints import ClaimedCheckpointRotation
 from .head_training import (
     CHECKPOINTS_DIR,
     HeadTrainingSettings,
@@ -34,6 +35,8 @@ from .head_training import (
 from .settings import DEFAULT_NUM_AUX_HEADS, FinetuneSettings, trainer_arguments
 from .tracking import tracking_callbacks
 
+# The command whose marker a run folder holds.
+FINETUNE_COMMAND = "finetune"
 RUN_FILE = "caft_run.json"
 FINAL_DIR = "final"
 RUN_HEADS_DIR = "heads"
@@ -104,6 +107,7 @@ def _callbacks(settings: FinetuneSettings, output: Path, given: list | None) -> 
     from transformers import EarlyStoppingCallback
 
     callbacks = list(given or []) + tracking_callbacks(settings.report_to, output)
+    callbacks.append(ClaimedCheckpointRotation(output, output, settings.save_total_limit))
     if settings.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(settings.early_stopping_patience, settings.early_stopping_threshold))
     return callbacks
@@ -127,13 +131,19 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
              callbacks: list | None = None) -> dict[str, Any]:
     """Fine-tune `settings.model` on `settings.data` into the run folder `output`; see the module docstring.
 
-    `model` and `tokenizer` replace loading `settings.model`; `callbacks` are further `TrainerCallback`s of the
+    `output` must be new, empty, or a run folder of `caft finetune` (`outputs.output_folder`); it is locked for the
+    run. `model` and `tokenizer` replace loading `settings.model`; `callbacks` are further `TrainerCallback`s of the
     fine-tuning Trainer (not of the head warm-up)."""
+    with output_folder(output, FINETUNE_COMMAND, main_process=is_main_process()):
+        return _finetune(Path(output), settings, resume, model, tokenizer, callbacks)
+
+
+def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, tokenizer,
+              callbacks: list | None) -> dict[str, Any]:
     from datasets import Dataset
 
     from .trainer import CAFTConfig, CAFTTrainer
 
-    run_dir = Path(output)
     checkpoint = last_checkpoint(run_dir)
     if resume and checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
@@ -150,6 +160,10 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     data = tokenize_source(settings.data, tokenizer, settings.max_length)
+    longest = max(len(example["input_ids"]) for example in data.examples)
+    # packed, sequences fill --max-length whatever each conversation's length
+    check_positions(settings.model if model is None else model, settings.max_length if settings.packing else longest,
+                    settings.data)
     train_examples, held_out = split_held_out(data.examples, settings.eval_fraction, settings.seed)
     if model is None:
         model = load_model(settings.model, settings.dtype)
@@ -185,7 +199,9 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
 
     final_dir = run_dir / FINAL_DIR
     if is_main_process():
-        shutil.rmtree(final_dir, ignore_errors=True)
+        if final_dir.exists():  # left by a run killed after writing it: this run's own, claimed when written
+            remove_claimed(run_dir, FINAL_DIR)
+        claim(run_dir, FINAL_DIR)
     wait_for_everyone()
     trainer.save_model(str(final_dir))
     if is_main_process():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -21,8 +20,9 @@ from ..core.distributed import is_main_process, launch_record, wait_for_everyone
 from ..core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, attach_heads, check_heads_fit, get_heads, save_heads
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
-from ..models import load_model, load_tokenizer, resolve_device, resolve_mixed_precision
-from ..outputs import OUTPUT_MARKER
+from ..models import check_positions, load_model, load_tokenizer, resolve_device, resolve_mixed_precision
+from ..outputs import OUTPUT_MARKER, claim, output_folder, remove_claimed
+from .checkpoints import ClaimedCheckpointRotation
 from .settings import HeadTrainingSettings, trainer_arguments
 from .tracking import TENSORBOARD_DIR, tracking_callbacks
 
@@ -55,6 +55,8 @@ def per_head_metrics(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     return dict(sorted(heads.items(), key=lambda item: int(item[0].split("_")[1])))
 
 
+# The command whose marker a heads folder it trained holds.
+TRAIN_HEADS_COMMAND = "train-heads"
 _CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
 TRAINER_STATE_FILE = "trainer_state.json"
 
@@ -101,14 +103,20 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
     Checkpoints go to `output/checkpoints/` while training runs (removed at the end unless
     `keep_checkpoints`); `resume=True` continues from the last one. `model` and `tokenizer` may be given
     already loaded (`settings.model` is then only recorded); the heads stay attached to the model, and its other
-    parameters get back the `requires_grad` they came with (training freezes them). Returns the held-out metrics
-    before and after training and what the data held.
+    parameters get back the `requires_grad` they came with (training freezes them). `output` must be new, empty,
+    or a folder of `caft train-heads` (`outputs.output_folder`); it is locked while training runs. Returns the
+    held-out metrics before and after training and what the data held.
     """
+    with output_folder(output, TRAIN_HEADS_COMMAND, main_process=is_main_process()):
+        return _train_heads(Path(output), settings, resume, keep_checkpoints, progress, model, tokenizer)
+
+
+def _train_heads(output_dir: Path, settings: HeadTrainingSettings, resume: bool, keep_checkpoints: bool,
+                 progress: bool, model, tokenizer) -> dict[str, Any]:
     from datasets import Dataset
 
     from .trainer import CAFTConfig, CAFTTrainer
 
-    output_dir = Path(output)
     run_dir = output_dir / CHECKPOINTS_DIR
     checkpoint = last_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
@@ -127,6 +135,8 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         tokenizer = load_tokenizer(settings.model)
     # The data is read and checked before the model is loaded: bad input fails fast.
     data = tokenize_source(settings.data, tokenizer, settings.max_length)
+    check_positions(settings.model if model is None else model,
+                    max(len(example["input_ids"]) for example in data.examples), settings.data)
     train_examples, held_out = split_held_out(data.examples, settings.eval_fraction, settings.seed)
     if model is None:
         model = load_model(settings.model, settings.dtype)
@@ -152,9 +162,12 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         eval_on_start=checkpoint is None,
         **trainer_arguments(settings, str(run_dir), len(train_examples)),
     )
+    if is_main_process():
+        claim(output_dir, CHECKPOINTS_DIR)
+    rotation = ClaimedCheckpointRotation(output_dir, run_dir, settings.save_total_limit)
     trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
                           eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer,
-                          callbacks=tracking_callbacks(settings.report_to, output_dir))
+                          callbacks=[*tracking_callbacks(settings.report_to, output_dir), rotation])
     trainer.train(resume_from_checkpoint=checkpoint)
     history = trainer.state.log_history
     start = next((entry for entry in history if entry.get("step") == 0 and "eval_loss_head_2" in entry), None)
@@ -193,7 +206,7 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
         plot_head_losses(history, output_dir / LOSS_CURVES_FILE,
                          title=f"Head training on {Path(settings.data).name}: per-head loss")
         if not keep_checkpoints:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_claimed(output_dir, CHECKPOINTS_DIR)
     wait_for_everyone()  # the heads folder is complete before any process goes on to read it
     return summary
 

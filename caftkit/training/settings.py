@@ -10,10 +10,10 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-from ..command_line import setting
 from ..core.weights import SCHEDULES
 from ..data import BUNDLED_SHAREGPT
 from ..models import MIXED_PRECISION, ModelSettings, resolve_device, resolve_mixed_precision
+from ..settings import MAX_SEED, of_type, setting
 from .tracking import trainer_report_to
 
 # `CAFTConfig` fields that caftkit's own settings set (`trainer_arguments`, and the CAFT loss of each run): a
@@ -25,7 +25,8 @@ _SET_BY_CAFTKIT = frozenset({
     "save_strategy", "save_steps", "save_total_limit", "logging_steps", "bf16", "fp16", "use_cpu", "report_to",
     "seed", "data_seed", "dataloader_num_workers", "mode", "num_aux_heads", "num_heads", "heads_path", "alpha", "beta",
     "schedule", "train_heads", "freeze_unembedding", "trunk_cache_gb", "loss_type", "activation_checkpointing",
-    "packing", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+    "packing", "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "schedule_end",
+    "eval_on_start", "disable_tqdm",
 })
 # Each logging integration transformers offers and the modules it needs (any one of them): checked with
 # `find_spec`, which imports nothing, so a missing back-end is refused at once instead of after the model loads.
@@ -76,7 +77,8 @@ class RunSettings(ModelSettings):
     save_total_limit: int | None = setting(2, help="checkpoints kept (the oldest are removed); none keeps all.",
                                            minimum=1)
     logging_steps: int = setting(5, help="log the per-head training losses every this many steps.", minimum=1)
-    seed: int = setting(0, help="seed of the split, the shuffling, initialisation and dropout.", minimum=0)
+    seed: int = setting(0, help="seed of the split, the shuffling, initialisation and dropout.",
+                        minimum=0, maximum=MAX_SEED)
     mixed_precision: str = setting("no", help="bf16 autocast of the matrix multiplies: no, bf16, or auto (bf16 "
                                               "where the device multiplies bf16 natively).", choices=MIXED_PRECISION)
     report_to: list[str] = setting(default_factory=list, help="where to log besides the console: comma-separated "
@@ -89,12 +91,15 @@ class RunSettings(ModelSettings):
         # Checked before the model settings' device, which imports torch: a bad value here fails at once.
         self.report_to = check_report_to(self.report_to)
         if self.trainer:
-            check_trainer_fields(self.trainer)
+            self.trainer = check_trainer_fields(self.trainer)
         super().__post_init__()  # choices, numbers and bounds, then the device
 
 
-def check_trainer_fields(trainer: dict[str, Any]) -> None:
-    """Refuse a `trainer` mapping that names no `CAFTConfig` field, or one caftkit sets from its own settings."""
+def check_trainer_fields(trainer: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a `trainer` mapping that names no `CAFTConfig` field, one caftkit sets from its own settings, or a
+    value not of its field's type (a bool, an integer, a number or text where the field takes only that). Returns
+    the mapping with numbers YAML read as text (`1e-8`) made numbers where the field takes a number, not text."""
+    import typing
     from dataclasses import fields
 
     from .trainer import CAFTConfig
@@ -106,6 +111,20 @@ def check_trainer_fields(trainer: dict[str, Any]) -> None:
     set_by_caftkit = sorted(set(trainer) & _SET_BY_CAFTKIT)
     if set_by_caftkit:
         raise ValueError(f"trainer: {set_by_caftkit} are set from caftkit's own settings; use those (see --help)")
+    types = typing.get_type_hints(CAFTConfig)
+    checked = {}
+    for name, value in trainer.items():
+        kinds = typing.get_args(types[name]) if typing.get_args(types[name]) else (types[name],)
+        if isinstance(value, str) and float in kinds and str not in kinds:
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not any(value is None if kind is type(None) else of_type(value, kind, False) for kind in kinds):
+            wanted = " or ".join(getattr(kind, "__name__", str(kind)) for kind in kinds)
+            raise ValueError(f"trainer: {name} must be {wanted}, got {value!r}")
+        checked[name] = value
+    return checked
 
 
 def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples: int) -> dict[str, Any]:
@@ -134,7 +153,7 @@ def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples
         eval_steps=settings.eval_steps or max(1, steps_per_epoch // 2),
         save_strategy="steps",
         save_steps=settings.save_steps,
-        save_total_limit=settings.save_total_limit,
+        save_total_limit=None,  # rotated by caftkit, which removes only checkpoints the run wrote (checkpoints.py)
         logging_steps=settings.logging_steps,
         # Weights stay in `dtype`; with bf16 the matrix multiplies run under autocast.
         bf16=resolve_mixed_precision(settings.mixed_precision, device) == "bf16",
@@ -156,6 +175,10 @@ HEAD_WARMUP_CHOICES = ("no", "yes", "auto")
 DEFAULT_LEARNING_RATES = {"lora": 2e-4, "full": 2e-5}
 # The paper's n = 5: the next token and four auxiliary heads (t+2 .. t+5).
 DEFAULT_NUM_AUX_HEADS = 4
+# The settings `CAFTConfig` shares with the commands: declared here once, checked alike in both
+# (`command_line.check_declared`).
+CAFT_SETTINGS = ("num_aux_heads", "alpha", "beta", "schedule", "schedule_end", "train_heads", "freeze_unembedding",
+                 "trunk_cache_gb")
 
 
 @dataclass(kw_only=True)
@@ -262,7 +285,7 @@ class DistillSettings(ModelSettings):
     temperature: float = setting(0.0, help="0 for greedy decoding, else the sampling temperature.", minimum=0)
     top_p: float = setting(1.0, help="nucleus sampling threshold when sampling.", above=0, maximum=1)
     seed: int = setting(0, help="sampling seed (each batch is seeded from it, so resumed runs sample the same).",
-                        minimum=0)
+                        minimum=0, maximum=MAX_SEED)
 
     def __post_init__(self):
         super().__post_init__()

@@ -7,7 +7,6 @@ trainable heads in checkpoints are overridden.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,7 +35,9 @@ from ..core.multitoken import count_targets, head_statistics, weighted_loss
 from ..core.trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
 from ..core.weights import MODES, SCHEDULES, gamma_schedule, head_loss_weights
 from ..models import pretrained_source
+from ..settings import check_declared
 from .model_card import CAFT_PAPER, CARD_FILE, adapter_card, run_folder_card
+from .settings import CAFT_SETTINGS, FinetuneSettings, HeadTrainingSettings
 
 CHECKPOINT_HEADS_DIR = "caft_heads"
 
@@ -150,20 +151,12 @@ class CAFTConfig(SFTConfig):
                              f"got {self.loss_type!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if not 0.0 < self.schedule_end <= 1.0:
-            raise ValueError(f"schedule_end must be in (0, 1], got {self.schedule_end!r}")
-        if not 0.0 < self.alpha <= 1.0:  # also refuses nan
-            raise ValueError(f"alpha must be in (0, 1] (later heads never weigh more), got {self.alpha!r}")
-        if not (math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
+        # The CAFT settings are declared once, for the command line: the same types, choices and bounds here.
+        check_declared(self, (FinetuneSettings, HeadTrainingSettings), CAFT_SETTINGS)
         if self.loss_impl not in ("fused", "checkpoint"):
             raise ValueError(f"loss_impl must be 'fused' or 'checkpoint', got {self.loss_impl!r}")
-        if self.trunk_cache_gb < 0:
-            raise ValueError(f"trunk_cache_gb must be 0 or more, got {self.trunk_cache_gb}")
         if self.num_aux_heads < 1 and self.mode != "ntp":
-            raise ValueError(f"num_aux_heads must be at least 1 in {self.mode!r} mode, got {self.num_aux_heads}")
+            raise ValueError(f"num_aux_heads must be at least 1 in {self.mode} mode, got {self.num_aux_heads}")
 
 
 def bf16_accelerator_available() -> bool:

@@ -25,10 +25,10 @@ def compare_command(settings: CompareSettings, where: CompareOutput) -> dict:
     continues from its last checkpoint.
     """
     from ..outputs import output_folder
-    from .compare import TIMINGS_FILE, compare
+    from .compare import compare
     from .compare_report import REPORT_FILE
 
-    with output_folder(where.output, "compare", (TIMINGS_FILE, "seed-*")):
+    with output_folder(where.output, "compare"):
         result = compare(where.output, settings)
     for comparison in result["comparisons"]:
         arm, baseline = comparison["arm"], comparison["baseline"]
@@ -54,7 +54,7 @@ def demo_command(settings: DemoSettings) -> dict:
     from .demo import format_scores, run_demo
 
     started = time.perf_counter()
-    with output_folder(settings.output, "demo", ("distilled.jsonl", "distilled.meta.json")):
+    with output_folder(settings.output, "demo"):
         report = run_demo(settings)
     artefacts = report["artefacts"]
     print(f"\ndone in {time.perf_counter() - started:.0f} s.\n")

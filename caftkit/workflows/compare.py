@@ -36,14 +36,16 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_files import write_text_atomically
-from ..core.heads import HEADS_CONFIG_FILE
+from ..core.heads import HEADS_CONFIG_FILE, check_heads_fit
 from ..evaluation.bootstrap import SetMetric, comparison_table, subset_mean_metric, uniqueness_metric
 from ..evaluation.task_eval import METRICS_FILE, EvalSettings, evaluate
 from ..json_text import read_json_file
+from ..outputs import OUTPUT_MARKER, mark_output_folder
 from ..tasks.registry import get_task
 from ..tasks.task import ReportMetric
 from ..training.export import export_run
 from ..training.finetuning import (
+    FINETUNE_COMMAND,
     RUN_FILE,
     WARMUP_HEADS_DIR,
     FinetuneSettings,
@@ -155,8 +157,8 @@ def _share_warmup(output: Path, settings: CompareSettings, arm_name: str, seed: 
             continue
         done = read_json_file(config).get("training", {}).get("settings", {})
         if {key: value for key, value in done.items() if key not in ignored} == wanted:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(source, run_dir / WARMUP_HEADS_DIR)
+            mark_output_folder(run_dir, FINETUNE_COMMAND)  # the arm's run folder, which its finetune then takes
+            shutil.copytree(source, run_dir / WARMUP_HEADS_DIR, ignore=shutil.ignore_patterns(OUTPUT_MARKER))
             return other
     return None
 
@@ -253,6 +255,9 @@ def compare_arms(output: Path, settings: CompareSettings) -> list[ArmComparison]
 def compare(output: str, settings: CompareSettings, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) every arm and seed, then write the report; returns the comparisons and where they are."""
     output_dir = Path(output)
+    for arm in settings.arm_settings.values():  # every arm's heads, before the first arm trains
+        if arm.mode == "caft" and arm.heads:
+            check_heads_fit(arm.heads, settings.model)
     output_dir.mkdir(parents=True, exist_ok=True)
     timings = _Timings(output_dir / TIMINGS_FILE)
     seeds = sorted({seed for arm in settings.arm_settings.values() for seed in arm.seeds})

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..command_line import setting, with_current_names
 from ..evaluation.task_eval import EvalSettings
 from ..models import ModelSettings
+from ..settings import MAX_SEED, check_settings, setting, with_current_names
 from ..tasks.registry import get_task, task_names
 from ..training.settings import HEAD_WARMUP_CHOICES, METHODS, FinetuneSettings
 
@@ -53,7 +53,8 @@ class CompareSettings(ModelSettings):
     head_warmup: str = setting("yes", help="the caft arms' head warm-up on the task (see `caft finetune`); the "
                                            "default of every arm.", choices=HEAD_WARMUP_CHOICES)
     method: str = setting("lora", help="lora or full; the default of every arm.", choices=METHODS)
-    seeds: list[int] = setting(default_factory=lambda: [0], help="training seeds; the default of every arm.", minimum=0)
+    seeds: list[int] = setting(default_factory=lambda: [0], help="training seeds; the default of every arm.",
+                               minimum=0, maximum=MAX_SEED)
     finetune: dict[str, Any] = setting(default_factory=dict, help="further `caft finetune` settings shared by every "
                                                                   "arm, e.g. {epochs: 1, batch_size: 16}.")
     arms: dict[str, Any] | None = setting(None, help="the arms, a mapping from a name to its settings: mode (ntp or "
@@ -77,9 +78,9 @@ class CompareSettings(ModelSettings):
             self.test_examples = None
         self.finetune = with_current_names(self.finetune, FinetuneSettings, "finetune")
         _check_finetune_keys(self.finetune, "finetune settings")
+        if self.arms is not None and not self.arms:  # an empty mapping is a mistake, not a wish for the defaults
+            raise ValueError("arms: give at least one arm (or leave arms out for ntp and caft)")
         self.arm_settings = {name: self._arm(name, values) for name, values in (self.arms or DEFAULT_ARMS).items()}
-        if not self.arm_settings:
-            raise ValueError("arms: give at least one arm")
         self.baselines = {name: self._baseline(name, arm) for name, arm in self.arm_settings.items()
                           if arm.mode == "caft"}
         for name in self.arm_settings:  # every setting of every arm is checked before anything runs
@@ -100,11 +101,16 @@ class CompareSettings(ModelSettings):
         defaults = {"method": self.method, "seeds": list(self.seeds), "heads": self.heads,
                     "head_warmup": self.head_warmup}
         arm = ArmSettings(**{**defaults, **values})
+        try:
+            check_settings(arm)
+        except ValueError as error:
+            raise ValueError(f"arm {name}: {error}") from None
         arm.finetune = with_current_names(arm.finetune, FinetuneSettings, f"arm {name}: finetune")
         if arm.mode not in ("ntp", "caft"):
             raise ValueError(f"arm {name}: mode must be ntp or caft, got {arm.mode!r}")
-        if not arm.seeds or len(set(arm.seeds)) != len(arm.seeds):
-            raise ValueError(f"arm {name}: seeds must be a non-empty list of distinct seeds, got {arm.seeds}")
+        if not arm.seeds or len(set(arm.seeds)) != len(arm.seeds) or min(arm.seeds) < 0:
+            raise ValueError(f"arm {name}: seeds must be a non-empty list of distinct seeds (integers >= 0), got "
+                             f"{arm.seeds}")
         _check_finetune_keys(arm.finetune, f"arm {name}: finetune settings")
         if arm.mode == "ntp" and arm.baseline is not None:
             raise ValueError(f"arm {name}: an ntp arm is a baseline; only caft arms name one")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from caftkit.command_line import SettingsError, add_settings, build_settings, check_settings, read_config, setting
+from caftkit.command_line import SettingsError, add_settings, build_settings, read_config
+from caftkit.settings import check_settings, setting
 
 
 @dataclass

@@ -150,5 +150,5 @@ def test_export_heads_command_writes_the_draft_and_refuses_what_it_did_not_write
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert main([*command, str(tmp_path / "mine")]) == 2
-    assert "mine: exists and was not written by this command" in capsys.readouterr().err
+    assert "mine: exists and was not written by caft export-heads" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

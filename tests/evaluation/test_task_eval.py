@@ -131,6 +131,17 @@ def test_loss_task_reports_each_heads_metrics(tiny_dir, tmp_path):
         assert result["metrics"][f"loss_head_{k}"] == pytest.approx(expected[f"head_{k}"]["loss"], rel=1e-5)
         assert result["metrics"][f"accuracy_head_{k}"] == pytest.approx(expected[f"head_{k}"]["accuracy"])
     assert result["metrics"]["n"] == 5
+    assert {key: result["metrics"][key] for key in ("records_read", "records_dropped", "records_truncated")} == {
+        "records_read": 5, "records_dropped": 0, "records_truncated": 0}
+    # a prompt longer than --max-length leaves no assistant token: dropped, and counted
+    long = tmp_path / "long.jsonl"
+    long.write_text(data.read_text() + json.dumps({"messages": [{"role": "user", "content": "say " * 300},
+                                                                {"role": "assistant", "content": "ring"}]}) + "\n")
+    counted = evaluate(tmp_path / "loss-long", EvalSettings(model=str(tiny_dir), task="loss", data=str(long),
+                                                            heads=str(tmp_path / "heads"), batch_size=2,
+                                                            max_length=200), progress=False)["metrics"]
+    assert (counted["records_read"], counted["records_dropped"], counted["n"]) == (6, 1, 5)
+    assert counted["records_truncated"] == 0
 
 
 def test_heads_of_the_base_score_a_fine_tuned_descendant_only_when_asked(tiny_dir, tmp_path, capsys):

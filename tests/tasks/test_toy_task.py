@@ -13,9 +13,10 @@ import pytest
 from tiny_models import saved_model_dir, tiny_model
 
 from caftkit.cli import main
-from caftkit.command_line import check_settings, setting
 from caftkit.data import iter_raw_records, to_messages
 from caftkit.evaluation.task_eval import GENERATIONS_FILE
+from caftkit.outputs import mark_output_folder
+from caftkit.settings import check_settings, setting
 from caftkit.tasks.registry import get_task, register_task, unregister_task
 from caftkit.tasks.task import ReportMetric, Task, TaskExample
 from caftkit.workflows.compare_report import REPORT_FILE
@@ -104,6 +105,7 @@ def test_a_task_in_one_file_runs_data_eval_and_compare(echo_task, tmp_path, caps
     # per word of WORDS: ntp says back ab and abc, caft ab, cd, abc and bcd; the rest get x
     answers = {"ntp": ["ab", "x", "abc", "x", "x", "x", "x", "x"] * 6,
                "caft": ["ab", "cd", "abc", "bcd", "x", "x", "x", "x"] * 6}
+    mark_output_folder(compare_dir, "compare")  # as a comparison stopped after its evaluations left it
     for arm, said in answers.items():
         (compare_dir / "seed-0" / arm / "eval").mkdir(parents=True)
         (compare_dir / "seed-0" / arm / "eval" / GENERATIONS_FILE).write_text(

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from caftkit.cli import main
 from caftkit.core.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
 from caftkit.decoding.speculative import generate
+from caftkit.outputs import claimed, mark_output_folder
 from caftkit.training.export import export_run
 from caftkit.training.export_heads import read_eagle3_draft
 from caftkit.training.finetuning import (
@@ -366,6 +367,24 @@ def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "r3").exists()
 
 
+def test_checkpoint_rotation_removes_only_checkpoints_the_run_wrote(tiny_dir, tmp_path):
+    """In its own run folder, with a user's `checkpoint-1-backup/` and notes added, rotation to one checkpoint keeps
+    the user's entries and only the newest of the run's checkpoints; the marker lists what the run wrote."""
+    data = write_task(tmp_path / "task.jsonl", 20)
+    run = tmp_path / "run"
+    mark_output_folder(run, "finetune")
+    (run / "checkpoint-1-backup").mkdir()
+    (run / "checkpoint-1-backup" / "model.pt").write_bytes(b"the user's")
+    (run / "notes.txt").write_text("mine")
+    summary = finetune(str(run), settings_for(tiny_dir, data, epochs=1, save_steps=1, save_total_limit=1))
+    steps = summary["optimizer_steps"]
+    assert steps >= 3
+    assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-1-backup", f"checkpoint-{steps}"]
+    assert (run / "checkpoint-1-backup" / "model.pt").read_bytes() == b"the user's"
+    assert (run / "notes.txt").read_text() == "mine"
+    assert claimed(run) == {FINAL_DIR, f"checkpoint-{steps}"}
+
+
 def test_the_number_of_auxiliary_heads_defaults_to_what_the_folder_holds(tiny_dir, tmp_path):
     """Without --num-aux-heads a run uses every head of its folder (2 here), 4 without a folder; fewer is allowed,
     more refused; the warm-up trains the count the run uses."""
@@ -409,7 +428,8 @@ def test_trainer_settings_reach_the_trainer(tiny_dir, tmp_path, capsys):
                             lora_target_modules=["q_proj", "v_proj"], trainer={"adam_beta2": 0.95,
                                                                                "max_grad_norm": 0.5})
     arguments = trainer_arguments(settings, "out", 8)
-    assert (arguments["max_steps"], arguments["optim"], arguments["save_total_limit"]) == (3, "sgd", 1)
+    # caftkit rotates the checkpoints itself (only those the run wrote): the Trainer gets no limit
+    assert (arguments["max_steps"], arguments["optim"], arguments["save_total_limit"]) == (3, "sgd", None)
     assert (arguments["adam_beta2"], arguments["max_grad_norm"]) == (0.95, 0.5)
     assert lora_config(settings).target_modules == {"q_proj", "v_proj"}
     assert lora_config(settings_for(tiny_dir, "d.jsonl")).target_modules == "all-linear"
@@ -418,12 +438,17 @@ def test_trainer_settings_reach_the_trainer(tiny_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--heads",
                  str(tiny_dir / "heads"), "--num-heads", "2", "--output", str(run), "--batch-size", "4",
-                 "--max-steps", "2", "--trainer", "{max_grad_norm: 0.5}"]) == 0
+                 "--max-steps", "2", "--trainer", "{max_grad_norm: 0.5, adam_epsilon: 1e-7}"]) == 0
     summary = json.loads((run / RUN_FILE).read_text())
-    assert summary["optimizer_steps"] == 2 and summary["settings"]["trainer"] == {"max_grad_norm": 0.5}
+    # YAML reads 1e-7 as text: a number field takes it as the number
+    assert summary["optimizer_steps"] == 2 and summary["settings"]["trainer"] == {"max_grad_norm": 0.5,
+                                                                                  "adam_epsilon": 1e-7}
     capsys.readouterr()
     for trainer, message in (("{seed: 3}", "trainer: ['seed'] are set from caftkit's own settings"),
-                             ("{adam_beta3: 1}", "trainer: ['adam_beta3'] are not CAFTConfig")):
+                             ("{adam_beta3: 1}", "trainer: ['adam_beta3'] are not CAFTConfig"),
+                             ("{adam_beta2: abc}", "trainer: adam_beta2 must be float, got 'abc'"),
+                             ("{eval_on_start: false}", "trainer: ['eval_on_start'] are set from caftkit's own"),
+                             ("{dataloader_pin_memory: 2}", "trainer: dataloader_pin_memory must be bool, got 2")):
         assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--output",
                      str(tmp_path / "refused"), "--trainer", trainer]) == 2
         assert message in capsys.readouterr().err
@@ -553,8 +578,8 @@ def test_export_never_replaces_what_it_did_not_write(tiny_dir, tmp_path, capsys)
                            (["--output", str(tmp_path / "model"), "--heads-output", str(run / RUN_HEADS_DIR)],
                             run / RUN_HEADS_DIR)):
         assert main(["export", str(run), *flags]) == 2
-        assert capsys.readouterr().err == (f"caft: error: {refused}: exists and was not written by this "
-                                           "command: choose another output (nothing was changed)\n")
+        assert capsys.readouterr().err == (f"caft: error: {refused}: exists and was not written by caft "
+                                           "export: choose another output (nothing was changed)\n")
         assert [path.name for path in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
         assert not (tmp_path / "model").exists()
     assert {path.name: path.read_bytes() for path in (run / RUN_HEADS_DIR).iterdir()} == run_heads_before

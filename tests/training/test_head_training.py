@@ -19,6 +19,7 @@ from caftkit.cli import main
 from caftkit.core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE, attach_heads, get_heads
 from caftkit.data import tokenize_source
 from caftkit.models import bf16_is_fast, resolve_device, resolve_mixed_precision
+from caftkit.outputs import mark_output_folder
 from caftkit.training.head_training import (
     CHECKPOINTS_DIR,
     LOSS_CURVES_FILE,
@@ -210,6 +211,7 @@ def test_resume_continues_to_the_same_heads(tmp_path):
                 keep_checkpoints=True)
     # An interrupted run: its last checkpoint is step 15 of 18 (two checkpoints are kept: 15 and 18).
     partial = tmp_path / "partial"
+    mark_output_folder(partial, "train-heads")  # as the interrupted run left it: its own folder
     (partial / CHECKPOINTS_DIR).mkdir(parents=True)
     source = complete / CHECKPOINTS_DIR
     shutil.copytree(source / "checkpoint-15", partial / CHECKPOINTS_DIR / "checkpoint-15")

@@ -273,10 +273,27 @@ def test_a_finished_step_made_with_other_settings_is_not_reused(tiny_setup, tmp_
     ({"ntp": {"method": "lora"}}, "arm ntp: give its mode, ntp or caft"),
     ({"../x": {"mode": "ntp"}}, "arm name '../x': use letters"),
     ({"ntp": {"mode": "ntp", "seeds": []}}, "arm ntp: seeds must be a non-empty list"),
+    # values of the wrong type, refused before the first arm trains (not a TypeError once earlier arms trained)
+    ({"ntp": {"mode": "ntp"}, "caft": {"mode": "caft", "finetune": {"beta": "0.5"}}},
+     "beta must be a number, got '0.5'"),
+    ({"ntp": {"mode": "ntp", "finetune": {"lora_r": "8"}}}, "lora_r must be an integer, got '8'"),
+    ({"ntp": {"mode": "ntp", "finetune": {"num_aux_heads": True}}}, "num_aux_heads must be an integer or none"),
+    ({"ntp": {"mode": "ntp", "seeds": "12"}}, "arm ntp: seeds must be a comma-separated list of int, got '12'"),
+    ({"ntp": {"mode": "ntp", "seeds": [0.5]}}, r"arm ntp: seeds must be a comma-separated list of int, got \[0.5\]"),
+    ({"ntp": {"mode": "ntp", "seeds": [-1]}}, "arm ntp: seeds must be a non-empty list of distinct seeds"),
+    ({}, "arms: give at least one arm"),
 ])
 def test_arms_are_checked_before_anything_runs(tiny_setup, arms, message):
     with pytest.raises(ValueError, match=message):
         settings_for(tiny_setup, arms=arms)
+
+
+def test_a_later_arms_missing_heads_are_found_before_the_first_arm_trains(tiny_setup, tmp_path):
+    settings = settings_for(tiny_setup, arms={"ntp": {"mode": "ntp"},
+                                              "caft": {"mode": "caft", "heads": str(tmp_path / "missing")}})
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing' / 'heads_config.json'}: missing"):
+        compare(str(tmp_path / "out"), settings, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_compare_command_takes_arms_from_the_config(tiny_setup, tmp_path, capsys):

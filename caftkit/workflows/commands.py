@@ -6,6 +6,9 @@ imported when the command runs: the command line reads and checks the settings f
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +43,16 @@ def compare_command(settings: CompareSettings, where: CompareOutput) -> dict:
     return result
 
 
+def runnable(script: str) -> str:
+    """How to call `script` of this environment from the current shell: its name where PATH finds this very script
+    (the environment is active), else its path (`.venv/bin/caft` after `make demo`, which does not activate it)."""
+    here = Path(sys.executable).parent / script
+    found = shutil.which(script)
+    if found is not None and Path(found).resolve() == here.resolve():
+        return script
+    return os.path.relpath(here) if not os.path.relpath(here).startswith("..") else str(here)
+
+
 def demo_command(settings: DemoSettings) -> dict:
     """Run the whole CAFT pipeline on a small scale: distil, train heads, warm up, fine-tune, export, evaluate.
 
@@ -62,15 +75,17 @@ def demo_command(settings: DemoSettings) -> dict:
     print("\nArtefacts:")
     for name, path in artefacts.items():
         print(f"  {name:<12} {', '.join(path) if isinstance(path, list) else path}")
+    caft, tensorboard = runnable("caft"), runnable("tensorboard")
     if report["tracking"]:
-        print(f"Training curves: tensorboard --logdir {settings.output}")
+        print(f"Training curves: {tensorboard} --logdir {settings.output}")
     else:
         print("Training curves: install the tracking extra (pip install -e '.[tracking]') and rerun with a new "
               "--output to log them to tensorboard")
     print("Next:")
-    print(f"  caft generate --model {artefacts['model']} --heads {artefacts['model_heads']} --speculative "
+    print(f"  {caft} generate --model {artefacts['model']} --heads {artefacts['model_heads']} --speculative "
           "--prompt \"Design a molecule with the molecular formula C9H11NO2 that contains these functional groups: "
           "benzene ring, amide. Answer with its SMILES string only.\"")
-    print(f"  caft train-heads --data {artefacts['distilled']} --output heads      # heads on more data")
-    print(f"  caft finetune --data {artefacts['task_data']} --heads {artefacts['heads']} --output run")
+    print(f"  {caft} train-heads --data {artefacts['distilled']} --output heads      # heads on more data")
+    print(f"  {caft} finetune --data {artefacts['task_data']} --heads {artefacts['heads']} --head-warmup auto "
+          "--output run")
     return report

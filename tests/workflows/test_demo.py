@@ -44,3 +44,24 @@ def test_the_table_shows_how_many_valid_answers_are_distinct(tmp_path):
         "  all groups present                       0.00              0.50",
         "  distinct / valid answers                 1.00              0.50",
     ]
+
+
+def test_the_commands_the_demo_prints_run_in_a_shell_that_did_not_activate_the_venv(monkeypatch, tmp_path):
+    """`make demo` runs `.venv/bin/caft` without activating .venv: the printed commands name the script's path,
+    which runs as printed; with the venv active (its bin first on PATH), the plain name."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from caftkit.workflows.commands import runnable
+
+    bin_dir = Path(sys.executable).parent
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    printed = runnable("caft")
+    assert printed != "caft" and Path(printed).resolve() == (bin_dir / "caft").resolve()
+    done = subprocess.run([*printed.split(), "--version"], capture_output=True, text=True,
+                          env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and done.stdout.startswith("caft ")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    assert runnable("caft") == "caft"

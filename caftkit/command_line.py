@@ -35,7 +35,16 @@ import yaml
 from .atomic_files import write_text_atomically
 from .json_text import decode_utf8
 from .outputs import check_new_file
-from .settings import default_of, describe_bounds, describe_type, fields_of, flag_name, former_names, type_kind
+from .settings import (
+    default_of,
+    describe_bounds,
+    describe_type,
+    fields_of,
+    flag_name,
+    former_names,
+    trl_names,
+    type_kind,
+)
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -135,6 +144,8 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, positional: tuple[s
         names = [flag_name(field.name)]
         if "_" in field.name:
             names.append("--" + field.name)
+        if "trl" in field.metadata:  # TRL's name: a TRL user's flag works as it is
+            names += [flag_name(field.metadata["trl"]), "--" + field.metadata["trl"]]
         former = [flag_name(old) for old in field.metadata.get("formerly", ())]
         if former and base is bool:
             former += ["--no-" + name[2:] for name in former]
@@ -215,6 +226,7 @@ def read_config(path: str | Path, *classes: type) -> dict[str, Any]:
     lines = {key.value: key.start_mark.line + 1 for key, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
     known = {field.name: (field, annotation) for cls in classes for field, annotation in fields_of(cls)}
     former = former_names(*classes)
+    trl = trl_names(*classes)
     values = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -222,6 +234,7 @@ def read_config(path: str | Path, *classes: type) -> dict[str, Any]:
         if name in former:
             print(f"caft: note: {where}: {key!r} is now {former[name].replace('_', '-')!r}", file=sys.stderr)
             name = former[name]
+        name = trl.get(name, name)
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
@@ -306,6 +319,18 @@ class Command:
     more_help: Callable[[], str] | None = None
 
 
+# TRL and transformers flags that are no caftkit setting by the same meaning, with what to use instead (the settings
+# that only differ by name take TRL's name too: `setting(trl=...)`).
+TRL_FLAGS = {
+    "--bf16": "--mixed-precision bf16", "--fp16": "--mixed-precision (bf16 or no; fp16 is not offered)",
+    "--warmup-ratio": "--warmup, a fraction of all steps when below 1",
+    "--warmup-steps": "--warmup, a number of steps when 1 or more",
+    "--eval-strategy": "--eval-steps (caftkit evaluates every this many steps)",
+    "--save-strategy": "--save-steps",
+    "--use-peft": "--method lora (the default)", "--attn-implementation": "not offered yet (the model's default)",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (`caft: error: ...`), without the usage before it."""
 
@@ -367,8 +392,9 @@ def run_command(prog: str, description: str, commands: dict[str, Command], versi
     command = given.pop("_command")
     name = " ".join(str(given.pop(key)) for key in ("command", "subcommand") if key in given)
     if unknown:
-        print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see {prog} {name} --help)",
-              file=sys.stderr)
+        hints = [f"{flag} is {TRL_FLAGS[flag]} here" for flag in unknown if flag in TRL_FLAGS]
+        print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}"
+              + (f" ({'; '.join(hints)})" if hints else f" (see {prog} {name} --help)"), file=sys.stderr)
         return 2
     config = given.pop("config", None)
     debug = given.pop("debug", False)

@@ -18,18 +18,21 @@ MAX_SEED = 2**32 - 1
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
-            default_factory: Any = dataclasses.MISSING, formerly: tuple[str, ...] = (),
+            default_factory: Any = dataclasses.MISSING, formerly: tuple[str, ...] = (), trl: str | None = None,
             minimum: float | None = None, above: float | None = None, maximum: float | None = None,
             below: float | None = None) -> Any:
     """A settings field with its help text (and the values it may take): the one declaration of that setting.
 
     `choices` lists the values it may hold. For a number (or each number of a list), `minimum`/`maximum` are
     inclusive bounds and `above`/`below` exclusive ones; a number must also be finite. `formerly` lists earlier
-    names still accepted, as flags and in YAML, with a note naming the new one. `check_settings` enforces it all."""
+    names still accepted, as flags and in YAML, with a note naming the new one; `trl` is TRL's name of the same
+    setting (`per_device_train_batch_size` for `batch_size`), accepted alike without a note. `check_settings`
+    enforces it all."""
     bounds = {name: value for name, value in (("minimum", minimum), ("above", above), ("maximum", maximum),
                                                ("below", below)) if value is not None}
     metadata = {"help": help, **({"choices": tuple(choices)} if choices else {}),
-                **({"bounds": bounds} if bounds else {}), **({"formerly": tuple(formerly)} if formerly else {})}
+                **({"bounds": bounds} if bounds else {}), **({"formerly": tuple(formerly)} if formerly else {}),
+                **({"trl": trl} if trl else {})}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -155,6 +158,12 @@ def default_of(field: dataclasses.Field) -> Any:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
     return dataclasses.MISSING
+
+
+def trl_names(*classes: type) -> dict[str, str]:
+    """TRL's name -> caftkit's name of every setting of `classes` that TRL names otherwise (`setting(trl=...)`)."""
+    return {field.metadata["trl"]: field.name for cls in classes for field, _ in fields_of(cls)
+            if "trl" in field.metadata}
 
 
 def former_names(*classes: type) -> dict[str, str]:

@@ -159,6 +159,39 @@ def test_finetune_settings_from_yaml_equal_the_same_flags(tmp_path, capsys):
                                        "(see caft finetune --help)\n")
 
 
+def test_trl_names_work_as_flags_and_in_yaml_and_trl_only_flags_name_caftkits(tmp_path, capsys):
+    """A TRL user's `--per-device-train-batch-size 4 --gradient-accumulation-steps 2 --num-train-epochs 2
+    --lr-scheduler-type linear --output-dir out` means caftkit's batch size, accumulation, epochs, scheduler and
+    output; a TRL flag with no caftkit setting of the same meaning is refused naming the one to use."""
+    from caftkit.cli import COMMANDS
+    from caftkit.command_line import build_parser, build_settings_group
+
+    command = COMMANDS["finetune"]
+    trl = ["--data", "task.jsonl", "--per-device-train-batch-size", "4", "--gradient_accumulation_steps", "2",
+           "--num-train-epochs", "2", "--lr-scheduler-type", "linear", "--output-dir", "out"]
+    ours = ["--data", "task.jsonl", "--batch-size", "4", "--grad-accum", "2", "--epochs", "2", "--lr-scheduler",
+            "linear", "--output", "out"]
+    built = []
+    for flags in (trl, ours):
+        given = vars(_subparser(build_parser("caft", "", COMMANDS, "0"), "finetune").parse_args(flags))
+        given.pop("_command")
+        built.append(build_settings_group(command.settings, given))
+    config = tmp_path / "trl.yaml"
+    config.write_text("data: task.jsonl\nper_device_train_batch_size: 4\ngradient_accumulation_steps: 2\n"
+                      "num_train_epochs: 2\nlr_scheduler_type: linear\noutput_dir: out\n")
+    built.append(build_settings_group(command.settings, {}, config))
+    assert built[0] == built[1] == built[2]
+    settings, where = built[0]
+    assert (settings.batch_size, settings.grad_accum, settings.epochs, settings.lr_scheduler, where.output) == (
+        4, 2, 2.0, "linear", "out")
+    assert main(["finetune", "--data", "task.jsonl", "--bf16", "--warmup-ratio", "0.1", "--output",
+                 str(tmp_path / "never")]) == 2
+    assert capsys.readouterr().err == ("caft: error: unrecognized arguments: --bf16 --warmup-ratio 0.1 (--bf16 is "
+                                       "--mixed-precision bf16 here; --warmup-ratio is --warmup, a fraction of all "
+                                       "steps when below 1 here)\n")
+    assert not (tmp_path / "never").exists()
+
+
 def test_a_logging_back_end_that_is_not_installed_is_refused_before_anything(tmp_path, capsys):
     import importlib.util
 

@@ -56,17 +56,19 @@ class RunSettings(ModelSettings):
 
     data: str = setting(help="JSONL/JSON file of `messages`, `prompt`/`completion` or ShareGPT `conversations` "
                              "records.")
-    epochs: float = setting(1.0, help="passes over the training split.", above=0)
+    epochs: float = setting(1.0, help="passes over the training split.", above=0, trl="num_train_epochs")
     max_steps: int | None = setting(None, help="stop after this many optimisation steps instead of --epochs; the "
                                                "schedules are planned for them.", minimum=1)
     learning_rate: float | None = setting(None, help="peak learning rate.", above=0)
-    lr_scheduler: str = setting("cosine", help="a transformers scheduler name (cosine, linear, constant, ...).")
+    lr_scheduler: str = setting("cosine", help="a transformers scheduler name (cosine, linear, constant, ...).",
+                                trl="lr_scheduler_type")
     warmup: float = setting(0.05, help="warm-up steps, or a fraction of all steps when below 1.", minimum=0)
     weight_decay: float = setting(0.0, help="decoupled weight decay of the optimizer.", minimum=0)
     optim: str = setting("adamw_torch_fused", help="a transformers optimizer name (adamw_torch_fused, adamw_torch, "
                                                     "sgd, adafactor, ...).")
-    batch_size: int = setting(8, help="sequences per device and step.", minimum=1)
-    grad_accum: int = setting(1, help="micro-batches accumulated per optimisation step.", minimum=1)
+    batch_size: int = setting(8, help="sequences per device and step.", minimum=1, trl="per_device_train_batch_size")
+    grad_accum: int = setting(1, help="micro-batches accumulated per optimisation step.", minimum=1,
+                              trl="gradient_accumulation_steps")
     max_length: int = setting(1024, help="longer conversations are truncated to this many tokens (and counted).",
                               minimum=2)
     eval_fraction: float = setting(0.05, help="fraction of the records held out to measure each head's loss and "
@@ -194,7 +196,7 @@ class HeadTrainingSettings(RunSettings):
     alpha: float = setting(0.8, help="decay of the per-head loss weights alpha^(k-2) (at most 1: later heads never "
                                      "weigh more).", above=0, maximum=1)
     # Two passes: on 3,000 self-distilled answers of the bundled model, the t+2 head still gains in the second.
-    epochs: float = setting(2.0, help="passes over the training split.", above=0)
+    epochs: float = setting(2.0, help="passes over the training split.", above=0, trl="num_train_epochs")
     learning_rate: float | None = setting(1e-3, help="peak learning rate.", above=0)
     # Only the heads train and the base runs without gradients: bf16 autocast halves the time where it is native.
     mixed_precision: str = setting("auto", help="bf16 autocast of the matrix multiplies: auto (bf16 where the device "
@@ -323,12 +325,12 @@ class DistillOutput:
 
 @dataclass(kw_only=True)
 class HeadsOutput:
-    output: str = setting("heads", help="the heads folder to write.")
+    output: str = setting("heads", help="the heads folder to write.", trl="output_dir")
     resume: bool = setting(False, help="continue from the last checkpoint in <output>/checkpoints/.")
     keep_checkpoints: bool = setting(False, help="keep <output>/checkpoints/ after training ends.")
 
 
 @dataclass(kw_only=True)
 class RunOutput:
-    output: str = setting("run", help="the run folder.")
+    output: str = setting("run", help="the run folder.", trl="output_dir")
     resume: bool = setting(False, help="continue from the last checkpoint in the run folder.")

@@ -174,6 +174,7 @@ class HumanEvalTask(Task):
         with tqdm(total=len(problems), unit="problem", desc="execute", disable=not progress) as bar:
             results = evaluate_programs(problems, programs, workers=settings.workers, timeout_s=settings.timeout_s,
                                         memory_mb=settings.memory_mb, allow_unsandboxed=settings.allow_unsandboxed,
+                                        private_files=[settings.data] if settings.data else [],
                                         on_result=lambda _: bar.update(1))
         rows = [{"id": example.id, "output": answers[example.id], "program": program, **asdict(result)}
                 for example, program, result in zip(examples, programs, results)]

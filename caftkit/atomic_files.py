@@ -5,11 +5,13 @@ temporary name is unique, so no other file is ever overwritten on the way. (Fold
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def _default_mode() -> int:
@@ -39,3 +41,9 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `path` whole or not at all."""
     with atomic_path(path) as staging:
         staging.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> None:
+    """Write `value` as JSON text (indented, with a final newline) to `path`, whole or not at all: every record
+    caftkit writes (a run's `caft_run.json`, which `caft compare` reads as "this run finished", among them)."""
+    write_text_atomically(path, json.dumps(value, indent=indent) + "\n")

@@ -112,3 +112,24 @@ def test_tests_are_in_the_folder_of_the_wing_they_test():
     assert folders <= WINGS | {"base"}
     assert sorted(path.name for path in tests.glob("test_*.py")) == ["test_bad_inputs.py", "test_cli.py",
                                                                      "test_layout.py", "test_readme.py"]
+
+
+# Writes of a file's whole content that are not records: the kernel's interface to reset the peak memory.
+PLAIN_WRITES = {"bench/memory.py": 1}
+
+
+def test_every_record_is_written_whole_through_atomic_files():
+    """A record written with `Path.write_text` is left cut short by a kill in the middle (`caft_run.json`, which
+    `caft compare` reads as "this run finished", was one): every write of a file's content goes through
+    `atomic_files` (`write_json`, `write_text_atomically`), which writes beside the file and renames."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = path.relative_to(PACKAGE).as_posix()
+        if name == "atomic_files.py":
+            continue
+        calls = [node for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                 and node.func.attr in ("write_text", "write_bytes")]
+        if calls:
+            found[name] = len(calls)
+    assert found == PLAIN_WRITES

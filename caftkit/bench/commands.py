@@ -6,9 +6,7 @@ imported when the command runs: the command line reads and checks the settings f
 
 from __future__ import annotations
 
-import json
-
-from ..atomic_files import write_text_atomically
+from ..atomic_files import write_json
 from ..command_line import print_json
 from ..outputs import check_new_file
 from .settings import GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
@@ -82,7 +80,7 @@ def _bench_train_sweep(settings: TrainBenchSettings) -> dict:
     print(sweep_table(sweep))
     if settings.output:
         check_new_file(settings.output, "--output")
-        write_text_atomically(settings.output, json.dumps(sweep, indent=2) + "\n")
+        write_json(settings.output, sweep)
     if settings.plot:
         check_new_file(settings.plot, "--plot")
         plot_sweep(sweep, settings.plot)

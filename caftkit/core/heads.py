@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic_files import atomic_path, write_text_atomically
+from ..atomic_files import atomic_path, write_json
 from ..json_text import read_json_file
 from .architecture import find_model_parts, unwrap_model
 from .distributed import is_main_process, whole_tensor
@@ -206,7 +205,7 @@ def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: di
     # Weights first, config last: an interrupted save never leaves a config naming weights that are not there.
     with atomic_path(directory / HEADS_WEIGHTS_FILE) as weights:
         save_file(state, str(weights), metadata={"format": "pt"})
-    write_text_atomically(directory / HEADS_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    write_json(directory / HEADS_CONFIG_FILE, config)
     return directory
 
 
@@ -222,7 +221,7 @@ def rebase_heads(directory: str | os.PathLike, model: nn.Module) -> dict[str, An
         config["previous_base_fingerprints"] = config.get("previous_base_fingerprints", []) + [
             config["base_fingerprint"]]
         config["base_fingerprint"] = fingerprint
-        write_text_atomically(Path(directory) / HEADS_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        write_json(Path(directory) / HEADS_CONFIG_FILE, config)
     return config
 
 

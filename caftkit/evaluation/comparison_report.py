@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic_files import write_text_atomically
 from .bootstrap import ComparisonRow
 from .charts import save_figure
 
@@ -179,7 +180,7 @@ def write_report(path_md: str | os.PathLike, path_png: str | os.PathLike, rows: 
     chart = Path(os.path.relpath(path_png.resolve(), path_md.resolve().parent)).as_posix()
     text = report_markdown(rows, context, definitions=definitions, title=title, chart=chart)
     path_md.parent.mkdir(parents=True, exist_ok=True)
-    path_md.write_text(text, encoding="utf-8")
+    write_text_atomically(path_md, text)
     return path_md, path_png
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import write_text_atomically
+from ..atomic_files import write_json, write_text_atomically
 from ..data import DataError, render_prompt
 from ..json_text import read_json_file
 from ..models import ModelSettings, resolve_device
@@ -102,7 +102,7 @@ def _check_resumable(output_dir: Path, settings: EvalSettings) -> None:
             raise ValueError(f"{output_dir}: holds answers generated with other settings: {', '.join(changed)}; "
                              "use the same settings or another --output")
     output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    write_json(path, asdict(settings))
 
 
 def _read_generations(path: Path) -> dict[str, str]:
@@ -216,7 +216,7 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
     if rows:
         _write_jsonl(output_dir / EXAMPLES_FILE, rows)
     result = {"task": settings.task, "settings": asdict(settings), "metrics": metrics}
-    (output_dir / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(output_dir / METRICS_FILE, result)
     return result
 
 

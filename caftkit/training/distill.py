@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..atomic_files import write_text_atomically
+from ..atomic_files import write_json
 from ..data import DataError, ReadStats, Record, iter_prompts, render_prompt, skipped_text
 from ..decoding.greedy import STOP_END_OF_TURN, generate_batch
 from ..json_text import read_json_file
@@ -226,6 +226,6 @@ def _write_meta(output: Path, settings: DistillSettings, summary: DistillSummary
     meta = {"settings": asdict(settings), "last_run": {**asdict(summary), "tokens_per_second":
                                                        round(summary.tokens_per_second, 2)},
             "records_written": written, "plan_stages": stages}
-    write_text_atomically(meta_path(output), json.dumps(meta, indent=2) + "\n")
+    write_json(meta_path(output), meta)
 
 

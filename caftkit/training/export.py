@@ -6,12 +6,12 @@ self-speculative decoding; the model folder itself loads with `AutoModelForCausa
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import write_json
 from ..core.eagle3 import eagle3_refusal
 from ..core.heads import HEADS_WEIGHTS_FILE, attach_heads, detach_heads, read_heads_config, rebase_heads
 from ..json_text import read_json_file
@@ -123,13 +123,12 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
         refusal = eagle3_refusal(model)
         if refusal is not None:  # before anything is written
             raise ValueError(f"cannot write the heads as an EAGLE-3 draft: {refusal}")
-    record = json.dumps({"run": str(run_dir), "model": str(out), "heads": str(target) if target else None},
-                        indent=2) + "\n"
+    record = {"run": str(run_dir), "model": str(out), "heads": str(target) if target else None}
     with replace_folder(out, EXPORT_COMMAND) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         exported_model_card(run, out, target).save(staging / CARD_FILE)
-        (staging / EXPORT_RECORD).write_text(record)
+        write_json(staging / EXPORT_RECORD, record)
     written = {"model": str(out), "heads": None}
     if target is not None:
         with replace_folder(target, EXPORT_COMMAND) as staging:
@@ -137,11 +136,11 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
             # Fine-tuning changed layer L under the heads; they go with the exported model, so that
             # `caft generate --model out --heads out-heads --speculative` accepts the pair.
             rebase_heads(staging, model)
-            (staging / EXPORT_RECORD).write_text(record)
+            write_json(staging / EXPORT_RECORD, record)
         written["heads"] = str(target)
     if eagle3:
         attach_heads(model, str(target))  # the heads just recorded as this model's
-        written["draft"] = str(write_eagle3_draft(model, default_draft_output(out), json.loads(record)))
+        written["draft"] = str(write_eagle3_draft(model, default_draft_output(out), record))
         detach_heads(model)
     return written
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from ..atomic_files import write_json
 from ..core.eagle3 import check_eagle3_draft, eagle3_draft
 from ..core.heads import attach_heads, check_heads_fit, get_heads
 from ..models import load_model
@@ -31,8 +32,8 @@ def write_eagle3_draft(model, output: str | Path, record: dict[str, Any]) -> Pat
     output = Path(output)
     with replace_folder(output, DRAFT_COMMAND) as staging:
         save_file(state, str(staging / DRAFT_WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / DRAFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        (staging / DRAFT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(staging / DRAFT_CONFIG_FILE, config)
+        write_json(staging / DRAFT_RECORD, record)
     return output
 
 

@@ -9,12 +9,12 @@ a full model, heads never included), the heads the run used (`heads/`; warmed up
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import write_json
 from ..core.architecture import unwrap_model
 from ..core.distributed import is_main_process, launch_record, wait_for_everyone
 from ..core.heads import attach_heads, check_heads_fit, get_heads, read_heads_config, save_heads
@@ -226,10 +226,10 @@ def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, to
         "held_out_per_head": per_head_metrics(final),
     }
     if is_main_process():
-        (run_dir / LOG_HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
+        write_json(run_dir / LOG_HISTORY_FILE, history, indent=1)
         plot_head_losses(history, run_dir / HEAD_LOSSES_FILE,
                          title=f"{settings.mode} fine-tuning on {Path(settings.data).name}: per-head loss")
-        (run_dir / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(run_dir / RUN_FILE, summary)
     wait_for_everyone()
     return summary
 

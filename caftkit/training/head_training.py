@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import write_json
 from ..core.distributed import is_main_process, launch_record, wait_for_everyone
 from ..core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, attach_heads, check_heads_fit, get_heads, save_heads
 from ..data import tokenize_source
@@ -202,7 +203,7 @@ def _train_heads(output_dir: Path, settings: HeadTrainingSettings, resume: bool,
     }
     save_heads(get_heads(model), output_dir, training=summary)
     if is_main_process():
-        (output_dir / LOG_HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
+        write_json(output_dir / LOG_HISTORY_FILE, history, indent=1)
         plot_head_losses(history, output_dir / LOSS_CURVES_FILE,
                          title=f"Head training on {Path(settings.data).name}: per-head loss")
         if not keep_checkpoints:

@@ -35,7 +35,7 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import write_text_atomically
+from ..atomic_files import write_json
 from ..core.heads import HEADS_CONFIG_FILE, check_heads_fit
 from ..evaluation.bootstrap import SetMetric, comparison_table, subset_mean_metric, uniqueness_metric
 from ..evaluation.task_eval import METRICS_FILE, EvalSettings, evaluate
@@ -82,7 +82,7 @@ class _Timings:
     def _write(self, stage: str, seconds: float) -> None:
         with self._lock:
             self.seconds[stage] = round(seconds, 1)
-            write_text_atomically(self.path, json.dumps(self.seconds, indent=2) + "\n")
+            write_json(self.path, self.seconds)
 
     @contextmanager
     def stage(self, stage: str) -> Iterator[None]:
@@ -174,12 +174,12 @@ def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timing
     if not (run_dir / RUN_FILE).exists():
         root.mkdir(parents=True, exist_ok=True)
         if not (root / ARM_SETTINGS_FILE).exists():
-            (root / ARM_SETTINGS_FILE).write_text(json.dumps({"finetune": asdict(finetune_settings)}, indent=2) + "\n")
+            write_json(root / ARM_SETTINGS_FILE, {"finetune": asdict(finetune_settings)})
         resume = last_checkpoint(run_dir) is not None
         shared_from = None if resume else _share_warmup(output, settings, arm, seed, run_dir)
         if shared_from is not None:
-            (root / ARM_SETTINGS_FILE).write_text(json.dumps(
-                {"finetune": asdict(finetune_settings), "warmup_shared_from": shared_from}, indent=2) + "\n")
+            write_json(root / ARM_SETTINGS_FILE,
+                       {"finetune": asdict(finetune_settings), "warmup_shared_from": shared_from})
         with timings.stage(f"seed-{seed}/{arm}/finetune"):
             finetune(str(run_dir), finetune_settings, resume=resume)
     if not (model_dir / "config.json").exists():
@@ -277,7 +277,7 @@ def compare(output: str, settings: CompareSettings, progress: bool = True) -> di
               "comparisons": [{"arm": c.arm, "baseline": c.baseline, "seeds": c.seeds,
                                "rows": [asdict(row) for row in c.rows]} for c in comparisons],
               "ln": ln, "timings_s": timings.seconds})
-    (output_dir / COMPARISON_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(output_dir / COMPARISON_FILE, result)
     return result
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic_files import write_text_atomically
 from ..core.heads import HEADS_CONFIG_FILE
 from ..evaluation.bootstrap import ComparisonRow
 from ..evaluation.comparison_report import (
@@ -184,5 +185,5 @@ def write_comparison_report(output: Path, settings: CompareSettings, comparisons
     lines += [f"- **{metric.name}**: {metric.definition}" + (f" Unit: {metric.unit}." if metric.unit else "")
               for metric in get_task(settings.task).report_metrics(first_rows)]
     path = output / REPORT_FILE
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomically(path, "\n".join(lines) + "\n")
     return path

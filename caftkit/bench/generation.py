@@ -121,7 +121,7 @@ def _cut(tokens: list[int], stop_ids: set[int]) -> list[int]:
     return tokens if stop is None else tokens[: stop + 1]
 
 
-class _ForwardCounter:
+class ForwardCounter:
     """Counts the forward calls of a model (a hook on the instance; removed on exit)."""
 
     def __init__(self, model):
@@ -191,7 +191,7 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
             plain_out, plain_seconds, plain_passes = [], 0.0, 0
             drafted = {side: {"out": [], "seconds": 0.0, "accepted": [], "passes": 0} for side in sides}
             for ids, mask in batches:
-                with _ForwardCounter(model) as counter:
+                with ForwardCounter(model) as counter:
                     out, seconds = _timed(device, partial(_plain, model, ids, mask, max_new_tokens, stop_ids, pad_id,
                                                           sampling))
                 plain_out += out

@@ -89,7 +89,7 @@ def _cast(value, dtype: torch.dtype):
     return value
 
 
-class _HeadDrafter:
+class HeadDrafter:
     """The auxiliary heads with one KV cache each, kept as long as the model's cache.
 
     With a `dtype` other than the model's, the heads draft from copies of themselves, of the final norm and of
@@ -244,7 +244,7 @@ def generate(
         from ..models import parse_dtype
 
         draft_dtype = parse_dtype(draft_dtype)
-    drafter = _HeadDrafter(model, heads, num_aux_heads, candidates, draft_dtype) if tree is not None else None
+    drafter = HeadDrafter(model, heads, num_aux_heads, candidates, draft_dtype) if tree is not None else None
     policy = DraftPolicy(num_aux_heads, drafting_cost(model, heads, num_aux_heads) if drafter else 0.0,
                          adaptive=adaptive)
     choose = TokenChooser(sampling or Sampling(), device)

@@ -66,7 +66,7 @@ _NOT_COMPARED = {"device", "report_to", "save_steps", "logging_steps"}
 _EVAL_NOT_COMPARED = {"model", "device", "batch_size", "workers", "allow_unsandboxed"}
 
 
-class _Timings:
+class StageTimings:
     """Wall time of each stage, kept on disk so that a resumed comparison reports the stages it did not redo.
 
     A running stage writes its time so far every `flush_interval_s` seconds, so a stage that is stopped and then
@@ -163,7 +163,7 @@ def _share_warmup(output: Path, settings: CompareSettings, arm_name: str, seed: 
     return None
 
 
-def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timings: _Timings,
+def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timings: StageTimings,
             progress: bool = True) -> dict[str, Any]:
     """Fine-tune, export and evaluate one arm and seed, skipping what an earlier invocation finished."""
     root = arm_dir(output, seed, arm)
@@ -259,7 +259,7 @@ def compare(output: str, settings: CompareSettings, progress: bool = True) -> di
         if arm.mode == "caft" and arm.heads:
             check_heads_fit(arm.heads, settings.model)
     output_dir.mkdir(parents=True, exist_ok=True)
-    timings = _Timings(output_dir / TIMINGS_FILE)
+    timings = StageTimings(output_dir / TIMINGS_FILE)
     seeds = sorted({seed for arm in settings.arm_settings.values() for seed in arm.seeds})
     ln_data = write_ln_conversations(output_dir, settings) if settings.ln_diagnostic else None
     for seed in seeds:  # seed by seed: a comparison stopped early already has every arm of its first seeds

@@ -15,11 +15,11 @@ from caftkit.data import (
     DataError,
     ReadStats,
     TokenizedData,
-    _iter_json_array,
     assistant_spans,
     bundled_sharegpt_path,
     first_prompt,
     iter_conversations,
+    iter_json_array,
     iter_prompts,
     iter_raw_records,
     record_id,
@@ -338,13 +338,13 @@ def test_json_array_allow_truncated_keeps_complete_records(tmp_path):
     """With `allow_truncated`, a cut-off array yields its complete records and sets `truncated_tail`."""
     path = truncated_array(tmp_path)
     stats = ReadStats()
-    assert list(_iter_json_array(path, stats, allow_truncated=True)) == [
+    assert list(iter_json_array(path, stats, allow_truncated=True)) == [
         (f"{path}:record 1", {"prompt": "a"}), (f"{path}:record 2", {"prompt": "b"})]
     assert stats.truncated_tail
     # Cut right after a complete element (no `]`): also a truncated tail.
     path.write_text('[{"prompt": "a"},')
     stats = ReadStats()
-    assert [r for _, r in _iter_json_array(path, stats, allow_truncated=True)] == [{"prompt": "a"}]
+    assert [r for _, r in iter_json_array(path, stats, allow_truncated=True)] == [{"prompt": "a"}]
     assert stats.truncated_tail
 
 
@@ -353,15 +353,15 @@ def test_json_array_allow_truncated_on_complete_file(tmp_path):
     path = tmp_path / "ok.json"
     path.write_text('[{"prompt": "a"}, {"prompt": "b"}]')
     stats = ReadStats()
-    assert len(list(_iter_json_array(path, stats, allow_truncated=True))) == 2
+    assert len(list(iter_json_array(path, stats, allow_truncated=True))) == 2
     assert not stats.truncated_tail
 
 
 def test_json_array_reader_rejects_non_array(tmp_path):
-    """`_iter_json_array` on a file that is not an array says it expected one."""
+    """`iter_json_array` on a file that is not an array says it expected one."""
     path = tmp_path / "obj.json"
     path.write_text('{"prompt": "a"}')
-    error = raises_data_error(list, _iter_json_array(path, ReadStats(), allow_truncated=False))
+    error = raises_data_error(list, iter_json_array(path, ReadStats(), allow_truncated=False))
     assert error.where == str(path)
     assert error.problem.startswith("expected a JSON array of records")
 

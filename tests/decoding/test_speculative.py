@@ -75,10 +75,10 @@ def test_trees_are_refused_on_sliding_window_models(model_type="gemma3_text", dr
 
 def test_drafts_are_accepted_and_save_forward_passes():
     """The test models' heads do guess right often enough for several tokens per pass to be exercised."""
-    from caftkit.bench.generation import _ForwardCounter
+    from caftkit.bench.generation import ForwardCounter
 
     model = repetitive_model("llama")
-    with _ForwardCounter(model) as counter:
+    with ForwardCounter(model) as counter:
         out = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[],
                        adaptive=False)
     # forward_passes counts every call of the model: the prefill, then one verification pass per step.
@@ -92,14 +92,14 @@ def test_drafts_are_accepted_and_save_forward_passes():
 
 
 def test_bfloat16_drafts_come_from_copies_and_leave_the_heads_alone():
-    from caftkit.decoding.speculative import _HeadDrafter
+    from caftkit.decoding.speculative import HeadDrafter
 
     model = repetitive_model("llama")
     heads_before = {name: tensor.clone() for name, tensor in get_heads(model).state_dict().items()}
-    drafter = _HeadDrafter(model, get_heads(model), 3, 1, torch.bfloat16)
+    drafter = HeadDrafter(model, get_heads(model), 3, 1, torch.bfloat16)
     assert {p.dtype for layer in drafter.layers for p in layer.parameters()} == {torch.bfloat16}
     assert drafter.lm_head.weight.dtype == torch.bfloat16 and drafter.lm_head is not model.lm_head
-    assert _HeadDrafter(model, get_heads(model), 3, 1, torch.float32).lm_head is model.lm_head  # no copy needed
+    assert HeadDrafter(model, get_heads(model), 3, 1, torch.float32).lm_head is model.lm_head  # no copy needed
     out = generate(model, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=40, eos_token_id=[], adaptive=False,
                    draft_dtype=torch.bfloat16)
     assert out.sequences == [reference(model, PROMPTS[0], 40)] and out.mean_accepted > 1.2

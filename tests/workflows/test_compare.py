@@ -19,7 +19,7 @@ from caftkit.tasks.molecules import describe_molecule, molecule_record
 from caftkit.tasks.registry import get_task
 from caftkit.training.finetuning import RUN_FILE
 from caftkit.training.head_training import HeadTrainingSettings, train_heads
-from caftkit.workflows.compare import COMPARISON_FILE, TIMINGS_FILE, CompareSettings, _Timings, compare
+from caftkit.workflows.compare import COMPARISON_FILE, TIMINGS_FILE, CompareSettings, StageTimings, compare
 from caftkit.workflows.compare_report import REPORT_FILE
 
 TRAIN = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "CC#N", "CC(C)O", "OCC(O)CO", "CC(=O)N", "Oc1ccccc1", "CCOC"]
@@ -133,7 +133,7 @@ def test_comparison_trains_both_arms_alike_and_reports_the_paired_difference(tin
 
 def test_a_stage_stopped_and_resumed_counts_the_time_of_every_start(tmp_path):
     path, now = tmp_path / TIMINGS_FILE, [100.0]
-    timings = _Timings(path, flush_interval_s=0.01, clock=lambda: now[0])
+    timings = StageTimings(path, flush_interval_s=0.01, clock=lambda: now[0])
     with pytest.raises(KeyboardInterrupt), timings.stage("seed-0/caft/finetune"):
         now[0] += 40.0
         # while the stage runs its time so far reaches the file: a process killed here keeps it
@@ -146,7 +146,7 @@ def test_a_stage_stopped_and_resumed_counts_the_time_of_every_start(tmp_path):
     assert json.loads(path.read_text()) == {"seed-0/caft/finetune": 42.5}
 
     # The resumed comparison adds the time of its own start to what the stopped one recorded.
-    resumed = _Timings(path, flush_interval_s=60, clock=lambda: now[0])
+    resumed = StageTimings(path, flush_interval_s=60, clock=lambda: now[0])
     with resumed.stage("seed-0/caft/finetune"):
         now[0] += 30.0
     with resumed.stage("seed-0/caft/eval"):

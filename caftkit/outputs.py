@@ -124,9 +124,19 @@ def check_output_folder(path: str | os.PathLike, command: str) -> None:
     entries = [entry for entry in path.iterdir() if not entry.match(f".{OUTPUT_MARKER}.*.partial")]
     if not entries:
         return
-    copied = " (its .caft-output was written for another folder)" if (path / OUTPUT_MARKER).exists() else ""
-    raise OutputError(f"{path}: a folder caft {command} did not make{copied}: choose a new or empty output folder "
-                      "(nothing in it was changed)")
+    raise OutputError(f"{path}: a folder caft {command} did not make{_why_not_own(path)}: choose a new or empty "
+                      "output folder (nothing in it was changed)")
+
+
+def _why_not_own(path: Path) -> str:
+    """Why the marker in `path`, if there is one, does not make it caft's."""
+    try:
+        record = json.loads((path / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    if isinstance(record, dict) and "folder" not in record:
+        return f" (its {OUTPUT_MARKER} is from a caftkit that did not record its folder)"
+    return f" (its {OUTPUT_MARKER} was written for another folder)"
 
 
 def _write_marker(path: Path, command: str, made: set[str]) -> None:

@@ -76,6 +76,7 @@ def marker_of_another_folder(tmp_path, command: str) -> str:
     ({}, "finetune", False),                           # another command's
     ({"notes.txt": "mine"}, None, False),              # a user's
     ({"notes.txt": "mine"}, "copied", False),          # this command's marker, copied from another folder
+    ({OUTPUT_MARKER: '{"command": "eval"}'}, None, False),  # a marker that records no folder
     # The main process of a launched run writing the marker while another process checks the folder.
     ({f".{OUTPUT_MARKER}.k2j4x9.partial": ""}, None, True),
     ({f".{OUTPUT_MARKER}.k2j4x9.partial": "", "notes.txt": "mine"}, None, False),

@@ -169,7 +169,7 @@ def remove_claimed(path: str | os.PathLike, name: str) -> None:
     made `path` claimed; its claim goes with it."""
     path = Path(path)
     made = claimed(path)
-    if name not in made:
+    if name not in made or Path(name).is_absolute() or ".." in Path(name).parts:  # never outside the folder
         raise OutputError(f"{path / name}: not written by caft; left as it is")
     target = path / name
     if target.is_dir() and not target.is_symlink():

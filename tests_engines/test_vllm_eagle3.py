@@ -104,29 +104,33 @@ def test_the_draft_keeps_the_answers_and_accepts_what_caftkit_counts(served):
     assert abs(engine["vllm:spec_decode_num_draft_tokens"] - ours.drafted) <= 0.02 * ours.drafted
 
 
+def altered_draft(root: Path, name: str, alter) -> Path:
+    """A copy of the served draft under `name`, its weights changed in place by `alter(state)`."""
+    altered = root / name
+    altered.mkdir()
+    (altered / "config.json").write_text((root / "draft" / "config.json").read_text())
+    state = load_file(str(root / "draft" / "model.safetensors"))
+    alter(state)
+    save_file(state, str(altered / "model.safetensors"))
+    return altered
+
+
 def test_a_perturbed_draft_accepts_less(served, vllm_python):
     root = served["root"]
-    perturbed = root / "perturbed"
-    perturbed.mkdir()
-    (perturbed / "config.json").write_text((root / "draft" / "config.json").read_text())
-    state = load_file(str(root / "draft" / "model.safetensors"))
-    generator = torch.Generator().manual_seed(0)
-    weight = state["midlayer.mlp.down_proj.weight"]
-    state["midlayer.mlp.down_proj.weight"] = weight + weight.std() * torch.randn(weight.shape, generator=generator)
-    save_file(state, str(perturbed / "model.safetensors"))
-    run = run_vllm(vllm_python, root, perturbed)
+
+    def perturb(state):
+        weight = state["midlayer.mlp.down_proj.weight"]
+        noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+        state["midlayer.mlp.down_proj.weight"] = weight + weight.std() * noise
+
+    run = run_vllm(vllm_python, root, altered_draft(root, "perturbed", perturb))
     assert run["answers"] == served["plain"]["answers"]  # drafts never change greedy answers
     assert acceptance(run) < acceptance(served["drafted"])
 
 
 def test_a_draft_missing_a_weight_never_reaches_the_engine(served, vllm_python):
     root = served["root"]
-    broken = root / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((root / "draft" / "config.json").read_text())
-    state = load_file(str(root / "draft" / "model.safetensors"))
-    del state["midlayer.hidden_norm.weight"]
-    save_file(state, str(broken / "model.safetensors"))
+    broken = altered_draft(root, "broken", lambda state: state.pop("midlayer.hidden_norm.weight"))
     with pytest.raises(ValueError, match="not a complete EAGLE-3 draft: missing midlayer.hidden_norm.weight"):
         run_vllm(vllm_python, root, broken)
     assert not (root / "vllm-broken.json").exists()

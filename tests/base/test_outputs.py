@@ -115,6 +115,12 @@ def test_only_what_a_command_claimed_is_removed(tmp_path):
     claim(folder, "checkpoints")
     remove_claimed(folder, "checkpoints")  # its claimed contents go with it, from the folder and from the marker
     assert claimed(folder) == set() and not (folder / "checkpoints").exists()
+    # a claim reaching outside the folder (a hand-edited marker) removes nothing there
+    (tmp_path / "outside.txt").write_text("mine")
+    claim(folder, "../outside.txt")
+    with pytest.raises(OutputError, match="not written by caft; left as it is"):
+        remove_claimed(folder, "../outside.txt")
+    assert (tmp_path / "outside.txt").read_text() == "mine"
     with pytest.raises(OutputError, match="holds no caft marker of its own"):
         claim(tmp_path, "x")
     # A copied marker claims nothing in the folder it was copied to.

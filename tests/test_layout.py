@@ -115,6 +115,16 @@ def test_tests_are_in_the_folder_of_the_wing_they_test():
 
 
 # Writes of a file's whole content that are not records: the kernel's interface to reset the peak memory.
+# A module longer than this has more than one job: split it along them.
+MODULE_LINE_LIMIT = 500
+
+
+def test_no_module_is_longer_than_the_limit():
+    lengths = {module_name(path): len(path.read_text().splitlines()) for path in MODULES}
+    assert {name: length for name, length in lengths.items() if length > MODULE_LINE_LIMIT} == {}
+    assert max(lengths.values()) > MODULE_LINE_LIMIT // 2  # the lines are counted
+
+
 PLAIN_WRITES = {"bench/memory.py": 1}
 
 

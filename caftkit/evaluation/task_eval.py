@@ -63,7 +63,9 @@ class EvalSettings(ModelSettings):
     # of a program needs more.
     timeout_s: float = setting(10.0, help="humaneval: wall-clock limit of one program, in seconds (at most a day).",
                                above=0, maximum=86_400)
-    memory_mb: int = setting(1024, help="humaneval: address-space limit of one program, in MB.", minimum=256)
+    memory_mb: int = setting(1024, help="humaneval: memory limit of one program, in MB: of all its processes "
+                                        "together where a memory cgroup can be made (as root on most machines), else "
+                                        "of each process.", minimum=256)
     workers: int = setting(2, help="humaneval: programs run in parallel.", minimum=1)
     allow_unsandboxed: bool = setting(False, help="humaneval: run the programs even on a machine where they cannot "
                                                   "be isolated (no user namespaces): they then run as plain "

@@ -4,7 +4,7 @@ A problem gives a `prompt` (imports, the function's signature and docstring), a 
 `check(candidate)`, and the `entry_point` (the function's name). A chat model is asked to complete the function
 (`humaneval_messages`), and its answer is turned into a program (`extract_completion`). How a program is run
 against the problem's tests, isolated from the evaluator since a model wrote it, and scored (pass@1 over greedy
-answers) is `sandbox.py`'s: `run_completion`, `evaluate_programs`, `pass_at_1`.
+answers) is the `sandbox` package's: `run_completion`, `evaluate_programs`, `pass_at_1`.
 """
 
 from __future__ import annotations

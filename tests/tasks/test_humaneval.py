@@ -294,7 +294,9 @@ def test_the_environment_is_minimal(monkeypatch):
     result = run_completion(TOY, program)
     assert result.status == "passed"
     names, stdin_empty = result.output.splitlines()
-    assert ast.literal_eval(names) == ["HOME", "LANG", "LC_ALL", "PATH", "TMPDIR"]
+    # Numeric libraries are kept to one thread: a sandbox's processes and threads are limited.
+    assert ast.literal_eval(names) == ["HOME", "LANG", "LC_ALL", "MKL_NUM_THREADS", "OMP_NUM_THREADS",
+                                       "OPENBLAS_NUM_THREADS", "PATH", "TMPDIR"]
     assert stdin_empty == "True"
 
 
@@ -309,8 +311,9 @@ def test_long_output_is_cut_to_head_and_tail():
 
 def test_results_come_back_in_problem_order():
     problems = [dict(TOY, task_id=f"toy/{i}") for i in range(5)]
-    # The first program is slowest, so it finishes last; its result stays first.
-    programs = ["import time\ntime.sleep(1)\ndef answer():\n    return 1\n"] + [
+    # The first program is slowest (by far more than four runs take on a loaded machine, two sandboxes each), so it
+    # finishes last; its result stays first.
+    programs = ["import time\ntime.sleep(4)\ndef answer():\n    return 1\n"] + [
         f"def answer():\n    return {value}\n" for value in (1, 2, 1, 3)]
     finished = []
     results = evaluate_programs(problems, programs, workers=2, on_result=lambda r: finished.append(r.task_id))

@@ -83,7 +83,8 @@ def test_distill_into_a_users_jsonl_whose_records_have_ids(workspace, tmp_path, 
 def folder_command(workspace: Path, command: str) -> list[str]:
     """`caft <command>` on the workspace's model and data, all but its --output (a folder)."""
     task = ["--task", "loss"] if command == "eval" else []
-    return [command, "--model", str(workspace / "model"), *task, "--data", str(workspace / "task.jsonl")]
+    heads = ["--heads", str(workspace / "heads")] if command in ("finetune", "compare") else []  # caft mode's
+    return [command, "--model", str(workspace / "model"), *task, *heads, "--data", str(workspace / "task.jsonl")]
 
 
 @pytest.mark.parametrize("command", ["finetune", "train-heads", "eval", "compare"])
@@ -197,7 +198,8 @@ def test_sequences_longer_than_the_models_positions(workspace, tmp_path, capsys,
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "a " * 200},
                                              {"role": "assistant", "content": "b " * 200}]}) + "\n")
-    error = refused([command, "--model", str(model), "--data", str(data), "--max-length", "1000", "--output",
+    mode = ["--mode", "ntp"] if command == "finetune" else []
+    error = refused([command, *mode, "--model", str(model), "--data", str(data), "--max-length", "1000", "--output",
                      str(tmp_path / "out")], tmp_path, capsys, f"{data}: sequences of up to ")
     assert error.endswith("takes 256 positions: set --max-length 256 or lower"), error
 
@@ -253,7 +255,8 @@ def test_an_output_another_run_is_writing(workspace, tmp_path, capsys):
 
     run = tmp_path / "run"
     with output_lock(run):
-        refused(["finetune", "--model", str(workspace / "model"), "--data", str(workspace / "task.jsonl"),
+        refused(["finetune", "--mode", "ntp",
+                 "--model", str(workspace / "model"), "--data", str(workspace / "task.jsonl"),
                  "--output", str(run)], tmp_path, capsys, f"{run}: another caft run is writing this output",
                 output=tmp_path / ".run.caft-lock")
 
@@ -261,13 +264,15 @@ def test_an_output_another_run_is_writing(workspace, tmp_path, capsys):
 # --- models, weights, heads and configs that are missing or broken --------------------------------------------
 
 def test_a_model_folder_that_does_not_exist(workspace, tmp_path, capsys):
-    refused(["finetune", "--model", str(tmp_path / "nonexistent"), "--data", str(workspace / "task.jsonl"),
+    refused(["finetune", "--mode", "ntp",
+             "--model", str(tmp_path / "nonexistent"), "--data", str(workspace / "task.jsonl"),
              "--output", str(tmp_path / "run")], tmp_path, capsys, f"{tmp_path / 'nonexistent'}")
 
 
 def test_a_hub_id_not_in_the_cache(workspace, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    refused(["finetune", "--model", "someone/not-cached-model", "--data", str(workspace / "task.jsonl"),
+    refused(["finetune", "--mode", "ntp",
+             "--model", "someone/not-cached-model", "--data", str(workspace / "task.jsonl"),
              "--output", str(tmp_path / "run")], tmp_path, capsys, "someone/not-cached-model")
 
 
@@ -320,21 +325,23 @@ def test_a_latin1_data_file(workspace, tmp_path, capsys):
     data.write_bytes(json.dumps({"messages": [{"role": "user", "content": "x"},
                                               {"role": "assistant", "content": "y"}]}).encode() + b"\n"
                      + '{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1"))
-    refused(["finetune", "--model", str(workspace / "model"), "--data", str(data), "--output",
+    refused(["finetune", "--mode", "ntp",
+             "--model", str(workspace / "model"), "--data", str(data), "--output",
              str(tmp_path / "run")], tmp_path, capsys, f"{data}:2: not UTF-8 text")
 
 
 def test_a_latin1_config_file(workspace, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_bytes("data: caf\u00e9.jsonl\n".encode("latin-1"))
-    refused(["finetune", "--config", str(config), "--output", str(tmp_path / "run")], tmp_path, capsys,
+    refused(["finetune", "--mode", "ntp", "--config", str(config), "--output", str(tmp_path / "run")], tmp_path, capsys,
             f"{config}:1: not UTF-8 text")
 
 
 def test_deeply_nested_json_in_a_data_file(workspace, tmp_path, capsys):
     data = tmp_path / "task.jsonl"
     data.write_text("[" * 100_000 + "]" * 100_000 + "\n")
-    refused(["finetune", "--model", str(workspace / "model"), "--data", str(data), "--output",
+    refused(["finetune", "--mode", "ntp",
+             "--model", str(workspace / "model"), "--data", str(data), "--output",
              str(tmp_path / "run")], tmp_path, capsys, f"{data}:1: nested too deeply")
 
 
@@ -355,10 +362,12 @@ def test_deeply_nested_json_in_a_heads_config(workspace, tmp_path, capsys):
 def test_records_that_are_not_conversations(workspace, tmp_path, capsys, line, what):
     data = tmp_path / "task.jsonl"
     data.write_text((workspace / "task.jsonl").read_text().splitlines()[0] + "\n" + line + "\n")
-    refused(["finetune", "--model", str(workspace / "model"), "--data", str(data), "--output",
+    refused(["finetune", "--mode", "ntp",
+             "--model", str(workspace / "model"), "--data", str(data), "--output",
              str(tmp_path / "run")], tmp_path, capsys, f"{data}:{what}")
 
 
 def test_a_data_file_that_does_not_exist(workspace, tmp_path, capsys):
-    refused(["finetune", "--model", str(workspace / "model"), "--data", str(tmp_path / "missing.jsonl"),
+    refused(["finetune", "--mode", "ntp",
+             "--model", str(workspace / "model"), "--data", str(tmp_path / "missing.jsonl"),
              "--output", str(tmp_path / "run")], tmp_path, capsys, f"{tmp_path / 'missing.jsonl'}: data file not found")

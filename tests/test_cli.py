@@ -167,17 +167,18 @@ def test_trl_names_work_as_flags_and_in_yaml_and_trl_only_flags_name_caftkits(tm
     from caftkit.command_line import build_parser, build_settings_group
 
     command = COMMANDS["finetune"]
-    trl = ["--data", "task.jsonl", "--per-device-train-batch-size", "4", "--gradient_accumulation_steps", "2",
-           "--num-train-epochs", "2", "--lr-scheduler-type", "linear", "--output-dir", "out"]
-    ours = ["--data", "task.jsonl", "--batch-size", "4", "--grad-accum", "2", "--epochs", "2", "--lr-scheduler",
-            "linear", "--output", "out"]
+    trl = ["--data", "task.jsonl", "--mode", "ntp", "--per-device-train-batch-size", "4",
+           "--gradient_accumulation_steps", "2", "--num-train-epochs", "2", "--lr-scheduler-type", "linear",
+           "--output-dir", "out"]
+    ours = ["--data", "task.jsonl", "--mode", "ntp", "--batch-size", "4", "--grad-accum", "2", "--epochs", "2",
+            "--lr-scheduler", "linear", "--output", "out"]
     built = []
     for flags in (trl, ours):
         given = vars(_subparser(build_parser("caft", "", COMMANDS, "0"), "finetune").parse_args(flags))
         given.pop("_command")
         built.append(build_settings_group(command.settings, given))
     config = tmp_path / "trl.yaml"
-    config.write_text("data: task.jsonl\nper_device_train_batch_size: 4\ngradient_accumulation_steps: 2\n"
+    config.write_text("data: task.jsonl\nmode: ntp\nper_device_train_batch_size: 4\ngradient_accumulation_steps: 2\n"
                       "num_train_epochs: 2\nlr_scheduler_type: linear\noutput_dir: out\n")
     built.append(build_settings_group(command.settings, {}, config))
     assert built[0] == built[1] == built[2]
@@ -305,6 +306,25 @@ def test_a_number_out_of_range_is_refused_in_one_line_before_anything(argv, mess
     assert main([*argv, "--output", str(output)]) == 2
     assert capsys.readouterr().err == f"caft: error: {message}\n"
     assert not output.exists()
+
+
+CAFT_WITHOUT_HEADS = ("caft: error: caft mode needs trained auxiliary heads: pass --heads (a folder from "
+                      "`caft train-heads`), or --head-warmup yes to train new ones on this data first, or --mode ntp "
+                      "for plain next-token fine-tuning\n")
+
+
+def test_caft_mode_without_heads_is_refused_before_anything_loads(tmp_path, capsys):
+    """caft mode (the default) with untrained heads would fine-tune with noise for auxiliary targets: refused in one
+    line naming what to pass, before the model loads, unless the heads are trained on the task first."""
+    from caftkit.training.settings import FinetuneSettings
+
+    for argv in (["finetune"], ["finetune", "--head-warmup", "auto"], ["finetune", "--head-warmup", "no"]):
+        assert main([*argv, "--data", "task.jsonl", "--output", str(tmp_path / "run")]) == 2
+        assert capsys.readouterr().err == CAFT_WITHOUT_HEADS
+    assert not (tmp_path / "run").exists()
+    assert FinetuneSettings(model="m", data="d", head_warmup="yes").heads is None  # new heads, warmed up on the task
+    assert FinetuneSettings(model="m", data="d", mode="ntp").head_warmup == "auto"  # ntp runs no heads
+    assert FinetuneSettings(model="m", data="d", heads="h").head_warmup == "auto"  # the paper's rule by default
 
 
 def _failing(error: BaseException):

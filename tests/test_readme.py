@@ -122,11 +122,12 @@ def test_the_readme_python_block_trains_as_written(tmp_path, monkeypatch, single
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     dataset = Dataset.from_list([{"messages": [{"role": "user", "content": f"molecule {i}"},
                                                {"role": "assistant", "content": "CC(=O)O" * (1 + i % 3)}]}
-                                 for i in range(8)])
+                                 for i in range(24)])
     names = {"model": model, "dataset": dataset, "tokenizer": tiny_tokenizer()}
     exec(compile("\n".join(python[0]), "README.md python block", "exec"), names)
     trainer, model = names["trainer"], names["model"]
-    assert trainer.state.global_step == 3  # 8 examples, batch 8, the default 3 epochs
+    # 24 examples, batch 8, the default one epoch (as `caft finetune`); the first step warms up from 0
+    assert trainer.state.global_step == 3
     logged = {key for entry in trainer.state.log_history for key in entry}
     assert {f"loss_head_{k}" for k in range(1, 6)} | {f"accuracy_head_{k}" for k in range(1, 6)} <= logged
     assert "caft_gamma" in logged

@@ -9,7 +9,6 @@ a full model, heads never included), the heads the run used (`heads/`; warmed up
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -171,9 +170,8 @@ def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, to
 
     heads_dir, warmup_record = settings.heads, None
     if settings.mode == "caft":
-        if heads_dir is None:
-            warnings.warn("no --heads given: the auxiliary heads are untrained copies of the last layer; train "
-                          "them first with `caft train-heads`", UserWarning, stacklevel=2)
+        # Without --heads (refused but with --head-warmup yes), new heads are copies of the last layer, trained on the
+        # task by the warm-up below.
         attach_heads(model, heads_dir if heads_dir else settings.num_aux_heads)
         warm = settings.head_warmup == "yes"
         if settings.head_warmup == "auto":

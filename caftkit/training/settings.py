@@ -219,9 +219,10 @@ class FinetuneSettings(RunSettings):
     method: str = setting("lora", help="lora (rank 8, alpha 16, dropout 0.1 on every linear projection of the decoder "
                                        "layers, heads excluded) or full (every weight but the unembedding).",
                           choices=METHODS)
-    head_warmup: str = setting("no", help="no; yes (one epoch of head training on the task's training split first); "
-                                          "or auto (the warm-up runs when the first auxiliary loss L2 on the held-out "
-                                          "split exceeds --l2-warmup-threshold at the start).",
+    head_warmup: str = setting("auto", help="auto (the paper's rule: the heads are warmed up when the first "
+                                            "auxiliary loss L2 on the held-out split exceeds --l2-warmup-threshold at "
+                                            "the start); yes (one epoch of head training on the task's training split "
+                                            "first, which may start from new heads); or no.",
                                choices=HEAD_WARMUP_CHOICES)
     l2_warmup_threshold: float = setting(4.0, help="the L2 above which --head-warmup auto warms the heads up (the "
                                                    "paper's rule).", minimum=0)
@@ -246,6 +247,9 @@ class FinetuneSettings(RunSettings):
     lora_target_modules: list[str] = setting(default_factory=lambda: ["all-linear"],
                                              help="the modules LoRA adapts: all-linear (every linear projection of "
                                                   "the decoder layers) or module names such as q_proj,v_proj.")
+    learning_rate: float | None = setting(None, help="peak learning rate (default: "
+                                                     f"{DEFAULT_LEARNING_RATES['lora']:g} with --method lora, "
+                                                     f"{DEFAULT_LEARNING_RATES['full']:g} with full).", above=0)
     # The paper's fine-tuning schedule: 3% warm-up; more of the records held out than for the heads (5%).
     warmup: float = setting(0.03, help="warm-up steps, or a fraction of all steps when below 1.", minimum=0)
     eval_fraction: float = setting(0.1, help="fraction of the records held out for evaluation.", above=0, below=1)
@@ -266,6 +270,10 @@ class FinetuneSettings(RunSettings):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.mode == "caft" and self.heads is None and self.head_warmup != "yes":
+            raise ValueError("caft mode needs trained auxiliary heads: pass --heads (a folder from "
+                             "`caft train-heads`), or --head-warmup yes to train new ones on this data first, or "
+                             "--mode ntp for plain next-token fine-tuning")
         if self.num_aux_heads is not None and self.num_aux_heads < 1 and self.mode == "caft":
             raise ValueError(f"num_aux_heads must be at least 1 in caft mode, got {self.num_aux_heads}")
         if self.learning_rate is None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.trainer import TRAINING_ARGS_NAME
@@ -37,7 +38,7 @@ from ..core.weights import MODES, SCHEDULES, gamma_schedule, head_loss_weights
 from ..models import pretrained_source
 from ..settings import check_declared
 from .model_card import CAFT_PAPER, CARD_FILE, adapter_card, run_folder_card
-from .settings import CAFT_SETTINGS, FinetuneSettings, HeadTrainingSettings
+from .settings import CAFT_SETTINGS, DEFAULT_LEARNING_RATES, FinetuneSettings, HeadTrainingSettings
 
 CHECKPOINT_HEADS_DIR = "caft_heads"
 
@@ -121,6 +122,21 @@ class CAFTConfig(SFTConfig):
         default=4.0,
         metadata={"help": "Warn once when the first auxiliary loss L2 exceeds this: the paper's sign that the heads "
                   "are too unstable for the task and need a warm-up on its training set."},
+    )
+    # `caft finetune`'s defaults, so that a config built here trains as the command does (TRL's are 3 epochs at 2e-5,
+    # a linear schedule without warm-up, activation checkpointing on).
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training set."})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate. Unset: 2e-4 when the model trains through LoRA adapters (a "
+                  "`peft_config`, or a PEFT model) and 2e-5 otherwise, as `caft finetune --method lora|full`."},
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "A transformers scheduler name."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warm-up steps, or a fraction of all steps when "
+                                                        "below 1."})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Former name of `activation_checkpointing` (off unless set: activations are kept)."},
     )
     prediction_loss_only: bool = field(
         default=True,
@@ -224,6 +240,9 @@ class CAFTTrainer(SFTTrainer):
             path, offline = pretrained_source(model)
             model = AutoModelForCausalLM.from_pretrained(path, **{**offline, **(args.model_init_kwargs or {})})
         self._prepare_heads(model, args)
+        if args.learning_rate is None:
+            adapters = peft_config is not None or isinstance(model, PeftModel)
+            args.learning_rate = DEFAULT_LEARNING_RATES["lora" if adapters else "full"]
         if peft_config is not None and get_heads(model) is not None:
             # Keep LoRA out of the heads: they are frozen copies, trained only in head training.
             excluded = peft_config.exclude_modules

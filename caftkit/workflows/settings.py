@@ -30,7 +30,7 @@ class ArmSettings:
     method: str = "lora"
     seeds: list[int] = field(default_factory=lambda: [0])
     heads: str | None = None
-    head_warmup: str = "yes"
+    head_warmup: str = "auto"
     baseline: str | None = None
     finetune: dict[str, Any] = field(default_factory=dict)
 
@@ -50,8 +50,8 @@ class CompareSettings(ModelSettings):
                                         minimum=0)
     heads: str | None = setting(None, help="heads folder of the caft arms (from `caft train-heads`); the default of "
                                            "every arm.")
-    head_warmup: str = setting("yes", help="the caft arms' head warm-up on the task (see `caft finetune`); the "
-                                           "default of every arm.", choices=HEAD_WARMUP_CHOICES)
+    head_warmup: str = setting("auto", help="the caft arms' head warm-up on the task (see `caft finetune`); the "
+                                            "default of every arm.", choices=HEAD_WARMUP_CHOICES)
     method: str = setting("lora", help="lora or full; the default of every arm.", choices=METHODS)
     seeds: list[int] = setting(default_factory=lambda: [0], help="training seeds; the default of every arm.",
                                minimum=0, maximum=MAX_SEED)

@@ -12,14 +12,18 @@ from caftkit.bench.precision import bench_precision, largest_relative_difference
 from caftkit.cli import main
 from caftkit.training.finetuning import LOG_HISTORY_FILE, FinetuneSettings, finetune
 
-pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore:no --heads given")]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_task(tmp_path_factory):
-    """A saved tiny llama (with its tokenizer) and 40 task records."""
+    """A saved tiny llama (with its tokenizer), heads for it (copies of its last layer) and 40 task records."""
+    from caftkit.core.heads import attach_heads, get_heads, save_heads
+
     root = tmp_path_factory.mktemp("tiny-precision")
-    model_dir = saved_model_dir(root / "model", tiny_model("llama"))
+    model = tiny_model("llama")
+    model_dir = saved_model_dir(root / "model", model)
+    save_heads(get_heads(attach_heads(model, 2)), root / "heads")
     data = root / "task.jsonl"
     data.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"molecule {i % 10}"},
@@ -30,8 +34,9 @@ def tiny_task(tmp_path_factory):
 
 def settings(tiny_task, **overrides) -> FinetuneSettings:
     model_dir, data = tiny_task
-    values = dict(model=str(model_dir), data=str(data), mode="caft", num_aux_heads=2, epochs=2, batch_size=4,
-                  learning_rate=3e-3, eval_fraction=0.2, lora_r=4, lora_alpha=8, beta=0.5, device="cpu")
+    values = dict(model=str(model_dir), data=str(data), mode="caft", heads=str(model_dir.parent / "heads"),
+                  head_warmup="no", num_aux_heads=2, epochs=2, batch_size=4, learning_rate=3e-3, eval_fraction=0.2,
+                  lora_r=4, lora_alpha=8, beta=0.5, device="cpu")
     values.update(overrides)
     return FinetuneSettings(**values)
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import saved_model_dir, tiny_model
 
-from caftkit.core.heads import HEADS_WEIGHTS_FILE, attach_heads, get_heads
+from caftkit.core.heads import HEADS_WEIGHTS_FILE, attach_heads, get_heads, save_heads
 from caftkit.training.export import export_run
 
 
@@ -53,7 +53,10 @@ MOLECULES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C#N", "CC(C)O", "OCC(O)CO", "
 @pytest.fixture(scope="module")
 def tiny_run_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    saved_model_dir(root / "model", tiny_model("llama", seed=1))
+    model = tiny_model("llama", seed=1)
+    saved_model_dir(root / "model", model)
+    # Copies of the last layer, as heads: what caft mode starts from without trained ones.
+    save_heads(get_heads(attach_heads(model, 2)), root / "heads")
     (root / "task.jsonl").write_text("".join(json.dumps({"id": f"m{i}", "messages": [
         {"role": "user", "content": f"molecule {i % 10} " * (1 + i % 3)},
         {"role": "assistant", "content": MOLECULES[i % 10] * (1 + i % 2)},
@@ -82,7 +85,8 @@ def train_losses(history: list[dict]) -> list[tuple[int, dict]]:
 def test_ddp_finetune_equals_one_process_with_the_same_global_batch(tiny_run_inputs, tmp_path, head_warmup):
     """Also with the task head warm-up run inside `finetune` first (one epoch of head training, then CAFT)."""
     flags = ["finetune", "--model", str(tiny_run_inputs / "model"), "--data", str(tiny_run_inputs / "task.jsonl"),
-             "--method", "full", "--num-heads", "2", "--beta", "0.5", "--epochs", "1", "--learning-rate", "0.001",
+             "--heads", str(tiny_run_inputs / "heads"), "--method", "full", "--num-heads", "2", "--beta", "0.5",
+             "--epochs", "1", "--learning-rate", "0.001",
              "--logging-steps", "1", "--warmup", "0", "--eval-fraction", "0.2", "--save-steps", "100",
              "--head-warmup", head_warmup]
     run_caft(flags + ["--batch-size", "4", "--output", str(tmp_path / "one")], 1, tmp_path)

@@ -112,7 +112,7 @@ def test_a_task_in_one_file_runs_data_eval_and_compare(echo_task, tmp_path, caps
             "".join(json.dumps({"id": i, "output": a}) + "\n" for i, a in zip(ids, said)))
     config = tmp_path / "compare.yaml"
     config.write_text(f"model: {model}\ndata: {tmp_path / 'train.jsonl'}\ntask: echo\n"
-                      f"test_data: {tmp_path / 'test.jsonl'}\nhead_warmup: 'no'\nn_resamples: 500\n"
+                      f"test_data: {tmp_path / 'test.jsonl'}\nhead_warmup: 'yes'\nn_resamples: 500\n"
                       "finetune: {num_aux_heads: 1, epochs: 1, batch_size: 4, eval_fraction: 0.25, lora_r: 2}\n")
     assert main(["compare", "--config", str(config), "--output", str(compare_dir)]) == 0
     [comparison] = json.loads((compare_dir / "comparison.json").read_text())["comparisons"]

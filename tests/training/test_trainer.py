@@ -72,6 +72,33 @@ def test_a_schedule_that_ends_early_is_zero_after_its_end_in_training(tmp_path):
         config(tmp_path, schedule_end=1.5)
 
 
+# The training settings whose defaults the Python API and `caft finetune` share (precision aside: see the README).
+SHARED_DEFAULTS = ("num_train_epochs", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
+                   "activation_checkpointing", "mode", "alpha", "beta", "schedule", "schedule_end", "train_heads",
+                   "freeze_unembedding")
+
+
+def test_the_python_api_has_the_command_lines_defaults(tmp_path):
+    from peft import LoraConfig
+
+    from caftkit.training.finetuning import finetune_arguments
+
+    command = CAFTConfig(**finetune_arguments(FinetuneSettings(model="m", data="d", heads="h", num_aux_heads=4),
+                                            str(tmp_path), 64))
+    api = CAFTConfig(output_dir=str(tmp_path))
+    assert {name: getattr(api, name) for name in SHARED_DEFAULTS} == {
+        name: getattr(command, name) for name in SHARED_DEFAULTS}
+    assert (api.num_train_epochs, api.lr_scheduler_type, api.warmup_steps, api.activation_checkpointing) == (
+        1.0, "cosine", 0.03, False)
+    # The learning rate follows the method: through LoRA adapters as `--method lora`, else as `--method full`.
+    for method, peft_config in (("lora", LoraConfig(target_modules="all-linear")), ("full", None)):
+        args = CAFTConfig(output_dir=str(tmp_path / method), use_cpu=True, report_to=[], num_aux_heads=2)
+        trainer = CAFTTrainer(model=tiny_model("llama"), args=args, train_dataset=chat_dataset(8),
+                              processing_class=tiny_tokenizer(), peft_config=peft_config)
+        expected = FinetuneSettings(model="m", data="d", heads="h", method=method).learning_rate
+        assert trainer.args.learning_rate == expected == {"lora": 2e-4, "full": 2e-5}[method]
+
+
 # Every setting CAFTConfig shares with the commands, with values the command line refuses (and one it takes).
 SHARED_SETTING_VALUES = {
     "num_aux_heads": ([True, 1.5, "2", 0], 3),
@@ -85,6 +112,11 @@ SHARED_SETTING_VALUES = {
 }
 
 
+def heads_of(settings_class) -> dict:
+    """A heads folder for fine-tuning settings: caft mode refuses to run without one."""
+    return {"heads": "h"} if settings_class is FinetuneSettings else {}
+
+
 def test_the_table_covers_every_shared_setting():
     assert set(SHARED_SETTING_VALUES) == set(CAFT_SETTINGS)
 
@@ -96,7 +128,7 @@ def test_caft_config_refuses_what_the_command_line_refuses(tmp_path, name, value
     in caft mode; the Python API may not build what the command line refuses)."""
     settings_class = HeadTrainingSettings if name == "trunk_cache_gb" else FinetuneSettings
     with pytest.raises(ValueError) as from_settings:
-        settings_class(model="m", data="d", **{name: value})
+        settings_class(model="m", data="d", **heads_of(settings_class), **{name: value})
     with pytest.raises(ValueError) as from_config:
         config(tmp_path, **{name: value})
     assert str(from_config.value) == str(from_settings.value)
@@ -106,7 +138,7 @@ def test_caft_config_refuses_what_the_command_line_refuses(tmp_path, name, value
 def test_caft_config_takes_what_the_command_line_takes(tmp_path, name):
     value = SHARED_SETTING_VALUES[name][1]
     settings_class = HeadTrainingSettings if name == "trunk_cache_gb" else FinetuneSettings
-    assert getattr(settings_class(model="m", data="d", **{name: value}), name) == value
+    assert getattr(settings_class(model="m", data="d", **heads_of(settings_class), **{name: value}), name) == value
     assert getattr(config(tmp_path, **{name: value}), name) == value
 
 

@@ -1,4 +1,4 @@
-"""The demo's scoring of the base and the fine-tuned model, and the table it prints."""
+"""The demo's scoring of the base model and the two fine-tuned ones, and the table it prints."""
 
 from __future__ import annotations
 
@@ -37,12 +37,13 @@ def test_the_table_shows_how_many_valid_answers_are_distinct(tmp_path):
     assert (tuned["validity"], tuned["formula_match"], tuned["groups_match"]) == (1.0, 0.5, 0.5)
     assert tuned["uniqueness"] == pytest.approx(2 / 4)
     assert [example["answer"] for example in tuned["examples"]] == ["CCO", "CCO", "CC#N"]
-    assert format_scores({"base": base, "fine_tuned": tuned}).splitlines() == [
-        "4 held-out MOSES test molecules   base model   CAFT fine-tuned",
-        "  valid SMILES                             0.25              1.00",
-        "  formula match                            0.00              0.50",
-        "  all groups present                       0.00              0.50",
-        "  distinct / valid answers                 1.00              0.50",
+    ntp = scored(tmp_path, "ntp", ["CCO", "CCN", "C#N", "hello"])  # three valid, all distinct; C#N has CC#N's nitrile
+    assert format_scores({"base": base, "ntp": ntp, "caft": tuned}).splitlines() == [
+        "4 held-out MOSES test molecules base model   next-token FT   CAFT FT",
+        "  valid SMILES                          0.25            0.75      1.00",
+        "  formula match                         0.00            0.25      0.50",
+        "  all groups present                    0.00            0.50      0.50",
+        "  distinct / valid answers              1.00            1.00      0.50",
     ]
 
 

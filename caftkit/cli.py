@@ -18,7 +18,7 @@ from .command_line import Command, run_command
 from .decoding.commands import generate_command
 from .decoding.settings import GenerateSettings, Sampling
 from .environment import env_command
-from .evaluation.commands import EvalOutput, eval_command, eval_tasks_help
+from .evaluation.commands import CompareEvalsSettings, EvalOutput, compare_evals_command, eval_command, eval_tasks_help
 from .evaluation.task_eval import EvalSettings
 from .tasks.registry import get_task, task_names
 from .training.commands import (
@@ -49,6 +49,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command(export_command, (ExportSettings,), positional=("run",)),
     "export-heads": Command(export_heads_command, (ExportHeadsSettings,)),
     "eval": Command(eval_command, (EvalSettings, EvalOutput), more_help=eval_tasks_help),
+    "compare-evals": Command(compare_evals_command, (CompareEvalsSettings,), positional=("baseline", "other")),
     "compare": Command(compare_command, (CompareSettings, CompareOutput)),
     "demo": Command(demo_command, (DemoSettings,)),
     "generate": Command(generate_command, (GenerateSettings, Sampling)),

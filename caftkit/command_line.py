@@ -136,6 +136,7 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, positional: tuple[s
         elif default not in (None, "", [], {}):
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
             help_text += f" (default: {shown})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: a "95%" is text
         converter = _flag_converter(field, annotation)
         if field.name in positional:
             parser.add_argument(field.name, nargs="?", type=converter, default=argparse.SUPPRESS, help=help_text,
@@ -354,7 +355,8 @@ def build_parser(prog: str, description: str, commands: dict[str, Command], vers
             where = groups[group]
         doc = inspect.getdoc(command.run) or ""
         summary, _, body = doc.partition("\n\n")
-        sub = where.add_parser(name, help=summary, description=f"{summary}\n\n{body}".strip(),
+        # argparse formats a command's help with %: a "95%" in its summary is text (descriptions are not formatted)
+        sub = where.add_parser(name, help=summary.replace("%", "%%"), description=f"{summary}\n\n{body}".strip(),
                                epilog=command.more_help() if command.more_help else None,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--config", default=argparse.SUPPRESS,

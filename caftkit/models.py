@@ -32,6 +32,8 @@ BUNDLED_MODEL_ORIGIN = ("SmolLM2-135M-Instruct (HuggingFaceTB/SmolLM2-135M-Instr
                         "ships it, a Q4_1 GGUF, converted back to float32 by caftkit: its weights carry the 4-bit "
                         "rounding of that file")
 BUNDLED_MODEL_LICENSE = "apache-2.0"
+# The Hub model it was made from: what a card's `base_model` names for it.
+BUNDLED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # Each dtype name a setting may hold -> the torch dtype's name. Names, not torch objects: torch is imported only
 # where a model is touched, so that the command line reads and checks its settings without it.

@@ -1,4 +1,4 @@
-"""The `caft eval` command and its output setting.
+"""The `caft eval` and `caft compare-evals` commands and their settings.
 
 Each runs its library function and prints what it returns; its docstring is the command's help. The library is
 imported when the command runs: the command line reads and checks the settings first, without torch.
@@ -6,6 +6,7 @@ imported when the command runs: the command line reads and checks the settings f
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from dataclasses import dataclass
 
@@ -20,6 +21,16 @@ class EvalOutput:
                                             "(default: eval-<task>).")
 
 
+@dataclass(kw_only=True)
+class CompareEvalsSettings:
+    """Two `caft eval` folders of one task, scored on the same test examples."""
+
+    baseline: str = setting(help="the evaluation compared against (e.g. the next-token fine-tuned model's).")
+    other: str = setting(help="the evaluation whose difference from the baseline is measured (e.g. CAFT's).")
+    n_resamples: int = setting(10000, help="paired bootstrap resamples of each difference's 95% interval.",
+                               minimum=100)
+
+
 def eval_command(settings: EvalSettings, where: EvalOutput) -> dict:
     """Score a model on a task and write `metrics.json` and the per-example results; print a table.
 
@@ -27,14 +38,28 @@ def eval_command(settings: EvalSettings, where: EvalOutput) -> dict:
     `generations.jsonl` as they come: rerunning the command resumes.
     """
     from ..outputs import output_folder
+    from .paired import MetricInterval, format_intervals
     from .task_eval import evaluate, format_metrics
 
     output = where.output or f"eval-{settings.task}"
     with output_folder(output, "eval"):
         result = evaluate(output, settings)
     print(format_metrics(result["metrics"]))
+    if result.get("intervals"):
+        print(format_intervals([MetricInterval(**interval) for interval in result["intervals"]]))
     print(f"results written to {output}")
     return result
+
+
+def compare_evals_command(settings: CompareEvalsSettings) -> dict:
+    """The paired difference of two evaluations of one task on the same test examples: for each metric the task
+    reports, OTHER minus BASELINE with its 95% percentile bootstrap interval (the test examples resampled alike for
+    both). Reads the folders `caft eval` wrote; evaluates nothing."""
+    from .paired import compare_evaluations, format_paired
+
+    task, rows = compare_evaluations(settings.baseline, settings.other, settings.n_resamples)
+    print(format_paired(rows, settings.baseline, settings.other))
+    return {"task": task, "rows": [dataclasses.asdict(row) for row in rows]}
 
 
 def eval_tasks_help() -> str:

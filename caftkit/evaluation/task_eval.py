@@ -27,13 +27,12 @@ from ..resumable_jsonl import read_complete_records
 from ..settings import MAX_SEED, setting
 from ..tasks.registry import get_task, task_names
 from ..tasks.task import Task, TaskExample
+from .paired import EXAMPLES_FILE, METRICS_FILE, metric_intervals
 
 # `loss` is not a task: it scores the heads' losses on conversations, with nothing generated.
 LOSS = "loss"
 GENERATIONS_FILE = "generations.jsonl"
 SETTINGS_FILE = "eval_settings.json"
-EXAMPLES_FILE = "examples.jsonl"
-METRICS_FILE = "metrics.json"
 
 
 @dataclass(kw_only=True)
@@ -67,6 +66,8 @@ class EvalSettings(ModelSettings):
                                         "together where a memory cgroup can be made (as root on most machines), else "
                                         "of each process.", minimum=256)
     workers: int = setting(2, help="humaneval: programs run in parallel.", minimum=1)
+    n_resamples: int = setting(2000, help="bootstrap resamples of each metric's 95% interval over the test "
+                                          "examples.", minimum=100)
     allow_unsandboxed: bool = setting(False, help="humaneval: run the programs even on a machine where they cannot "
                                                   "be isolated (no user namespaces): they then run as plain "
                                                   "processes of your user, with resource limits only, and code "
@@ -218,6 +219,9 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
     if rows:
         _write_jsonl(output_dir / EXAMPLES_FILE, rows)
     result = {"task": settings.task, "settings": asdict(settings), "metrics": metrics}
+    if task is not None and rows:
+        result["intervals"] = [asdict(interval) for interval in metric_intervals(
+            rows, task.report_metrics(rows), settings.n_resamples)]
     write_json(output_dir / METRICS_FILE, result)
     return result
 

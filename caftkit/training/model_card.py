@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..models import BUNDLED_MODEL, BUNDLED_MODEL_LICENSE, BUNDLED_MODEL_ORIGIN, cache_dir
+from ..models import BUNDLED_MODEL, BUNDLED_MODEL_HUB_ID, BUNDLED_MODEL_LICENSE, BUNDLED_MODEL_ORIGIN, cache_dir
 
 # The method's paper: what the cards cite and what TRL's card hooks read (title, arXiv id, BibTeX).
 CAFT_PAPER = {
@@ -42,6 +42,14 @@ def hub_id(name: str | None) -> str | None:
 def _is_bundled(name: str) -> bool:
     # By its name, or by the folder caftkit converted it into (what a loaded model's config records).
     return name == BUNDLED_MODEL or Path(name) == cache_dir() / "models" / BUNDLED_MODEL
+
+
+def base_model_id(name: str | None) -> str | None:
+    """The Hub id a card's `base_model` names: the base's own, or for the bundled model the Hub model it was made
+    from; None for a local folder."""
+    if name and _is_bundled(name):
+        return BUNDLED_MODEL_HUB_ID
+    return hub_id(name)
 
 
 def describe_base(name: str) -> str:
@@ -110,7 +118,7 @@ def exported_model_card(run: dict[str, Any], model_dir: str | Path, heads_dir: s
     base_name = hub_id(base) or Path(base).name
     title = f"{mode_name} fine-tune of {base_name} on {Path(data).name}"
     dataset = hub_id(data)
-    card_data = ModelCardData(base_model=hub_id(base), license=base_license(base), library_name="transformers",
+    card_data = ModelCardData(base_model=base_model_id(base), license=base_license(base), library_name="transformers",
                               pipeline_tag="text-generation", tags=_tags(mode, method), model_name=title,
                               datasets=[dataset] if dataset else None)
     body = [f"# {title}", "",
@@ -121,16 +129,19 @@ def exported_model_card(run: dict[str, Any], model_dir: str | Path, heads_dir: s
             + ". This folder is a plain transformers checkpoint" + (" (LoRA merged into the weights)"
                                                                      if method == "lora" else "")
             + ": caftkit is not needed to load or serve it.", "",
-            "## Usage", "", "```python", "from transformers import pipeline", "",
+            "## Usage", "", "Greedy decoding, as `caft eval` answered:", "", "```python",
+            "from transformers import pipeline", "",
             f'generator = pipeline("text-generation", model="{model_dir}")',
             'messages = [{"role": "user", "content": "Your prompt here"}]',
-            'print(generator(messages, max_new_tokens=128)[0]["generated_text"][-1]["content"])', "```", ""]
+            'print(generator(messages, max_new_tokens=128, do_sample=False)[0]["generated_text"][-1]["content"])',
+            "```", ""]
     if heads_dir is not None:
-        body += ["## The auxiliary heads", "",
-                 f"`{heads_dir}` holds the auxiliary heads the run used, fitted to this model. Only caftkit reads "
-                 "them: to generate faster by self-speculative decoding (the heads draft, the model verifies; the "
-                 "text is the one plain greedy decoding gives), or to start another CAFT run. Serving engines "
-                 "(vLLM, TGI, llama.cpp) do not read them; serve this folder alone as any transformers model.",
+        body += ["## The auxiliary heads", "", f"`{heads_dir}` holds the auxiliary heads the run used; "
+                 + _heads_status(run, model_dir, heads_dir) + " Only caftkit reads them: to generate faster by "
+                 "self-speculative decoding (the heads draft, the model verifies; the text is the one plain greedy "
+                 "decoding gives), or to start another CAFT run. `caft export-heads --format eagle3` writes head 2 "
+                 "as an EAGLE-3 draft that vLLM and SGLang load; otherwise serve this folder alone as any "
+                 "transformers model.",
                  "", "```bash",
                  f'caft generate --model {model_dir} --heads {heads_dir} --speculative --prompt "Your prompt here"',
                  "```", "", "```python", "import caftkit",
@@ -149,9 +160,32 @@ def exported_model_card(run: dict[str, Any], model_dir: str | Path, heads_dir: s
     for name, metrics in run.get("held_out_per_head", {}).items():
         k = int(name.split("_")[1])
         body.append(f"| {k} | t+{k} | {metrics['loss']:.4f} | {metrics['accuracy']:.4f} |")
-    body += ["", "## Framework versions", "",
+    body += ["", "## Limitations", "", *_limitations(run), "", "## Framework versions", "",
              *(f"- {package}: {version}" for package, version in framework_versions().items()), "", _citation()]
     return _card(card_data, "\n".join(body))
+
+
+def _heads_status(run: dict[str, Any], model_dir: str | Path, heads_dir: str | Path) -> str:
+    """What the heads were fitted to, from the run's record: trained along, or frozen (after a warm-up or not)."""
+    settings = run["settings"]
+    if settings.get("train_heads"):
+        return "they trained with this model during fine-tuning, so they predict for it."
+    warmed = (run.get("head_warmup") or {}).get("warmed_up")
+    return (f"they were {'warmed up on the task, then ' if warmed else ''}frozen during fine-tuning, so they predict "
+            "for the model they were trained on, not for this one: drafts from them are accepted less. Re-fitted "
+            f"to this model (`caft train-heads --model {model_dir} --data {settings['data']} --init {heads_dir} "
+            "--epochs 1 --output <heads>`), they draft faster.")
+
+
+def _limitations(run: dict[str, Any]) -> list[str]:
+    settings = run["settings"]
+    lines = [f"- Fine-tuned on `{settings['data']}` alone; it keeps the base model's limits and biases.",
+             "- The metrics above are losses on held-out examples of the fine-tuning data: how well the model fits "
+             "that data, not how well it does the task. `caft eval` scores it on a task, with intervals."]
+    if settings["mode"] == "caft":
+        lines.append("- This run does not say whether CAFT did better than next-token fine-tuning would have: "
+                     "`caft compare` (or `caft compare-evals` on two evaluations) measures that.")
+    return lines
 
 
 def _launch_text(launch: dict[str, Any] | None) -> str:
@@ -197,7 +231,7 @@ def _run_card(base: str | None, mode: str, method: str | None, adapter: bool):
     from huggingface_hub import ModelCardData
 
     mode_name = "CAFT" if mode == "caft" else "next-token"
-    card_data = ModelCardData(base_model=hub_id(base), library_name="peft" if adapter else "transformers",
+    card_data = ModelCardData(base_model=base_model_id(base), library_name="peft" if adapter else "transformers",
                               pipeline_tag="text-generation", tags=["trl", *_tags(mode, method)])
     what = (f"The LoRA adapter of a {mode_name} fine-tuning" if adapter
             else f"Checkpoints and the final weights of a {mode_name} fine-tuning")

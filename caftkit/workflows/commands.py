@@ -83,7 +83,12 @@ def demo_command(settings: DemoSettings) -> dict:
         print("Training curves: install the tracking extra (pip install -e '.[tracking]') and rerun with a new "
               "--output to log them to tensorboard")
     print("Next:")
-    print(f"  {caft} generate --model {artefacts['model']} --heads {artefacts['model_heads']} --speculative "
+    # The exported heads were frozen while the model moved: re-fitted to it, their drafts are accepted more often
+    # (docs/benchmarks.md: 1.21x plain decoding re-fitted, slower than plain with the frozen general heads).
+    refitted = f"{artefacts['model']}-heads-tuned"
+    print(f"  {caft} train-heads --model {artefacts['model']} --data {artefacts['task_data']} --init "
+          f"{artefacts['model_heads']} --epochs 1 --output {refitted}      # heads re-fitted to the fine-tuned model")
+    print(f"  {caft} generate --model {artefacts['model']} --heads {refitted} --speculative "
           "--prompt \"Design a molecule with the molecular formula C9H11NO2 that contains these functional groups: "
           "benzene ring, amide. Answer with its SMILES string only.\"")
     print(f"  {caft} train-heads --data {artefacts['distilled']} --output heads      # heads on more data")

@@ -37,7 +37,7 @@ from typing import Any
 
 from ..atomic_files import write_json
 from ..core.heads import HEADS_CONFIG_FILE, check_heads_fit
-from ..evaluation.bootstrap import SetMetric, comparison_table, subset_mean_metric, uniqueness_metric
+from ..evaluation.paired import paired_rows, read_examples, task_records
 from ..evaluation.task_eval import METRICS_FILE, EvalSettings, evaluate
 from ..json_text import read_json_file
 from ..outputs import OUTPUT_MARKER, mark_output_folder
@@ -54,7 +54,7 @@ from ..training.finetuning import (
 )
 from ..training.head_training import last_checkpoint
 from .compare_ln import ln_results, ln_section, run_ln, write_ln_conversations
-from .compare_report import ArmComparison, arm_dir, read_examples, write_comparison_report
+from .compare_report import ArmComparison, arm_dir, write_comparison_report
 from .settings import CompareSettings
 
 TIMINGS_FILE = "timings.json"
@@ -191,19 +191,6 @@ def run_arm(output: Path, settings: CompareSettings, seed: int, arm: str, timing
     return read_json_file(eval_dir / METRICS_FILE)
 
 
-# Records hold the raw per-example columns under this prefix (what set metrics read), beside each per-example
-# metric under its own name.
-_COLUMN = "column:"
-
-
-def _set_metric(metric: ReportMetric) -> SetMetric:
-    """The bootstrap's function of a metric computed on the whole set of answers."""
-    if metric.distinct_of is not None:
-        return uniqueness_metric(_COLUMN + metric.distinct_of, _COLUMN + metric.column)
-    where_column, value = metric.within
-    return subset_mean_metric(_COLUMN + metric.column, _COLUMN + where_column, value)
-
-
 def report_metrics(output: Path, settings: CompareSettings, arm: str) -> list[ReportMetric]:
     """What the comparison reports, as the task says for the test examples of `arm`'s first seed."""
     return get_task(settings.task).report_metrics(read_examples(arm_dir(output, settings.arm_settings[arm].seeds[0],
@@ -216,18 +203,13 @@ def arm_records(output: Path, settings: CompareSettings, arm: str, metrics: list
     the example ids."""
     records, ids = [], None
     seeds = settings.arm_settings[arm].seeds if seeds is None else seeds
-    columns = {name for metric in metrics if not metric.per_example
-               for name in (metric.column, metric.distinct_of, metric.within and metric.within[0]) if name}
     for seed in seeds:
         rows = read_examples(arm_dir(output, seed, arm) / "eval")
         seed_ids = [row["id"] for row in rows]
         if ids is not None and seed_ids != ids:
             raise ValueError(f"seed {seed} of {arm} was scored on other test examples than seed {seeds[0]}")
         ids = seed_ids
-        record = {metric.name: [float(row[metric.column]) for row in rows] for metric in metrics
-                  if metric.per_example}
-        record.update({_COLUMN + name: [row[name] for row in rows] for name in columns})
-        records.append(record)
+        records.append(task_records(rows, metrics))
     return records, ids or []
 
 
@@ -242,12 +224,7 @@ def compare_arms(output: Path, settings: CompareSettings) -> list[ArmComparison]
         if ids != base_ids:
             raise ValueError(f"{arm} and {baseline} were scored on different test examples; remove their eval/ "
                              f"folders")
-        rows = comparison_table(base_records, arm_records_,
-                                metrics=[metric.name for metric in metrics if metric.per_example],
-                                set_metrics={metric.name: _set_metric(metric) for metric in metrics
-                                             if not metric.per_example},
-                                percent={metric.name for metric in metrics if metric.rate},
-                                n_resamples=settings.n_resamples)
+        rows = paired_rows(base_records, arm_records_, metrics, settings.n_resamples)
         comparisons.append(ArmComparison(arm, baseline, seeds, rows))
     return comparisons
 

@@ -20,9 +20,8 @@ from ..evaluation.comparison_report import (
     reading_section,
     results_section,
 )
-from ..evaluation.task_eval import EXAMPLES_FILE
+from ..evaluation.paired import read_examples
 from ..json_text import read_json_file
-from ..resumable_jsonl import read_complete_records
 from ..tasks.registry import get_task
 from ..training.finetuning import RUN_FILE, WARMUP_HEADS_DIR
 
@@ -35,11 +34,6 @@ REPORT_FILE = "report.md"
 def arm_dir(output: Path, seed: int, arm: str) -> Path:
     """The folder of one arm and seed."""
     return output / f"seed-{seed}" / arm
-
-
-def read_examples(eval_dir: Path) -> list[dict[str, Any]]:
-    """The per-example rows `caft eval` wrote."""
-    return read_complete_records(eval_dir / EXAMPLES_FILE, required=(), what="a per-example row of caft eval")
 
 
 def run_summary(output: Path, seed: int, arm: str) -> dict[str, Any]:

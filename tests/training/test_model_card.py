@@ -50,6 +50,13 @@ def test_exported_card_metadata_and_contents(exported, tiny_dir):  # noqa: F811
         k = int(name.split("_")[1])
         assert f"| {k} | t+{k} | {metrics['loss']:.4f} | {metrics['accuracy']:.4f} |" in text
     assert f"- transformers: {transformers.__version__}" in text
+    # the heads' status is the run's: frozen (train_heads off), not warmed up (head_warmup no)
+    assert (run["settings"]["train_heads"], run["head_warmup"]) == (False, None)
+    assert "they were frozen during fine-tuning, so they predict for the model they were trained on" in text
+    assert f"--init {exported / 'model-heads'} --epochs 1" in text and "used, fitted to this model" not in text
+    assert "do_sample=False" in text  # the usage example answers as `caft eval` does
+    limitations = text.split("## Limitations")[1].split("## ")[0]
+    assert f"Fine-tuned on `{run['settings']['data']}` alone" in limitations and "`caft compare`" in limitations
     assert CAFT_PAPER["citation"] in text and "https://arxiv.org/abs/2506.07833" in text
 
 
@@ -64,6 +71,21 @@ def test_exported_card_snippets_run_as_written(exported):
         with contextlib.redirect_stdout(printed):
             exec(compile(snippet, "card snippet", "exec"), {})
         assert printed.getvalue().strip()
+
+
+def test_a_card_of_the_bundled_model_names_its_hub_origin_and_heads_trained_along(exported):
+    """From the bundled model, `base_model` is the Hub model it was made from; heads trained during fine-tuning are
+    said to predict for this model, heads warmed up then frozen are not."""
+    from caftkit.training.model_card import exported_model_card
+
+    run = json.loads((exported / "run" / RUN_FILE).read_text())
+    run["settings"] = {**run["settings"], "model": BUNDLED_MODEL, "train_heads": True}
+    card = exported_model_card(run, "model", "model-heads")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "apache-2.0"
+    assert "they trained with this model during fine-tuning, so they predict for it" in card.text
+    run["settings"]["train_heads"], run["head_warmup"] = False, {"warmed_up": True}
+    assert "they were warmed up on the task, then frozen during fine-tuning" in exported_model_card(
+        run, "model", "model-heads").text
 
 
 def test_run_folder_card_says_caft_and_names_the_base(exported, tiny_dir):  # noqa: F811

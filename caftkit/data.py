@@ -43,12 +43,14 @@ class DataError(ValueError):
 
 @dataclass
 class Record:
-    """One conversation: where it came from (`source` is `file:line`), its id, and its messages."""
+    """One conversation: where it came from (`source` is `file:line`), its id, and its messages; or, for a plain
+    `text` record (language-model fine-tuning), its text and no messages."""
 
     id: str
     source: str
     messages: list[dict[str, str]]
     extra: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None
 
 
 @dataclass
@@ -252,13 +254,24 @@ def iter_prompts(source: str, stats: ReadStats) -> Iterator[Record]:
         yield Record(id=identifier, source=where, messages=prompt)
 
 
+# The fields of a conversation record; a record with none of them but `text` is plain text.
+_CONVERSATION_FIELDS = {"messages", "conversations", "prompt"}
+
+
 def iter_conversations(source: str, stats: ReadStats | None = None) -> Iterator[Record]:
-    """Training conversations of a source; each must have an assistant turn with text to learn from.
+    """Training conversations of a source; each must have an assistant turn with text to learn from. A record with
+    a `text` field and no conversation is plain text: all of it is learnt from (`Record.text`).
 
     Assistant turns before the first user or system turn (greetings in some ShareGPT exports) answer nothing
     and are left out.
     """
     for where, raw in iter_raw_records(source, stats):
+        if isinstance(raw, dict) and "text" in raw and not _CONVERSATION_FIELDS & set(raw):
+            text = _text(raw["text"], where, "text")
+            if not text.strip():
+                raise DataError(where, "empty text", "text")
+            yield Record(id=record_id(raw, where), source=where, messages=[], text=text)
+            continue
         messages = to_messages(raw, where)
         while messages and messages[0]["role"] == "assistant":
             messages = messages[1:]
@@ -328,6 +341,19 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length:
     return TokenizedConversation(ids, mask, truncated)
 
 
+def tokenize_text(tokenizer, text: str, max_length: int | None = None) -> TokenizedConversation:
+    """Tokenise plain text for language-model fine-tuning: the tokenizer's own special tokens, the end-of-sequence
+    token after it (so that the model learns where a text stops), every token carrying the loss; keep the first
+    `max_length` tokens."""
+    ids = tokenizer(text)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = [*ids, tokenizer.eos_token_id]
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids = ids[:max_length]
+    return TokenizedConversation(ids, [1] * len(ids), truncated)
+
+
 @dataclass
 class TokenizedData:
     """Tokenised training examples (`input_ids`, `assistant_masks`) and what was truncated or dropped."""
@@ -346,7 +372,10 @@ def tokenize_source(source: str, tokenizer, max_length: int | None) -> Tokenized
     stats = ReadStats()
     examples = []
     for record in iter_conversations(source, stats):
-        tokenized = tokenize_conversation(tokenizer, record.messages, max_length)
+        if record.text is not None:
+            tokenized = tokenize_text(tokenizer, record.text, max_length)
+        else:
+            tokenized = tokenize_conversation(tokenizer, record.messages, max_length)
         if not any(tokenized.assistant_masks):
             stats.skip("no assistant token within max_length")
             continue

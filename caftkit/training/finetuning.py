@@ -73,7 +73,8 @@ def warmup_settings(settings: FinetuneSettings, heads_dir: str | None) -> HeadTr
         alpha=settings.alpha,
         epochs=1.0, batch_size=settings.batch_size, grad_accum=settings.grad_accum, max_length=settings.max_length,
         eval_fraction=settings.eval_fraction, save_steps=settings.save_steps, seed=settings.seed, dtype=settings.dtype,
-        mixed_precision=settings.mixed_precision, device=settings.device, report_to=settings.report_to)
+        mixed_precision=settings.mixed_precision, device=settings.device, report_to=settings.report_to,
+        attn_implementation=settings.attn_implementation)
 
 
 # The metric early stopping and the best checkpoint follow: the main head's held-out loss, which caft and ntp runs
@@ -165,7 +166,7 @@ def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, to
                     settings.data)
     train_examples, held_out = split_held_out(data.examples, settings.eval_fraction, settings.seed)
     if model is None:
-        model = load_model(settings.model, settings.dtype)
+        model = load_model(settings.model, settings.dtype, **settings.model_kwargs())
     run_dir.mkdir(parents=True, exist_ok=True)
 
     heads_dir, warmup_record = settings.heads, None

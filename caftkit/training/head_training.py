@@ -140,7 +140,7 @@ def _train_heads(output_dir: Path, settings: HeadTrainingSettings, resume: bool,
                     max(len(example["input_ids"]) for example in data.examples), settings.data)
     train_examples, held_out = split_held_out(data.examples, settings.eval_fraction, settings.seed)
     if model is None:
-        model = load_model(settings.model, settings.dtype)
+        model = load_model(settings.model, settings.dtype, **settings.model_kwargs())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Eq. 3 freezes the base. A model passed in gets its flags back at the end: the task warm-up inside

@@ -55,7 +55,8 @@ class RunSettings(ModelSettings):
     """The model, the data, and how a `caft train-heads` or `caft finetune` run trains on it."""
 
     data: str = setting(help="JSONL/JSON file of `messages`, `prompt`/`completion` or ShareGPT `conversations` "
-                             "records.")
+                             "records (only the assistant's tokens are learnt), or plain `text` records (every token "
+                             "is).")
     epochs: float = setting(1.0, help="passes over the training split.", above=0, trl="num_train_epochs")
     max_steps: int | None = setting(None, help="stop after this many optimisation steps instead of --epochs; the "
                                                "schedules are planned for them.", minimum=1)
@@ -88,6 +89,13 @@ class RunSettings(ModelSettings):
     trainer: dict[str, Any] = setting(default_factory=dict, help="further `CAFTConfig` (TRL `SFTConfig`, "
                                       "transformers `TrainingArguments`) fields, as a mapping, e.g. {adam_beta2: "
                                       "0.95}.")
+    attn_implementation: str | None = setting(None, help="the attention kernels the model is loaded with: eager, "
+                                                         "sdpa, flash_attention_2, flex_attention, ... (default: "
+                                                         "transformers' choice for the model).")
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `from_pretrained` these settings ask for."""
+        return {} if self.attn_implementation is None else {"attn_implementation": self.attn_implementation}
 
     def __post_init__(self):
         # Checked before the model settings' device, which imports torch: a bad value here fails at once.

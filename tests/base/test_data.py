@@ -652,3 +652,43 @@ def test_bundled_sharegpt_prompts():
     assert len({record.id for record in prompts}) == 50
     assert stats.read >= 50
     assert stats.read == 50 + sum(stats.skipped.values())
+
+
+def test_text_records_are_learnt_from_every_token(tmp_path):
+    """A `text` record is plain language-model data: its tokens (the tokenizer's own special tokens, then the
+    end-of-sequence token) all carry the loss, with no chat template; conversations beside it keep their
+    assistant-only masks."""
+    tokenizer = tiny_tokenizer()
+    conversation = [user("molecule 1"), assistant("CCO")]
+    source = tmp_path / "mixed.jsonl"
+    source.write_text(json.dumps({"text": "CCO c1ccccc1"}) + "\n" + json.dumps({"messages": conversation}) + "\n")
+    data = tokenize_source(str(source), tokenizer, None)
+    text_example, chat_example = data.examples
+    expected = tokenizer("CCO c1ccccc1")["input_ids"] + [tokenizer.eos_token_id]
+    assert text_example == {"input_ids": expected, "assistant_masks": [1] * len(expected)}
+    chat = tokenize_conversation(tokenizer, conversation)
+    assert chat_example == {"input_ids": chat.input_ids, "assistant_masks": chat.assistant_masks}
+    assert 0 < sum(chat.assistant_masks) < len(chat.assistant_masks)
+    # truncated like a conversation, and counted
+    short = tokenize_source(str(source), tokenizer, 3)
+    assert short.examples[0] == {"input_ids": expected[:3], "assistant_masks": [1, 1, 1]}
+    assert short.stats.skipped["truncated to 3 tokens (kept)"] >= 1
+    # a model without a chat template trains on text, not on conversations
+    tokenizer.chat_template = None
+    text_only = tmp_path / "text.jsonl"
+    text_only.write_text(json.dumps({"text": "CCO c1ccccc1"}) + "\n")
+    assert tokenize_source(str(text_only), tokenizer, None).examples == [text_example]
+    with pytest.raises(ChatTemplateError):
+        tokenize_source(str(source), tokenizer, None)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"text": "  "}, "t.jsonl:1: field 'text': empty text"),
+    ({"text": 3}, "t.jsonl:1: field 'text': expected a string, got int"),
+])
+def test_a_bad_text_record_is_named_by_file_line_and_field(tmp_path, monkeypatch, record, message):
+    monkeypatch.chdir(tmp_path)
+    Path("t.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError) as error:
+        list(iter_conversations("t.jsonl"))
+    assert str(error.value) == message

@@ -4,6 +4,7 @@ a killed run resumes to the same weights, and the run folder holds what it promi
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -31,6 +32,7 @@ from caftkit.training.export_heads import read_eagle3_draft
 from caftkit.training.finetuning import (
     FINAL_DIR,
     HEAD_LOSSES_FILE,
+    LOG_HISTORY_FILE,
     RUN_FILE,
     RUN_HEADS_DIR,
     FinetuneSettings,
@@ -345,6 +347,39 @@ def test_killed_at_random_moments_even_inside_a_checkpoint_save_the_run_ends_wit
     assert not finished and (run / RUN_FILE).exists(), stderr[-2000:]
     weights = Path(FINAL_DIR) / "adapter_model.safetensors"
     assert_same_tensors(complete / weights, run / weights)
+
+
+@pytest.mark.parametrize("mode", ["ntp", "caft"])
+def test_finetune_trains_on_plain_text_records(tiny_dir, tmp_path, mode):
+    """`text` records (language-model fine-tuning, no chat template involved) train in both modes, every token of
+    each text carrying the next-token loss and the heads' losses."""
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(MOLECULES[i % 10: i % 10 + 3])}) + "\n" for i in range(20)))
+    summary = finetune(str(tmp_path / "run"), settings_for(tiny_dir, data, mode=mode, epochs=1, max_steps=2))
+    assert summary["train_examples"] + summary["held_out_examples"] == 20
+    history = json.loads((tmp_path / "run" / LOG_HISTORY_FILE).read_text())
+    heads = {key for entry in history for key in entry if key.startswith("loss_head_")}
+    assert heads == ({"loss_head_1"} if mode == "ntp" else {"loss_head_1", "loss_head_2", "loss_head_3"})
+    assert all(math.isfinite(entry["loss"]) for entry in history if "loss" in entry)
+
+
+def test_the_attention_implementation_is_the_one_asked_for(tiny_dir, tmp_path):
+    """`--attn-implementation` reaches `from_pretrained`: eager trains and is recorded; a name transformers does
+    not know is refused when the model loads, nothing trained."""
+    data = write_task(tmp_path / "task.jsonl", 12)
+    seen = []
+
+    class Recorder(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(model.config._attn_implementation)
+
+    finetune(str(tmp_path / "run"), settings_for(tiny_dir, data, mode="ntp", max_steps=1,
+                                                 attn_implementation="eager"), callbacks=[Recorder()])
+    assert seen == ["eager"]
+    assert json.loads((tmp_path / "run" / RUN_FILE).read_text())["settings"]["attn_implementation"] == "eager"
+    with pytest.raises(ValueError, match="no-such-kernel"):
+        finetune(str(tmp_path / "other"), settings_for(tiny_dir, data, mode="ntp", max_steps=1,
+                                                       attn_implementation="no-such-kernel"))
 
 
 def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):

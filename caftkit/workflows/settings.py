@@ -85,7 +85,10 @@ class CompareSettings(ModelSettings):
                           if arm.mode == "caft"}
         for name in self.arm_settings:  # every setting of every arm is checked before anything runs
             for seed in self.arm_settings[name].seeds:
-                self.finetune_settings(name, seed)
+                try:
+                    self.finetune_settings(name, seed)
+                except ValueError as error:
+                    raise ValueError(f"arm {name}: {error}") from None
 
     def _arm(self, name: str, values: dict[str, Any]) -> ArmSettings:
         if not isinstance(name, str) or not _ARM_NAME.fullmatch(name) or name.startswith("seed-"):

@@ -282,6 +282,8 @@ def test_a_finished_step_made_with_other_settings_is_not_reused(tiny_setup, tmp_
     ({"ntp": {"mode": "ntp", "seeds": [0.5]}}, r"arm ntp: seeds must be a comma-separated list of int, got \[0.5\]"),
     ({"ntp": {"mode": "ntp", "seeds": [-1]}}, "arm ntp: seeds must be a non-empty list of distinct seeds"),
     ({}, "arms: give at least one arm"),
+    ({"ntp": {"mode": "ntp"}, "caft": {"mode": "caft", "heads": None, "head_warmup": "auto"}},
+     "arm caft: caft mode needs trained auxiliary heads: pass --heads"),
 ])
 def test_arms_are_checked_before_anything_runs(tiny_setup, arms, message):
     with pytest.raises(ValueError, match=message):

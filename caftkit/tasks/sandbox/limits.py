@@ -9,6 +9,7 @@ process limit times the per-process limit instead."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -67,6 +68,7 @@ def prepare_child(limits: Limits, block_sigterm: bool, group_procs: str | None) 
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
+@functools.cache  # a process's own cgroup does not move: read once, not at each of a run's two sandboxes
 def _own_memory_cgroup() -> tuple[str, int] | None:
     """The directory of this process's memory cgroup and its version (1 or 2), or None where there is none."""
     try:

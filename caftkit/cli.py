@@ -9,6 +9,7 @@ import torch: reading and checking the settings, and refusing a bad one, takes a
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from . import __version__
@@ -76,6 +77,10 @@ def commands() -> dict[str, Command]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `caft` console script."""
+    # bitsandbytes (the qlora extra), which PEFT imports, fetches an optional CPU inference kernel from the Hub when
+    # imported on a CPU with AVX512-BF16 and warns on every command where it cannot (always, offline); QLoRA training
+    # does not use that kernel (training/qlora.py), so the warning is kept out of every command's output.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     return run_command("caft", __doc__.split("\n\n")[0], commands(), __version__, argv)
 
 

@@ -156,7 +156,7 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, positional: tuple[s
             parser.add_argument(*former, dest=field.name, type=converter, default=argparse.SUPPRESS,
                                 action=_FormerName, new_name=names[0], help=argparse.SUPPRESS)
         if base is bool:
-            names += [f"--no-{field.name.replace('_', '-')}"] + ([f"--no_{field.name}"] if "_" in field.name else [])
+            names += [("--no_" if "_" in name else "--no-") + name[2:] for name in names]  # TRL's name too
             parser.add_argument(*names, dest=field.name, action=_BooleanFlag, default=argparse.SUPPRESS,
                                 help=help_text)
         else:

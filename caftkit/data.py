@@ -7,7 +7,10 @@ Three record formats are accepted, one record per JSONL line (or as the elements
 - ShareGPT `{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]}`
 
 Every record is normalised to a list of `{"role", "content"}` messages. Tokenisation goes through the model's
-own chat template, and only the assistant's tokens (their content and end-of-turn token) are labelled.
+own chat template, and only the assistant's tokens (their content and end-of-turn token) are labelled, unless
+`completion_only` is off. For training, a plain `{"text": ...}` record is learnt whole, and a prompt and
+completion given as strings are plain text when the tokenizer has no chat template (TRL's standard form).
+A source is a file, the bundled ShareGPT set, or a Hub dataset id read from the local cache (`hub_data.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .hub_data import iter_hub_rows, parse_hub_dataset
 from .json_text import decode_utf8
 from .package_data import package_file
 
@@ -44,13 +48,15 @@ class DataError(ValueError):
 @dataclass
 class Record:
     """One conversation: where it came from (`source` is `file:line`), its id, and its messages; or, for a plain
-    `text` record (language-model fine-tuning), its text and no messages."""
+    `text` record (language-model fine-tuning), its text and no messages. A record whose prompt and completion are
+    strings keeps them in `plain` too: with a tokenizer that has no chat template, they are learnt as plain text."""
 
     id: str
     source: str
     messages: list[dict[str, str]]
     extra: dict[str, Any] = field(default_factory=dict)
     text: str | None = None
+    plain: tuple[str, str] | None = None
 
 
 @dataclass
@@ -126,8 +132,15 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def iter_raw_records(source: str, stats: ReadStats | None = None) -> Iterator[tuple[str, Any]]:
-    """`(where, record)` pairs of a JSONL file, a JSON array file, or the bundled ShareGPT set (`sharegpt`)."""
+    """`(where, record)` pairs of a JSONL file, a JSON array file, the bundled ShareGPT set (`sharegpt`), or a Hub
+    dataset in the local cache (`owner/name` or `owner/name:split`)."""
     stats = stats if stats is not None else ReadStats()
+    hub_dataset = parse_hub_dataset(source)
+    if hub_dataset is not None:
+        for where, record in iter_hub_rows(*hub_dataset):
+            stats.read += 1
+            yield where, record
+        return
     if source == BUNDLED_SHAREGPT:
         # The packaged file is cut off mid-record: every complete record is read and the tail is dropped.
         path, allow_truncated = bundled_sharegpt_path(), True
@@ -277,7 +290,15 @@ def iter_conversations(source: str, stats: ReadStats | None = None) -> Iterator[
             messages = messages[1:]
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(where, "the conversation has no assistant turn to learn from")
-        yield Record(id=record_id(raw, where), source=where, messages=messages)
+        plain = None
+        if isinstance(raw.get("prompt"), str) and isinstance(raw.get("completion"), str):
+            plain = (raw["prompt"], raw["completion"])
+        yield Record(id=record_id(raw, where), source=where, messages=messages, plain=plain)
+
+
+# What a tokenizer without a chat template is told; `--chat-template` gives it one.
+NO_CHAT_TEMPLATE = ("has no chat template: give one with --chat-template (a Jinja file, or a model whose template "
+                    "to use), or use plain `text` or string `prompt`/`completion` records")
 
 
 class ChatTemplateError(ValueError):
@@ -287,7 +308,7 @@ class ChatTemplateError(ValueError):
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     """The chat-template text of `messages` followed by the assistant's generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateError(f"the tokenizer of {tokenizer.name_or_path!r} has no chat template")
+        raise ChatTemplateError(f"the tokenizer of {tokenizer.name_or_path!r} {NO_CHAT_TEMPLATE}")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -299,7 +320,7 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, lis
     generation prompt, trailing whitespace excluded.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateError(f"the tokenizer of {tokenizer.name_or_path!r} has no chat template")
+        raise ChatTemplateError(f"the tokenizer of {tokenizer.name_or_path!r} {NO_CHAT_TEMPLATE}")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, message in enumerate(messages):
@@ -327,31 +348,48 @@ class TokenizedConversation:
     truncated: bool
 
 
-def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length: int | None = None
-                          ) -> TokenizedConversation:
-    """Tokenise a conversation through the chat template, marking the assistant tokens; keep the first
-    `max_length` tokens."""
-    text, spans = assistant_spans(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
-    mask = [int(any(start <= begin < end for start, end in spans)) for begin, _ in encoded["offset_mapping"]]
+def _kept(ids: list[int], mask: list[int], max_length: int | None) -> TokenizedConversation:
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, mask = ids[:max_length], mask[:max_length]
     return TokenizedConversation(ids, mask, truncated)
 
 
+def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length: int | None = None,
+                          completion_only: bool = True) -> TokenizedConversation:
+    """Tokenise a conversation through the chat template, marking the assistant tokens (every token with
+    `completion_only` off); keep the first `max_length` tokens."""
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(not completion_only or any(start <= begin < end for start, end in spans))
+            for begin, _ in encoded["offset_mapping"]]
+    return _kept(encoded["input_ids"], mask, max_length)
+
+
+def _with_end(tokenizer, ids: list[int]) -> list[int]:
+    # The end-of-sequence token closes what is learnt, so that the model learns where a text stops.
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        return [*ids, tokenizer.eos_token_id]
+    return ids
+
+
 def tokenize_text(tokenizer, text: str, max_length: int | None = None) -> TokenizedConversation:
     """Tokenise plain text for language-model fine-tuning: the tokenizer's own special tokens, the end-of-sequence
-    token after it (so that the model learns where a text stops), every token carrying the loss; keep the first
-    `max_length` tokens."""
-    ids = tokenizer(text)["input_ids"]
-    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-        ids = [*ids, tokenizer.eos_token_id]
-    truncated = max_length is not None and len(ids) > max_length
-    if truncated:
-        ids = ids[:max_length]
-    return TokenizedConversation(ids, [1] * len(ids), truncated)
+    token after it, every token carrying the loss; keep the first `max_length` tokens."""
+    ids = _with_end(tokenizer, tokenizer(text)["input_ids"])
+    return _kept(ids, [1] * len(ids), max_length)
+
+
+def tokenize_prompt_completion(tokenizer, prompt: str, completion: str, max_length: int | None = None,
+                               completion_only: bool = True) -> TokenizedConversation:
+    """Tokenise a prompt and its completion as plain text (TRL's standard prompt-completion form, for a model
+    without a chat template): the prompt with the tokenizer's own special tokens, the completion's tokens after it
+    and the end-of-sequence token; the completion (every token with `completion_only` off) carries the loss. Each
+    part is tokenised on its own, so the boundary never falls inside a token."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    completion_ids = _with_end(tokenizer, tokenizer(completion, add_special_tokens=False)["input_ids"])
+    mask = [int(not completion_only)] * len(prompt_ids) + [1] * len(completion_ids)
+    return _kept(prompt_ids + completion_ids, mask, max_length)
 
 
 @dataclass
@@ -366,16 +404,20 @@ class TokenizedData:
         return f"{len(self.examples)} examples from {self.stats.read} records (dropped: {dropped})"
 
 
-def tokenize_source(source: str, tokenizer, max_length: int | None) -> TokenizedData:
+def tokenize_source(source: str, tokenizer, max_length: int | None, completion_only: bool = True) -> TokenizedData:
     """Read and tokenise every conversation of `source`; longer ones are truncated to `max_length` and
-    counted, and those left without an assistant token are dropped and counted."""
+    counted, and those left without an assistant token are dropped and counted. With `completion_only` off, every
+    token of a conversation carries the loss, its prompts and the chat template's own text included."""
     stats = ReadStats()
     examples = []
+    has_template = bool(getattr(tokenizer, "chat_template", None))
     for record in iter_conversations(source, stats):
         if record.text is not None:
             tokenized = tokenize_text(tokenizer, record.text, max_length)
+        elif record.plain is not None and not has_template:
+            tokenized = tokenize_prompt_completion(tokenizer, *record.plain, max_length, completion_only)
         else:
-            tokenized = tokenize_conversation(tokenizer, record.messages, max_length)
+            tokenized = tokenize_conversation(tokenizer, record.messages, max_length, completion_only)
         if not any(tokenized.assistant_masks):
             stats.skip("no assistant token within max_length")
             continue

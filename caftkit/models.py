@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .json_text import read_json_file
+import jinja2
+
+from .json_text import decode_utf8, read_json_file
 from .settings import check_settings, setting
 
 if TYPE_CHECKING:
@@ -205,13 +207,43 @@ def pretrained_source(name_or_path: str) -> tuple[str, dict[str, bool]]:
     return path, ({} if Path(path).exists() else {"local_files_only": True})
 
 
-def load_tokenizer(name_or_path: str = BUNDLED_MODEL):
-    """The tokenizer of a local directory, hub id (offline cache) or the bundled model."""
+def load_tokenizer(name_or_path: str = BUNDLED_MODEL, chat_template: str | None = None):
+    """The tokenizer of a local directory, hub id (offline cache) or the bundled model; with `chat_template` (a
+    Jinja file, or a model whose template to take), that template instead of its own."""
     from transformers import AutoTokenizer
 
     path, offline = pretrained_source(name_or_path)
     with _loading(name_or_path, "tokenizer"):
-        return AutoTokenizer.from_pretrained(path, **offline)
+        tokenizer = AutoTokenizer.from_pretrained(path, **offline)
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
+    return tokenizer
+
+
+def read_chat_template(source: str) -> str:
+    """The Jinja chat template in file `source`, or the template of the model `source` names; one line naming the
+    source when it has none, or when the file's template is not valid Jinja."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    if Path(source).is_file():
+        template = decode_utf8(Path(source).read_bytes(), Path(source))
+        if not template.strip():
+            raise ValueError(f"{source}: the chat template file is empty")
+    else:
+        template = getattr(load_tokenizer(source), "chat_template", None)
+        if not template:
+            raise ValueError(f"chat_template: {source!r} has no chat template to take (give a Jinja file)")
+        if not isinstance(template, str):  # several named templates: the default one
+            template = template.get("default") or next(iter(template.values()))
+    try:
+        # transformers' own Jinja environment, with its extensions (`{% generation %}`) and sandbox
+        render_jinja_template([[{"role": "user", "content": "probe"}]], chat_template=template,
+                              add_generation_prompt=True)
+    except jinja2.TemplateSyntaxError as error:
+        raise ValueError(f"{source}:{error.lineno}: not a valid Jinja chat template ({error.message})") from None
+    except jinja2.TemplateError:
+        pass  # it compiles; what a render without the tokenizer's special tokens lacks is no fault of the template
+    return template
 
 
 def load_model(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "float32", **kwargs):
@@ -299,7 +331,13 @@ class ModelSettings:
                                              "smollm2-135m-instruct.")
     dtype: str = setting("float32", help="the dtype the weights are loaded and kept in.", choices=DTYPE_NAMES)
     device: str = setting("auto", help=DEVICE_HELP)
+    chat_template: str | None = setting(None, help="the chat template to use instead of the model's own (for a "
+                                                   "model without one): a Jinja file, or a model (local folder, "
+                                                   "cached hub id, or the bundled name) whose template to take; "
+                                                   "saved with the fine-tuned model.", trl="chat_template_path")
 
     def __post_init__(self):
         check_settings(self)
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)  # a missing or broken template fails before anything loads
         self.device = resolve_device(self.device)

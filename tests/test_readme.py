@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from huggingface_hub import ModelCard
 from tiny_models import saved_model_dir, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
@@ -104,6 +105,10 @@ def test_the_readme_command_block_runs_in_order(tmp_path, monkeypatch, single_th
         assert arm in report
     math_report = (work / "compare-math" / "report.md").read_text()
     assert "## caft-curriculum against ntp" in math_report and "## The paper's Ln" in math_report
+    # the model exported again with its evaluations: its card reports each task
+    card = ModelCard.load(work / "model" / "README.md")
+    assert {result.dataset_type for result in card.data.eval_results} == {"molecules", "humaneval", "math"}
+    assert "## Evaluation" in card.text
 
 
 def _outputs(argv: list[str]) -> list[str]:
@@ -177,3 +182,41 @@ def test_the_readme_distributed_block_runs_with_cpu_processes(tmp_path):
     assert run["launch"] == {"processes": 1, "distribution": "NO"}
     assert run["heads"] == str(Path("run") / "heads") and run["settings"]["heads"] == "heads"
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+# The README's commands are found by a shell that has only what `make demo` made: a clean environment that ran the
+# activation line the README gives, nothing else.
+ACTIVATION = ". .venv/bin/activate"
+
+
+def programs_of_readme() -> set[str]:
+    """The programs the README's caft command blocks start, and tensorboard, which the demo prints."""
+    programs = {"tensorboard"}
+    for _, lines in readme_blocks():
+        for line in lines:
+            words = shlex.split(line, comments=True) if line.strip() else []
+            if words and words[0] in ("caft", "tensorboard"):
+                programs.add(words[0])
+    return programs
+
+
+def test_the_readme_says_how_to_reach_the_venvs_commands():
+    assert f"`{ACTIVATION}`" in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_commands_run_after_the_activation_line_alone(tmp_path):
+    """`env -i` leaves PATH at the system's and HOME in a temporary folder: the activation line of the README (on
+    this suite's venv, `.venv` under `make test`) is what puts `caft` and `tensorboard` on PATH, and they run."""
+    venv = Path(sys.executable).parent.parent
+    assert "caft" in programs_of_readme()
+    checks = " && ".join(f'test "$(command -v {program})" = "{venv}/bin/{program}"' for program in
+                         sorted(programs_of_readme()))
+    script = f"{ACTIVATION.replace('.venv', shlex.quote(str(venv)))} && {checks} && caft --version && " \
+             "tensorboard --version_tb"
+    done = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", f"HOME={tmp_path}", "bash", "--noprofile", "--norc",
+                           "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("caft ")
+    without = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", f"HOME={tmp_path}", "bash", "--noprofile",
+                              "--norc", "-c", "command -v caft"], capture_output=True, text=True, cwd=tmp_path)
+    assert without.returncode != 0  # the activation line is what makes the difference

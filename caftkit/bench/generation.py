@@ -228,7 +228,7 @@ def rows_as_dict(rows: list[GenerationBenchRow]) -> list[dict]:
 def run_generation_bench(settings: GenerationBenchSettings) -> dict:
     """Load the model and heads, measure every batch size and draft shape, and return the result as a dict."""
     check_heads_fit(settings.heads, settings.model)
-    tokenizer = load_tokenizer(settings.model)
+    tokenizer = load_tokenizer(settings.model, settings.chat_template)
     prompts = bench_prompts(tokenizer, settings.data, settings.num_prompts, skip=settings.skip,
                             exclude=settings.exclude)
     model = load_model(settings.model, settings.dtype).to(settings.device)

@@ -35,6 +35,31 @@ HEADS_WEIGHTS_FILE = "heads.safetensors"
 HEADS_CONFIG_FILE = "heads_config.json"
 HEADS_FORMAT_VERSION = 1
 
+
+def without_adapters(layer: nn.Module) -> nn.Module:
+    """`layer` as the base model has it: where adapters wrap some of its modules (PEFT's LoRA layers, which hold
+    the module they adapt as their base layer), a copy with each wrapper replaced by that module; else `layer`
+    itself. Heads are copies of layer L and its fingerprint is of its base weights, adapters on it or not (QLoRA
+    wraps the model before the head warm-up)."""
+
+    def wrapped(module: nn.Module) -> bool:
+        return callable(getattr(module, "get_base_layer", None))
+
+    if not any(wrapped(module) for module in layer.modules()):
+        return layer
+
+    def unwrap(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if wrapped(child):
+                setattr(module, name, child.get_base_layer())
+            else:
+                unwrap(child)
+
+    copied = copy.deepcopy(layer)
+    unwrap(copied)
+    return copied
+
+
 class HeadsMismatchError(ValueError):
     """Heads were trained for a different base model than the one they are attached to."""
 
@@ -52,7 +77,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     parts = find_model_parts(model)
     config = unwrap_model(model).config.get_text_config()
     digest = hashlib.sha256()
-    for name, tensor in sorted(parts.last_layer.state_dict().items()):
+    for name, tensor in sorted(without_adapters(parts.last_layer).state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return {
@@ -81,6 +106,7 @@ class AuxiliaryHeads(nn.Module):
         super().__init__()
         if num_aux_heads < 1:
             raise ValueError(f"num_aux_heads must be at least 1, got {num_aux_heads}")
+        last_layer = without_adapters(last_layer)
         self.layers = nn.ModuleList(copy.deepcopy(last_layer) for _ in range(num_aux_heads))
         self.metadata: dict[str, Any] = {}
 
@@ -173,6 +199,23 @@ def detach_heads(model: nn.Module) -> AuxiliaryHeads | None:
         delattr(base, HEADS_ATTRIBUTE)
         _set_save_exclusion(base, None, heads)
     return heads
+
+
+def keep_lora_out_of_heads(peft_config, model: nn.Module) -> None:
+    """Add the heads of `model`, where it has any, to a PEFT config's `exclude_modules` (a pattern, or a list of
+    names, as the config already holds): the heads are frozen copies, trained only as themselves."""
+    heads = get_heads(model)
+    if heads is None:
+        return
+    excluded = peft_config.exclude_modules
+    pattern = rf".*{HEADS_ATTRIBUTE}\..*"
+    if excluded is None:
+        peft_config.exclude_modules = pattern
+    elif isinstance(excluded, str):
+        peft_config.exclude_modules = rf"(?:{excluded})|(?:{pattern})"
+    else:
+        peft_config.exclude_modules = [*excluded, *(f"{HEADS_ATTRIBUTE}.{name}"
+                                                   for name, _ in heads.named_modules() if name)]
 
 
 def save_heads(heads: AuxiliaryHeads, directory: str | os.PathLike, training: dict[str, Any] | None = None,

@@ -42,7 +42,7 @@ def answer_prompt(settings: GenerateSettings, sampling: Sampling | None = None) 
     sampling = sampling or Sampling()
     if settings.speculative:
         check_heads_fit(settings.heads, settings.model)
-    tokenizer = load_tokenizer(settings.model)
+    tokenizer = load_tokenizer(settings.model, settings.chat_template)
     model = load_model(settings.model, settings.dtype).to(settings.device).eval()
     if settings.speculative:
         attach_heads(model, settings.heads)

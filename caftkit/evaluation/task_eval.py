@@ -7,7 +7,8 @@ given).
 
 Generation is resumable: answers are appended to `generations.jsonl` a batch at a time, and a rerun generates
 only the examples not yet there. Scoring is cheap and always redone from that file, so `examples.jsonl` and
-`metrics.json` always describe every answer.
+`metrics.json` always describe every answer. `metrics.json` also keeps the `caft_export.json` of the model scored
+(`model_export`; None for a model that is no `caft export` folder): which run's weights, in which dtype, were scored.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from ..atomic_files import write_json, write_text_atomically
 from ..data import DataError, render_prompt
+from ..export_record import EXPORT_RECORD, read_export_record
 from ..json_text import read_json_file
 from ..models import ModelSettings, resolve_device
 from ..resumable_jsonl import read_complete_records
@@ -94,8 +96,9 @@ class EvalSettings(ModelSettings):
 _GENERATION_SETTINGS = ("model", "task", "data", "max_new_tokens", "seed", "dtype")
 
 
-def _check_resumable(output_dir: Path, settings: EvalSettings) -> None:
-    """Refuse to add answers to a folder whose earlier answers were generated with other settings."""
+def _check_resumable(output_dir: Path, settings: EvalSettings, model_export: dict[str, Any] | None) -> None:
+    """Refuse to add answers to a folder whose earlier answers were generated with other settings, or by another
+    export in the same model folder (`model_export`: its export record)."""
     path = output_dir / SETTINGS_FILE
     if (output_dir / GENERATIONS_FILE).exists() and path.exists():
         previous = read_json_file(path)
@@ -104,8 +107,12 @@ def _check_resumable(output_dir: Path, settings: EvalSettings) -> None:
         if changed:
             raise ValueError(f"{output_dir}: holds answers generated with other settings: {', '.join(changed)}; "
                              "use the same settings or another --output")
+        # Folders written before the record was kept say nothing of it, and are resumed as before.
+        if "model_export" in previous and previous["model_export"] != model_export:
+            raise ValueError(f"{output_dir}: holds answers of another export in {settings.model} (its "
+                             f"{EXPORT_RECORD} changed since); use another --output")
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, asdict(settings))
+    write_json(path, {**asdict(settings), "model_export": model_export})
 
 
 def _read_generations(path: Path) -> dict[str, str]:
@@ -195,7 +202,7 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
     if settings.task == LOSS and settings.heads and model is None:
         check_heads_fit(settings.heads, settings.model)
     if tokenizer is None:
-        tokenizer = load_tokenizer(settings.model)
+        tokenizer = load_tokenizer(settings.model, settings.chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # The data is read and checked before the model is loaded: bad input fails fast.
@@ -204,7 +211,10 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
     if task is not None:
         examples = task.examples(settings.data, settings.max_examples, settings.seed)
         task.before_generation(settings)
-    _check_resumable(output_dir, settings)
+    # What the model folder says it is (a `caft export` of which run, in which dtype): `caft export --eval` reads it
+    # back to check that the evaluation scored the model whose card it goes into.
+    model_export = read_export_record(settings.model)
+    _check_resumable(output_dir, settings, model_export)
     if model is None:
         model = load_model(settings.model, settings.dtype).to(resolve_device(settings.device))
 
@@ -218,7 +228,7 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
         metrics, rows = task.score(examples, answers, settings, progress)
     if rows:
         _write_jsonl(output_dir / EXAMPLES_FILE, rows)
-    result = {"task": settings.task, "settings": asdict(settings), "metrics": metrics}
+    result = {"task": settings.task, "settings": asdict(settings), "model_export": model_export, "metrics": metrics}
     if task is not None and rows:
         result["intervals"] = [asdict(interval) for interval in metric_intervals(
             rows, task.report_metrics(rows), settings.n_resamples)]

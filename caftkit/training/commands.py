@@ -34,7 +34,7 @@ def distill_command(settings: DistillSettings, where: DistillOutput) -> dict:
 
     check_distill_output(where.output)  # before the tokenizer loads: a path that is not ours fails at once
     with output_lock(where.output):
-        tokenizer = load_tokenizer(settings.model)
+        tokenizer = load_tokenizer(settings.model, settings.chat_template)
         summary = distill(lambda: load_model(settings.model, settings.dtype).to(settings.device), tokenizer,
                           where.output, settings)
     skipped = skipped_text(summary.skipped)
@@ -122,6 +122,11 @@ def export_command(settings: ExportSettings) -> dict:
     used are copied beside it, for reuse and for speculative decoding, recorded as heads of the exported model
     (`caft generate --model OUT --heads OUT-heads --speculative` accepts the pair). With --eagle3, head 2 is also
     written as an EAGLE-3 draft of the exported model to OUT-eagle3, for vLLM and SGLang (see `caft export-heads`).
+
+    With --eval, the card also reports task evaluations: `caft eval --model OUT --task ... --output EVAL` on an
+    export, then the export again with `--eval EVAL` (an earlier export is replaced whole; the evaluation folders
+    are only read). Each must have scored an export of this run in this dtype, which is checked before anything is
+    written; its metrics, with their 95% intervals, go into the card's model-index and an Evaluation table.
     """
     from contextlib import ExitStack
 
@@ -131,7 +136,9 @@ def export_command(settings: ExportSettings) -> dict:
     with ExitStack() as locks:
         for output in export_outputs(settings.output, settings.heads_output, settings.eagle3):
             locks.enter_context(output_lock(output))
-        written = export_run(settings.run, settings.output, settings.heads_output, settings.dtype, settings.eagle3)
+        written = export_run(settings.run, settings.output, settings.heads_output, settings.dtype, settings.eagle3,
+                             settings.eval)
     print(f"model written to {written['model']}" + (f"; heads to {written['heads']}" if written["heads"] else "")
-          + (f"; EAGLE-3 draft to {written['draft']}" if written.get("draft") else ""))
+          + (f"; EAGLE-3 draft to {written['draft']}" if written.get("draft") else "")
+          + (f"; its card reports the evaluations in {', '.join(settings.eval)}" if settings.eval else ""))
     return written

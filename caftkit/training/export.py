@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..atomic_files import write_json
 from ..core.eagle3 import eagle3_refusal
 from ..core.heads import HEADS_WEIGHTS_FILE, attach_heads, detach_heads, read_heads_config, rebase_heads
+from ..evaluation.evaluation_record import TaskEvaluation, read_task_evaluation
+from ..export_record import EXPORT_RECORD, file_fingerprint
 from ..json_text import read_json_file
 from ..models import check_model_source, load_model, load_tokenizer
 from ..outputs import OUTPUT_MARKER, check_replaceable, replace_folder
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
 from .model_card import CARD_FILE, exported_model_card
 
-# Written into the model folder and the heads folder of an export: what they were made from.
-EXPORT_RECORD = "caft_export.json"
 # The command whose marker an exported model or heads folder holds: a folder made by it may be replaced by it.
 EXPORT_COMMAND = "export"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -49,6 +50,7 @@ def load_finetuned(run_dir: str | Path, dtype: str | None = None):
         from peft import PeftModel
 
         check_model_source(str(final))  # a broken adapter_config.json is named before the base loads
+        # In full precision, a QLoRA run's (`load_in_4bit`) too: the export is a plain checkpoint, never a 4-bit one.
         base = load_model(settings["model"], dtype)
         model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
     else:
@@ -96,15 +98,51 @@ def export_outputs(out: str | Path, heads_out: str | Path | None, eagle3: bool) 
     return list(outputs.values())
 
 
+def check_evaluated_export(evaluation: TaskEvaluation, run_dir: Path, fingerprint: str, dtype: str,
+                           out: Path) -> None:
+    """Refuse, in one line naming both, an evaluation whose model is not an export of the run `run_dir` as it is
+    now (`fingerprint` of its `caft_run.json`) in `dtype`, the weights `caft export` writes to `out`."""
+    exported = evaluation.model_export
+    if exported is None:
+        why = "it is no caft export"
+    elif "run_fingerprint" not in exported:
+        why = "its caft_export.json, from an older caftkit, has no fingerprint of its run; export it again"
+    elif exported["run_fingerprint"] != fingerprint:
+        same_run = os.path.realpath(str(exported.get("run"))) == os.path.realpath(run_dir)
+        why = (f"it was exported from {exported.get('run')}" + (" before that run was trained again" if same_run
+                                                                 else ""))
+    elif exported.get("dtype") != dtype:
+        why = f"it was exported in {exported.get('dtype')}"
+    else:
+        return
+    raise ValueError(f"{evaluation.folder}: an evaluation of {evaluation.model}, not of {out}, the export of "
+                     f"{run_dir} in {dtype} ({why}): evaluate an export of this run with `caft eval` and give that "
+                     "folder to --eval")
+
+
 def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | None = None,
-               dtype: str | None = None, eagle3: bool = False) -> dict[str, Any]:
+               dtype: str | None = None, eagle3: bool = False, evaluations: Sequence[str | os.PathLike] = ()
+               ) -> dict[str, Any]:
     """Write the run's model to `out` (plain transformers, with tokenizer and model card) and its heads to
     `heads_out` (default: `<out>-heads`), recorded as heads of the exported model (`rebase_heads`); with `eagle3`,
-    head 2 as an EAGLE-3 draft of the exported model to `<out>-eagle3`. Returns the paths written."""
+    head 2 as an EAGLE-3 draft of the exported model to `<out>-eagle3`. The card reports the `caft eval --task`
+    folders `evaluations`, each of an export of this run in this dtype (the same weights; for instance an earlier
+    export to `out`). Returns the paths written."""
     from .export_heads import DRAFT_COMMAND, write_eagle3_draft
 
     run_dir, out = Path(run_dir), Path(out)
     run = read_run(run_dir)
+    dtype = dtype or run["settings"]["dtype"]
+    fingerprint = file_fingerprint(run_dir / RUN_FILE)
+    # The evaluations are only read; each must have scored these very weights (an export of this run as it is now,
+    # in this dtype), checked before anything loads or is written.
+    folders = [os.path.realpath(folder) for folder in evaluations]
+    for folder in evaluations:
+        if folders.count(os.path.realpath(folder)) > 1:
+            raise ValueError(f"{folder}: given to --eval more than once (as {', '.join(map(str, evaluations))})")
+    scored = [read_task_evaluation(folder) for folder in evaluations]
+    for evaluation in scored:
+        check_evaluated_export(evaluation, run_dir, fingerprint, dtype, out)
     source = _heads_source(run_dir)
     target = (Path(heads_out) if heads_out else default_heads_output(out)) if source is not None else None
     if eagle3 and source is None:
@@ -123,11 +161,13 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
         refusal = eagle3_refusal(model)
         if refusal is not None:  # before anything is written
             raise ValueError(f"cannot write the heads as an EAGLE-3 draft: {refusal}")
-    record = {"run": str(run_dir), "model": str(out), "heads": str(target) if target else None}
+    # `run_fingerprint` and `dtype` say which weights the folder holds: what `caft export --eval` checks.
+    record = {"run": str(run_dir), "model": str(out), "heads": str(target) if target else None, "dtype": dtype,
+              "run_fingerprint": fingerprint}
     with replace_folder(out, EXPORT_COMMAND) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        exported_model_card(run, out, target).save(staging / CARD_FILE)
+        exported_model_card(run, out, target, scored).save(staging / CARD_FILE)
         write_json(staging / EXPORT_RECORD, record)
     written = {"model": str(out), "heads": None}
     if target is not None:

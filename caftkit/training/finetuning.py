@@ -31,6 +31,7 @@ from .head_training import (
     split_held_out,
     train_heads,
 )
+from .qlora import with_lora_adapters
 from .settings import DEFAULT_NUM_AUX_HEADS, FinetuneSettings, trainer_arguments
 from .tracking import tracking_callbacks
 
@@ -74,7 +75,8 @@ def warmup_settings(settings: FinetuneSettings, heads_dir: str | None) -> HeadTr
         epochs=1.0, batch_size=settings.batch_size, grad_accum=settings.grad_accum, max_length=settings.max_length,
         eval_fraction=settings.eval_fraction, save_steps=settings.save_steps, seed=settings.seed, dtype=settings.dtype,
         mixed_precision=settings.mixed_precision, device=settings.device, report_to=settings.report_to,
-        attn_implementation=settings.attn_implementation)
+        attn_implementation=settings.attn_implementation, chat_template=settings.chat_template,
+        completion_only=settings.completion_only)
 
 
 # The metric early stopping and the best checkpoint follow: the main head's held-out loss, which caft and ntp runs
@@ -156,10 +158,10 @@ def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, to
     settings = replace(settings, num_aux_heads=aux_head_count(settings))  # what the run records is what it uses
 
     if tokenizer is None:
-        tokenizer = load_tokenizer(settings.model)
+        tokenizer = load_tokenizer(settings.model, settings.chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    data = tokenize_source(settings.data, tokenizer, settings.max_length)
+    data = tokenize_source(settings.data, tokenizer, settings.max_length, settings.completion_only)
     longest = max(len(example["input_ids"]) for example in data.examples)
     # packed, sequences fill --max-length whatever each conversation's length
     check_positions(settings.model if model is None else model, settings.max_length if settings.packing else longest,
@@ -174,6 +176,11 @@ def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, to
         # Without --heads (refused but with --head-warmup yes), new heads are copies of the last layer, trained on the
         # task by the warm-up below.
         attach_heads(model, heads_dir if heads_dir else settings.num_aux_heads)
+    if settings.load_in_4bit:
+        # QLoRA: the adapters go on before any Trainer takes the model (heads attached, and left out of them):
+        # transformers trains a 4-bit model only through adapters, the head warm-up's included.
+        model = with_lora_adapters(model, lora_config(settings), settings.seed)
+    if settings.mode == "caft":
         warm = settings.head_warmup == "yes"
         if settings.head_warmup == "auto":
             start = head_metrics(model, held_out, pad_token_id=tokenizer.pad_token_id, batch_size=settings.batch_size)
@@ -191,10 +198,13 @@ def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, to
     args = CAFTConfig(**finetune_arguments(settings, str(run_dir), len(train_examples)))
     trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
                           eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer,
-                          peft_config=lora_config(settings) if settings.method == "lora" else None,
+                          peft_config=lora_config(settings) if settings.method == "lora" and not settings.load_in_4bit
+                          else None,
                           callbacks=_callbacks(settings, run_dir, callbacks))
     trainer.train(resume_from_checkpoint=checkpoint)
     final = trainer.evaluate()
+    # Under bf16, accelerate wrapped the model's forward in autocast; the model handed back computes as saved.
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
     final_dir = run_dir / FINAL_DIR
     if is_main_process():
@@ -219,6 +229,7 @@ def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, to
         "data": {"records": data.stats.read, "dropped_or_truncated": data.stats.skipped},
         "device": resolve_device(settings.device),
         "launch": launch_record(trainer.accelerator),
+        "mixed_precision": "bf16" if trainer.args.bf16 else "no",  # what `auto` became on this device
         "optimizer_steps": trainer.state.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "final_eval": {key: value for key, value in final.items() if isinstance(value, (int, float))},

@@ -133,9 +133,9 @@ def _train_heads(output_dir: Path, settings: HeadTrainingSettings, resume: bool,
         check_heads_fit(settings.init, settings.model)
 
     if tokenizer is None:
-        tokenizer = load_tokenizer(settings.model)
+        tokenizer = load_tokenizer(settings.model, settings.chat_template)
     # The data is read and checked before the model is loaded: bad input fails fast.
-    data = tokenize_source(settings.data, tokenizer, settings.max_length)
+    data = tokenize_source(settings.data, tokenizer, settings.max_length, settings.completion_only)
     check_positions(settings.model if model is None else model,
                     max(len(example["input_ids"]) for example in data.examples), settings.data)
     train_examples, held_out = split_held_out(data.examples, settings.eval_fraction, settings.seed)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.evaluation_record import TaskEvaluation
 from ..models import BUNDLED_MODEL, BUNDLED_MODEL_HUB_ID, BUNDLED_MODEL_LICENSE, BUNDLED_MODEL_ORIGIN, cache_dir
+from .card_evaluations import eval_results, evaluation_lines
 
 # The method's paper: what the cards cite and what TRL's card hooks read (title, arXiv id, BibTeX).
 CAFT_PAPER = {
@@ -107,9 +110,11 @@ def _citation() -> str:
     return f"## Citation\n\nCAFT, the method:\n\n```bibtex\n{CAFT_PAPER['citation']}\n```\n"
 
 
-def exported_model_card(run: dict[str, Any], model_dir: str | Path, heads_dir: str | Path | None):
+def exported_model_card(run: dict[str, Any], model_dir: str | Path, heads_dir: str | Path | None,
+                        evaluations: Sequence[TaskEvaluation] = ()):
     """The card of a model `caft export` wrote to `model_dir` from the finished run `run` (its `caft_run.json`),
-    with its heads in `heads_dir` (None: the run had none)."""
+    with its heads in `heads_dir` (None: the run had none) and the `caft eval` results of this model
+    (`evaluations`, already checked to be of it): its `model-index` and an "Evaluation" section."""
     from huggingface_hub import ModelCardData
 
     settings = run["settings"]
@@ -120,7 +125,8 @@ def exported_model_card(run: dict[str, Any], model_dir: str | Path, heads_dir: s
     dataset = hub_id(data)
     card_data = ModelCardData(base_model=base_model_id(base), license=base_license(base), library_name="transformers",
                               pipeline_tag="text-generation", tags=_tags(mode, method), model_name=title,
-                              datasets=[dataset] if dataset else None)
+                              datasets=[dataset] if dataset else None,
+                              eval_results=eval_results(evaluations) or None)
     body = [f"# {title}", "",
             f"{mode_name} fine-tuning of {describe_base(base)}, on `{data}`, with caftkit"
             + (f" ([Concept-Aware Fine-Tuning](https://arxiv.org/abs/{CAFT_PAPER['id']}): the next-token loss plus "
@@ -160,7 +166,9 @@ def exported_model_card(run: dict[str, Any], model_dir: str | Path, heads_dir: s
     for name, metrics in run.get("held_out_per_head", {}).items():
         k = int(name.split("_")[1])
         body.append(f"| {k} | t+{k} | {metrics['loss']:.4f} | {metrics['accuracy']:.4f} |")
-    body += ["", "## Limitations", "", *_limitations(run), "", "## Framework versions", "",
+    if evaluations:
+        body += ["", *evaluation_lines(evaluations)]
+    body += ["", "## Limitations", "", *_limitations(run, evaluations), "", "## Framework versions", "",
              *(f"- {package}: {version}" for package, version in framework_versions().items()), "", _citation()]
     return _card(card_data, "\n".join(body))
 
@@ -177,11 +185,15 @@ def _heads_status(run: dict[str, Any], model_dir: str | Path, heads_dir: str | P
             "--epochs 1 --output <heads>`), they draft faster.")
 
 
-def _limitations(run: dict[str, Any]) -> list[str]:
+def _limitations(run: dict[str, Any], evaluations: Sequence[TaskEvaluation]) -> list[str]:
     settings = run["settings"]
     lines = [f"- Fine-tuned on `{settings['data']}` alone; it keeps the base model's limits and biases.",
-             "- The metrics above are losses on held-out examples of the fine-tuning data: how well the model fits "
-             "that data, not how well it does the task. `caft eval` scores it on a task, with intervals."]
+             "- The held-out metrics are losses on held-out examples of the fine-tuning data: how well the model "
+             "fits that data, not how well it does the task. "
+             + ("The task metrics under Evaluation hold for its greedy answers, within the new tokens shown, to "
+                "those test examples; sampled answers, longer answers or other data may score otherwise."
+                if evaluations else "`caft eval` scores it on a task, with intervals; `caft export --eval` writes "
+                "them into this card.")]
     if settings["mode"] == "caft":
         lines.append("- This run does not say whether CAFT did better than next-token fine-tuning would have: "
                      "`caft compare` (or `caft compare-evals` on two evaluations) measures that.")
@@ -197,12 +209,15 @@ def _launch_text(launch: dict[str, Any] | None) -> str:
 
 def _training_lines(run: dict[str, Any]) -> list[str]:
     s = run["settings"]
+    # QLoRA: LoRA adapters over a base loaded in 4 bits
+    method = f"QLoRA ({s.get('quant_type', 'nf4')} 4-bit base)" if s.get("load_in_4bit") else s["method"]
+    precision = run.get("mixed_precision", s["mixed_precision"])  # what `auto` became; older runs recorded no
     lines = [f"- data: `{s['data']}`: {run['train_examples']} training and {run['held_out_examples']} held-out "
              f"examples (held out at random with seed {s['seed']})",
-             f"- {s['method']} fine-tuning, {s['epochs']} epoch(s), learning rate {s['learning_rate']} "
+             f"- {method} fine-tuning, {s['epochs']} epoch(s), learning rate {s['learning_rate']} "
              f"({s['lr_scheduler']}), batch {s['batch_size']} x {s['grad_accum']} accumulation, "
              f"{run['optimizer_steps']} optimisation steps, seed {s['seed']}",
-             f"- weights in {s['dtype']}, mixed precision `{s['mixed_precision']}`, on `{run.get('device', '?')}`"
+             f"- weights in {s['dtype']}, mixed precision `{precision}`, on `{run.get('device', '?')}`"
              + _launch_text(run.get("launch"))]
     if s["method"] == "lora":
         lines.append(f"- LoRA rank {s['lora_r']}, alpha {s['lora_alpha']}, dropout {s['lora_dropout']}")

@@ -14,6 +14,7 @@ from ..core.weights import SCHEDULES
 from ..data import BUNDLED_SHAREGPT
 from ..models import MIXED_PRECISION, ModelSettings, resolve_device, resolve_mixed_precision
 from ..settings import MAX_SEED, of_type, setting
+from .qlora import QUANT_TYPES
 from .tracking import trainer_report_to
 
 # `CAFTConfig` fields that caftkit's own settings set (`trainer_arguments`, and the CAFT loss of each run): a
@@ -26,7 +27,7 @@ _SET_BY_CAFTKIT = frozenset({
     "seed", "data_seed", "dataloader_num_workers", "mode", "num_aux_heads", "num_heads", "heads_path", "alpha", "beta",
     "schedule", "train_heads", "freeze_unembedding", "trunk_cache_gb", "loss_type", "activation_checkpointing",
     "packing", "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "schedule_end",
-    "eval_on_start", "disable_tqdm",
+    "eval_on_start", "disable_tqdm", "completion_only_loss", "chat_template_path",
 })
 # Each logging integration transformers offers and the modules it needs (any one of them): checked with
 # `find_spec`, which imports nothing, so a missing back-end is refused at once instead of after the model loads.
@@ -54,9 +55,12 @@ def check_report_to(names: list[str]) -> list[str]:
 class RunSettings(ModelSettings):
     """The model, the data, and how a `caft train-heads` or `caft finetune` run trains on it."""
 
-    data: str = setting(help="JSONL/JSON file of `messages`, `prompt`/`completion` or ShareGPT `conversations` "
-                             "records (only the assistant's tokens are learnt), or plain `text` records (every token "
-                             "is).")
+    data: str = setting(help="JSONL/JSON file, or a Hub dataset id in the local cache (owner/name[:split]), of "
+                             "`messages`, `prompt`/`completion` or ShareGPT `conversations` records (only the "
+                             "assistant's tokens are learnt; string prompts and completions are plain text for a "
+                             "model without a chat template), or plain `text` records (every token is).")
+    completion_only: bool = setting(True, help="only the completions (the assistant's turns) carry the loss; off: "
+                                               "every token of a record, its prompt too.", trl="completion_only_loss")
     epochs: float = setting(1.0, help="passes over the training split.", above=0, trl="num_train_epochs")
     max_steps: int | None = setting(None, help="stop after this many optimisation steps instead of --epochs; the "
                                                "schedules are planned for them.", minimum=1)
@@ -82,8 +86,11 @@ class RunSettings(ModelSettings):
     logging_steps: int = setting(5, help="log the per-head training losses every this many steps.", minimum=1)
     seed: int = setting(0, help="seed of the split, the shuffling, initialisation and dropout.",
                         minimum=0, maximum=MAX_SEED)
-    mixed_precision: str = setting("no", help="bf16 autocast of the matrix multiplies: no, bf16, or auto (bf16 "
-                                              "where the device multiplies bf16 natively).", choices=MIXED_PRECISION)
+    # One default for every command and `CAFTConfig`: bf16 where it is native (as TRL on a GPU), float32 elsewhere,
+    # where emulated bf16 would be slower than float32.
+    mixed_precision: str = setting("auto", help="bf16 autocast of the matrix multiplies: auto (bf16 where the device "
+                                                "multiplies bf16 natively: recent GPUs, CPUs with AVX512-BF16 or "
+                                                "AMX; float32 elsewhere), bf16, or no.", choices=MIXED_PRECISION)
     report_to: list[str] = setting(default_factory=list, help="where to log besides the console: comma-separated "
                                                                "integrations (tensorboard, trackio, ...).")
     trainer: dict[str, Any] = setting(default_factory=dict, help="further `CAFTConfig` (TRL `SFTConfig`, "
@@ -206,10 +213,6 @@ class HeadTrainingSettings(RunSettings):
     # Two passes: on 3,000 self-distilled answers of the bundled model, the t+2 head still gains in the second.
     epochs: float = setting(2.0, help="passes over the training split.", above=0, trl="num_train_epochs")
     learning_rate: float | None = setting(1e-3, help="peak learning rate.", above=0)
-    # Only the heads train and the base runs without gradients: bf16 autocast halves the time where it is native.
-    mixed_precision: str = setting("auto", help="bf16 autocast of the matrix multiplies: auto (bf16 where the device "
-                                                "multiplies bf16 natively: recent GPUs, CPUs with AVX512-BF16 or "
-                                                "AMX), bf16, or no.", choices=MIXED_PRECISION)
     trunk_cache_gb: float = setting(4.0, help="keep up to this many GB of the frozen base's outputs per batch, so "
                                               "that later epochs and held-out evaluations run only the heads "
                                               "(batches are then fixed, their order reshuffled each epoch); 0 turns "
@@ -255,6 +258,16 @@ class FinetuneSettings(RunSettings):
     lora_target_modules: list[str] = setting(default_factory=lambda: ["all-linear"],
                                              help="the modules LoRA adapts: all-linear (every linear projection of "
                                                   "the decoder layers) or module names such as q_proj,v_proj.")
+    load_in_4bit: bool = setting(False, help="QLoRA: load the base in 4 bits (bitsandbytes: pip install "
+                                             "'caftkit[qlora]') and train LoRA adapters on it; the last decoder layer "
+                                             "(which the heads copy) and the unembedding stay in --dtype, which the "
+                                             "4-bit layers compute in. Needs --method lora; `caft export` merges the "
+                                             "adapters into the full-precision base.")
+    quant_type: str = setting("nf4", help="the 4-bit data type of --load-in-4bit: nf4 (normal float, the QLoRA "
+                                          "paper's) or fp4.", choices=QUANT_TYPES, trl="bnb_4bit_quant_type")
+    nested_quant: bool = setting(False, help="with --load-in-4bit, quantise the quantisation constants too (double "
+                                             "quantisation: about 0.4 bits less per weight).",
+                                 trl="use_bnb_nested_quant")
     learning_rate: float | None = setting(None, help="peak learning rate (default: "
                                                      f"{DEFAULT_LEARNING_RATES['lora']:g} with --method lora, "
                                                      f"{DEFAULT_LEARNING_RATES['full']:g} with full).", above=0)
@@ -286,6 +299,30 @@ class FinetuneSettings(RunSettings):
             raise ValueError(f"num_aux_heads must be at least 1 in caft mode, got {self.num_aux_heads}")
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATES[self.method]
+        self._check_4bit()
+
+    def _check_4bit(self) -> None:
+        """QLoRA's settings, and bitsandbytes training a 4-bit layer on the device, before anything loads."""
+        if not self.load_in_4bit:
+            if self.quant_type != "nf4" or self.nested_quant:
+                raise ValueError("quant_type and nested_quant set how --load-in-4bit quantises the base; without it "
+                                 "they do nothing")
+            return
+        if self.method != "lora":
+            raise ValueError(f"load_in_4bit: QLoRA trains LoRA adapters on a frozen 4-bit base, and 4-bit weights "
+                             f"cannot be fine-tuned themselves: use --method lora, not {self.method}")
+        from .qlora import check_4bit_runs
+
+        check_4bit_runs(self.device, self.dtype, self.quant_type)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `from_pretrained` these settings ask for: with --load-in-4bit, QLoRA's."""
+        kwargs = super().model_kwargs()
+        if self.load_in_4bit:
+            from .qlora import four_bit_loading
+
+            kwargs.update(four_bit_loading(self.model, self.quant_type, self.nested_quant, self.dtype, self.device))
+        return kwargs
 
 
 @dataclass(kw_only=True)
@@ -313,7 +350,8 @@ class DistillSettings(ModelSettings):
 
 @dataclass(kw_only=True)
 class ExportSettings:
-    """What `caft export` writes: the run, the model folder, the heads folder and the dtype of the weights."""
+    """What `caft export` writes: the run, the model folder, the heads folder, the dtype of the weights, and the
+    evaluations its model card reports."""
 
     run: str = setting(help="the run folder written by `caft finetune`.")
     output: str = setting("model", help="the model folder to write.", formerly=("out",))
@@ -322,6 +360,10 @@ class ExportSettings:
     dtype: str | None = setting(None, help="dtype of the saved weights (default: the one the run trained in).")
     eagle3: bool = setting(False, help="also write head 2 as an EAGLE-3 draft of the exported model to "
                                        "<output>-eagle3, for vLLM and SGLang (see `caft export-heads`).")
+    eval: list[str] = setting(default_factory=list, help="`caft eval --task` folders (comma-separated) of an export "
+                                                      "of this run in this dtype (e.g. an earlier export to --output):"
+                                                      " their metrics, with intervals, go into the card's model-index "
+                                                      "and its Evaluation section.")
 
 
 @dataclass(kw_only=True)

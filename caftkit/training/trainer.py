@@ -24,20 +24,21 @@ from trl import SFTConfig, SFTTrainer
 from ..core.architecture import find_model_parts, unwrap_model
 from ..core.distributed import average_gradients
 from ..core.heads import (
-    HEADS_ATTRIBUTE,
     HEADS_WEIGHTS_FILE,
     attach_heads,
     from_former_num_heads,
     get_heads,
     heads_state_from_model_state,
+    keep_lora_out_of_heads,
     save_heads,
 )
 from ..core.multitoken import count_targets, head_statistics, weighted_loss
 from ..core.trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
 from ..core.weights import MODES, SCHEDULES, gamma_schedule, head_loss_weights
-from ..models import pretrained_source
+from ..models import pretrained_source, resolve_device, resolve_mixed_precision
 from ..settings import check_declared
 from .model_card import CAFT_PAPER, CARD_FILE, adapter_card, run_folder_card
+from .qlora import prepare_4bit_model, restore_adapter_dtype, trainer_model_kwargs
 from .settings import CAFT_SETTINGS, DEFAULT_LEARNING_RATES, FinetuneSettings, HeadTrainingSettings
 
 CHECKPOINT_HEADS_DIR = "caft_heads"
@@ -144,17 +145,20 @@ class CAFTConfig(SFTConfig):
     )
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 mixed precision. Unset: on, as in TRL, wherever transformers takes it (a GPU or "
-                  "XPU that multiplies bf16, a TPU, or `use_cpu=True`); off on a machine with none of these, where "
-                  "TRL's default stops with an error instead."},
+        metadata={"help": "bf16 mixed precision. Unset: as `caft finetune --mixed-precision auto`, on where the "
+                  "device multiplies bf16 natively (a GPU with bf16, a TPU, a CPU with AVX512-BF16 or AMX), off "
+                  "elsewhere."},
     )
 
     def __post_init__(self):
-        # TRL turns bf16 on when it is unset, and transformers then refuses a machine without a bf16 accelerator
-        # unless use_cpu is set: the same config would train on a GPU and fail on a laptop. There it trains in
-        # float32; everywhere else the default is TRL's.
-        if self.bf16 is None and not self.fp16 and not self.use_cpu and not bf16_accelerator_available():
-            self.bf16 = False
+        # TRL turns bf16 on when it is unset; transformers then refuses a machine without a bf16 accelerator unless
+        # use_cpu is set, and on a CPU without native bf16 it emulates it, slower than float32. Unset, it follows
+        # the command line's `auto` instead: the same config trains alike from both.
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and bf16_native(self.use_cpu)
+            if self.bf16 and not self.use_cpu and not is_torch_bf16_gpu_available() and not is_torch_xla_available():
+                # No accelerator: training runs on the CPU anyway, and transformers takes bf16 there only when told.
+                self.use_cpu = True
         super().__post_init__()
         if self.run_name is None:
             # Unnamed, trackio (and W&B) make up a name at each start of logging, and the evaluation that follows
@@ -175,9 +179,12 @@ class CAFTConfig(SFTConfig):
             raise ValueError(f"num_aux_heads must be at least 1 in {self.mode} mode, got {self.num_aux_heads}")
 
 
-def bf16_accelerator_available() -> bool:
-    """Whether transformers accepts bf16 here without `use_cpu`: a GPU or XPU that multiplies bf16, or a TPU."""
-    return is_torch_bf16_gpu_available() or is_torch_xla_available()
+def bf16_native(use_cpu: bool) -> bool:
+    """Whether the device the Trainer will use multiplies bf16 natively: the CPU with `use_cpu`, else the accelerator
+    torch sees (a TPU counts), else the CPU."""
+    if not use_cpu and is_torch_xla_available():
+        return True
+    return resolve_mixed_precision("auto", "cpu" if use_cpu else resolve_device("auto")) == "bf16"
 
 
 class _HeadTotals:
@@ -220,7 +227,10 @@ class CAFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is the CAFT multi-token loss; see `CAFTConfig` for the settings.
 
     `model` may be a transformers model (heads are attached if it has none), a model id or folder, or the
-    bundled name `smollm2-135m-instruct`. With a `peft_config`, LoRA is kept out of the heads.
+    bundled name `smollm2-135m-instruct`. With a `peft_config`, LoRA is kept out of the heads. QLoRA: a
+    `quantization_config` (`BitsAndBytesConfig(load_in_4bit=True)`) loads a named model in 4 bits, its last
+    decoder layer (which the heads copy) and unembedding unquantised (`qlora.py`); a 4-bit model given must hold
+    that layer unquantised too.
     """
 
     # `compute_loss` normalises by the valid targets of the whole optimisation step (all micro-batches and
@@ -231,32 +241,33 @@ class CAFTTrainer(SFTTrainer):
     _name = "CAFT"
     _paper = CAFT_PAPER
 
-    def __init__(self, model, args: CAFTConfig | None = None, *pos, peft_config=None, **kwargs):
+    def __init__(self, model, args: CAFTConfig | None = None, *pos, peft_config=None, quantization_config=None,
+                 **kwargs):
         if args is None:
             args = CAFTConfig("caft-output")
         if not isinstance(args, CAFTConfig):
             raise TypeError(f"CAFTTrainer needs a CAFTConfig, got {type(args).__name__}")
         if isinstance(model, str):
             path, offline = pretrained_source(model)
-            model = AutoModelForCausalLM.from_pretrained(path, **{**offline, **(args.model_init_kwargs or {})})
+            init_kwargs = trainer_model_kwargs(model, args.model_init_kwargs, quantization_config)
+            model = AutoModelForCausalLM.from_pretrained(path, **{**offline, **init_kwargs})
+            quantization_config = None  # used here, not by SFTTrainer (which would load the model again)
+        four_bit = prepare_4bit_model(model, needs_heads=args.mode != "ntp")
         self._prepare_heads(model, args)
         if args.learning_rate is None:
             adapters = peft_config is not None or isinstance(model, PeftModel)
             args.learning_rate = DEFAULT_LEARNING_RATES["lora" if adapters else "full"]
-        if peft_config is not None and get_heads(model) is not None:
-            # Keep LoRA out of the heads: they are frozen copies, trained only in head training.
-            excluded = peft_config.exclude_modules
-            pattern = rf".*{HEADS_ATTRIBUTE}\..*"
-            if excluded is None:
-                peft_config.exclude_modules = pattern
-            elif isinstance(excluded, str):
-                peft_config.exclude_modules = rf"(?:{excluded})|(?:{pattern})"
-            else:
-                peft_config.exclude_modules = [*excluded, *self._head_module_names(model)]
+        if peft_config is not None:
+            keep_lora_out_of_heads(peft_config, model)  # frozen copies, trained only as themselves
+        if four_bit and get_heads(model) is not None:
+            get_heads(model).requires_grad_(False)  # out of SFTTrainer's bf16 cast of a 4-bit model's weights
         self._step_counts: torch.Tensor | None = None
         self._head_totals = {"train": _HeadTotals(), "eval": _HeadTotals()}
         self._warned_unstable_heads = False
-        super().__init__(model, args, *pos, peft_config=peft_config, **kwargs)
+        super().__init__(model, args, *pos, peft_config=peft_config, quantization_config=quantization_config,
+                         **kwargs)
+        if four_bit:
+            restore_adapter_dtype(self.model)
         # PEFT marks every non-LoRA weight frozen; in head training the heads must stay trainable.
         heads = get_heads(self.model)
         if heads is not None and (args.mode == "heads" or args.train_heads):
@@ -268,10 +279,6 @@ class CAFTTrainer(SFTTrainer):
             else:
                 warnings.warn("the base model has dropout: its outputs differ between epochs and are not cached",
                               UserWarning, stacklevel=2)
-
-    @staticmethod
-    def _head_module_names(model) -> list[str]:
-        return [f"{HEADS_ATTRIBUTE}.{name}" for name, _ in get_heads(model).named_modules() if name]
 
     @staticmethod
     def _prepare_heads(model, args: CAFTConfig) -> None:

@@ -145,6 +145,14 @@ def _share_warmup(output: Path, settings: CompareSettings, arm_name: str, seed: 
     arm = settings.arm_settings[arm_name]
     if arm.mode != "caft" or arm.head_warmup == "no" or (run_dir / WARMUP_HEADS_DIR).exists():
         return None
+
+    def four_bit(name: str) -> bool:
+        return settings.finetune_settings(name, seed).load_in_4bit
+
+    # A QLoRA arm warms its heads up on its 4-bit base, which the heads' record does not tell from the full-precision
+    # one: its warm-up is shared with no other arm.
+    if four_bit(arm_name):
+        return None
     # settings that do not change the warmed-up heads (where and how often it saved, logged, ran) are not compared
     ignored = _NOT_COMPARED | {"save_total_limit"}
     wanted = {key: value for key, value in _as_json(asdict(warmup_settings(settings.finetune_settings(arm_name, seed),
@@ -153,7 +161,7 @@ def _share_warmup(output: Path, settings: CompareSettings, arm_name: str, seed: 
     for other in settings.arm_settings:
         source = arm_dir(output, seed, other) / "run" / WARMUP_HEADS_DIR
         config = source / HEADS_CONFIG_FILE
-        if other == arm_name or not config.exists():
+        if other == arm_name or not config.exists() or four_bit(other):
             continue
         done = read_json_file(config).get("training", {}).get("settings", {})
         if {key: value for key, value in done.items() if key not in ignored} == wanted:

@@ -333,6 +333,24 @@ def test_fingerprint_is_dtype_independent(arch):
     assert base_fingerprint(other) == fingerprint
 
 
+def test_adapters_on_the_last_layer_change_neither_its_fingerprint_nor_the_heads_copied_from_it(llama_heads_dir):
+    """QLoRA wraps the model with LoRA before the head warm-up: heads attached then (new or from a folder) are
+    copies of layer L's own modules, its adapters left out, and the fingerprint is the unwrapped model's."""
+    from peft import LoraConfig, get_peft_model
+
+    plain = tiny_model("llama")
+    adapted = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear",
+                                                             init_lora_weights="gaussian"))
+    assert any("lora_A" in name for name, _ in find_model_parts(adapted).last_layer.named_parameters())
+    assert base_fingerprint(adapted) == base_fingerprint(plain)
+    attach_heads(adapted, 2)
+    copied = get_heads(adapted).layers[0]
+    assert not any("lora" in name or "base_layer" in name for name, _ in copied.named_modules())
+    assert all(torch.equal(tensor, find_model_parts(plain).last_layer.state_dict()[key])
+               for key, tensor in copied.state_dict().items())
+    attach_heads(adapted, str(llama_heads_dir))  # the fingerprint of a folder's heads is checked as they attach
+
+
 def test_the_former_name_num_heads_still_works_with_a_warning():
     """`num_heads`, the name of the auxiliary-head count before `num_aux_heads`, is still accepted by
     `attach_heads`, `generate` and `CAFTConfig`, and still read from `AuxiliaryHeads`."""

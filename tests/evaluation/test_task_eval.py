@@ -200,3 +200,23 @@ def test_bad_eval_input_gives_one_line_errors(tiny_dir, tmp_path, capsys, args, 
     args = [a.format(missing=tmp_path / "missing.jsonl", bad=bad) for a in args]
     assert main(["eval", "--model", str(tiny_dir), "--output", str(tmp_path / "out"), *args]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_eval_records_the_export_it_scored_and_resumes_only_that_export(tmp_path):
+    """`metrics.json` keeps the `caft_export.json` of the model folder scored (None for a model that is no export);
+    answers generated for one export are not resumed once another export took its folder."""
+    model = saved_model_dir(tmp_path / "model", tiny_model("llama"))
+    data = write_molecule_set(tmp_path / "test.jsonl")
+    settings = EvalSettings(model=str(model), task="molecules", data=str(data), max_new_tokens=3, max_examples=2,
+                            n_resamples=100)
+    assert evaluate(tmp_path / "plain", settings, progress=False)["model_export"] is None
+    export = {"run": "run", "model": str(model), "heads": None, "dtype": "float32", "run_fingerprint": "sha256:1"}
+    (model / "caft_export.json").write_text(json.dumps(export))
+    output = tmp_path / "eval"
+    assert evaluate(output, settings, progress=False)["model_export"] == export
+    assert json.loads((output / METRICS_FILE).read_text())["model_export"] == export
+    assert evaluate(output, settings, progress=False)["model_export"] == export  # the same export: resumed
+    (model / "caft_export.json").write_text(json.dumps({**export, "run_fingerprint": "sha256:2"}))
+    with pytest.raises(ValueError, match=rf"{output}: holds answers of another export in {model} \(its "
+                                         r"caft_export.json changed since\); use another --output"):
+        evaluate(output, settings, progress=False)

@@ -72,8 +72,8 @@ def test_a_schedule_that_ends_early_is_zero_after_its_end_in_training(tmp_path):
         config(tmp_path, schedule_end=1.5)
 
 
-# The training settings whose defaults the Python API and `caft finetune` share (precision aside: see the README).
-SHARED_DEFAULTS = ("num_train_epochs", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
+# The training settings whose defaults the Python API and `caft finetune` share.
+SHARED_DEFAULTS = ("num_train_epochs", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "bf16",
                    "activation_checkpointing", "mode", "alpha", "beta", "schedule", "schedule_end", "train_heads",
                    "freeze_unembedding")
 
@@ -256,20 +256,18 @@ def test_trl_loss_type_is_pinned_to_nll(tmp_path):
         config(tmp_path, loss_type="dft")
 
 
-def test_bf16_unset_trains_in_float32_where_no_accelerator_takes_it(tmp_path):
-    """TRL's default (bf16 on) makes transformers refuse a machine without a bf16 accelerator; CAFTConfig keeps
-    TRL's default wherever transformers takes it and trains in float32 elsewhere, but never overrides a choice."""
-    from trl import SFTConfig
+def test_bf16_unset_follows_the_command_lines_auto(tmp_path, monkeypatch):
+    """Unset, bf16 is on where the device multiplies bf16 natively and off elsewhere, as `--mixed-precision auto`,
+    on any machine (TRL's default, on everywhere, stops with an error on a machine without a bf16 accelerator); an
+    explicit choice is kept."""
+    import caftkit.models
+    from caftkit.training.finetuning import finetune_arguments
 
-    from caftkit.training.trainer import bf16_accelerator_available
-
-    if bf16_accelerator_available():
-        assert CAFTConfig(output_dir=str(tmp_path)).bf16 is True  # TRL's default where it works
-        return
-    with pytest.raises(ValueError, match="bf16"):
-        SFTConfig(output_dir=str(tmp_path))
-    assert CAFTConfig(output_dir=str(tmp_path)).bf16 is False
-    assert CAFTConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is True  # bf16 autocast on the CPU, as asked
-    assert CAFTConfig(output_dir=str(tmp_path), fp16=False, bf16=False).bf16 is False
-    with pytest.raises(ValueError, match="bf16"):
-        CAFTConfig(output_dir=str(tmp_path), bf16=True)  # an explicit choice is transformers' to judge
+    for native in (True, False):
+        monkeypatch.setattr(caftkit.models, "bf16_is_fast", lambda device, native=native: native)
+        api = CAFTConfig(output_dir=str(tmp_path))
+        command = CAFTConfig(**finetune_arguments(FinetuneSettings(model="m", data="d", heads="h", num_aux_heads=4),
+                                                str(tmp_path), 64))
+        assert (api.bf16, command.bf16) == (native, native)
+        assert CAFTConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is native
+        assert CAFTConfig(output_dir=str(tmp_path), bf16=False).bf16 is False

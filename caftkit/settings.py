@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import types
 import typing
 from typing import Any
@@ -25,9 +24,9 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | N
 
     `choices` lists the values it may hold. For a number (or each number of a list), `minimum`/`maximum` are
     inclusive bounds and `above`/`below` exclusive ones; a number must also be finite. `formerly` lists earlier
-    names still accepted, as flags and in YAML, with a note naming the new one; `trl` is TRL's name of the same
-    setting (`per_device_train_batch_size` for `batch_size`), accepted alike without a note. `check_settings`
-    enforces it all."""
+    names, refused as flags, in YAML and in mappings with a message naming the current one; `trl` is TRL's name
+    of the same setting (`per_device_train_batch_size` for `batch_size`), accepted alike without a note.
+    `check_settings` enforces it all."""
     bounds = {name: value for name, value in (("minimum", minimum), ("above", above), ("maximum", maximum),
                                                ("below", below)) if value is not None}
     metadata = {"help": help, **({"choices": tuple(choices)} if choices else {}),
@@ -172,13 +171,11 @@ def former_names(*classes: type) -> dict[str, str]:
             for old in field.metadata.get("formerly", ())}
 
 
-def with_current_names(values: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
-    """A mapping of `cls` settings (e.g. the `finetune:` overrides of `caft compare`) with each earlier setting name
-    replaced by the current one, and a note naming both."""
+def refuse_former_names(values: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
+    """A mapping of `cls` settings (e.g. the `finetune:` overrides of `caft compare`), refused when it uses an earlier
+    setting name, with the current one."""
     former = former_names(cls)
-    renamed = {}
-    for key, value in values.items():
+    for key in values:
         if key in former:
-            print(f"caft: note: {where}: {key!r} is now {former[key]!r}", file=sys.stderr)
-        renamed[former.get(key, key)] = value
-    return renamed
+            raise ValueError(f"{where}: {key!r} was renamed {former[key]!r}")
+    return dict(values)

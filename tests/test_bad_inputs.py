@@ -123,7 +123,7 @@ def test_a_folder_holding_names_caft_writes_is_not_caft_s(workspace, tmp_path, c
 
 
 def test_a_second_run_on_a_symlink_to_the_output_of_the_first(workspace, tmp_path, capsys):
-    from caftkit.outputs import output_lock
+    from caftkit.files.outputs import output_lock
 
     (tmp_path / "real").mkdir()
     (tmp_path / "alias").symlink_to(tmp_path / "real")
@@ -251,7 +251,7 @@ def test_a_bench_result_over_an_existing_file(workspace, tmp_path, capsys):
 
 
 def test_an_output_another_run_is_writing(workspace, tmp_path, capsys):
-    from caftkit.outputs import output_lock
+    from caftkit.files.outputs import output_lock
 
     run = tmp_path / "run"
     with output_lock(run):

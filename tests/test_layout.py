@@ -11,8 +11,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "caftkit"
 
 # Each wing and the wings it may import; a wing may always import its own modules. "base" is the top-level
-# modules every wing stands on (models and devices, conversation data, package files, resumable JSONL, JSON
-# text, the outputs a command may write and their locks).
+# modules every wing stands on (models and devices, conversation data, settings, the command line) and `files/`
+# (package files, resumable JSONL, JSON text, records written whole, the outputs a command may write and their
+# locks).
 ALLOWED = {
     "base": set(),
     "core": {"base"},              # the method: heads, their inputs, the losses, the multi-token statistics
@@ -128,14 +129,14 @@ def test_no_module_is_longer_than_the_limit():
 PLAIN_WRITES = {"bench/memory.py": 1}
 
 
-def test_every_record_is_written_whole_through_atomic_files():
+def test_every_record_is_written_whole_through_files():
     """A record written with `Path.write_text` is left cut short by a kill in the middle (`caft_run.json`, which
     `caft compare` reads as "this run finished", was one): every write of a file's content goes through
-    `atomic_files` (`write_json`, `write_text_atomically`), which writes beside the file and renames."""
+    `files/atomic.py` (`write_json`, `write_text_atomically`), which writes beside the file and renames."""
     found = {}
     for path in PACKAGE.rglob("*.py"):
         name = path.relative_to(PACKAGE).as_posix()
-        if name == "atomic_files.py":
+        if name == "files/atomic.py":
             continue
         calls = [node for node in ast.walk(ast.parse(path.read_text()))
                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)

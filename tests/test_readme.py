@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import Dataset
 from huggingface_hub import ModelCard
@@ -79,6 +80,7 @@ def small_run_of(argv: list[str], tiny: str) -> list[str]:
     return argv + SMALL_SIZES.get(name, [])
 
 
+@pytest.mark.long(600)
 def test_the_readme_command_block_runs_in_order(tmp_path, monkeypatch, single_thread):
     commands = readme_commands()
     names = [command_name(argv) for argv in commands]

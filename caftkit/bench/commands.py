@@ -6,9 +6,9 @@ imported when the command runs: the command line reads and checks the settings f
 
 from __future__ import annotations
 
-from ..atomic_files import write_json
 from ..command_line import print_json
-from ..outputs import check_new_file
+from ..files.atomic import write_json
+from ..files.outputs import check_new_file
 from .settings import GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from ..data import BUNDLED_SHAREGPT
 from ..decoding.settings import default_tree_size
 from ..models import ModelSettings, parse_dtype
-from ..settings import MAX_SEED, setting, with_current_names
+from ..settings import MAX_SEED, refuse_former_names, setting
 from ..training.settings import METHODS, FinetuneSettings
 
 
@@ -149,7 +149,7 @@ class PrecisionBenchSettings(ModelSettings):
     def finetune_settings(self) -> FinetuneSettings:
         """The fine-tuning run both sides start."""
         given = {"model", "data", "mode", "method", "heads", "seed", "device", "dtype", "mixed_precision"}
-        self.finetune = with_current_names(self.finetune, FinetuneSettings, "--finetune")
+        self.finetune = refuse_former_names(self.finetune, FinetuneSettings, "--finetune")
         unknown = sorted(set(self.finetune) - {f.name for f in fields(FinetuneSettings)} | set(self.finetune) & given)
         if unknown:
             raise ValueError(f"--finetune: {unknown} are not further finetune settings (this command's own settings, "

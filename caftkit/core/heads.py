@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic_files import atomic_path, write_json
-from ..json_text import read_json_file
+from ..files.atomic import atomic_path, write_json
+from ..files.json_text import read_json_file
 from .architecture import find_model_parts, unwrap_model
 from .distributed import is_main_process, whole_tensor
 from .layer_call import LayerCall
@@ -114,11 +113,6 @@ class AuxiliaryHeads(nn.Module):
     def num_aux_heads(self) -> int:
         return len(self.layers)
 
-    @property
-    def num_heads(self) -> int:
-        """Former name of `num_aux_heads`, kept for code written against it."""
-        return self.num_aux_heads
-
     def forward(self, call: LayerCall, num_aux_heads: int | None = None) -> list[torch.Tensor]:
         """Run the first `num_aux_heads` heads on a captured call of layer L; returns their outputs before the norm."""
         return [self.head_output(index, call.hidden_states, call)
@@ -131,11 +125,11 @@ class AuxiliaryHeads(nn.Module):
 
 
 def from_former_num_heads(num_heads: int | None, num_aux_heads, where: str):
-    """`num_aux_heads`, or the value given under its former name `num_heads` (with a FutureWarning)."""
-    if num_heads is None:
-        return num_aux_heads
-    warnings.warn(f"{where}(num_heads=...) is now num_aux_heads", FutureWarning, stacklevel=3)
-    return num_heads
+    """`num_aux_heads`; the former name `num_heads` is refused with the current one (code written before the rename
+    gets a `TypeError` that says what to write)."""
+    if num_heads is not None:
+        raise TypeError(f"{where}(num_heads=...) was renamed num_aux_heads")
+    return num_aux_heads
 
 
 def get_heads(model: nn.Module) -> AuxiliaryHeads | None:
@@ -169,8 +163,8 @@ def attach_heads(
     `attach_heads(model, "heads/")` loads a folder written by `save_heads`; `heads` may also be a number of
     new heads or an `AuxiliaryHeads` module. Heads loaded from disk are checked against
     a fingerprint of this model's base (`check_base`). `trainable` sets `requires_grad` on the heads (they are
-    frozen by default, as in CAFT fine-tuning). Attach before wrapping with PEFT, a Trainer or FSDP. `num_heads` is
-    the former name of `num_aux_heads`.
+    frozen by default, as in CAFT fine-tuning). Attach before wrapping with PEFT, a Trainer or FSDP. `num_heads`,
+    the former name of `num_aux_heads`, is refused naming it.
     """
     num_aux_heads = from_former_num_heads(num_heads, num_aux_heads, "attach_heads")
     base = unwrap_model(model)

@@ -206,7 +206,7 @@ def generate(
     the heads and their unembedding in a cheaper dtype: the drafts may change, the output tokens do not.
     `adaptive` (the default) drafts at each pass only as far as the heads are confident, and stops drafting when it
     does not pay for itself (`draft_policy.py`); `adaptive=False` always drafts through every head.
-    `num_heads` is the former name of `num_aux_heads`.
+    `num_heads`, the former name of `num_aux_heads`, is refused naming it.
     """
     num_aux_heads = from_former_num_heads(num_heads, num_aux_heads, "generate")
     if input_ids is None:

@@ -189,11 +189,15 @@ def _bootstrap(a_seeds: Sequence[Callable[[np.ndarray], np.ndarray]],
 def _arm_on_resamples(per_seed: Sequence[Callable[[np.ndarray], np.ndarray]], resamples: Resamples) -> np.ndarray:
     """One arm's value on every resample: the mean over the drawn seeds of the metric on the drawn examples."""
     # every seed on every example resample, (n_resamples, n_seeds); the seed draw then picks columns per row
-    on_examples = np.empty((resamples.n_resamples, len(per_seed)))
-    for column, metric in enumerate(per_seed):
-        for start in range(0, resamples.n_resamples, _CHUNK_ROWS):
-            on_examples[start: start + _CHUNK_ROWS, column] = metric(resamples.examples[start: start + _CHUNK_ROWS])
+    on_examples = np.stack([in_chunks(metric, resamples.examples) for metric in per_seed], axis=1)
     return np.take_along_axis(on_examples, resamples.seeds, axis=1).mean(axis=1)
+
+
+def in_chunks(metric: Callable[[np.ndarray], np.ndarray], examples: np.ndarray) -> np.ndarray:
+    """`metric` (index rows -> one value per row) on every row of `examples`, the resampled example indices,
+    a bounded number of rows at a time."""
+    return np.concatenate([metric(examples[start: start + _CHUNK_ROWS])
+                           for start in range(0, len(examples), _CHUNK_ROWS)])
 
 
 def uniqueness_metric(answer_column: str = "answer", valid_column: str = "validity") -> SetMetric:

@@ -37,7 +37,7 @@ def eval_command(settings: EvalSettings, where: EvalOutput) -> dict:
     The tasks are listed below (each registered task, then loss). Answers are greedy and are appended to
     `generations.jsonl` as they come: rerunning the command resumes.
     """
-    from ..outputs import output_folder
+    from ..files.outputs import output_folder
     from .paired import MetricInterval, format_intervals
     from .task_eval import evaluate, format_metrics
 

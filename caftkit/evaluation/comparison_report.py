@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic_files import write_text_atomically
+from ..files.atomic import write_text_atomically
 from .bootstrap import ComparisonRow
 from .charts import save_figure
 

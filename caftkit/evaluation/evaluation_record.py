@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..json_text import decode_utf8, parse_json, read_json_file
+from ..files.json_text import decode_utf8, parse_json, read_json_file
 from ..tasks.registry import get_task, task_names
 from .paired import EXAMPLES_FILE, METRICS_FILE, MetricInterval
 from .task_eval import LOSS

@@ -15,11 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from ..json_text import read_json_file
-from ..resumable_jsonl import read_complete_records
+from ..files.json_text import read_json_file
+from ..files.resumable_jsonl import read_complete_records
 from ..tasks.registry import get_task, task_names
 from ..tasks.task import ReportMetric
-from .bootstrap import ComparisonRow, SetMetric, comparison_table, draw_resamples, subset_mean_metric, uniqueness_metric
+from .bootstrap import (
+    ComparisonRow,
+    SetMetric,
+    comparison_table,
+    draw_resamples,
+    in_chunks,
+    subset_mean_metric,
+    uniqueness_metric,
+)
 from .comparison_report import format_difference, format_value
 
 # The per-example rows and the metrics record of a `caft eval` folder.
@@ -27,8 +35,6 @@ EXAMPLES_FILE = "examples.jsonl"
 METRICS_FILE = "metrics.json"
 # Raw columns a set-level metric reads are kept in a record under this prefix, apart from the metrics' own names.
 _COLUMN = "column:"
-# Resamples at a time when the mean of a per-example metric is taken on them: bounds the temporaries.
-_CHUNK_ROWS = 512
 
 
 def read_examples(eval_dir: Path) -> list[dict[str, Any]]:
@@ -92,8 +98,7 @@ def metric_intervals(rows: Sequence[Mapping[str, Any]], metrics: Sequence[Report
         if metric.per_example:
             values = np.asarray(record[metric.name], dtype=float)
             value = float(values.mean())
-            resampled = np.concatenate([values[resamples.examples[start: start + _CHUNK_ROWS]].mean(axis=1)
-                                        for start in range(0, n_resamples, _CHUNK_ROWS)])
+            resampled = in_chunks(lambda rows, values=values: values[rows].mean(axis=1), resamples.examples)
         else:
             function = set_metric(metric)
             value = function(np.arange(len(rows)), record)

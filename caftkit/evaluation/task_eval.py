@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import write_json, write_text_atomically
 from ..data import DataError, render_prompt
-from ..export_record import EXPORT_RECORD, read_export_record
-from ..json_text import read_json_file
+from ..files.atomic import write_json, write_text_atomically
+from ..files.export_record import EXPORT_RECORD, read_export_record
+from ..files.json_text import read_json_file
+from ..files.resumable_jsonl import read_complete_records
 from ..models import ModelSettings, resolve_device
-from ..resumable_jsonl import read_complete_records
 from ..settings import MAX_SEED, setting
 from ..tasks.registry import get_task, task_names
 from ..tasks.task import Task, TaskExample

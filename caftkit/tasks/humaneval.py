@@ -23,7 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..data import DataError
-from ..package_data import package_file
+from ..files.package_data import package_file
 from .sandbox import evaluate_programs, pass_at_1, prompt_preamble, require_isolation
 from .task import ReportMetric, Task, TaskExample
 

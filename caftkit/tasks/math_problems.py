@@ -26,8 +26,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import atomic_path
 from ..data import DataError, iter_raw_records, to_messages
+from ..files.atomic import atomic_path
 from ..settings import MAX_SEED, check_settings, setting
 from .task import RecordStats, ReportMetric, Task, TaskExample, reference_records
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import atomic_path
 from ..data import DataError, skipped_text
-from ..package_data import package_file
+from ..files.atomic import atomic_path
+from ..files.package_data import package_file
 from ..settings import MAX_SEED, check_settings, setting
 from .task import RecordStats
 

@@ -28,8 +28,8 @@ def distill_command(settings: DistillSettings, where: DistillOutput) -> dict:
     skipped and a half-written last line is redone. Settings and counts are kept in `<output stem>.meta.json`.
     """
     from ..data import skipped_text
+    from ..files.outputs import output_lock
     from ..models import load_model, load_tokenizer
-    from ..outputs import output_lock
     from .distill import check_distill_output, distill
 
     check_distill_output(where.output)  # before the tokenizer loads: a path that is not ours fails at once
@@ -103,7 +103,7 @@ def export_heads_command(settings: ExportHeadsSettings) -> dict:
     Llama- and Qwen3-family models only; another is refused before anything is written, naming why, and every
     weight written is checked against the layout the engines load.
     """
-    from ..outputs import output_lock
+    from ..files.outputs import output_lock
     from .export_heads import export_heads
 
     with output_lock(settings.output):
@@ -130,7 +130,7 @@ def export_command(settings: ExportSettings) -> dict:
     """
     from contextlib import ExitStack
 
-    from ..outputs import output_lock
+    from ..files.outputs import output_lock
     from .export import export_outputs, export_run
 
     with ExitStack() as locks:

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from ..atomic_files import write_json
 from ..data import DataError, ReadStats, Record, iter_prompts, render_prompt, skipped_text
 from ..decoding.greedy import STOP_END_OF_TURN, generate_batch
-from ..json_text import read_json_file
-from ..outputs import OutputError
-from ..resumable_jsonl import read_complete_records
+from ..files.atomic import write_json
+from ..files.json_text import read_json_file
+from ..files.outputs import OutputError
+from ..files.resumable_jsonl import read_complete_records
 from .settings import DistillSettings
 
 # Settings that change what is generated: a resumed run must use the same ones.

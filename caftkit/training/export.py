@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import write_json
 from ..core.eagle3 import eagle3_refusal
 from ..core.heads import HEADS_WEIGHTS_FILE, attach_heads, detach_heads, read_heads_config, rebase_heads
 from ..evaluation.evaluation_record import TaskEvaluation, read_task_evaluation
-from ..export_record import EXPORT_RECORD, file_fingerprint
-from ..json_text import read_json_file
+from ..files.atomic import write_json
+from ..files.export_record import EXPORT_RECORD, file_fingerprint
+from ..files.json_text import read_json_file
+from ..files.outputs import OUTPUT_MARKER, check_replaceable, replace_folder
 from ..models import check_model_source, load_model, load_tokenizer
-from ..outputs import OUTPUT_MARKER, check_replaceable, replace_folder
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
 from .model_card import CARD_FILE, exported_model_card
 

@@ -9,11 +9,11 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from ..atomic_files import write_json
 from ..core.eagle3 import check_eagle3_draft, eagle3_draft
 from ..core.heads import attach_heads, check_heads_fit, get_heads
+from ..files.atomic import write_json
+from ..files.outputs import replace_folder
 from ..models import load_model
-from ..outputs import replace_folder
 
 # Written into the draft folder: what it was made from.
 DRAFT_RECORD = "caft_draft.json"

@@ -13,15 +13,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import write_json
 from ..core.architecture import unwrap_model
 from ..core.distributed import is_main_process, launch_record, wait_for_everyone
 from ..core.heads import attach_heads, check_heads_fit, get_heads, read_heads_config, save_heads
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
 from ..evaluation.head_metrics import head_metrics
+from ..files.atomic import write_json
+from ..files.outputs import claim, output_folder, remove_claimed
 from ..models import check_positions, load_model, load_tokenizer, resolve_device
-from ..outputs import claim, output_folder, remove_claimed
 from .checkpoints import ClaimedCheckpointRotation
 from .head_training import (
     CHECKPOINTS_DIR,

@@ -16,13 +16,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import write_json
 from ..core.distributed import is_main_process, launch_record, wait_for_everyone
 from ..core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, attach_heads, check_heads_fit, get_heads, save_heads
 from ..data import tokenize_source
 from ..evaluation.charts import plot_head_losses
+from ..files.atomic import write_json
+from ..files.outputs import OUTPUT_MARKER, claim, output_folder, remove_claimed
 from ..models import check_positions, load_model, load_tokenizer, resolve_device, resolve_mixed_precision
-from ..outputs import OUTPUT_MARKER, claim, output_folder, remove_claimed
 from .checkpoints import ClaimedCheckpointRotation
 from .settings import HeadTrainingSettings, trainer_arguments
 from .tracking import TENSORBOARD_DIR, tracking_callbacks

@@ -75,7 +75,7 @@ class CAFTConfig(SFTConfig):
     )
     num_heads: int | None = field(
         default=None,
-        metadata={"help": "Former name of `num_aux_heads`, still accepted (with a FutureWarning)."},
+        metadata={"help": "Former name of `num_aux_heads`: refused, naming it."},
     )
     heads_path: str | None = field(
         default=None,

@@ -27,7 +27,7 @@ def compare_command(settings: CompareSettings, where: CompareOutput) -> dict:
     resumes: finished runs, exports and evaluations are kept when made with the same settings, an interrupted run
     continues from its last checkpoint.
     """
-    from ..outputs import output_folder
+    from ..files.outputs import output_folder
     from .compare import compare
     from .compare_report import REPORT_FILE
 
@@ -64,7 +64,7 @@ def demo_command(settings: DemoSettings) -> dict:
     With the `tracking` extra installed the runs log to tensorboard. A rerun reuses the stages already done.
     Prints the scores, where each artefact is and what to run next.
     """
-    from ..outputs import output_folder
+    from ..files.outputs import output_folder
     from .demo import format_scores, run_demo
 
     started = time.perf_counter()

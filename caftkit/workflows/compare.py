@@ -35,12 +35,12 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import write_json
 from ..core.heads import HEADS_CONFIG_FILE, check_heads_fit
 from ..evaluation.paired import paired_rows, read_examples, task_records
 from ..evaluation.task_eval import METRICS_FILE, EvalSettings, evaluate
-from ..json_text import read_json_file
-from ..outputs import OUTPUT_MARKER, mark_output_folder
+from ..files.atomic import write_json
+from ..files.json_text import read_json_file
+from ..files.outputs import OUTPUT_MARKER, mark_output_folder
 from ..tasks.registry import get_task
 from ..tasks.task import ReportMetric
 from ..training.export import export_run

@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import write_text_atomically
 from ..evaluation.task_eval import METRICS_FILE, EvalSettings, evaluate
-from ..json_text import read_json_file
+from ..files.atomic import write_text_atomically
+from ..files.json_text import read_json_file
 from ..tasks.registry import get_task
 from ..training.finetuning import RUN_HEADS_DIR
 from .compare_report import arm_dir

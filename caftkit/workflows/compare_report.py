@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..atomic_files import write_text_atomically
 from ..core.heads import HEADS_CONFIG_FILE
 from ..evaluation.bootstrap import ComparisonRow
 from ..evaluation.comparison_report import (
@@ -21,7 +20,8 @@ from ..evaluation.comparison_report import (
     results_section,
 )
 from ..evaluation.paired import read_examples
-from ..json_text import read_json_file
+from ..files.atomic import write_text_atomically
+from ..files.json_text import read_json_file
 from ..tasks.registry import get_task
 from ..training.finetuning import RUN_FILE, WARMUP_HEADS_DIR
 

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..atomic_files import write_json
 from ..evaluation.task_eval import EXAMPLES_FILE, EvalSettings, evaluate
+from ..files.atomic import write_json
+from ..files.resumable_jsonl import read_complete_records
 from ..models import load_model, load_tokenizer
-from ..resumable_jsonl import read_complete_records
 from ..tasks.molecules import write_molecule_records
 from ..tasks.registry import get_task
 from ..training.distill import DistillSettings, distill

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..evaluation.task_eval import EvalSettings
 from ..models import ModelSettings
-from ..settings import MAX_SEED, check_settings, setting, with_current_names
+from ..settings import MAX_SEED, check_settings, refuse_former_names, setting
 from ..tasks.registry import get_task, task_names
 from ..training.settings import HEAD_WARMUP_CHOICES, METHODS, FinetuneSettings
 
@@ -76,7 +76,7 @@ class CompareSettings(ModelSettings):
         get_task(self.task)
         if self.test_examples == 0:
             self.test_examples = None
-        self.finetune = with_current_names(self.finetune, FinetuneSettings, "finetune")
+        self.finetune = refuse_former_names(self.finetune, FinetuneSettings, "finetune")
         _check_finetune_keys(self.finetune, "finetune settings")
         if self.arms is not None and not self.arms:  # an empty mapping is a mistake, not a wish for the defaults
             raise ValueError("arms: give at least one arm (or leave arms out for ntp and caft)")
@@ -108,7 +108,7 @@ class CompareSettings(ModelSettings):
             check_settings(arm)
         except ValueError as error:
             raise ValueError(f"arm {name}: {error}") from None
-        arm.finetune = with_current_names(arm.finetune, FinetuneSettings, f"arm {name}: finetune")
+        arm.finetune = refuse_former_names(arm.finetune, FinetuneSettings, f"arm {name}: finetune")
         if arm.mode not in ("ntp", "caft"):
             raise ValueError(f"arm {name}: mode must be ntp or caft, got {arm.mode!r}")
         if not arm.seeds or len(set(arm.seeds)) != len(arm.seeds) or min(arm.seeds) < 0:

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from caftkit.atomic_files import atomic_path, write_text_atomically
+from caftkit.files.atomic import atomic_path, write_text_atomically
 
 
 def test_the_target_appears_only_when_the_write_succeeds(tmp_path):

@@ -61,19 +61,22 @@ def test_flags_override_the_config_and_the_config_overrides_defaults(tmp_path):
     assert build_settings(Example, {}, config).epochs == 3.0
 
 
-def test_former_names_still_work_with_a_note(tmp_path, capsys):
-    assert from_flags("--data", "x", "--gradient-checkpointing", "--out", "o") == from_flags(
-        "--data", "x", "--activation-checkpointing", "--output", "o")
-    assert capsys.readouterr().err == ("caft example: note: --gradient-checkpointing is now "
-                                       "--activation-checkpointing\ncaft example: note: --out is now --output\n")
-    assert from_flags("--data", "x", "--activation-checkpointing", "--no-gradient-checkpointing"
-                      ).activation_checkpointing is False
-    assert capsys.readouterr().err == ("caft example: note: --no-gradient-checkpointing is now "
-                                       "--no-activation-checkpointing\n")
+def test_former_names_are_refused_with_the_current_one(tmp_path, capsys):
+    """A command line or config kept from before a rename stops at once, saying what to write instead."""
+    for flags, message in ((["--gradient-checkpointing"], "--gradient-checkpointing was renamed "
+                                                          "--activation-checkpointing"),
+                           (["--no-gradient-checkpointing"], "--no-gradient-checkpointing was renamed "
+                                                             "--no-activation-checkpointing"),
+                           (["--out", "o"], "--out was renamed --output")):
+        with pytest.raises(SystemExit) as exit_status:
+            from_flags("--data", "x", *flags)
+        assert exit_status.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"caft example: error: {message}"
     config = tmp_path / "old.yaml"
     config.write_text("data: x\ngradient_checkpointing: true\nout: o\n")
-    assert build_settings(Example, {}, config) == from_flags("--data", "x", "--activation-checkpointing",
-                                                             "--output", "o")
+    with pytest.raises(SettingsError, match=rf"^{config}:2: 'gradient_checkpointing' was renamed "
+                                            r"'activation-checkpointing'$"):
+        build_settings(Example, {}, config)
 
 
 def test_underscores_and_dashes_are_both_flags():

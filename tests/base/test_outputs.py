@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from caftkit.outputs import (
+from caftkit.files.outputs import (
     OUTPUT_MARKER,
     OutputError,
     check_output_folder,
@@ -23,7 +23,7 @@ from caftkit.outputs import (
 def test_a_lock_held_by_another_process_refuses_and_is_free_once_it_ends(tmp_path):
     output = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from caftkit.outputs import output_lock\n"
+        [sys.executable, "-c", "import sys, time; from caftkit.files.outputs import output_lock\n"
          f"with output_lock({str(output)!r}):\n    print('held', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from caftkit.resumable_jsonl import read_complete_records
+from caftkit.files.resumable_jsonl import read_complete_records
 
 # Characters that str.splitlines() treats as line ends but JSON leaves unescaped with ensure_ascii=False.
 UNICODE_LINE_BREAKS = "\u2028\u2029\x85\x1c\x1d\x1e\x0b\x0c"

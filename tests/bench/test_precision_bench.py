@@ -69,6 +69,7 @@ def test_measured_steps_are_the_first_steps_of_the_whole_run(tiny_task, tmp_path
         assert [loss for _, loss in series] == [whole_steps[step][f"loss_head_{head}"] for step in (1, 2, 3)]
 
 
+@pytest.mark.long(40)
 def test_bench_compares_bf16_with_float32_in_fresh_processes(tiny_task, tmp_path):
     result = bench_precision(settings(tiny_task, mode="ntp"), steps=2, tolerance=0.5, workdir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # the run folders were temporary

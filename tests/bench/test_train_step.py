@@ -31,7 +31,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def test_bench_train_end_to_end(tiny_model_dir, tmp_path, capsys):
     config = tmp_path / "bench.yaml"
-    config.write_text(f"model: {tiny_model_dir}\nbatch-size: 2\nseq_len: 16\nsteps: 2\nwarmup: 1\nnum_heads: 3\n")
+    config.write_text(f"model: {tiny_model_dir}\nbatch-size: 2\nseq_len: 16\nsteps: 2\nwarmup: 1\nnum_aux_heads: 3\n")
     output = tmp_path / "bench.json"
     assert main(["bench", "train", "--config", str(config), "--seq-len", "24", "--repeats", "2", "--output",
                  str(output)]) == 0
@@ -115,6 +115,7 @@ def test_paired_steps_are_the_two_sides_steps_in_turn(tiny_model_dir):
     assert paired.caft_loss > paired.ntp_loss
 
 
+@pytest.mark.long(130)
 def test_sweep_moves_one_axis_at_a_time_and_draws_it(tiny_model_dir, tmp_path, capsys):
     output, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
     assert main(["bench", "train", "--sweep", "--model", str(tiny_model_dir), "--batch-size", "2", "--seq-len",

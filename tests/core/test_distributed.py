@@ -82,10 +82,11 @@ def train_losses(history: list[dict]) -> list[tuple[int, dict]]:
 
 
 @pytest.mark.parametrize("head_warmup", ["no", "yes"])
+@pytest.mark.long(35)
 def test_ddp_finetune_equals_one_process_with_the_same_global_batch(tiny_run_inputs, tmp_path, head_warmup):
     """Also with the task head warm-up run inside `finetune` first (one epoch of head training, then CAFT)."""
     flags = ["finetune", "--model", str(tiny_run_inputs / "model"), "--data", str(tiny_run_inputs / "task.jsonl"),
-             "--heads", str(tiny_run_inputs / "heads"), "--method", "full", "--num-heads", "2", "--beta", "0.5",
+             "--heads", str(tiny_run_inputs / "heads"), "--method", "full", "--num-aux-heads", "2", "--beta", "0.5",
              "--epochs", "1", "--learning-rate", "0.001",
              "--logging-steps", "1", "--warmup", "0", "--eval-fraction", "0.2", "--save-steps", "100",
              "--head-warmup", head_warmup,
@@ -127,9 +128,10 @@ def test_ddp_finetune_equals_one_process_with_the_same_global_batch(tiny_run_inp
         torch.testing.assert_close(double[name], single[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.long(35)
 def test_ddp_train_heads_equals_one_process_with_the_same_global_batch(tiny_run_inputs, tmp_path):
     flags = ["train-heads", "--model", str(tiny_run_inputs / "model"), "--data", str(tiny_run_inputs / "task.jsonl"),
-             "--num-heads", "2", "--epochs", "2", "--learning-rate", "0.003", "--mixed-precision", "no",
+             "--num-aux-heads", "2", "--epochs", "2", "--learning-rate", "0.003", "--mixed-precision", "no",
              "--eval-fraction", "0.2", "--logging-steps", "1"]
     run_caft(flags + ["--batch-size", "4", "--output", str(tmp_path / "one")], 1, tmp_path)
     run_caft(flags + ["--batch-size", "2", "--output", str(tmp_path / "two")], 2, tmp_path)

@@ -351,22 +351,21 @@ def test_adapters_on_the_last_layer_change_neither_its_fingerprint_nor_the_heads
     attach_heads(adapted, str(llama_heads_dir))  # the fingerprint of a folder's heads is checked as they attach
 
 
-def test_the_former_name_num_heads_still_works_with_a_warning():
-    """`num_heads`, the name of the auxiliary-head count before `num_aux_heads`, is still accepted by
-    `attach_heads`, `generate` and `CAFTConfig`, and still read from `AuxiliaryHeads`."""
+def test_the_former_name_num_heads_is_refused_with_the_current_one():
+    """`num_heads`, the name of the auxiliary-head count before `num_aux_heads`, is refused by `attach_heads`,
+    `generate` and `CAFTConfig` with a TypeError naming `num_aux_heads`."""
     from caftkit.decoding.speculative import generate
     from caftkit.training.trainer import CAFTConfig
 
-    with pytest.warns(FutureWarning, match=r"attach_heads\(num_heads=...\) is now num_aux_heads"):
-        model = attach_heads(tiny_model("llama"), num_heads=3)
-    assert get_heads(model).num_aux_heads == get_heads(model).num_heads == 3
+    with pytest.raises(TypeError, match=r"^attach_heads\(num_heads=...\) was renamed num_aux_heads$"):
+        attach_heads(tiny_model("llama"), num_heads=3)
+    model = attach_heads(tiny_model("llama"), num_aux_heads=3)
+    assert not hasattr(get_heads(model), "num_heads")
     ids = random_batch(1, 6, pad_last=0)["input_ids"]
-    with pytest.warns(FutureWarning, match=r"generate\(num_heads=...\) is now num_aux_heads"):
-        former = generate(model, input_ids=ids, max_new_tokens=5, num_heads=2)
-    assert former.sequences == generate(model, input_ids=ids, max_new_tokens=5, num_aux_heads=2).sequences
-    with pytest.warns(FutureWarning, match=r"CAFTConfig\(num_heads=...\) is now num_aux_heads"):
-        config = CAFTConfig(output_dir="unused", num_heads=2, report_to=[], use_cpu=True, bf16=False)
-    assert (config.num_aux_heads, config.num_heads) == (2, None)
+    with pytest.raises(TypeError, match=r"^generate\(num_heads=...\) was renamed num_aux_heads$"):
+        generate(model, input_ids=ids, max_new_tokens=5, num_heads=2)
+    with pytest.raises(TypeError, match=r"^CAFTConfig\(num_heads=...\) was renamed num_aux_heads$"):
+        CAFTConfig(output_dir="unused", num_heads=2, report_to=[], use_cpu=True, bf16=False)
 
 
 @pytest.mark.parametrize("change, message", [

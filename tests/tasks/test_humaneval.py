@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from caftkit import package_data
 from caftkit.data import DataError
+from caftkit.files import package_data
 from caftkit.tasks.humaneval import (
     canonical_program,
     extract_completion,

@@ -15,7 +15,7 @@ from tiny_models import saved_model_dir, tiny_model
 from caftkit.cli import main
 from caftkit.data import iter_raw_records, to_messages
 from caftkit.evaluation.task_eval import GENERATIONS_FILE
-from caftkit.outputs import mark_output_folder
+from caftkit.files.outputs import mark_output_folder
 from caftkit.settings import check_settings, setting
 from caftkit.tasks.registry import get_task, register_task, unregister_task
 from caftkit.tasks.task import ReportMetric, Task, TaskExample

@@ -245,7 +245,7 @@ def test_a_broken_line_in_distills_own_file_is_named_and_left(tiny_model_dir, tm
 
 
 def test_a_second_distill_on_the_same_output_is_refused_while_the_first_runs(tiny_model_dir, tmp_path, capsys):
-    from caftkit.outputs import output_lock
+    from caftkit.files.outputs import output_lock
 
     prompts = write_prompts(tmp_path / "prompts.jsonl", QUESTIONS[:2])
     output = tmp_path / "out.jsonl"

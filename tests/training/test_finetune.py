@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from caftkit.cli import main
 from caftkit.core.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
 from caftkit.decoding.speculative import generate
-from caftkit.outputs import claimed, mark_output_folder
+from caftkit.files.outputs import claimed, mark_output_folder
 from caftkit.training.export import export_run
 from caftkit.training.export_heads import read_eagle3_draft
 from caftkit.training.finetuning import (
@@ -251,7 +251,7 @@ def test_killed_finetune_resumes_to_the_same_weights(tiny_dir, tmp_path):
     the Trainer wrote it) is named and skipped."""
     data = write_task(tmp_path / "task.jsonl", 60)
     flags = ["--model", str(tiny_dir / "model"), "--data", str(data), "--heads", str(tiny_dir / "heads"),
-             "--num-heads", "2", "--epochs", "3", "--batch-size", "4", "--learning-rate", "0.003",
+             "--num-aux-heads", "2", "--epochs", "3", "--batch-size", "4", "--learning-rate", "0.003",
              "--save-steps", "3", "--logging-steps", "3", "--lora-r", "4", "--lora-alpha", "8"]
     interrupted = tmp_path / "interrupted"
     finetune_complete_and_killed(flags, tmp_path / "complete", interrupted, "checkpoint-6/trainer_state.json")
@@ -306,6 +306,7 @@ def _start_and_kill_when(flags: list[str], run: Path, moment) -> tuple[bool, str
     return killed and process.returncode == -signal.SIGKILL, stderr
 
 
+@pytest.mark.long(30)
 def test_killed_at_random_moments_even_inside_a_checkpoint_save_the_run_ends_with_the_same_weights(tiny_dir,
                                                                                                     tmp_path):
     """A fine-tune that saves at every step is killed (SIGKILL) three times: while a checkpoint is half written,
@@ -315,7 +316,7 @@ def test_killed_at_random_moments_even_inside_a_checkpoint_save_the_run_ends_wit
     rng = random.Random(20)
     data = write_task(tmp_path / "task.jsonl", 40)
     flags = ["--model", str(tiny_dir / "model"), "--data", str(data), "--heads", str(tiny_dir / "heads"),
-             "--num-heads", "2", "--epochs", "2", "--batch-size", "4", "--learning-rate", "0.003",
+             "--num-aux-heads", "2", "--epochs", "2", "--batch-size", "4", "--learning-rate", "0.003",
              "--save-steps", "1", "--save-total-limit", "3", "--logging-steps", "3", "--lora-r", "4",
              "--lora-alpha", "8"]
     complete, run = tmp_path / "complete", tmp_path / "run"
@@ -386,7 +387,7 @@ def test_finetune_command_and_bad_input(tiny_dir, tmp_path, capsys):
     data = write_task(tmp_path / "task.jsonl", 20)
     run = tmp_path / "run"
     assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--heads",
-                 str(tiny_dir / "heads"), "--num-heads", "2", "--mode", "ntp", "--output", str(run),
+                 str(tiny_dir / "heads"), "--num-aux-heads", "2", "--mode", "ntp", "--output", str(run),
                  "--batch-size", "4"]) == 0
     printed = capsys.readouterr().out
     assert "18 training and 2 held-out examples, 5 steps" in printed
@@ -474,7 +475,7 @@ def test_trainer_settings_reach_the_trainer(tiny_dir, tmp_path, capsys):
     data = write_task(tmp_path / "task.jsonl", 20)
     run = tmp_path / "run"
     assert main(["finetune", "--model", str(tiny_dir / "model"), "--data", str(data), "--heads",
-                 str(tiny_dir / "heads"), "--num-heads", "2", "--output", str(run), "--batch-size", "4",
+                 str(tiny_dir / "heads"), "--num-aux-heads", "2", "--output", str(run), "--batch-size", "4",
                  "--max-steps", "2", "--trainer", "{max_grad_norm: 0.5, adam_epsilon: 1e-7}"]) == 0
     summary = json.loads((run / RUN_FILE).read_text())
     # YAML reads 1e-7 as text: a number field takes it as the number
@@ -492,13 +493,14 @@ def test_trainer_settings_reach_the_trainer(tiny_dir, tmp_path, capsys):
         assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.long(60)
 def test_a_killed_head_warm_up_continues_on_the_rerun(tiny_dir, tmp_path):
     """A fine-tune killed (SIGKILL) during its head warm-up, after a warm-up checkpoint, is started again with the
     same command: the warm-up continues from its checkpoint and ends with the heads of an uninterrupted one."""
     data = write_task(tmp_path / "task.jsonl", 60)
     flags = ["--model", str(tiny_dir / "model"), "--data", str(data), "--heads", str(tiny_dir / "heads"),
-             "--num-heads", "2", "--batch-size", "2", "--head-warmup", "yes", "--save-steps", "4", "--max-steps", "1",
-             "--lora-r", "4", "--lora-alpha", "8"]
+             "--num-aux-heads", "2", "--batch-size", "2", "--head-warmup", "yes", "--save-steps", "4",
+             "--max-steps", "1", "--lora-r", "4", "--lora-alpha", "8"]
     interrupted = tmp_path / "interrupted"
     finetune_complete_and_killed(flags, tmp_path / "complete", interrupted,
                                  "warmup-heads/checkpoints/checkpoint-8/trainer_state.json")

@@ -18,8 +18,8 @@ from tiny_tokenizer import tiny_tokenizer
 from caftkit.cli import main
 from caftkit.core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE, attach_heads, get_heads
 from caftkit.data import tokenize_source
+from caftkit.files.outputs import mark_output_folder
 from caftkit.models import bf16_is_fast, resolve_device, resolve_mixed_precision
-from caftkit.outputs import mark_output_folder
 from caftkit.training.head_training import (
     CHECKPOINTS_DIR,
     LOSS_CURVES_FILE,
@@ -264,7 +264,7 @@ def tiny_model_dir(tmp_path_factory):
 def test_command_end_to_end(tiny_model_dir, tmp_path, capsys):
     data = write_conversations(tmp_path / "data.jsonl", n=24)
     config = tmp_path / "heads.yaml"
-    config.write_text(f"model: {tiny_model_dir}\ndata: {data}\nnum-heads: 2\nepochs: 2\nlearning_rate: 0.003\n"
+    config.write_text(f"model: {tiny_model_dir}\ndata: {data}\nnum-aux-heads: 2\nepochs: 2\nlearning_rate: 0.003\n"
                       "batch_size: 4\n")
     output = tmp_path / "heads"
     assert main(["train-heads", "--config", str(config), "--output", str(output), "--eval-fraction", "0.25"]) == 0

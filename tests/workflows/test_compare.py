@@ -165,9 +165,9 @@ def test_compare_command_checks_its_settings(tiny_setup, tmp_path, capsys):
     assert "unknown finetune settings ['epochz']" in capsys.readouterr().err
     assert main(["compare", "--data", "x.jsonl", "--task", "loss"]) == 2
     assert "caft: error: unknown task 'loss'; expected one of molecules, humaneval, math" in capsys.readouterr().err
-    # the old name of --data is still understood, with a note
-    assert main(["compare", "--train-data", "x.jsonl", "--finetune", "{epochz: 1}"]) == 2
-    assert "caft compare: note: --train-data is now --data" in capsys.readouterr().err
+    # the old name of --data is refused, naming the current one
+    assert main(["compare", "--train-data", "x.jsonl"]) == 2
+    assert "caft: error: --train-data was renamed --data (see caft compare --help)" in capsys.readouterr().err
 
 
 def write_answers(output, settings, arm: str, seed: int, answers: list[str]) -> None:
@@ -184,6 +184,7 @@ ARMS = {"ntp": {"mode": "ntp", "seeds": [0, 1]},
         "caft-beta0.5": {"mode": "caft", "seeds": [1], "finetune": {"beta": 0.5}}}
 
 
+@pytest.mark.long(25)
 def test_several_arms_against_one_baseline_share_the_warm_up_and_pair_by_seed(tiny_setup, tmp_path):
     output = tmp_path / "compare"
     settings = settings_for(tiny_setup, arms=ARMS)

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .atomic_files import write_text_atomically
+from .atomic import write_text_atomically
 
 OUTPUT_MARKER = ".caft-output"
 

@@ -1,0 +1,2 @@
+"""The files every command writes and reads: records written whole (`atomic`), JSON text, resumable JSONL, the
+outputs a command owns and their locks (`outputs`), files inside PyPI packages, and the export record."""

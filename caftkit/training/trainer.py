@@ -165,7 +165,6 @@ class CAFTConfig(SFTConfig):
             # training, logged after the run was closed, opened a second run. One name per config keeps it one.
             self.run_name = f"{self.output_dir} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         self.num_aux_heads = from_former_num_heads(self.num_heads, self.num_aux_heads, "CAFTConfig")
-        self.num_heads = None
         if self.loss_type != "nll":
             raise ValueError(f"CAFTConfig computes the CAFT loss itself: loss_type must be 'nll', "
                              f"got {self.loss_type!r}")

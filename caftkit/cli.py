@@ -13,14 +13,19 @@ import logging
 import sys
 
 from . import __version__
-from .bench.commands import bench_generate_command, bench_precision_command, bench_train_command
-from .bench.settings import GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
+from .bench.commands import (
+    bench_distill_command,
+    bench_generate_command,
+    bench_precision_command,
+    bench_train_command,
+)
+from .bench.settings import DistillBenchOutput, GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
 from .command_line import Command, run_command
 from .decoding.commands import generate_command
 from .decoding.settings import GenerateSettings, Sampling
 from .environment import env_command
-from .evaluation.commands import CompareEvalsSettings, EvalOutput, compare_evals_command, eval_command, eval_tasks_help
-from .evaluation.task_eval import EvalSettings
+from .evaluation.commands import compare_evals_command, eval_command, eval_tasks_help
+from .evaluation.settings import CompareEvalsSettings, EvalOutput, EvalSettings
 from .tasks.registry import get_task, task_names
 from .training.commands import (
     distill_command,
@@ -57,6 +62,7 @@ COMMANDS: dict[str, Command] = {
     "bench train": Command(bench_train_command, (TrainBenchSettings,)),
     "bench generate": Command(bench_generate_command, (GenerationBenchSettings,)),
     "bench precision": Command(bench_precision_command, (PrecisionBenchSettings,)),
+    "bench distill": Command(bench_distill_command, (DistillSettings, DistillBenchOutput)),
     "env": Command(env_command),
 }
 

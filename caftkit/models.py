@@ -220,6 +220,19 @@ def load_tokenizer(name_or_path: str = BUNDLED_MODEL, chat_template: str | None 
     return tokenizer
 
 
+def load_generation_config(name_or_path: str = BUNDLED_MODEL):
+    """The generation config saved with a model (its end-of-sequence ids among others), without its weights; an
+    empty one for a model saved without it, as transformers does when it loads the model."""
+    from transformers import GenerationConfig
+
+    path, offline = pretrained_source(name_or_path)
+    if Path(path).is_dir() and not (Path(path) / "generation_config.json").is_file():
+        config = read_model_config(name_or_path)
+        return GenerationConfig() if config is None else GenerationConfig.from_model_config(config)
+    with _loading(name_or_path, "generation config"):
+        return GenerationConfig.from_pretrained(path, **offline)
+
+
 def read_chat_template(source: str) -> str:
     """The Jinja chat template in file `source`, or the template of the model `source` names; one line naming the
     source when it has none, or when the file's template is not valid Jinja."""

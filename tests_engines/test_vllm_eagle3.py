@@ -32,14 +32,6 @@ NEW_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def vllm_python() -> str:
-    python = os.environ.get("CAFTKIT_VLLM_PYTHON")
-    if not python or not Path(python).is_file():
-        pytest.fail("CAFTKIT_VLLM_PYTHON names no Python: run the engine tests with `make test-vllm`")
-    return python
-
-
-@pytest.fixture(scope="module")
 def served(tmp_path_factory, vllm_python):
     """Heads of the bundled model trained briefly on ShareGPT (so that some drafts hold), their EAGLE-3 draft, the
     prompts, and vLLM's answers without and with the draft."""

@@ -1,4 +1,4 @@
-"""The `caft bench` commands: train, generate, precision.
+"""The `caft bench` commands: train, generate, precision, distill.
 
 Each runs its library function and prints what it returns; its docstring is the command's help. The library is
 imported when the command runs: the command line reads and checks the settings first, without torch.
@@ -9,7 +9,8 @@ from __future__ import annotations
 from ..command_line import print_json
 from ..files.atomic import write_json
 from ..files.outputs import check_new_file
-from .settings import GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
+from ..training.settings import DistillSettings
+from .settings import DistillBenchOutput, GenerationBenchSettings, PrecisionBenchSettings, TrainBenchSettings
 
 
 def _check_output(output: str | None, flag: str = "--output") -> None:
@@ -102,3 +103,18 @@ def bench_precision_command(settings: PrecisionBenchSettings) -> dict:
     _check_output(settings.output)
     result = bench_precision(settings.finetune_settings(), steps=settings.steps, tolerance=settings.tolerance)
     return print_json(result, settings.output)
+
+
+def bench_distill_command(settings: DistillSettings, where: DistillBenchOutput) -> dict:
+    """Self-distillation in this process against an OpenAI-compatible server (--server), on the same prompts.
+
+    Both sides answer the first --max-samples prompts (give a few, e.g. 32) with the same settings, one after the
+    other, into temporary files: this process with the model already loaded, batches of --batch-size; the server
+    after caftkit's check, --concurrency requests in flight. Prints new tokens per second of each side and
+    `server_over_in_process`, how many answers are the same text, and for the others the answer token where they
+    first part. Serve the model in the dtype given here (--dtype) for answers that can agree.
+    """
+    from .distillation import run_distill_bench
+
+    _check_output(where.output)
+    return print_json(run_distill_bench(settings), where.output)

@@ -176,7 +176,7 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
     from ..decoding.greedy import stop_token_ids
 
     device = next(model.parameters()).device
-    stop_ids = set(stop_token_ids(model, tokenizer))
+    stop_ids = set(stop_token_ids(model.generation_config, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
     model.eval()
     sides = [(shape, way) for shape in shapes for way in drafting]

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation.charts import head_loss_series
-from ..models import bf16_is_fast, resolve_device
-from ..training.finetuning import LOG_HISTORY_FILE, FinetuneSettings
+from ..models import bf16_is_fast
+from ..training.finetuning import FinetuneSettings
+from ..training.runs import LOG_HISTORY_FILE
 from .memory import memory_kind, peak_memory_bytes, reset_peak_memory
 from .settings import PRECISIONS
 
@@ -63,7 +64,7 @@ def run_side(settings: FinetuneSettings, steps: int, output: str) -> dict[str, A
 
     # the head warm-up is not what is measured: it would run before the fine-tuning steps on both sides
     settings = replace(settings, logging_steps=1, save_steps=10**9, eval_steps=10**9, head_warmup="no")
-    timer = step_timer_and_stop(steps, resolve_device(settings.device))
+    timer = step_timer_and_stop(steps, settings.device)
     summary = finetune(output, settings, callbacks=[timer])
     history = json.loads((Path(output) / LOG_HISTORY_FILE).read_text())
     train = head_loss_series(history)["train"]
@@ -72,8 +73,8 @@ def run_side(settings: FinetuneSettings, steps: int, output: str) -> dict[str, A
         "steps": summary["optimizer_steps"],
         "step_seconds": timer.seconds,
         "median_step_seconds": statistics.median(timer.seconds),
-        "peak_memory_bytes": peak_memory_bytes(resolve_device(settings.device)),
-        "memory_kind": memory_kind(resolve_device(settings.device)),
+        "peak_memory_bytes": peak_memory_bytes(settings.device),
+        "memory_kind": memory_kind(settings.device),
         "train_loss_per_head": {str(k): [[step, loss] for step, loss in series] for k, series in train.items()},
         "held_out_per_head": summary["held_out_per_head"],
     }
@@ -103,11 +104,10 @@ def bench_precision(settings: FinetuneSettings, steps: int = 20, tolerance: floa
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance is a relative difference between 0 and 1, got {tolerance}")
-    device = resolve_device(settings.device)
     results = {}
     with tempfile.TemporaryDirectory(prefix="caft-bench-precision-", dir=workdir) as scratch:
         for precision in PRECISIONS:
-            side = replace(settings, mixed_precision=precision, device=device)
+            side = replace(settings, mixed_precision=precision)
             print(f"caft bench precision: mixed_precision={precision}, {steps} steps in a fresh process...",
                   file=sys.stderr, flush=True)
             command = [sys.executable, "-m", "caftkit.bench.precision", json.dumps(asdict(side)), str(steps),
@@ -123,8 +123,8 @@ def bench_precision(settings: FinetuneSettings, steps: int = 20, tolerance: floa
         "data": settings.data,
         "mode": settings.mode,
         "method": settings.method,
-        "device": device,
-        "bf16_native": bf16_is_fast(device),
+        "device": settings.device,
+        "bf16_native": bf16_is_fast(settings.device),
         "steps": steps,
         "time_ratio": bf16["median_step_seconds"] / reference["median_step_seconds"],
         "peak_memory_ratio": bf16["peak_memory_bytes"] / reference["peak_memory_bytes"],

@@ -157,3 +157,10 @@ class PrecisionBenchSettings(ModelSettings):
         return FinetuneSettings(model=self.model, data=self.data, mode=self.mode, method=self.method,
                                 heads=self.heads, seed=self.seed, dtype=self.dtype, device=self.device,
                                 **self.finetune)
+
+
+@dataclass(kw_only=True)
+class DistillBenchOutput:
+    """Where `caft bench distill` also writes its JSON."""
+
+    output: str | None = setting(None, help="also write the JSON to this new file (an existing one is refused).")

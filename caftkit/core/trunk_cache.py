@@ -3,20 +3,18 @@
 In head training (eq. 3) the base model is frozen and deterministic, so for a given batch it hands layer L the
 same inputs z, and its main head scores the same loss, every epoch. `TrunkCache` keeps them per batch (keyed by
 the batch's tokens and labels) within a memory budget, so that later epochs and repeated held-out evaluations
-run only the heads. For batches to recur, the training batches must be the same every epoch:
-`FixedBatchesSampler` forms length-grouped batches once and only changes the order in which they are visited.
+run only the heads. For batches to recur, the training batches must be the same every epoch
+(`samplers.FixedBatchesSampler`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Sampler
 
 from .layer_call import LayerCall
 
@@ -101,32 +99,3 @@ class TrunkCache:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-class FixedBatchesSampler(Sampler[int]):
-    """Length-grouped batches formed once from `seed`, visited in a new order each epoch (from `seed` and the
-    epoch); a last, smaller batch stays last, so that every batch is the same set of examples in every epoch."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0):
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        indices = get_length_grouped_indices(lengths, batch_size, generator=torch.Generator().manual_seed(seed))
-        self.batches = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        full = [batch for batch in self.batches if len(batch) == self.batch_size]
-        partial = [batch for batch in self.batches if len(batch) < self.batch_size]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        for i in torch.randperm(len(full), generator=generator).tolist():
-            yield from full[i]
-        for batch in partial:
-            yield from batch
-
-    def __len__(self) -> int:
-        return sum(len(batch) for batch in self.batches)

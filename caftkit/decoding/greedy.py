@@ -12,9 +12,9 @@ STOP_END_OF_TURN = "end_of_turn"
 STOP_MAX_NEW_TOKENS = "max_new_tokens"
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """The ids greedy generation stops on: the generation config's end-of-sequence ids and the tokenizer's."""
-    configured = model.generation_config.eos_token_id
+def stop_token_ids(generation_config, tokenizer) -> list[int]:
+    """The ids generation stops on: the model's generation config's end-of-sequence ids and the tokenizer's."""
+    configured = generation_config.eos_token_id
     ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
@@ -28,7 +28,7 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
                    top_p: float = 1.0, seed: int = 0) -> list[tuple[list[int], str]]:
     """Answer token ids (end-of-turn token excluded) and stop reason of each prompt, generated as one batch
     (greedy when `temperature` is 0)."""
-    eos_ids = stop_token_ids(model, tokenizer)
+    eos_ids = stop_token_ids(model.generation_config, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     width = max(len(ids) for ids in prompt_ids)
     device = next(model.parameters()).device

@@ -50,7 +50,7 @@ def answer_prompt(settings: GenerateSettings, sampling: Sampling | None = None) 
         {"role": "user", "content": settings.prompt}]
     ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = ids.to(settings.device)
-    stop_ids = stop_token_ids(model, tokenizer)
+    stop_ids = stop_token_ids(model.generation_config, tokenizer)
     answer: list[int] = []
     shown = ""
 

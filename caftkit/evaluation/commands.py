@@ -1,4 +1,4 @@
-"""The `caft eval` and `caft compare-evals` commands and their settings.
+"""The `caft eval` and `caft compare-evals` commands.
 
 Each runs its library function and prints what it returns; its docstring is the command's help. The library is
 imported when the command runs: the command line reads and checks the settings first, without torch.
@@ -8,27 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
-from dataclasses import dataclass
 
-from ..settings import setting
 from ..tasks.registry import get_task, task_names
-from .task_eval import LOSS, EvalSettings
-
-
-@dataclass(kw_only=True)
-class EvalOutput:
-    output: str | None = setting(None, help="folder for metrics.json, examples.jsonl and generations.jsonl "
-                                            "(default: eval-<task>).")
-
-
-@dataclass(kw_only=True)
-class CompareEvalsSettings:
-    """Two `caft eval` folders of one task, scored on the same test examples."""
-
-    baseline: str = setting(help="the evaluation compared against (e.g. the next-token fine-tuned model's).")
-    other: str = setting(help="the evaluation whose difference from the baseline is measured (e.g. CAFT's).")
-    n_resamples: int = setting(10000, help="paired bootstrap resamples of each difference's 95% interval.",
-                               minimum=100)
+from .settings import LOSS, CompareEvalsSettings, EvalOutput, EvalSettings
 
 
 def eval_command(settings: EvalSettings, where: EvalOutput) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 from ..files.json_text import decode_utf8, parse_json, read_json_file
 from ..tasks.registry import get_task, task_names
 from .paired import EXAMPLES_FILE, METRICS_FILE, MetricInterval
-from .task_eval import LOSS
+from .settings import LOSS
 
 _INTERVAL_FIELDS = {field.name for field in dataclasses.fields(MetricInterval)}
 

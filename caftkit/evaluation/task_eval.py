@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,71 +25,12 @@ from ..files.atomic import write_json, write_text_atomically
 from ..files.export_record import EXPORT_RECORD, read_export_record
 from ..files.json_text import read_json_file
 from ..files.resumable_jsonl import read_complete_records
-from ..models import ModelSettings, resolve_device
-from ..settings import MAX_SEED, setting
-from ..tasks.registry import get_task, task_names
-from ..tasks.task import Task, TaskExample
+from ..tasks.task import TaskExample
 from .paired import EXAMPLES_FILE, METRICS_FILE, metric_intervals
+from .settings import LOSS, EvalSettings
 
-# `loss` is not a task: it scores the heads' losses on conversations, with nothing generated.
-LOSS = "loss"
 GENERATIONS_FILE = "generations.jsonl"
 SETTINGS_FILE = "eval_settings.json"
-
-
-@dataclass(kw_only=True)
-class EvalSettings(ModelSettings):
-    """What `evaluate` scores and how; written into `metrics.json`."""
-
-    task: str = setting(help=f"{', '.join(task_names())} (the registered tasks) or {LOSS} (see the command's "
-                             "description).")
-    data: str | None = setting(None, help="the task's test examples. molecules: moses:test (default), moses:train or a "
-                                          "JSONL of molecule records (`caft data molecules`); humaneval: a problems "
-                                          "JSONL (default: the bundled HumanEval set); math: a JSONL of math records "
-                                          "(`caft data math`, required); loss: a JSONL/JSON file of conversations "
-                                          "(required).")
-    heads: str | None = setting(None, help="a heads folder to score (loss task).")
-    heads_base_check: bool = setting(True, help="loss task: refuse heads trained for another base than --model (a "
-                                                "fingerprint of its last layer); --no-heads-base-check scores them on "
-                                                "a fine-tuned descendant of their base (same architecture and shapes, "
-                                                "still checked), as `caft compare` does for the paper's Ln diagnostic.")
-    max_examples: int | None = setting(None, help="score only the first this many examples; 0 or none for all.",
-                                       minimum=0)
-    max_new_tokens: int | None = setting(None, help="most tokens per answer (default: the task's own: 96 for "
-                                                    "molecules, 512 for humaneval, 256 for math).", minimum=1)
-    batch_size: int = setting(16, help="prompts generated (or conversations scored) together.", minimum=1)
-    max_length: int = setting(1024, help="loss task: conversations are truncated to this many tokens.", minimum=1)
-    seed: int = setting(0, help="order of the molecules drawn from a MOSES split.", minimum=0, maximum=MAX_SEED)
-    # At most a day: the sandbox's backstop `signal.alarm` takes seconds as a C int (3e9 overflowed it), and no test
-    # of a program needs more.
-    timeout_s: float = setting(10.0, help="humaneval: wall-clock limit of one program, in seconds (at most a day).",
-                               above=0, maximum=86_400)
-    memory_mb: int = setting(1024, help="humaneval: memory limit of one program, in MB: of all its processes "
-                                        "together where a memory cgroup can be made (as root on most machines), else "
-                                        "of each process.", minimum=256)
-    workers: int = setting(2, help="humaneval: programs run in parallel.", minimum=1)
-    n_resamples: int = setting(2000, help="bootstrap resamples of each metric's 95% interval over the test "
-                                          "examples.", minimum=100)
-    allow_unsandboxed: bool = setting(False, help="humaneval: run the programs even on a machine where they cannot "
-                                                  "be isolated (no user namespaces): they then run as plain "
-                                                  "processes of your user, with resource limits only, and code "
-                                                  "written to escape can read and write your files.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.max_examples == 0:
-            self.max_examples = None
-        if self.task != LOSS and self.task not in task_names():
-            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join((*task_names(), LOSS))}")
-        if self.task == LOSS:
-            if not self.data:
-                raise ValueError("--task loss needs --data (a JSONL/JSON file of conversations)")
-        elif self.max_new_tokens is None:
-            self.max_new_tokens = get_task(self.task).max_new_tokens
-
-    def scored_task(self) -> Task | None:
-        """The task the answers are scored by; None for `loss`."""
-        return None if self.task == LOSS else get_task(self.task)
 
 
 # Settings that change the answers: a folder's generations are resumed only under the same ones.
@@ -216,7 +157,7 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
     model_export = read_export_record(settings.model)
     _check_resumable(output_dir, settings, model_export)
     if model is None:
-        model = load_model(settings.model, settings.dtype).to(resolve_device(settings.device))
+        model = load_model(settings.model, settings.dtype).to(settings.device)
 
     if task is None:
         if settings.heads:

@@ -9,7 +9,8 @@ from typing import Any
 
 from ..data import DataError, iter_raw_records
 from .molecule_metrics import check_molecule, molecule_metrics
-from .molecules import MoleculeDataSettings, describe_molecule, iter_molecule_records, write_molecule_records
+from .molecules import describe_molecule, iter_molecule_records, write_molecule_records
+from .settings import MoleculeDataSettings
 from .task import ReportMetric, Task, TaskExample, reference_records
 
 

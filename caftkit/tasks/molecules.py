@@ -22,7 +22,6 @@ from typing import Any
 from ..data import DataError, skipped_text
 from ..files.atomic import atomic_path
 from ..files.package_data import package_file
-from ..settings import MAX_SEED, check_settings, setting
 from .task import RecordStats
 
 # Name -> SMARTS, in the order groups are named in prompts.
@@ -166,28 +165,6 @@ def iter_molecule_records(source: str, n: int | None = None, seed: int = 0,
         seen.add(facts.smiles)
         stats.written += 1
         yield molecule_record(facts)
-
-
-@dataclass(kw_only=True)
-class MoleculeDataSettings:
-    """What `caft data molecules` builds: from which SMILES, how many records, in which order, into which file."""
-
-    output: str = setting(help="JSONL file to write.", formerly=("out",))
-    smiles: str = setting("moses:train", help="moses:train or moses:test (the MOSES sets of the molsets package), a "
-                                              "text file with one SMILES per line, or a CSV file with a SMILES column "
-                                              "(optionally .gz).")
-    n: int | None = setting(1000, help="number of records (molecules drawn in a seeded random order); 0 or none for "
-                                       "all.", minimum=0)
-    seed: int = setting(0, help="seed of the order.", minimum=0, maximum=MAX_SEED)
-    replace: bool = setting(False, help="replace an existing --output file; without it an existing file is refused "
-                                        "and left as it is.")
-
-    def __post_init__(self):
-        check_settings(self)
-        if self.n == 0:
-            self.n = None
-        if Path(self.output).exists() and not self.replace:
-            raise ValueError(f"{self.output}: exists: choose another --output, or --replace it")
 
 
 def write_molecule_records(source: str, output: str | os.PathLike, n: int | None = None, seed: int = 0

@@ -26,6 +26,10 @@ def distill_command(settings: DistillSettings, where: DistillOutput) -> dict:
     line holds the source id, the prompt and answer as `messages`, why generation stopped (`end_of_turn` or
     `max_new_tokens`) and the number of new tokens. Rerunning the same command resumes: ids already written are
     skipped and a half-written last line is redone. Settings and counts are kept in `<output stem>.meta.json`.
+
+    With `--server URL` an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp) generates the answers, many
+    requests in flight, each written as it arrives; the server's tokenizer is checked against --model's before any
+    prompt is sent, and a server that fails midway leaves a file that the same command completes.
     """
     from ..data import skipped_text
     from ..files.outputs import output_lock
@@ -35,13 +39,17 @@ def distill_command(settings: DistillSettings, where: DistillOutput) -> dict:
     check_distill_output(where.output)  # before the tokenizer loads: a path that is not ours fails at once
     with output_lock(where.output):
         tokenizer = load_tokenizer(settings.model, settings.chat_template)
-        summary = distill(lambda: load_model(settings.model, settings.dtype).to(settings.device), tokenizer,
-                          where.output, settings)
+        model = None if settings.server else lambda: load_model(settings.model, settings.dtype).to(settings.device)
+        summary = distill(model, tokenizer, where.output, settings)
     skipped = skipped_text(summary.skipped)
     tail = " (the file ends mid-record: its complete records were read)" if summary.source_truncated_tail else ""
     print(f"read {summary.records_read} records{tail}; skipped: {skipped}")
     print(f"{summary.prompts_selected} prompts selected, {summary.already_done} already in {where.output}, "
           f"{summary.generated} generated; stop reasons: {summary.stop_reasons or 'none'}")
+    if summary.server:
+        print(f"answered by {summary.server['model']!r} at {summary.server['url']} (prompts sent as "
+              f"{summary.server['prompt_as']}, tokenizer checked by {summary.server['tokenizer_check']}); "
+              f"{summary.retried_requests} requests tried again")
     print(f"{summary.new_tokens} new tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:.1f} tokens/s); "
           f"{summary.written_total} records in {where.output}")
     return summary.__dict__

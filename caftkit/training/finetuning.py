@@ -16,24 +16,21 @@ from typing import Any
 from ..core.architecture import unwrap_model
 from ..core.distributed import is_main_process, launch_record, wait_for_everyone
 from ..core.heads import attach_heads, check_heads_fit, get_heads, read_heads_config, save_heads
-from ..data import tokenize_source
-from ..evaluation.charts import plot_head_losses
 from ..evaluation.head_metrics import head_metrics
 from ..files.atomic import write_json
 from ..files.outputs import claim, output_folder, remove_claimed
-from ..models import check_positions, load_model, load_tokenizer, resolve_device
-from .checkpoints import ClaimedCheckpointRotation
-from .head_training import (
-    CHECKPOINTS_DIR,
-    HeadTrainingSettings,
-    last_checkpoint,
-    per_head_metrics,
-    split_held_out,
-    train_heads,
-)
+from .checkpoints import last_checkpoint
+from .head_training import HeadTrainingSettings, train_heads
 from .qlora import with_lora_adapters
+from .runs import (
+    CHECKPOINTS_DIR,
+    checkpoint_to_resume,
+    load_run_data,
+    per_head_metrics,
+    run_callbacks,
+    write_log_history,
+)
 from .settings import DEFAULT_NUM_AUX_HEADS, FinetuneSettings, trainer_arguments
-from .tracking import tracking_callbacks
 
 # The command whose marker a run folder holds.
 FINETUNE_COMMAND = "finetune"
@@ -42,7 +39,6 @@ FINAL_DIR = "final"
 RUN_HEADS_DIR = "heads"
 WARMUP_HEADS_DIR = "warmup-heads"
 HEAD_LOSSES_FILE = "head_losses.png"
-LOG_HISTORY_FILE = "log_history.json"
 
 
 def lora_config(settings: FinetuneSettings):
@@ -108,8 +104,7 @@ def finetune_arguments(settings: FinetuneSettings, output_dir: str, num_train_ex
 def _callbacks(settings: FinetuneSettings, output: Path, given: list | None) -> list:
     from transformers import EarlyStoppingCallback
 
-    callbacks = list(given or []) + tracking_callbacks(settings.report_to, output)
-    callbacks.append(ClaimedCheckpointRotation(output, output, settings.save_total_limit))
+    callbacks = list(given or []) + run_callbacks(settings, output, output)
     if settings.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(settings.early_stopping_patience, settings.early_stopping_threshold))
     return callbacks
@@ -142,33 +137,14 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
 
 def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, tokenizer,
               callbacks: list | None) -> dict[str, Any]:
-    from datasets import Dataset
+    from .trainer import CAFTConfig
 
-    from .trainer import CAFTConfig, CAFTTrainer
-
-    checkpoint = last_checkpoint(run_dir)
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
-    if not resume and (checkpoint is not None or (run_dir / RUN_FILE).exists()):
-        raise ValueError(f"{run_dir}: holds an earlier run: resume it (--resume) or choose a new output folder")
-    if not resume:
-        checkpoint = None
+    checkpoint = checkpoint_to_resume(run_dir, resume, earlier_run=(run_dir / RUN_FILE).exists())
     if settings.mode == "caft" and settings.heads and model is None:
         check_heads_fit(settings.heads, settings.model)
     settings = replace(settings, num_aux_heads=aux_head_count(settings))  # what the run records is what it uses
 
-    if tokenizer is None:
-        tokenizer = load_tokenizer(settings.model, settings.chat_template)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    data = tokenize_source(settings.data, tokenizer, settings.max_length, settings.completion_only)
-    longest = max(len(example["input_ids"]) for example in data.examples)
-    # packed, sequences fill --max-length whatever each conversation's length
-    check_positions(settings.model if model is None else model, settings.max_length if settings.packing else longest,
-                    settings.data)
-    train_examples, held_out = split_held_out(data.examples, settings.eval_fraction, settings.seed)
-    if model is None:
-        model = load_model(settings.model, settings.dtype, **settings.model_kwargs())
+    run, model = load_run_data(settings, model, tokenizer, packed=settings.packing)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     heads_dir, warmup_record = settings.heads, None
@@ -183,24 +159,23 @@ def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, to
     if settings.mode == "caft":
         warm = settings.head_warmup == "yes"
         if settings.head_warmup == "auto":
-            start = head_metrics(model, held_out, pad_token_id=tokenizer.pad_token_id, batch_size=settings.batch_size)
+            start = head_metrics(model, run.held_out, pad_token_id=run.tokenizer.pad_token_id,
+                                 batch_size=settings.batch_size)
             l2 = start["head_2"]["loss"]
             warm = l2 > settings.l2_warmup_threshold
             warmup_record = {"l2_at_start": l2, "threshold": settings.l2_warmup_threshold, "warmed_up": warm,
                              "held_out_at_start": start}
         if warm:
-            heads_dir = str(_warm_up_heads(run_dir, settings, heads_dir, model, tokenizer))
+            heads_dir = str(_warm_up_heads(run_dir, settings, heads_dir, model, run.tokenizer))
             attach_heads(model, heads_dir)
             warmup_record = {**(warmup_record or {}), "warmed_up": True, "heads": heads_dir}
         # The heads the run trains with, kept with the run (and exported beside the model).
         save_heads(get_heads(model), run_dir / RUN_HEADS_DIR)
 
-    args = CAFTConfig(**finetune_arguments(settings, str(run_dir), len(train_examples)))
-    trainer = CAFTTrainer(model, args, train_dataset=Dataset.from_list(train_examples),
-                          eval_dataset=Dataset.from_list(held_out), processing_class=tokenizer,
+    args = CAFTConfig(**finetune_arguments(settings, str(run_dir), len(run.train_examples)))
+    trainer = run.trainer(model, args, _callbacks(settings, run_dir, callbacks),
                           peft_config=lora_config(settings) if settings.method == "lora" and not settings.load_in_4bit
-                          else None,
-                          callbacks=_callbacks(settings, run_dir, callbacks))
+                          else None)
     trainer.train(resume_from_checkpoint=checkpoint)
     final = trainer.evaluate()
     # Under bf16, accelerate wrapped the model's forward in autocast; the model handed back computes as saved.
@@ -224,10 +199,8 @@ def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, to
         "base_model": settings.model,
         "heads": str(run_dir / RUN_HEADS_DIR) if settings.mode == "caft" else None,
         "head_warmup": warmup_record,
-        "train_examples": len(train_examples),
-        "held_out_examples": len(held_out),
-        "data": {"records": data.stats.read, "dropped_or_truncated": data.stats.skipped},
-        "device": resolve_device(settings.device),
+        **run.record(),
+        "device": settings.device,
         "launch": launch_record(trainer.accelerator),
         "mixed_precision": "bf16" if trainer.args.bf16 else "no",  # what `auto` became on this device
         "optimizer_steps": trainer.state.global_step,
@@ -236,9 +209,8 @@ def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, to
         "held_out_per_head": per_head_metrics(final),
     }
     if is_main_process():
-        write_json(run_dir / LOG_HISTORY_FILE, history, indent=1)
-        plot_head_losses(history, run_dir / HEAD_LOSSES_FILE,
-                         title=f"{settings.mode} fine-tuning on {Path(settings.data).name}: per-head loss")
+        write_log_history(history, run_dir, HEAD_LOSSES_FILE,
+                          f"{settings.mode} fine-tuning on {Path(settings.data).name}: per-head loss")
         write_json(run_dir / RUN_FILE, summary)
     wait_for_everyone()
     return summary

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..core.weights import SCHEDULES
 from ..data import BUNDLED_SHAREGPT
-from ..models import MIXED_PRECISION, ModelSettings, resolve_device, resolve_mixed_precision
+from ..models import MIXED_PRECISION, ModelSettings, resolve_mixed_precision
 from ..settings import MAX_SEED, of_type, setting
 from .qlora import QUANT_TYPES
 from .tracking import trainer_report_to
@@ -150,7 +150,7 @@ def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples
     `batch_size * grad_accum` examples from each."""
     from ..core.distributed import world_size  # torch: not needed to read and check the settings
 
-    device = resolve_device(settings.device)
+    device = settings.device
     steps_per_epoch = -(-num_train_examples // (settings.batch_size * settings.grad_accum * world_size()))
     return dict(
         output_dir=output_dir,
@@ -339,13 +339,31 @@ class DistillSettings(ModelSettings):
     batch_size: int = setting(32, help="prompts generated together (grouped by length, left-padded).", minimum=1)
     temperature: float = setting(0.0, help="0 for greedy decoding, else the sampling temperature.", minimum=0)
     top_p: float = setting(1.0, help="nucleus sampling threshold when sampling.", above=0, maximum=1)
-    seed: int = setting(0, help="sampling seed (each batch is seeded from it, so resumed runs sample the same).",
-                        minimum=0, maximum=MAX_SEED)
+    seed: int = setting(0, help="sampling seed (each batch, or with --server each prompt, is seeded from it, so "
+                                "resumed runs sample the same).", minimum=0, maximum=MAX_SEED)
+    server: str | None = setting(None, help="base URL of an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp) "
+                                            "serving --model, e.g. http://127.0.0.1:8000: it generates the answers "
+                                            "instead of this process. caftkit renders the prompts, checks first that "
+                                            "the server's tokenizer is --model's, and sends token ids "
+                                            "(docs/distributed.md).")
+    server_model: str | None = setting(None, help="with --server: the name the server knows the model by (default: "
+                                                  "the only model it serves).")
+    concurrency: int = setting(32, help="with --server: requests in flight at once.", minimum=1, maximum=4096)
+    request_timeout: float = setting(600.0, help="with --server: seconds to wait for one answer before trying again.",
+                                     above=0)
+    retries: int = setting(8, help="with --server: tries of a request that fails for a passing reason (no "
+                                   "connection, a timeout, HTTP 5xx or 429), waiting 1 s, then twice as long each "
+                                   "time (at most 30 s); then the run stops and a rerun resumes.", minimum=1)
 
     def __post_init__(self):
         super().__post_init__()
         if self.max_samples == 0:
             self.max_samples = None
+        if self.server is not None and not self.server.startswith(("http://", "https://")):
+            raise ValueError(f"server: {self.server!r} is not an http:// or https:// URL")
+        unused = [name for name in ("server_model",) if getattr(self, name) is not None and self.server is None]
+        if unused:
+            raise ValueError(f"{unused[0]} is for --server: give the server's URL")
 
 
 @dataclass(kw_only=True)

@@ -33,7 +33,8 @@ from ..core.heads import (
     save_heads,
 )
 from ..core.multitoken import count_targets, head_statistics, weighted_loss
-from ..core.trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
+from ..core.samplers import FixedBatchesSampler, SeededLengthGroupedSampler
+from ..core.trunk_cache import TrunkCache, trunk_is_deterministic
 from ..core.weights import MODES, SCHEDULES, gamma_schedule, head_loss_weights
 from ..models import pretrained_source, resolve_device, resolve_mixed_precision
 from ..settings import check_declared
@@ -200,26 +201,6 @@ class _HeadTotals:
             self.loss += loss
             self.count += counts
             self.correct += correct
-
-
-class SeededLengthGroupedSampler(LengthGroupedSampler):
-    """transformers' length-grouped sampler, drawing each epoch's order from `(seed, epoch)`.
-
-    The stock sampler draws from the global random state when iteration starts, so a run resumed from a
-    checkpoint sees a different order than the run it continues; this one replays the same order.
-    """
-
-    def __init__(self, *args, seed: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return super().__iter__()
 
 
 class CAFTTrainer(SFTTrainer):

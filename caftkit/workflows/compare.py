@@ -37,12 +37,14 @@ from typing import Any
 
 from ..core.heads import HEADS_CONFIG_FILE, check_heads_fit
 from ..evaluation.paired import paired_rows, read_examples, task_records
-from ..evaluation.task_eval import METRICS_FILE, EvalSettings, evaluate
+from ..evaluation.settings import EvalSettings
+from ..evaluation.task_eval import METRICS_FILE, evaluate
 from ..files.atomic import write_json
 from ..files.json_text import read_json_file
 from ..files.outputs import OUTPUT_MARKER, mark_output_folder
 from ..tasks.registry import get_task
 from ..tasks.task import ReportMetric
+from ..training.checkpoints import last_checkpoint
 from ..training.export import export_run
 from ..training.finetuning import (
     FINETUNE_COMMAND,
@@ -52,7 +54,6 @@ from ..training.finetuning import (
     finetune,
     warmup_settings,
 )
-from ..training.head_training import last_checkpoint
 from .compare_ln import ln_results, ln_section, run_ln, write_ln_conversations
 from .compare_report import ArmComparison, arm_dir, write_comparison_report
 from .settings import CompareSettings

@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.task_eval import METRICS_FILE, EvalSettings, evaluate
+from ..evaluation.settings import EvalSettings
+from ..evaluation.task_eval import METRICS_FILE, evaluate
 from ..files.atomic import write_text_atomically
 from ..files.json_text import read_json_file
 from ..tasks.registry import get_task

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.task_eval import EXAMPLES_FILE, EvalSettings, evaluate
+from ..evaluation.settings import EvalSettings
+from ..evaluation.task_eval import EXAMPLES_FILE, evaluate
 from ..files.atomic import write_json
 from ..files.resumable_jsonl import read_complete_records
 from ..models import load_model, load_tokenizer

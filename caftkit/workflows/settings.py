@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.task_eval import EvalSettings
+from ..evaluation.settings import EvalSettings
 from ..models import ModelSettings
 from ..settings import MAX_SEED, check_settings, refuse_former_names, setting
 from ..tasks.registry import get_task, task_names

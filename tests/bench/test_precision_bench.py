@@ -10,7 +10,8 @@ from tiny_models import saved_model_dir, tiny_model
 
 from caftkit.bench.precision import bench_precision, largest_relative_difference, run_side
 from caftkit.cli import main
-from caftkit.training.finetuning import LOG_HISTORY_FILE, FinetuneSettings, finetune
+from caftkit.training.finetuning import FinetuneSettings, finetune
+from caftkit.training.runs import LOG_HISTORY_FILE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

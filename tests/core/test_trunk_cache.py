@@ -12,7 +12,8 @@ from tiny_tokenizer import tiny_tokenizer
 
 from caftkit.core.heads import attach_heads, get_heads
 from caftkit.core.multitoken import head_statistics, weighted_loss
-from caftkit.core.trunk_cache import FixedBatchesSampler, TrunkCache, trunk_is_deterministic
+from caftkit.core.samplers import FixedBatchesSampler
+from caftkit.core.trunk_cache import TrunkCache, trunk_is_deterministic
 from caftkit.core.weights import head_loss_weights
 from caftkit.training.head_training import HeadTrainingSettings, train_heads
 

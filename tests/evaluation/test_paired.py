@@ -11,7 +11,8 @@ from tiny_models import saved_model_dir, tiny_model
 
 from caftkit.cli import main
 from caftkit.evaluation.bootstrap import draw_resamples
-from caftkit.evaluation.task_eval import GENERATIONS_FILE, METRICS_FILE, EvalSettings, evaluate
+from caftkit.evaluation.settings import EvalSettings
+from caftkit.evaluation.task_eval import GENERATIONS_FILE, METRICS_FILE, evaluate
 from caftkit.tasks.molecules import describe_molecule, molecule_record
 from caftkit.tasks.registry import get_task
 

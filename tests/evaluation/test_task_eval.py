@@ -13,11 +13,11 @@ from caftkit.cli import main
 from caftkit.core.heads import attach_heads, get_heads, save_heads
 from caftkit.data import render_prompt, tokenize_conversation
 from caftkit.evaluation.head_metrics import head_metrics
+from caftkit.evaluation.settings import EvalSettings
 from caftkit.evaluation.task_eval import (
     EXAMPLES_FILE,
     GENERATIONS_FILE,
     METRICS_FILE,
-    EvalSettings,
     evaluate,
 )
 from caftkit.tasks.humaneval import read_problems

@@ -10,16 +10,17 @@ from tiny_models import saved_model_dir, tiny_model
 
 from caftkit.cli import main
 from caftkit.data import DataError
-from caftkit.evaluation.task_eval import GENERATIONS_FILE, EvalSettings, evaluate
+from caftkit.evaluation.settings import EvalSettings
+from caftkit.evaluation.task_eval import GENERATIONS_FILE, evaluate
 from caftkit.tasks.math_problems import (
     MIN_GROUP_EXAMPLES,
-    MathDataSettings,
     digit_count,
     final_number,
     normalize_number,
     write_math_records,
 )
 from caftkit.tasks.registry import get_task
+from caftkit.tasks.settings import MathDataSettings
 
 
 def read_jsonl(path):

@@ -27,12 +27,12 @@ from caftkit.cli import main
 from caftkit.core.heads import HEADS_ATTRIBUTE, attach_heads, base_fingerprint
 from caftkit.decoding.speculative import generate
 from caftkit.files.outputs import claimed, mark_output_folder
+from caftkit.training.checkpoints import last_checkpoint
 from caftkit.training.export import export_run
 from caftkit.training.export_heads import read_eagle3_draft
 from caftkit.training.finetuning import (
     FINAL_DIR,
     HEAD_LOSSES_FILE,
-    LOG_HISTORY_FILE,
     RUN_FILE,
     RUN_HEADS_DIR,
     FinetuneSettings,
@@ -40,7 +40,8 @@ from caftkit.training.finetuning import (
     finetune,
     warmup_settings,
 )
-from caftkit.training.head_training import HeadTrainingSettings, last_checkpoint, train_heads
+from caftkit.training.head_training import HeadTrainingSettings, train_heads
+from caftkit.training.runs import LOG_HISTORY_FILE
 
 MOLECULES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C#N", "CC(C)O", "OCC(O)CO", "CC(=O)N", "CC#N", "OC(=O)c1ccccc1"]
 

@@ -20,13 +20,8 @@ from caftkit.core.heads import HEADS_ATTRIBUTE, HEADS_CONFIG_FILE, HEADS_WEIGHTS
 from caftkit.data import tokenize_source
 from caftkit.files.outputs import mark_output_folder
 from caftkit.models import bf16_is_fast, resolve_device, resolve_mixed_precision
-from caftkit.training.head_training import (
-    CHECKPOINTS_DIR,
-    LOSS_CURVES_FILE,
-    HeadTrainingSettings,
-    split_held_out,
-    train_heads,
-)
+from caftkit.training.head_training import LOSS_CURVES_FILE, HeadTrainingSettings, train_heads
+from caftkit.training.runs import CHECKPOINTS_DIR, split_held_out
 from caftkit.training.settings import trainer_arguments
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -310,7 +305,7 @@ def test_bad_training_data_fails_before_loading_the_model(tiny_model_dir, tmp_pa
 def test_the_last_checkpoint_is_the_newest_complete_one(tmp_path):
     """A checkpoint folder without a whole `trainer_state.json` (the Trainer writes it last, not atomically) is one
     a killed run was still writing: resuming takes the newest complete one before it."""
-    from caftkit.training.head_training import last_checkpoint
+    from caftkit.training.checkpoints import last_checkpoint
 
     assert last_checkpoint(tmp_path / "absent") is None
     state = json.dumps({"global_step": 4, "log_history": [{"loss": 1.5}]})

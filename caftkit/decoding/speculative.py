@@ -25,6 +25,7 @@ the batch instead (still lossless, fewer tokens per step).
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ from torch import nn
 from ..core.architecture import find_model_parts, unwrap_model
 from ..core.heads import AuxiliaryHeads, from_former_num_heads, get_heads
 from ..core.layer_call import LayerCall, cache_parameter, capture_layer_inputs
-from .draft_policy import DraftPolicy, drafting_cost
+from .draft_policy import DraftPolicy, drafting_cost, drafting_memory
 from .draft_tree import DraftBlock, DraftTree, accept
 from .sampling import TokenChooser
 from .settings import Sampling, default_tree_size
@@ -205,7 +206,10 @@ def generate(
     accepted tokens as they come (for streaming). `draft_dtype` (e.g. `torch.bfloat16` for a float32 model) runs
     the heads and their unembedding in a cheaper dtype: the drafts may change, the output tokens do not.
     `adaptive` (the default) drafts at each pass only as far as the heads are confident, and stops drafting when it
-    does not pay for itself (`draft_policy.py`); `adaptive=False` always drafts through every head.
+    does not pay for itself; it remembers, for these heads and this draft shape, how fast decoding went with and
+    without them in this process, and once the heads were measured slower, the next calls are transformers' own
+    `generate()`, the heads tried again after 4, 8, 16, ... calls (`draft_policy.py`). `adaptive=False` always
+    drafts through every head.
     `num_heads`, the former name of `num_aux_heads`, is refused naming it.
     """
     num_aux_heads = from_former_num_heads(num_heads, num_aux_heads, "generate")
@@ -244,10 +248,18 @@ def generate(
         from ..models import parse_dtype
 
         draft_dtype = parse_dtype(draft_dtype)
+    sampling = sampling or Sampling()
+    memory = drafting_memory(heads, (num_aux_heads, candidates, size, str(draft_dtype), batch)) \
+        if adaptive and tree is not None else None
+    if memory is not None and not memory.start_call():  # the heads were measured not to pay, lately
+        if on_tokens is None:
+            return _decode_plainly(model, input_ids, attention_mask, max_new_tokens, stop_ids, sampling)
+        tree = None  # streaming: this loop, one token per pass, without the heads
     drafter = HeadDrafter(model, heads, num_aux_heads, candidates, draft_dtype) if tree is not None else None
-    policy = DraftPolicy(num_aux_heads, drafting_cost(model, heads, num_aux_heads) if drafter else 0.0,
-                         adaptive=adaptive)
-    choose = TokenChooser(sampling or Sampling(), device)
+    measured = memory.measured_cost() if memory is not None else None
+    policy = DraftPolicy(num_aux_heads, 0.0 if drafter is None else measured if measured is not None else
+                         drafting_cost(model, heads, num_aux_heads), adaptive=adaptive)
+    choose = TokenChooser(sampling, device)
 
     # Prefill: the prompt through the model and the heads; left padding gets position 0 like generate() does.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -263,8 +275,10 @@ def generate(
     output = GenerationOutput([[] for _ in range(batch)], forward_passes=1)
     rows = torch.arange(batch, device=device)  # original row of each row still generating
     while rows.numel() > 0:
+        started = time.perf_counter()
         if drafter is not None and not policy.active:  # drafting did not pay: plain decoding from here on
             drafter, tree, candidates = None, None, None
+        heads_ran = drafter is not None
         drafted = policy.depth(candidates[1][:, :, 0].exp()) if drafter else 0
         if tree is None:
             block = DraftBlock(tokens=next_token[:, None], parent=next_token.new_zeros(rows.numel(), 1),
@@ -320,6 +334,8 @@ def generate(
         mask = torch.cat([mask, kept], dim=-1)
         next_position = next_position + taken
         next_token = chosen.gather(1, last[:, None]).squeeze(1)
+        if memory is not None:  # the tokens are on the host by now (tolist above): the pass is over
+            memory.record(heads_ran, time.perf_counter() - started, sum(step_tokens))
 
         if finished.any():
             alive = (~finished).nonzero().squeeze(1)
@@ -328,4 +344,27 @@ def generate(
             if drafter:
                 candidates = tuple(c[alive] for c in candidates)
                 drafter.select(alive)
+    if memory is not None:
+        memory.end_call()
     return output
+
+
+def _decode_plainly(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                    stop_ids: set[int], sampling: Sampling) -> GenerationOutput:
+    """transformers' own `generate()`, for a call that does not run the heads: nothing of the heads' machinery is
+    paid for. Sampling draws from a generator seeded with `sampling.seed` without touching the caller's."""
+    config = model.generation_config
+    pad_id = config.pad_token_id if config.pad_token_id is not None else min(stop_ids, default=0)
+    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if not sampling.greedy and sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=sorted(stop_ids) or None, pad_token_id=pad_id,
+                             **sampling.generate_kwargs())
+    sequences = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        stop = next((i for i, token in enumerate(row) if token in stop_ids), None)
+        sequences.append(row if stop is None else row[: stop + 1])
+    steps = max(map(len, sequences), default=0)
+    return GenerationOutput(sequences, forward_passes=steps, accepted_per_step=[1.0] * steps)

@@ -17,12 +17,7 @@ from typing import Any
 from ..environment import environment
 from ..models import load_model, load_tokenizer
 from ..training.distill import DistillSettings, distill
-
-
-def first_difference(ours: list[int], theirs: list[int]) -> int:
-    """The index of the first token where two answers part (the shorter one's length where one extends the
-    other)."""
-    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+from ..training.distill_server import first_difference
 
 
 def compare_answers(tokenizer, in_process: Path, served: Path) -> dict[str, Any]:

@@ -41,8 +41,14 @@ def choose_model(server: CompletionServer, wanted: str | None) -> str:
     return served[0]
 
 
-def _first_difference(ours: list[int], theirs: list[int]) -> str:
-    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+def first_difference(ours: list[int], theirs: list[int]) -> int:
+    """The index of the first token where two token lists part (the shorter one's length where one extends the
+    other)."""
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+
+
+def _where_they_part(ours: list[int], theirs: list[int]) -> str:
+    at = first_difference(ours, theirs)
 
     def token(ids: list[int]) -> str:
         return str(ids[at]) if at < len(ids) else "the end"
@@ -64,7 +70,7 @@ def check_server(server: CompletionServer, tokenizer, model_name: str, wanted: s
     if served is not None:
         for ours, theirs in zip(local, [served, server.tokenize(prompt_text)]):
             if theirs != ours:
-                raise ServerError(f"{refused} ({_first_difference(ours, theirs)})")
+                raise ServerError(f"{refused} ({_where_they_part(ours, theirs)})")
         check = "/tokenize"
     else:  # the weaker check every OpenAI-compatible server allows: the prompt's token count it reports
         for text, ours in zip(texts, local):

@@ -24,13 +24,13 @@ def bench_generate_command(settings: GenerationBenchSettings) -> dict:
 
     Both sides run in this process on the same batches (chat template applied, prompts grouped by length,
     left-padded), after an untimed warm-up; each batch is decoded plainly and then with every draft shape, each
-    with fixed drafts (every head at every pass) and adaptive ones (as far as the heads are confident, stopping
-    where drafting does not pay); greedily, and sampled at each of --temperatures. Prints, per temperature, batch
-    size, draft shape and drafting, new tokens per second of each side, the speedup, the mean tokens accepted per
-    verification pass, and, greedy, how many answers are token for token the same (all should be). The speedup is split
-    into `pass_reduction` (plain forward passes over speculative ones: what the heads save) and `pass_cost` (a
-    speculative pass's time in plain one-token steps: what the device charges): speedup = pass_reduction /
-    pass_cost.
+    with fixed drafts (every head at every pass) and adaptive ones (each pass through every head, the confident
+    ones or none, by the speed each gave); greedily, and sampled at each of --temperatures. Prints, per
+    temperature, batch size, draft shape and drafting, new tokens per second of each side, the speedup, the mean
+    tokens accepted per verification pass, and, greedy, how many answers are token for token the same (all should
+    be). The speedup is split into `pass_reduction` (plain forward passes over speculative ones: what the heads
+    save) and `pass_cost` (a speculative pass's time in plain one-token steps: what the device charges): speedup =
+    pass_reduction / pass_cost.
     """
     from .generation import run_generation_bench
 

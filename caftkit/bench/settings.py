@@ -69,7 +69,7 @@ class GenerationBenchSettings(ModelSettings):
                                                  "default: --dtype.")
     drafting: list[str] = setting(default_factory=lambda: ["fixed", "adaptive"],
                                   help="how each draft shape drafts: fixed (every head at every pass) and adaptive "
-                                       "(as far as the heads are confident, stopping where it does not pay); each "
+                                       "(each pass every head, the confident ones or none, by measured speed); each "
                                        "one asked for is measured.", choices=("fixed", "adaptive"))
     temperatures: list[float] = setting(default_factory=lambda: [0.0], help="0 decodes greedily; above 0 samples "
                                                                            "(with --top-p and --seed); each one "

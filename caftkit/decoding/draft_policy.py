@@ -1,160 +1,183 @@
-"""How far to draft at each verification pass: fixed, or adaptive so that drafting is never much slower than not.
+"""How far to draft at each verification pass: fixed, or chosen from what each way of drafting measured.
 
 Drafting has a price at every pass: the heads (copies of the last layer) run over the verified block and the
-unembedding runs once over their states. At batch 1 a pass costs about the weights it reads, so the price of
-drafting relative to a plain decoding step is about `drafting_cost`: the heads' and the unembedding's parameters
-over the model's layers' and unembedding's. A pass that drafts is worth it only when it yields more than `1 +
-drafting_cost` tokens on average.
+unembedding runs once over their states, and the pass verifies a longer block. What that costs is the machine's to
+say: on a CPU a pass drafting with one head of the bundled model took 1.9 plain steps, against the 1.2 the weights it
+reads imply. So the adaptive policy (on by default) does not predict the price; it measures it. Each pass is one of
+three ways of drafting (`WAYS`):
 
-The adaptive policy (on by default):
+- `full`: every head drafts (what `adaptive=False` always does);
+- `confident`: only the leading heads whose top probability reaches a threshold, tuned from what was accepted (down
+  a step when every draft held, up a step when one was rejected), as transformers' `assistant_confidence_threshold`
+  and SpecDec++ stop drafting where acceptance becomes unlikely;
+- `plain`: no drafts and the heads not run; the model's inputs to their layer are kept, and fed to the heads when a
+  later pass drafts again (their caches then stand where they would have).
 
-- drafts, at each pass, only the leading heads whose top probability reaches a threshold (zero drafts allowed: the
-  pass then verifies the model's own next token alone), and tunes the threshold from what was accepted: down a step
-  when every draft held (draft more), up a step when one was rejected (draft less), as transformers'
-  `assistant_confidence_threshold` and SpecDec++ stop drafting where acceptance becomes unlikely;
-- stops running the heads for the rest of the generation once the tokens per pass of its last passes fall below
-  the break-even `1 + drafting_cost`: decoding goes on one token per pass, as plain decoding does, without the
-  heads' price.
+`DraftingMemory` keeps, for each set of heads and draft shape, the tokens per second of each way over its last
+passes in this process. A pass takes the fastest way so far, after each has had its trial passes; now and then it
+tries another, less often while the verdict holds. Calls, too: once plain passes were measured faster than the
+heads' best way, the next calls decode plainly from the start, as `generate()` does, and the heads are tried again
+after 4, then 8, 16, ... calls (at most 64).
 
-What a pass really costs is the machine's to say: on a CPU, verifying a block of drafts costs far more than the
-weights it reads (a pass drafting with one head of the bundled model took 1.9 plain steps, against the 1.2 the weights
-imply). So the policy also remembers, for each set of heads and draft shape, how fast decoding went in this process
-with the heads running and without them (`DraftingMemory`), and judges from those rates:
-
-- once the heads have been measured slower than plain decoding, the next calls decode plainly from the start, as
-  `generate()` does, and the heads are tried again after 4, then 8, 16, ... calls (at most 64);
-- within a call, the break-even is the measured cost of a pass that runs the heads, once it is known.
-
-Which tokens come out never depends on the policy (the model chooses every token); only how many passes they take.
+Which tokens come out never depends on the policy (the model chooses every token, and a sampled token depends only
+on the seed: `sampling.py`); only how many passes they take.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..core.architecture import find_model_parts
 from ..core.heads import AuxiliaryHeads
 
-
-def drafting_cost(model, heads: AuxiliaryHeads, num_aux_heads: int) -> float:
-    """The weights drafting reads at each pass (the first `num_aux_heads` heads and the unembedding) over those a
-    plain decoding step reads (every decoder layer and the unembedding)."""
-    parts = find_model_parts(model)
-
-    def size(modules) -> int:
-        return sum(param.numel() for module in modules for param in module.parameters())
-
-    unembedding = parts.lm_head.weight.numel()
-    return (size(heads.layers[:num_aux_heads]) + unembedding) / (size(parts.layers) + unembedding)
-
-
-class DraftPolicy:
-    """How many drafts each pass verifies. Fixed (`adaptive=False`): always `num_aux_heads`. Adaptive: as the module
-    docstring says, from a starting `threshold` moved by `step`, judged over the last `window` passes once
-    `trial_passes` have run."""
-
-    def __init__(self, num_aux_heads: int, cost: float, *, adaptive: bool = True, threshold: float = 0.3,
-                 step: float = 0.05, trial_passes: int = 8, window: int = 16):
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"the drafting threshold must be in [0, 1], got {threshold}")
-        self.num_aux_heads, self.cost, self.adaptive = num_aux_heads, cost, adaptive
-        self.threshold, self.step, self.trial_passes = threshold, step, trial_passes
-        self.tokens_per_pass: deque[float] = deque(maxlen=window)
-        self.passes = 0
-        self.active = num_aux_heads > 0
-
-    def depth(self, confidence: torch.Tensor) -> int:
-        """Drafts to verify this pass, given each head's top probability `[rows, num_aux_heads]`: every head when
-        fixed; else the longest run of leading heads at or above the threshold, over the rows."""
-        if not self.active:
-            return 0
-        if not self.adaptive:
-            return self.num_aux_heads
-        confident = (confidence >= self.threshold).long().cumprod(dim=-1)
-        return int(confident.sum(-1).max())
-
-    def record(self, drafted: int, accepted: torch.Tensor) -> None:
-        """What one pass gave: `drafted` drafts verified, `accepted[row]` tokens accepted (the model's own next token
-        and the drafts that held)."""
-        self.passes += 1
-        if not self.adaptive or not self.active:
-            return
-        held = accepted - 1
-        if drafted > 0 and bool((held >= drafted).all()):
-            self.threshold = max(self.step, self.threshold - self.step)
-        elif drafted > 0 and bool((held < drafted).any()):
-            self.threshold = min(1.0 - self.step, self.threshold + self.step)
-        elif drafted == 0:  # nothing was confident enough: lower the bar a little, to try again
-            self.threshold = max(self.step, self.threshold - self.step / 5)
-        self.tokens_per_pass.append(float(accepted.float().mean()))
-        recent = sum(self.tokens_per_pass) / len(self.tokens_per_pass)
-        if self.passes >= self.trial_passes and recent < 1.0 + self.cost:
-            self.active = False
-
-
-# Calls decoded plainly before the heads are tried again, after a first verdict against them; doubled after each
-# trial that confirms it, up to the most.
+# The ways a pass can draft, in the order their trials run.
+WAYS = ("full", "confident", "plain")
+# Passes each way runs before the rates are compared; the passes each way's rate is taken over.
+TRIAL_PASSES, RATE_WINDOW = 4, 64
+# Passes between tries of another way than the fastest: doubled after each try that leaves the fastest as it was.
+FIRST_TRY_INTERVAL, LONGEST_TRY_INTERVAL = 16, 256
+# Calls decoded plainly before the heads are tried again, after a verdict against them; doubled after each trial that
+# confirms it.
 FIRST_PLAIN_SPELL, LONGEST_PLAIN_SPELL = 4, 64
 
 
 @dataclass
 class DraftingMemory:
-    """How fast one set of heads with one draft shape decoded in this process: seconds and tokens of the passes
-    that ran the heads and of those that did not, and the verdict drawn from them."""
+    """How fast one set of heads with one draft shape decoded in this process: the seconds and tokens of the last
+    passes of each way of drafting, the confidence threshold reached, and the verdicts drawn from them."""
 
-    heads_seconds: float = 0.0
-    heads_tokens: float = 0.0
-    heads_passes: int = 0
-    plain_seconds: float = 0.0
-    plain_tokens: float = 0.0
-    plain_passes: int = 0
+    passes: dict = field(default_factory=lambda: {way: deque(maxlen=RATE_WINDOW) for way in WAYS})
+    threshold: float = 0.3
+    try_interval: int = FIRST_TRY_INTERVAL
+    tries: int = 0
     heads_pay: bool | None = None
     plain_calls_left: int = 0
     plain_spell: int = FIRST_PLAIN_SPELL
 
-    def record(self, heads_ran: bool, seconds: float, tokens: float, passes: int = 1) -> None:
-        """A stretch of decoding (one pass, or a plain call of `passes` steps) and the tokens it gave."""
-        if heads_ran:
-            self.heads_seconds, self.heads_tokens = self.heads_seconds + seconds, self.heads_tokens + tokens
-            self.heads_passes += passes
-        else:
-            self.plain_seconds, self.plain_tokens = self.plain_seconds + seconds, self.plain_tokens + tokens
-            self.plain_passes += passes
+    def record(self, way: str, seconds: float, tokens: float) -> None:
+        """One pass of `way` (or, with no tokens, time spent for it, as feeding the heads what plain passes
+        skipped) and the tokens it gave."""
+        if tokens == 0 and self.passes[way]:  # added to the way's last pass, not counted as one
+            last_seconds, last_tokens = self.passes[way][-1]
+            self.passes[way][-1] = (last_seconds + seconds, last_tokens)
+            return
+        self.passes[way].append((seconds, tokens))
 
-    def measured_cost(self) -> float | None:
-        """What a pass running the heads costs beyond a plain step (0.9: 1.9 plain steps), once both were timed."""
-        if not (self.heads_passes and self.plain_passes):
+    def rate(self, way: str) -> float | None:
+        """Tokens per second of `way` over its last passes; None until it has had its trial."""
+        passes = self.passes[way]
+        if len(passes) < TRIAL_PASSES:
             return None
-        return max(0.0, (self.heads_seconds / self.heads_passes) / (self.plain_seconds / self.plain_passes) - 1.0)
+        return sum(tokens for _, tokens in passes) / max(sum(seconds for seconds, _ in passes), 1e-9)
+
+    def fastest(self, ways: tuple[str, ...] = WAYS) -> str | None:
+        """The way of `ways` with the most tokens per second; None while one of them has not had its trial."""
+        rates = {way: self.rate(way) for way in ways}
+        if any(rate is None for rate in rates.values()):
+            return None
+        return max(ways, key=rates.__getitem__)
+
+    def tried(self, fastest_before: str | None) -> None:
+        """After a try of another way than the fastest: try less often if the fastest stayed, as often as at first
+        if it changed."""
+        if self.fastest() == fastest_before:
+            self.try_interval = min(2 * self.try_interval, LONGEST_TRY_INTERVAL)
+        else:
+            self.try_interval = FIRST_TRY_INTERVAL
 
     def start_call(self) -> bool:
-        """Whether this call may run the heads: always, unless they were measured slower than plain decoding and
-        their next trial is still some calls away."""
+        """Whether this call may run the heads: always, unless plain passes were measured faster than theirs and
+        their next trial is still some calls away. A trial measures the heads' ways anew: what they are worth may
+        have changed with the prompts."""
         if self.heads_pay is not False:
             return True
         if self.plain_calls_left > 0:
             self.plain_calls_left -= 1
             return False
-        return True  # a trial: what the heads are worth may have changed with the prompts
+        for way in WAYS[:-1]:
+            self.passes[way].clear()
+        return True
 
     def end_call(self) -> None:
-        """Draw the verdict from the rates measured so far: the heads pay when decoding with them gave more tokens
-        per second than without them."""
-        if not (self.heads_tokens and self.plain_tokens):
-            if self.heads_tokens and self.heads_pay is None:
-                self.heads_pay = True  # the heads ran the whole call: the policy found them paying
+        """Draw the verdict from the rates measured so far: the heads pay when their fastest way gave more tokens
+        per second than plain passes."""
+        fastest = self.fastest()
+        if fastest is None:
             return
-        pays = self.heads_tokens / self.heads_seconds > self.plain_tokens / self.plain_seconds
+        pays = fastest != "plain"
         if not pays:
             self.plain_calls_left = self.plain_spell
             self.plain_spell = min(2 * self.plain_spell, LONGEST_PLAIN_SPELL)
         else:
             self.plain_spell = FIRST_PLAIN_SPELL
         self.heads_pay = pays
+
+
+class DraftPolicy:
+    """The way each pass of one call drafts, and how deep. Fixed (`memory` None): every head, at every pass (no
+    heads: plain). Adaptive: as the module docstring says, from `memory`, the threshold moved by `step`."""
+
+    def __init__(self, num_aux_heads: int, memory: DraftingMemory | None = None, *, step: float = 0.05):
+        self.num_aux_heads, self.memory, self.step = num_aux_heads, memory, step
+        self.since_try = 0
+        self.trying: str | None = None  # the fastest way before the pass now trying another
+
+    def way(self) -> str:
+        """The way the next pass drafts."""
+        if self.num_aux_heads == 0:
+            return "plain"
+        memory = self.memory
+        if memory is None:
+            return "full"
+        untried = [way for way in WAYS if len(memory.passes[way]) < TRIAL_PASSES]
+        if untried:
+            return untried[0]
+        fastest = memory.fastest()
+        self.since_try += 1
+        if self.since_try < memory.try_interval:
+            return fastest
+        self.since_try, self.trying = 0, fastest
+        others = [way for way in WAYS if way != fastest]
+        memory.tries += 1
+        return others[memory.tries % len(others)]
+
+    def depth(self, way: str, confidence: torch.Tensor) -> int:
+        """Drafts to verify this pass, given each head's top probability `[rows, num_aux_heads]`: every head for
+        `full`, none for `plain`; for `confident`, the longest run of leading heads at or above the threshold,
+        over the rows (zero allowed)."""
+        if way == "full":
+            return self.num_aux_heads
+        if way == "plain":
+            return 0
+        confident = (confidence >= self.memory.threshold).long().cumprod(dim=-1)
+        return int(confident.sum(-1).max())
+
+    def charge(self, way: str, seconds: float) -> None:
+        """Time spent for `way` outside its passes (feeding the heads what plain passes skipped)."""
+        if self.memory is not None:
+            self.memory.record(way, seconds, 0)
+
+    def record(self, way: str, drafted: int, accepted: torch.Tensor, seconds: float, tokens: int) -> None:
+        """What one pass gave: `drafted` drafts verified, `accepted[row]` tokens accepted (the model's own next token
+        and the drafts that held), `tokens` kept in `seconds`."""
+        memory = self.memory
+        if memory is None:
+            return
+        if way == "confident":
+            held = accepted - 1
+            if drafted > 0 and bool((held >= drafted).all()):
+                memory.threshold = max(self.step, memory.threshold - self.step)
+            elif drafted > 0:
+                memory.threshold = min(1.0 - self.step, memory.threshold + self.step)
+            else:  # nothing was confident enough: lower the bar a little, to try again
+                memory.threshold = max(self.step, memory.threshold - self.step / 5)
+        memory.record(way, seconds, tokens)
+        if self.trying is not None:
+            memory.tried(self.trying)
+            self.trying = None
 
 
 _MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

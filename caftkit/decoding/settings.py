@@ -59,10 +59,10 @@ class GenerateSettings(ModelSettings):
     tree_size: int | None = setting(None, help="drafts verified per pass with --candidates above 1 (default: "
                                                "num_aux_heads * candidates).", minimum=1)
     max_new_tokens: int = setting(256, help="most new tokens.", minimum=1)
-    adaptive: bool = setting(True, help="with --speculative, draft at each pass only as far as the heads are "
-                                        "confident, and stop drafting once it does not pay for itself (never much "
-                                        "slower than plain decoding); --no-adaptive drafts through every head at "
-                                        "every pass.")
+    adaptive: bool = setting(True, help="with --speculative, let each pass draft through every head, as far as the "
+                                        "heads are confident, or not at all, whichever gave the most tokens per "
+                                        "second so far (never much slower than plain decoding); --no-adaptive drafts "
+                                        "through every head at every pass.")
     draft_dtype: str | None = setting(None, help="with --speculative, draft with the heads in this dtype (e.g. "
                                                  "bfloat16 for a float32 model: cheaper drafts, same text); default: "
                                                  "--dtype.")

@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import LogitsProcessorList
 
 from ..core.architecture import find_model_parts, unwrap_model
 from ..core.heads import AuxiliaryHeads, from_former_num_heads, get_heads
 from ..core.layer_call import LayerCall, cache_parameter, capture_layer_inputs
-from .draft_policy import DraftPolicy, drafting_cost, drafting_memory
+from .draft_policy import DraftPolicy, drafting_memory
 from .draft_tree import DraftBlock, DraftTree, accept
-from .sampling import TokenChooser
+from .sampling import SeededSampler, TokenChooser
 from .settings import Sampling, default_tree_size
 
 
@@ -117,26 +118,38 @@ class HeadDrafter:
             raise ValueError(f"{type(layers[0]).__name__}.forward takes no KV cache argument: the heads cannot draft "
                              "incrementally; generate with num_aux_heads=0")
 
+    def feed(self, call: LayerCall) -> list[torch.Tensor]:
+        """Feed a block of layer-L inputs to every head, extending its cache; each head's output states."""
+        hidden_states, args, kwargs = call.hidden_states, call.args, dict(call.kwargs)
+        if self.dtype is not None:
+            hidden_states, args = _cast(hidden_states, self.dtype), _cast(args, self.dtype)
+            kwargs = {key: _cast(value, self.dtype) for key, value in kwargs.items()}
+        outputs = []
+        for layer, cache in zip(self.layers, self.caches):
+            kwargs[self.cache_argument] = cache
+            out = layer(hidden_states, *args, **kwargs)
+            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return outputs
+
     def run(self, call: LayerCall, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed a block of layer-L inputs to every head (extending its cache) and return each head's `candidates`
         best tokens at `positions[row]` of the block and their log-probabilities: `[batch, num_aux_heads,
         candidates]`."""
         rows = torch.arange(positions.shape[0], device=positions.device)
-        hidden_states, args, kwargs = call.hidden_states, call.args, dict(call.kwargs)
-        if self.dtype is not None:
-            hidden_states, args = _cast(hidden_states, self.dtype), _cast(args, self.dtype)
-            kwargs = {key: _cast(value, self.dtype) for key, value in kwargs.items()}
-        picked = []
-        for layer, cache in zip(self.layers, self.caches):
-            kwargs[self.cache_argument] = cache
-            out = layer(hidden_states, *args, **kwargs)
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-            picked.append(hidden[rows, positions])
+        picked = [hidden[rows, positions] for hidden in self.feed(call)]
         # One unembedding product for all heads: at batch 1 its cost is reading the vocabulary matrix, once.
         stacked = torch.stack(picked, dim=1)  # [batch, num_aux_heads, hidden]
         logits = self.lm_head(self.final_norm(stacked)).float()
         logprobs, tokens = logits.log_softmax(-1).topk(self.candidates, dim=-1)
         return tokens, logprobs
+
+    def catch_up(self, calls: list[LayerCall]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the heads the one-token blocks of passes that did not run them, in order, and return their guesses
+        after the last (as `run`)."""
+        for call in calls[:-1]:
+            self.feed(call)
+        last = calls[-1]
+        return self.run(last, last.hidden_states.new_zeros(last.hidden_states.shape[0], dtype=torch.long))
 
     def crop(self, tokens: int) -> None:
         for cache in self.caches:
@@ -205,11 +218,11 @@ def generate(
     generation config) or after `max_new_tokens`. `on_tokens(row, tokens)` is called with each row's newly
     accepted tokens as they come (for streaming). `draft_dtype` (e.g. `torch.bfloat16` for a float32 model) runs
     the heads and their unembedding in a cheaper dtype: the drafts may change, the output tokens do not.
-    `adaptive` (the default) drafts at each pass only as far as the heads are confident, and stops drafting when it
-    does not pay for itself; it remembers, for these heads and this draft shape, how fast decoding went with and
-    without them in this process, and once the heads were measured slower, the next calls are transformers' own
-    `generate()`, the heads tried again after 4, 8, 16, ... calls (`draft_policy.py`). `adaptive=False` always
-    drafts through every head.
+    A seeded sample is the same whatever the drafts: the tokens of plain sampling with that seed.
+    `adaptive` (the default) chooses at each pass between drafting through every head, only as far as the heads are
+    confident, or not at all, by the tokens per second each gave in this process for these heads and this draft
+    shape; once plain passes were measured faster, the next calls are transformers' own `generate()`, the heads
+    tried again after 4, 8, 16, ... calls (`draft_policy.py`). `adaptive=False` always drafts through every head.
     `num_heads`, the former name of `num_aux_heads`, is refused naming it.
     """
     num_aux_heads = from_former_num_heads(num_heads, num_aux_heads, "generate")
@@ -254,12 +267,10 @@ def generate(
     if memory is not None and not memory.start_call():  # the heads were measured not to pay, lately
         if on_tokens is None:
             return _decode_plainly(model, input_ids, attention_mask, max_new_tokens, stop_ids, sampling)
-        tree = None  # streaming: this loop, one token per pass, without the heads
+        tree, memory = None, None  # streaming: this loop, one token per pass, without the heads
     drafter = HeadDrafter(model, heads, num_aux_heads, candidates, draft_dtype) if tree is not None else None
-    measured = memory.measured_cost() if memory is not None else None
-    policy = DraftPolicy(num_aux_heads, 0.0 if drafter is None else measured if measured is not None else
-                         drafting_cost(model, heads, num_aux_heads), adaptive=adaptive)
-    choose = TokenChooser(sampling, device)
+    policy = DraftPolicy(num_aux_heads if drafter is not None else 0, memory)
+    choose = TokenChooser(sampling, device, batch, max_new_tokens)
 
     # Prefill: the prompt through the model and the heads; left padding gets position 0 like generate() does.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -274,13 +285,16 @@ def generate(
 
     output = GenerationOutput([[] for _ in range(batch)], forward_passes=1)
     rows = torch.arange(batch, device=device)  # original row of each row still generating
+    skipped = []  # the layer-L inputs of the plain passes since the heads last ran, fed to them when they run again
     while rows.numel() > 0:
         started = time.perf_counter()
-        if drafter is not None and not policy.active:  # drafting did not pay: plain decoding from here on
-            drafter, tree, candidates = None, None, None
-        heads_ran = drafter is not None
-        drafted = policy.depth(candidates[1][:, :, 0].exp()) if drafter else 0
-        if tree is None:
+        way = policy.way()
+        if way != "plain" and skipped:
+            candidates, skipped = drafter.catch_up(skipped), []
+            policy.charge("plain", time.perf_counter() - started)  # part of what the plain passes cost
+            started = time.perf_counter()
+        drafted = policy.depth(way, candidates[1][:, :, 0].exp()) if way != "plain" else 0
+        if way == "plain":
             block = DraftBlock(tokens=next_token[:, None], parent=next_token.new_zeros(rows.numel(), 1),
                                depth=next_token.new_zeros(rows.numel(), 1), attends=None)
         else:
@@ -295,15 +309,21 @@ def generate(
         logits, call = _forward(model, parts, block.tokens, block_mask, positions, cache, cache_argument,
                                 capture_call=drafter is not None)
         output.forward_passes += 1
-        chosen = choose(logits)  # chosen[:, j]: the model's token after node j
+        # chosen[:, j]: the model's token after node j, the new token of index (tokens so far) + depth + 1
+        so_far = None if sampling.greedy else torch.tensor([len(output.sequences[row]) for row in rows.tolist()],
+                                                              device=device)
+        chosen = choose(logits, rows, None if so_far is None else so_far[:, None] + block.depth + 1)
         path = accept(block, chosen)
-        policy.record(drafted, path.length)
         keep = int(path.length.max() if keep_longest else path.length.min())
         taken = path.length if keep_longest else torch.full_like(path.length, keep)
         last = path.nodes.gather(1, (taken - 1)[:, None]).squeeze(1)
         # The heads read the whole block (their caches must match the model's) and guess from the last accepted
-        # node of each row.
-        candidates = drafter.run(call, last) if drafter else None
+        # node of each row; after a plain pass they read it later.
+        if drafter is not None and way == "plain":
+            skipped.append(call)
+            candidates = None
+        elif drafter is not None:
+            candidates = drafter.run(call, last)
 
         finished = torch.zeros(rows.numel(), dtype=torch.bool, device=device)
         step_tokens = []
@@ -334,14 +354,16 @@ def generate(
         mask = torch.cat([mask, kept], dim=-1)
         next_position = next_position + taken
         next_token = chosen.gather(1, last[:, None]).squeeze(1)
-        if memory is not None:  # the tokens are on the host by now (tolist above): the pass is over
-            memory.record(heads_ran, time.perf_counter() - started, sum(step_tokens))
+        if finished.any() and skipped:  # the heads are fed before rows leave the batch
+            candidates, skipped = drafter.catch_up(skipped), []
+        # The tokens are on the host by now (tolist above): the pass is over.
+        policy.record(way, drafted, path.length, time.perf_counter() - started, sum(step_tokens))
 
         if finished.any():
             alive = (~finished).nonzero().squeeze(1)
             rows, mask, next_position, next_token = rows[alive], mask[alive], next_position[alive], next_token[alive]
             cache.batch_select_indices(alive)
-            if drafter:
+            if drafter is not None:
                 candidates = tuple(c[alive] for c in candidates)
                 drafter.select(alive)
     if memory is not None:
@@ -352,16 +374,17 @@ def generate(
 def _decode_plainly(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                     stop_ids: set[int], sampling: Sampling) -> GenerationOutput:
     """transformers' own `generate()`, for a call that does not run the heads: nothing of the heads' machinery is
-    paid for. Sampling draws from a generator seeded with `sampling.seed` without touching the caller's."""
+    paid for. A sampled token is drawn as the heads' loop draws it (`SeededSampler`): the same tokens, seed for
+    seed."""
     config = model.generation_config
     pad_id = config.pad_token_id if config.pad_token_id is not None else min(stop_ids, default=0)
-    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        if not sampling.greedy and sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=sorted(stop_ids) or None, pad_token_id=pad_id,
-                             **sampling.generate_kwargs())
+    processors = LogitsProcessorList()
+    if not sampling.greedy:
+        chooser = TokenChooser(sampling, input_ids.device, input_ids.shape[0], max_new_tokens)
+        processors.append(SeededSampler(chooser, input_ids.shape[1]))
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                         eos_token_id=sorted(stop_ids) or None, pad_token_id=pad_id, logits_processor=processors,
+                         **Sampling().generate_kwargs())
     sequences = []
     for row in out[:, input_ids.shape[1]:].tolist():
         stop = next((i for i, token in enumerate(row) if token in stop_ids), None)

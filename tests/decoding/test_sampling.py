@@ -1,6 +1,6 @@
 """Sampling stays lossless under speculation: the continuations sampled with drafts (chain and tree) have the
-distribution of `model.generate(do_sample=True)`'s, a test that a biased acceptance rule fails; temperature 0 is
-greedy, token for token."""
+distribution of `model.generate(do_sample=True)`'s, a test that a biased acceptance rule fails; with a seed they are
+the very tokens sampled without drafts; temperature 0 is greedy, token for token."""
 
 from __future__ import annotations
 
@@ -104,6 +104,27 @@ def test_the_test_fails_on_a_biased_acceptance_rule(model, monkeypatch):
     monkeypatch.setattr(speculative, "accept", first_draft_always_holds)
     drawn, _ = speculative_samples(model, sampling, candidates=1)
     assert homogeneity_p_value(plain_samples(model, sampling), drawn) < 1e-6
+
+
+@pytest.mark.parametrize("sampling", [Sampling(temperature=1.0, seed=21), Sampling(temperature=1.5, top_p=0.95,
+                                                                                   top_k=20, seed=22)],
+                         ids=["t1", "t1.5-top-p-top-k"])
+def test_a_seeded_sample_is_the_same_whatever_the_drafts(model, sampling):
+    """Each new token is drawn with a uniform number fixed by the seed, its row and its index: chains, trees, fixed
+    or adaptive drafting give the tokens sampled without heads, row for row."""
+    ids = torch.tensor([PROMPT, [1, 30, 31, 9, 9], [1, 2, 9, 9, 9]])
+    plain = generate(model, input_ids=ids, max_new_tokens=24, eos_token_id=[], sampling=sampling, num_aux_heads=0)
+    assert len({tuple(row) for row in plain.sequences}) == 3
+    for draft in ({"candidates": 1, "adaptive": False}, {"candidates": 3, "tree_size": 8, "adaptive": False},
+                  {"candidates": 1}, {"candidates": 3, "tree_size": 8}):
+        out = generate(model, input_ids=ids, max_new_tokens=24, eos_token_id=[], sampling=sampling, **draft)
+        assert out.sequences == plain.sequences, draft
+        if not draft.get("adaptive", True):
+            assert out.mean_accepted > 1.3, draft  # drafts held: the tokens came from verified blocks
+    other = generate(model, input_ids=ids, max_new_tokens=24, eos_token_id=[], num_aux_heads=0,
+                     sampling=Sampling(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                       seed=sampling.seed + 1))
+    assert other.sequences != plain.sequences  # the seed does choose the tokens
 
 
 def test_temperature_zero_is_greedy_token_for_token(model):

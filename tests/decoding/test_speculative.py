@@ -41,8 +41,8 @@ def repetitive_model(model_type: str):
 
 
 SLIDING = {"gemma3_text"}  # tiny models with sliding-window layers: chains only
-# Fixed drafts (every head at every pass), and adaptive drafting, which on these tiny models (whose heads cost more
-# than the model) drafts for its trial passes and then stops: both ways must give the same tokens.
+# Fixed drafts (every head at every pass), and adaptive drafting, which tries each way of drafting and then takes
+# the fastest (on these tiny models, whose heads cost as much as the model, mostly none): both give the same tokens.
 DRAFTS = [{"candidates": 1, "adaptive": False}, {"candidates": 3, "tree_size": 8, "adaptive": False},
           {"candidates": 2, "tree_size": 14, "adaptive": False},
           {"candidates": 1, "draft_dtype": torch.bfloat16, "adaptive": False},

@@ -25,7 +25,7 @@ def package_version(name: str) -> str | None:
 def environment() -> dict[str, Any]:
     """Python, platform, package versions, CPU cores and torch threads, and each device with whether it multiplies
     bf16 natively (where `--mixed-precision auto` turns bf16 autocast on)."""
-    import torch
+    import torch  # deferred: caft starts without torch
 
     gpus = [{"device": f"cuda:{index}", "name": torch.cuda.get_device_name(index),
              "memory_gb": round(torch.cuda.get_device_properties(index).total_memory / 2**30, 1),

@@ -30,6 +30,7 @@ def parse_hub_dataset(source: str) -> tuple[str, str] | None:
 def cached_snapshot(repo_id: str) -> Path:
     """The folder of the newest cached snapshot of dataset `repo_id`; one line saying how to get it when there is
     none (caftkit never downloads)."""
+    # deferred: caft starts without huggingface_hub
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -44,7 +45,7 @@ def cached_snapshot(repo_id: str) -> Path:
 
 def iter_hub_rows(repo_id: str, split: str) -> Iterator[tuple[str, Any]]:
     """`(where, row)` pairs of one split of a cached Hub dataset; `where` names the dataset, split and row."""
-    import datasets
+    import datasets  # deferred: caft starts without datasets
 
     folder = cached_snapshot(repo_id)
     try:

@@ -62,6 +62,7 @@ def _bundled_gguf() -> Path:
 
 
 def _convert_bundled(target: Path) -> None:
+    # deferred: caft starts without torch and transformers
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,7 +105,7 @@ def resolve_model_path(name_or_path: str) -> str:
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """The torch dtype named `float32`, `bfloat16` or `float16` (a torch dtype passes through); other names are an
     error listing those."""
-    import torch
+    import torch  # deferred: caft starts without torch
 
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -136,6 +137,7 @@ def check_model_source(name_or_path: str) -> None:
             if (path / name).is_file():
                 read_json_file(path / name)
         return
+    # deferred: caft starts without huggingface_hub
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
@@ -152,7 +154,7 @@ def check_model_source(name_or_path: str) -> None:
 def read_model_config(name_or_path: str):
     """The transformers config of a model, read without its weights; None where there is none to read yet (the
     bundled model before its first conversion, a PEFT adapter folder)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: caft starts without transformers
 
     if name_or_path == BUNDLED_MODEL and not (cache_dir() / "models" / BUNDLED_MODEL / "config.json").is_file():
         return None
@@ -210,7 +212,7 @@ def pretrained_source(name_or_path: str) -> tuple[str, dict[str, bool]]:
 def load_tokenizer(name_or_path: str = BUNDLED_MODEL, chat_template: str | None = None):
     """The tokenizer of a local directory, hub id (offline cache) or the bundled model; with `chat_template` (a
     Jinja file, or a model whose template to take), that template instead of its own."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: caft starts without transformers
 
     path, offline = pretrained_source(name_or_path)
     with _loading(name_or_path, "tokenizer"):
@@ -223,7 +225,7 @@ def load_tokenizer(name_or_path: str = BUNDLED_MODEL, chat_template: str | None 
 def load_generation_config(name_or_path: str = BUNDLED_MODEL):
     """The generation config saved with a model (its end-of-sequence ids among others), without its weights; an
     empty one for a model saved without it, as transformers does when it loads the model."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # deferred: caft starts without transformers
 
     path, offline = pretrained_source(name_or_path)
     if Path(path).is_dir() and not (Path(path) / "generation_config.json").is_file():
@@ -236,6 +238,7 @@ def load_generation_config(name_or_path: str = BUNDLED_MODEL):
 def read_chat_template(source: str) -> str:
     """The Jinja chat template in file `source`, or the template of the model `source` names; one line naming the
     source when it has none, or when the file's template is not valid Jinja."""
+    # deferred: caft starts without transformers
     from transformers.utils.chat_template_utils import render_jinja_template
 
     if Path(source).is_file():
@@ -261,7 +264,7 @@ def read_chat_template(source: str) -> str:
 
 def load_model(name_or_path: str = BUNDLED_MODEL, dtype: str | torch.dtype = "float32", **kwargs):
     """A causal LM from a local directory, hub id (offline cache) or the bundled model, in `dtype`."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: caft starts without transformers
 
     dtype = parse_dtype(dtype)
     path, offline = pretrained_source(name_or_path)
@@ -283,7 +286,7 @@ def resolve_device(device: str) -> str:
     """The torch device a run uses: `auto` becomes the accelerator torch sees (CUDA, XPU, MPS, ...: whichever
     `torch.accelerator` reports), else `cpu`; any other name is checked here, so a typo or a missing accelerator
     fails before a model is loaded."""
-    import torch
+    import torch  # deferred: caft starts without torch
 
     visible = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if device == "auto":
@@ -310,7 +313,7 @@ def resolve_device(device: str) -> str:
 def bf16_is_fast(device: str) -> bool:
     """Whether `device` multiplies bfloat16 matrices natively: a CUDA GPU with bf16 support, or a CPU with
     AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
-    import torch
+    import torch  # deferred: caft starts without torch
 
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -1,9 +1,10 @@
-"""The package's floor plan: each wing imports only the wings below it, and no module imports another module's
-private (`_name`) names."""
+"""The package's floor plan: each wing imports only the wings below it, no module imports another module's
+private (`_name`) names, and an import inside a function says why it is not at the top of its module."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,60 @@ def test_tests_use_only_public_names():
 def test_the_check_finds_a_private_import_in_a_test(tmp_path):
     (tmp_path / "test_x.py").write_text("def test():\n    from caftkit.data import _secret, public\n")
     assert private_imports_from([tmp_path]) == ["test_x.py:2 _secret"]
+
+
+# What an import inside a function carries to say why it is not at the top of its module.
+DEFERRED = re.compile(r"# deferred: \S")
+
+
+def unexplained_function_imports(root: Path) -> list[str]:
+    """`file:line` of every import inside a function under `root` (the `commands.py` modules aside) that does not say
+    why: `# deferred: <why>` on its own line, or in the comment lines just above it or above the run of imports it
+    stands in."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "commands.py":
+            continue
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines), str(path))
+        ending_at = {node.end_lineno: node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))}
+        inside = {node.lineno: node for function in ast.walk(tree)
+                  if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for node in ast.walk(function) if isinstance(node, (ast.Import, ast.ImportFrom))}
+        for line, node in sorted(inside.items()):
+            if any(DEFERRED.search(text) for text in lines[line - 1: node.end_lineno]):
+                continue
+            above = line - 1  # the line above the run of imports `node` stands in
+            while above in ending_at:
+                above = ending_at[above].lineno - 1
+            comments = []
+            while above > 0 and lines[above - 1].lstrip().startswith("#"):
+                comments.append(lines[above - 1])
+                above -= 1
+            if not any(DEFERRED.search(text) for text in comments):
+                found.append(f"{path.relative_to(root).as_posix()}:{line}")
+    return found
+
+
+def test_function_level_imports_say_why():
+    """A module imports what it needs at its top. An import inside a function says why it is there instead
+    (`# deferred: <why>`): an optional extra that may be missing; the command line's start-up, which reads and
+    checks settings without torch (`test_cli.py`); an import cycle; code that runs as a script of its own in a child
+    process. The `commands.py` modules import their library when the command runs, as each command does."""
+    assert unexplained_function_imports(PACKAGE) == []
+
+
+def test_the_check_finds_a_function_level_import_that_does_not_say_why(tmp_path):
+    (tmp_path / "sample.py").write_text(
+        "import json\n\n\n"
+        "def load():\n"
+        "    import torch  # deferred: caft starts without torch\n"
+        "    # deferred: optional extra, caftkit[qlora]\n"
+        "    import bitsandbytes\n"
+        "    from peft import LoraConfig\n"
+        "\n"
+        "    # hoisting it would be fine\n"
+        "    from transformers import AutoConfig\n"
+        "    return json, torch, bitsandbytes, LoraConfig, AutoConfig\n")
+    (tmp_path / "commands.py").write_text("def command():\n    import torch\n    return torch\n")
+    assert unexplained_function_imports(tmp_path) == ["sample.py:11"]

@@ -28,6 +28,7 @@ import torch
 
 from ..core.heads import attach_heads, check_heads_fit, get_heads
 from ..data import ReadStats, iter_prompts, render_prompt
+from ..decoding.greedy import stop_token_ids
 from ..decoding.settings import Sampling
 from ..decoding.speculative import generate
 from ..models import load_model, load_tokenizer
@@ -173,8 +174,6 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
     """Time plain `generate()` and speculative decoding with each draft shape and each way of `drafting` on the
     same prompts, at each batch size and with each of `samplings` (drafting in `draft_dtype`, default the
     model's)."""
-    from ..decoding.greedy import stop_token_ids
-
     device = next(model.parameters()).device
     stop_ids = set(stop_token_ids(model.generation_config, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)

@@ -8,6 +8,7 @@ then includes loading. `memory_kind` says which one a figure is.
 
 from __future__ import annotations
 
+import resource
 import sys
 from pathlib import Path
 
@@ -76,8 +77,6 @@ def _memory(device: torch.device, peak: bool) -> int:
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"{PROC_STATUS} has no {key} line")
-    import resource  # not on Windows, where neither reading exists
-
     # ru_maxrss is in bytes on macOS and in KiB on Linux and the BSDs.
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak_rss if sys.platform == "darwin" else peak_rss * 1024

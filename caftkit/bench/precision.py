@@ -23,9 +23,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from ..evaluation.charts import head_loss_series
 from ..models import bf16_is_fast
-from ..training.finetuning import FinetuneSettings
+from ..training.finetuning import FinetuneSettings, finetune
 from ..training.runs import LOG_HISTORY_FILE
 from .memory import memory_kind, peak_memory_bytes, reset_peak_memory
 from .settings import PRECISIONS
@@ -34,8 +36,6 @@ from .settings import PRECISIONS
 def step_timer_and_stop(steps: int, device: str = "cpu"):
     """A TrainerCallback that times every optimisation step, ends training after `steps` of them, and starts the
     peak-memory measurement (`memory.reset_peak_memory`) when training starts, after loading and warm-up."""
-    from transformers import TrainerCallback
-
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.seconds: list[float] = []
@@ -60,8 +60,6 @@ def run_side(settings: FinetuneSettings, steps: int, output: str) -> dict[str, A
     """Run one side in this process: `settings` fine-tuned for `steps` steps into `output`, losses logged at
     every step, without head warm-up. Returns the step times, the process's peak memory during training and the
     training loss of each head per step."""
-    from ..training.finetuning import finetune
-
     # the head warm-up is not what is measured: it would run before the fine-tuning steps on both sides
     settings = replace(settings, logging_steps=1, save_steps=10**9, eval_steps=10**9, head_warmup="no")
     timer = step_timer_and_stop(steps, settings.device)

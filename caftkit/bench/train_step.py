@@ -12,19 +12,36 @@ linear cross-entropy). A last process takes `ntp` and CAFT steps in turn, for th
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..models import BUNDLED_MODEL, resolve_device
+from ..core.architecture import find_model_parts
+from ..core.heads import attach_heads
+from ..core.layer_call import capture_layer_inputs
+from ..core.multitoken import head_statistics, weighted_loss
+from ..core.weights import head_loss_weights
+from ..models import (
+    BUNDLED_MODEL,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+    pretrained_source,
+    resolve_device,
+    resolve_model_path,
+)
 from .memory import memory_bytes, memory_kind, peak_memory_bytes, reset_peak_memory
 
 # The next-token baselines CAFT is measured against, then CAFT; each side runs in a fresh process, in this order.
@@ -66,10 +83,6 @@ class PairedStepTimes:
 def random_model(model_name: str, vocab_size: int, dtype: str):
     """`model_name`'s architecture with a vocabulary of `vocab_size` tokens and random weights (seeded by the caller's
     `torch.manual_seed`): what the cost of a step against the vocabulary is measured on."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..models import parse_dtype, pretrained_source
-
     path, offline = pretrained_source(model_name)
     config = AutoConfig.from_pretrained(path, **offline)
     config.get_text_config().vocab_size = vocab_size
@@ -126,10 +139,6 @@ def _bench_model_and_batch(side: str, model_name: str, batch_size: int, seq_len:
                            device: str, seed: int, vocab_size: int | None):
     """The model a side trains (the unembedding frozen; with `num_aux_heads` frozen heads on the CAFT side), the
     random batch of `seed`, every position labelled, and the device."""
-    from ..core.architecture import find_model_parts
-    from ..core.heads import attach_heads
-    from ..models import load_model
-
     torch.manual_seed(seed)
     device = torch.device(device)
     if vocab_size is None:
@@ -162,9 +171,6 @@ def fused_linear_next_token_loss(model, input_ids: torch.Tensor, linear_cross_en
     """`model`'s next-token loss on `input_ids`, every position labelled, with the unembedding and the
     cross-entropy done in one call, `linear_cross_entropy(unembedding weight, hidden states, targets)` (the
     convention of Liger's `LigerFusedLinearCrossEntropyLoss`), on the final norm's output: no full logits."""
-    from ..core.architecture import find_model_parts
-    from ..core.layer_call import capture_layer_inputs
-
     parts = find_model_parts(model)
     with capture_layer_inputs(parts) as capture:
         model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
@@ -177,17 +183,13 @@ def fused_linear_next_token_loss(model, input_ids: torch.Tensor, linear_cross_en
 def _step_function(side: str, model, batch: dict, num_aux_heads: int, device: torch.device, model_name: str
                    ) -> Callable[[], float]:
     """One forward+backward step of `side` on `batch`, returning its loss; the gradients are dropped after it."""
-    from ..core.multitoken import head_statistics, weighted_loss
-    from ..core.weights import head_loss_weights
-
     input_ids = batch["input_ids"]
     aux_heads = num_aux_heads if side == "caft" else 0
     weights = head_loss_weights("caft", aux_heads)
     if side == "trl":
-        from ..models import load_tokenizer
-
         trl_loss = _trl_loss(model, load_tokenizer(model_name), *input_ids.shape, device)
     elif side == LIGER:
+        # deferred: optional, liger-kernel is no caftkit dependency
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         liger_loss = LigerFusedLinearCrossEntropyLoss()
@@ -229,10 +231,7 @@ def _trl_loss(model, tokenizer, batch_size: int, seq_len: int, device: torch.dev
     """The loss function of a TRL `SFTTrainer` built around `model` with SFTConfig's defaults (what `trl sft`
     trains with), but for the batch shape, the device and no logging; called on a batch it returns the loss of
     `SFTTrainer.compute_loss`."""
-    import atexit
-    import shutil
-    import tempfile
-
+    # deferred: only the trl side's process imports TRL: each side's memory is its own
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -330,10 +329,6 @@ def caft_ratios(results: dict[str, dict]) -> dict[str, dict[str, float]]:
 def step_flops(model: str, batch_size: int, seq_len: int, num_aux_heads: int, vocab_size: int | None = None
                ) -> dict[str, float]:
     """`train_step_flops` of `model`'s config (read offline)."""
-    from transformers import AutoConfig
-
-    from ..models import pretrained_source
-
     path, offline = pretrained_source(model)
     return train_step_flops(AutoConfig.from_pretrained(path, **offline), batch_size, seq_len, num_aux_heads,
                             vocab_size)
@@ -345,8 +340,6 @@ def bench_train(model: str = BUNDLED_MODEL, batch_size: int = 4, seq_len: int = 
     """Run every side, each in a fresh process (`repeats` times in turn, steps pooled), and return CAFT's ratios
     against each next-token baseline (the top-level `time_ratio` and `peak_memory_ratio` are against `plain`) with
     the raw figures. `not_measured` says why a side was left out (Liger, away from a CUDA device)."""
-    from ..models import resolve_model_path
-
     device = resolve_device(device)
     resolve_model_path(model)  # convert the bundled model once, before the timed processes
     liger_reason = liger_unavailable(device)

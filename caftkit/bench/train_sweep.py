@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..evaluation.charts import save_figure
+from ..models import resolve_model_path
 from .train_step import PAIRED, caft_ratios, measure_sides, step_flops
 
 SWEEP_SIDES = ("ntp", "caft", PAIRED)
@@ -46,8 +48,6 @@ def run_sweep(model: str, batch_size: int, seq_len: int, num_aux_heads: int, seq
     """Measure every point of the sweep (a point on two axes, the base shape, is measured once) and return one row
     per (axis, value): both sides' median step time and peak memory, CAFT's ratios (the time ratio also from steps
     taken in turn in one process) and its FLOP floor."""
-    from ..models import resolve_model_path
-
     resolve_model_path(model)  # convert the bundled model once, before the timed processes
     measured: dict[SweepPoint, dict] = {}
     rows = []
@@ -94,12 +94,11 @@ def sweep_table(sweep: dict) -> str:
 def plot_sweep(sweep: dict, path: str | os.PathLike) -> Path:
     """Draw CAFT's time ratio (steps taken in turn in one process), its FLOP floor and its peak-memory ratio over
     caftkit's next-token step along each axis of `sweep`, one panel per axis, to the PNG file `path`."""
+    # deferred: matplotlib, and its process-wide backend, only where a chart is drawn
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..evaluation.charts import save_figure
+    import matplotlib.pyplot as plt  # deferred: after the backend is chosen
 
     axes_present = [axis for axis in AXES if any(row["axis"] == axis for row in sweep["points"])]
     # An axis held at the base shape is one point, the same on every panel: it gets a panel only when nothing varied.

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 
 from .architecture import find_model_parts, unwrap_model
 from .heads import AuxiliaryHeads, base_fingerprint
@@ -86,8 +87,6 @@ def _layer_shapes(config, hidden: int, two_hidden: int) -> dict[str, tuple[int, 
 def eagle3_layout(draft_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every weight an engine loads from an EAGLE-3 draft with this config, and its shape: one layer (`midlayer.`,
     q/k/v reading the embedding and the hidden state concatenated), `fc`, `norm` and `lm_head`."""
-    from transformers import AutoConfig
-
     config = AutoConfig.for_model(**{key: value for key, value in draft_config.items() if key != "architectures"})
     hidden = config.hidden_size
     aux = len(draft_config["eagle_config"]["eagle_aux_hidden_state_layer_ids"])

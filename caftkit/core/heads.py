@@ -25,6 +25,7 @@ from torch import nn
 
 from ..files.atomic import atomic_path, write_json
 from ..files.json_text import read_json_file
+from ..models import read_model_config
 from .architecture import find_model_parts, unwrap_model
 from .distributed import is_main_process, whole_tensor
 from .layer_call import LayerCall
@@ -300,8 +301,6 @@ def check_heads_fit(directory: str | os.PathLike, model: str) -> dict[str, Any]:
     """Before `model` (a name or folder) loads: `directory` is a complete heads folder made for a model of this
     shape (architecture, hidden size, number of layers, as the model's config gives them). Returns the heads'
     config. The fingerprint of layer L's weights is compared once the model has loaded (`load_heads`)."""
-    from ..models import read_model_config
-
     config = read_heads_config(directory)
     model_config = read_model_config(model)
     if model_config is None:

@@ -12,7 +12,7 @@ _HEAD_LOSS = re.compile(r"^(eval_)?loss_head_(\d+)$")
 def save_figure(figure, path: str | os.PathLike) -> Path:
     """Lay out `figure` (unless it has a layout engine of its own), write it as a PNG to `path` (parent folders
     created) and free it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib, and its process-wide backend, only where a chart is drawn
 
     if figure.get_layout_engine() is None:
         figure.tight_layout()
@@ -67,10 +67,11 @@ def head_losses_figure(log_history: list[dict], title: str = "Per-head loss"):
     """A figure with one panel per head (training loss as a line, held-out loss dashed with markers, against the
     step) and a panel for the learning rate and gamma where the log has them; one legend, outside the panels.
     Series of few points get markers, so that a value logged once is seen."""
+    # deferred: matplotlib, and its process-wide backend, only where a chart is drawn
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display is needed or assumed
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after the backend is chosen
 
     series = head_loss_series(log_history)
     heads = sorted(set(series["train"]) | set(series["eval"]))

@@ -131,10 +131,11 @@ def plot_differences(rows: Sequence[ComparisonRow], path: str | os.PathLike,
 
     Rates (in percentage points) and other metrics (in their own units) get separate panels, since one axis
     cannot show both scales."""
+    # deferred: matplotlib, and its process-wide backend, only where a chart is drawn
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display is needed or assumed
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after the backend is chosen
 
     if not rows:
         raise ValueError("no rows to plot")

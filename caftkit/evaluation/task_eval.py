@@ -20,12 +20,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..data import DataError, render_prompt
+from tqdm.auto import tqdm
+
+from ..core.heads import attach_heads, check_heads_fit
+from ..data import DataError, render_prompt, tokenize_source
+from ..decoding.greedy import generate_batch
 from ..files.atomic import write_json, write_text_atomically
 from ..files.export_record import EXPORT_RECORD, read_export_record
 from ..files.json_text import read_json_file
 from ..files.resumable_jsonl import read_complete_records
+from ..models import load_model, load_tokenizer
 from ..tasks.task import TaskExample
+from .head_metrics import head_metrics
 from .paired import EXAMPLES_FILE, METRICS_FILE, metric_intervals
 from .settings import LOSS, EvalSettings
 
@@ -75,10 +81,6 @@ def _batches(model, tokenizer, examples: list[TaskExample], batch_size: int) -> 
 def generate_answers(model, tokenizer, examples: list[TaskExample], output_dir: Path, max_new_tokens: int,
                      batch_size: int, progress: bool = True) -> dict[str, str]:
     """Greedy answers to every example, appended to `output_dir/generations.jsonl`; those already there are kept."""
-    from tqdm.auto import tqdm
-
-    from ..decoding.greedy import generate_batch
-
     path = output_dir / GENERATIONS_FILE
     answers = _read_generations(path)
     todo = [example for example in examples if example.id not in answers]
@@ -106,9 +108,6 @@ def generate_answers(model, tokenizer, examples: list[TaskExample], output_dir: 
 
 def score_loss(model, tokenizer, settings: EvalSettings) -> tuple[dict[str, float], list[dict]]:
     """Each head's loss and top-1 accuracy over every assistant token of `settings.data`."""
-    from ..data import tokenize_source
-    from .head_metrics import head_metrics
-
     data = tokenize_source(settings.data, tokenizer, settings.max_length)
     examples = data.examples[: settings.max_examples]
     if not examples:
@@ -136,9 +135,6 @@ def evaluate(output: str | os.PathLike, settings: EvalSettings, *, model=None, t
 
     `model` and `tokenizer` may be given already loaded (`settings.model` is then only recorded).
     """
-    from ..core.heads import attach_heads, check_heads_fit
-    from ..models import load_model, load_tokenizer
-
     output_dir = Path(output)
     if settings.task == LOSS and settings.heads and model is None:
         check_heads_fit(settings.heads, settings.model)

@@ -43,7 +43,7 @@ _FINAL_MARK = "####"
 def reasoning_gym():
     """The `reasoning_gym` package; one clear error when the `math` extra is not installed."""
     try:
-        import reasoning_gym
+        import reasoning_gym  # deferred: optional extra, caftkit[math]
     except ImportError:
         raise ImportError("the math task needs reasoning-gym: pip install 'caftkit[math]'") from None
     return reasoning_gym

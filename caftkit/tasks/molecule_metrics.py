@@ -64,7 +64,7 @@ class MoleculeCheck:
 @lru_cache(maxsize=1)
 def _morgan_generator():
     rdkit_modules()  # names the fix when RDKit is missing
-    from rdkit.Chem import rdFingerprintGenerator
+    from rdkit.Chem import rdFingerprintGenerator  # deferred: caft starts without RDKit
 
     return rdFingerprintGenerator.GetMorganGenerator(radius=FINGERPRINT_RADIUS, fpSize=FINGERPRINT_BITS)
 
@@ -73,7 +73,7 @@ def tanimoto_similarity(first_smiles: str, second_smiles: str) -> float:
     """Tanimoto similarity (shared on-bits / on-bits of either) of the Morgan fingerprints, radius 2 and 2048 bits,
     of two valid SMILES."""
     Chem, _ = rdkit_modules()
-    from rdkit import DataStructs
+    from rdkit import DataStructs  # deferred: caft starts without RDKit
 
     generator = _morgan_generator()
     first, second = (generator.GetFingerprint(Chem.MolFromSmiles(smiles)) for smiles in (first_smiles, second_smiles))

@@ -49,6 +49,7 @@ _MOSES_DATA = "dataset/data"
 def rdkit_modules():
     """RDKit's `Chem` and `rdMolDescriptors`, its per-molecule log silenced; one clear error when it is missing."""
     try:
+        # deferred: caft starts without RDKit
         from rdkit import Chem, RDLogger
         from rdkit.Chem import rdMolDescriptors
     except ImportError:  # pragma: no cover - rdkit is a dependency; this names the fix if it is missing

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from huggingface_hub import EvalResult
+
 from ..evaluation.comparison_report import format_value
 from ..evaluation.evaluation_record import TaskEvaluation
 
@@ -26,8 +28,6 @@ def eval_results(evaluations: Sequence[TaskEvaluation]) -> list:
     """The `huggingface_hub.EvalResult`s of the card's `model-index`: one per metric of each evaluation whose value
     is a number (a breakdown with no example in it has none). The dataset's type is the task (its test data is a
     local file or a source caftkit reads, not a Hub dataset), its name the task and the test data."""
-    from huggingface_hub import EvalResult
-
     return [EvalResult(task_type=TASK_TYPE, dataset_type=evaluation.task,
                        dataset_name=dataset_name(evaluation), metric_type=interval.metric,
                        metric_name=evaluation.labels[interval.metric], metric_value=interval.value)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import DataError, ReadStats, Record, iter_prompts, render_prompt, skipped_text
 from ..decoding.completion_server import CompletionServer, ServerError
@@ -184,8 +185,6 @@ def distill(model, tokenizer, output: str | os.PathLike, settings: DistillSettin
     (`server`, else a client built from the settings) and `model` gives only the generation config's stop tokens
     (None: read from `settings.model`); the server is checked before any prompt is sent to it.
     """
-    from tqdm.auto import tqdm
-
     output = Path(output)
     check_distill_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from peft import PeftModel
+from transformers import GenerationConfig
+
 from ..core.eagle3 import eagle3_refusal
 from ..core.heads import HEADS_WEIGHTS_FILE, attach_heads, detach_heads, read_heads_config, rebase_heads
 from ..evaluation.evaluation_record import TaskEvaluation, read_task_evaluation
@@ -20,8 +23,10 @@ from ..files.export_record import EXPORT_RECORD, file_fingerprint
 from ..files.json_text import read_json_file
 from ..files.outputs import OUTPUT_MARKER, check_replaceable, replace_folder
 from ..models import check_model_source, load_model, load_tokenizer
+from .export_heads import DRAFT_COMMAND, write_eagle3_draft
 from .finetuning import FINAL_DIR, RUN_FILE, RUN_HEADS_DIR
 from .model_card import CARD_FILE, exported_model_card
+from .trainer import CHECKPOINT_HEADS_DIR
 
 # The command whose marker an exported model or heads folder holds: a folder made by it may be replaced by it.
 EXPORT_COMMAND = "export"
@@ -39,16 +44,12 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
 def load_finetuned(run_dir: str | Path, dtype: str | None = None):
     """The fine-tuned model of a run as a plain transformers model (LoRA merged, no heads), with the generation
     config training left (end-of-sequence tokens aligned with the tokenizer's), and its tokenizer."""
-    from transformers import GenerationConfig
-
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     settings = run["settings"]
     final = run_dir / FINAL_DIR
     dtype = dtype or settings["dtype"]
     if settings["method"] == "lora":
-        from peft import PeftModel
-
         check_model_source(str(final))  # a broken adapter_config.json is named before the base loads
         # In full precision, a QLoRA run's (`load_in_4bit`) too: the export is a plain checkpoint, never a 4-bit one.
         base = load_model(settings["model"], dtype)
@@ -62,8 +63,6 @@ def load_finetuned(run_dir: str | Path, dtype: str | None = None):
 
 
 def _heads_source(run_dir: Path) -> Path | None:
-    from .trainer import CHECKPOINT_HEADS_DIR  # the trainer imports TRL: only when a run is exported
-
     trained = run_dir / FINAL_DIR / CHECKPOINT_HEADS_DIR  # heads trained during fine-tuning (`train_heads`)
     if (trained / HEADS_WEIGHTS_FILE).is_file():
         return trained
@@ -128,8 +127,6 @@ def export_run(run_dir: str | Path, out: str | Path, heads_out: str | Path | Non
     head 2 as an EAGLE-3 draft of the exported model to `<out>-eagle3`. The card reports the `caft eval --task`
     folders `evaluations`, each of an export of this run in this dtype (the same weights; for instance an earlier
     export to `out`). Returns the paths written."""
-    from .export_heads import DRAFT_COMMAND, write_eagle3_draft
-
     run_dir, out = Path(run_dir), Path(out)
     run = read_run(run_dir)
     dtype = dtype or run["settings"]["dtype"]

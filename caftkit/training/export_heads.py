@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ..core.eagle3 import check_eagle3_draft, eagle3_draft
 from ..core.heads import attach_heads, check_heads_fit, get_heads
@@ -40,8 +40,6 @@ def write_eagle3_draft(model, output: str | Path, record: dict[str, Any]) -> Pat
 def read_eagle3_draft(directory: str | Path) -> tuple[dict[str, Any], dict]:
     """The config and weights of an EAGLE-3 draft folder, refused unless every weight an engine loads is there, with
     its shape, and nothing else: a draft with missing weights must never reach an engine that loads it anyway."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     for name in (DRAFT_CONFIG_FILE, DRAFT_WEIGHTS_FILE):
         if not (directory / name).is_file():

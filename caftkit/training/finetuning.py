@@ -13,6 +13,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from peft import LoraConfig
+from transformers import EarlyStoppingCallback
+
 from ..core.architecture import unwrap_model
 from ..core.distributed import is_main_process, launch_record, wait_for_everyone
 from ..core.heads import attach_heads, check_heads_fit, get_heads, read_heads_config, save_heads
@@ -31,6 +34,7 @@ from .runs import (
     write_log_history,
 )
 from .settings import DEFAULT_NUM_AUX_HEADS, FinetuneSettings, trainer_arguments
+from .trainer import CAFTConfig
 
 # The command whose marker a run folder holds.
 FINETUNE_COMMAND = "finetune"
@@ -44,8 +48,6 @@ HEAD_LOSSES_FILE = "head_losses.png"
 def lora_config(settings: FinetuneSettings):
     """The paper's LoRA: rank 8, alpha 16, dropout 0.1 on every linear projection of the decoder layers (the
     unembedding and the auxiliary heads excluded)."""
-    from peft import LoraConfig
-
     targets = settings.lora_target_modules
     return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
@@ -102,8 +104,6 @@ def finetune_arguments(settings: FinetuneSettings, output_dir: str, num_train_ex
 
 
 def _callbacks(settings: FinetuneSettings, output: Path, given: list | None) -> list:
-    from transformers import EarlyStoppingCallback
-
     callbacks = list(given or []) + run_callbacks(settings, output, output)
     if settings.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(settings.early_stopping_patience, settings.early_stopping_threshold))
@@ -137,8 +137,6 @@ def finetune(output: str, settings: FinetuneSettings, *, resume: bool = False, m
 
 def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, tokenizer,
               callbacks: list | None) -> dict[str, Any]:
-    from .trainer import CAFTConfig
-
     checkpoint = checkpoint_to_resume(run_dir, resume, earlier_run=(run_dir / RUN_FILE).exists())
     if settings.mode == "caft" and settings.heads and model is None:
         check_heads_fit(settings.heads, settings.model)

@@ -26,6 +26,7 @@ from .runs import (
 )
 from .settings import HeadTrainingSettings, trainer_arguments
 from .tracking import TENSORBOARD_DIR
+from .trainer import CAFTConfig
 
 LOSS_CURVES_FILE = "loss_curves.png"
 # The command whose marker a heads folder it trained holds.
@@ -50,8 +51,6 @@ def train_heads(output: str, settings: HeadTrainingSettings, *, resume: bool = F
 
 def _train_heads(output_dir: Path, settings: HeadTrainingSettings, resume: bool, keep_checkpoints: bool,
                  progress: bool, model, tokenizer) -> dict[str, Any]:
-    from .trainer import CAFTConfig
-
     run_dir = output_dir / CHECKPOINTS_DIR
     checkpoint = checkpoint_to_resume(run_dir, resume)
     if not resume and output_dir.is_dir() and any(

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
+
 from ..evaluation.evaluation_record import TaskEvaluation
 from ..models import BUNDLED_MODEL, BUNDLED_MODEL_HUB_ID, BUNDLED_MODEL_LICENSE, BUNDLED_MODEL_ORIGIN, cache_dir
 from .card_evaluations import eval_results, evaluation_lines
@@ -67,8 +69,6 @@ def describe_base(name: str) -> str:
 def base_license(name: str) -> str | None:
     """The base model's licence: caftkit's record for the bundled model, else the `license` of the base's own card
     (a local folder's README.md, or a Hub model's in the local cache; nothing is downloaded), else None."""
-    from huggingface_hub import ModelCard, try_to_load_from_cache
-
     if _is_bundled(name):
         return BUNDLED_MODEL_LICENSE
     card_path: Any = Path(name) / CARD_FILE if Path(name).is_dir() else None
@@ -94,8 +94,6 @@ def framework_versions() -> dict[str, str]:
 
 
 def _card(data, body: str):
-    from huggingface_hub import ModelCard
-
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
 
 
@@ -115,8 +113,6 @@ def exported_model_card(run: dict[str, Any], model_dir: str | Path, heads_dir: s
     """The card of a model `caft export` wrote to `model_dir` from the finished run `run` (its `caft_run.json`),
     with its heads in `heads_dir` (None: the run had none) and the `caft eval` results of this model
     (`evaluations`, already checked to be of it): its `model-index` and an "Evaluation" section."""
-    from huggingface_hub import ModelCardData
-
     settings = run["settings"]
     base, data, mode, method = settings["model"], settings["data"], settings["mode"], settings["method"]
     mode_name = "CAFT" if mode == "caft" else "Next-token"
@@ -243,8 +239,6 @@ def adapter_card(base: str | None, mode: str):
 
 
 def _run_card(base: str | None, mode: str, method: str | None, adapter: bool):
-    from huggingface_hub import ModelCardData
-
     mode_name = "CAFT" if mode == "caft" else "next-token"
     card_data = ModelCardData(base_model=base_model_id(base), library_name="peft" if adapter else "transformers",
                               pipeline_tag="text-generation", tags=["trl", *_tags(mode, method)])

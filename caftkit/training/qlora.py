@@ -16,16 +16,26 @@ the base loaded again in full precision: the exported model is a plain checkpoin
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-QUANT_TYPES = ("nf4", "fp4")
+import torch
+from accelerate import PartialState
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, set_seed
+
+from ..core.architecture import find_model_parts, unwrap_model
+from ..core.distributed import world_size
+from ..core.heads import keep_lora_out_of_heads
+from ..models import parse_dtype, pretrained_source
+
 INSTALL = "pip install 'caftkit[qlora]'"
 
 
 def import_bitsandbytes():
     """bitsandbytes, or one line naming the package and the caftkit extra that installs it."""
     try:
-        import bitsandbytes
+        import bitsandbytes  # deferred: optional extra, caftkit[qlora]
     except ImportError:
         raise ValueError(f"load_in_4bit: QLoRA needs the package bitsandbytes, which is not installed ({INSTALL})"
                          ) from None
@@ -35,10 +45,6 @@ def import_bitsandbytes():
 def check_4bit_runs(device: str, dtype: str, quant_type: str = "nf4") -> None:
     """Refuse, in one line and before any model loads, a device where bitsandbytes cannot train through a 4-bit
     layer: its 4-bit kernels are quantised, run forward and backward on one small layer in `dtype`."""
-    import torch
-
-    from ..models import parse_dtype
-
     bnb = import_bitsandbytes()
     compute_dtype = parse_dtype(dtype)
     try:
@@ -56,8 +62,6 @@ def check_4bit_runs(device: str, dtype: str, quant_type: str = "nf4") -> None:
 def kept_in_compute_dtype(model) -> list[str]:
     """The qualified names of the modules of `model` (a model or a skeleton of it) that stay unquantised: the last
     decoder layer and the unembedding."""
-    from ..core.architecture import find_model_parts, unwrap_model
-
     base = unwrap_model(model)
     parts = find_model_parts(base)
     names = {id(module): name for name, module in base.named_modules()}
@@ -66,11 +70,6 @@ def kept_in_compute_dtype(model) -> list[str]:
 
 def _skeleton(name_or_path: str):
     """`name_or_path` built from its config on the meta device: its module names, without weights or memory."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..models import pretrained_source
-
     path, offline = pretrained_source(name_or_path)
     config = AutoConfig.from_pretrained(path, **offline)
     with torch.device("meta"):
@@ -80,18 +79,12 @@ def _skeleton(name_or_path: str):
 def four_bit_config(kept: list[str], quant_type: str, nested_quant: bool, dtype: str):
     """transformers' `BitsAndBytesConfig` of a 4-bit base, as TRL's `get_quantization_config` makes it (computing
     in `dtype`), with the modules `kept` left unquantised."""
-    from transformers import BitsAndBytesConfig
-
-    from ..models import parse_dtype
-
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=nested_quant,
                               bnb_4bit_compute_dtype=parse_dtype(dtype), llm_int8_skip_modules=kept)
 
 
 def keeping(config, kept: list[str]):
     """A copy of the `BitsAndBytesConfig` `config` that also leaves the modules `kept` unquantised."""
-    import copy
-
     config = copy.deepcopy(config)
     # A skip list of one's own replaces transformers' default one (the unembedding): both are kept here.
     config.llm_int8_skip_modules = sorted(set(config.llm_int8_skip_modules or []) | set(kept))
@@ -102,27 +95,19 @@ def four_bit_loading(name_or_path: str, quant_type: str, nested_quant: bool, dty
                      device: str) -> dict[str, Any]:
     """`from_pretrained` keyword arguments that load `name_or_path` for QLoRA on `device`: a bitsandbytes model
     cannot be moved after loading, so it loads where it trains (each process on its own device)."""
-    from ..core.distributed import world_size
-
     config = four_bit_config(kept_in_compute_dtype(_skeleton(name_or_path)), quant_type, nested_quant, dtype)
     if device != "cpu" and world_size() > 1:
-        from accelerate import PartialState
-
         device = str(PartialState().device)
     return {"quantization_config": config, "device_map": {"": device}}
 
 
 def is_4bit(model) -> bool:
     """Whether `model` (or the model inside its PEFT or DDP wrappers) was loaded in 4 bits."""
-    from ..core.architecture import unwrap_model
-
     return bool(getattr(unwrap_model(model), "is_loaded_in_4bit", False))
 
 
 def quantized_last_layer(model) -> str | None:
     """The qualified name of the last decoder layer of `model` where it holds 4-bit projections, else None."""
-    from ..core.architecture import find_model_parts, unwrap_model
-
     last_layer = find_model_parts(unwrap_model(model)).last_layer
     if any(type(param).__name__ == "Params4bit" for param in last_layer.parameters()):
         return kept_in_compute_dtype(model)[0]
@@ -146,11 +131,6 @@ def keep_training_exact(model) -> None:
 def with_lora_adapters(model, lora_config, seed: int):
     """`model` wrapped with LoRA adapters (`lora_config`, the auxiliary heads left out), initialised from `seed`
     as SFTTrainer initialises its own."""
-    from peft import get_peft_model
-    from transformers import set_seed
-
-    from ..core.heads import keep_lora_out_of_heads
-
     keep_training_exact(model)
     keep_lora_out_of_heads(lora_config, model)
     set_seed(seed)
@@ -170,8 +150,6 @@ def trainer_model_kwargs(name_or_path: str, init_kwargs: dict[str, Any] | None,
         kwargs["quantization_config"] = quantization_config
     config = kwargs.get("quantization_config")
     if isinstance(config, dict):
-        from transformers import BitsAndBytesConfig
-
         config = BitsAndBytesConfig(**config)
     if getattr(config, "load_in_4bit", False):
         kwargs["quantization_config"] = keeping(config, kept_in_compute_dtype(_skeleton(name_or_path)))
@@ -199,8 +177,6 @@ def restore_adapter_dtype(model) -> None:
     where an Adam update smaller than about 1/256 of its weight is rounded away. Measured on the tests' tiny llama,
     12 steps at the default 2e-4: in bfloat16, 38% of the entries of LoRA's A matrices moved at all; in float32,
     all of them. Call it with the heads frozen: they keep the dtype of the layer they copy."""
-    import torch
-
     for param in model.parameters():
         if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()

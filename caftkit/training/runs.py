@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset
+
 from ..data import TokenizedData, tokenize_source
 from ..evaluation.charts import plot_head_losses
 from ..files.atomic import write_json
@@ -19,6 +21,7 @@ from ..models import check_positions, load_model, load_tokenizer
 from .checkpoints import ClaimedCheckpointRotation, last_checkpoint
 from .settings import RunSettings
 from .tracking import tracking_callbacks
+from .trainer import CAFTTrainer
 
 # Where head training keeps its checkpoints inside its output folder (a fine-tuning run keeps them at its top).
 CHECKPOINTS_DIR = "checkpoints"
@@ -83,10 +86,6 @@ class RunData:
     def trainer(self, model, args, callbacks: list, peft_config=None):
         """A `CAFTTrainer` of `model` with `args` (a `CAFTConfig`) on the training split, evaluating on the held-out
         one."""
-        from datasets import Dataset
-
-        from .trainer import CAFTTrainer
-
         return CAFTTrainer(model, args, train_dataset=Dataset.from_list(self.train_examples),
                            eval_dataset=Dataset.from_list(self.held_out), processing_class=self.tokenizer,
                            peft_config=peft_config, callbacks=callbacks)

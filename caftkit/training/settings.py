@@ -7,14 +7,14 @@ Nothing here imports torch: the command line builds and checks these settings be
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ..core.weights import SCHEDULES
 from ..data import BUNDLED_SHAREGPT
 from ..models import MIXED_PRECISION, ModelSettings, resolve_mixed_precision
 from ..settings import MAX_SEED, of_type, setting
-from .qlora import QUANT_TYPES
 from .tracking import trainer_report_to
 
 # `CAFTConfig` fields that caftkit's own settings set (`trainer_arguments`, and the CAFT loss of each run): a
@@ -116,10 +116,7 @@ def check_trainer_fields(trainer: dict[str, Any]) -> dict[str, Any]:
     """Refuse a `trainer` mapping that names no `CAFTConfig` field, one caftkit sets from its own settings, or a
     value not of its field's type (a bool, an integer, a number or text where the field takes only that). Returns
     the mapping with numbers YAML read as text (`1e-8`) made numbers where the field takes a number, not text."""
-    import typing
-    from dataclasses import fields
-
-    from .trainer import CAFTConfig
+    from .trainer import CAFTConfig  # deferred: caft starts without TRL, and the trainer imports this module
 
     known = {field.name for field in fields(CAFTConfig)}
     unknown = sorted(set(trainer) - known)
@@ -148,7 +145,7 @@ def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples
     """`CAFTConfig` keyword arguments common to every run: schedule, batches, evaluation twice per epoch unless
     `eval_steps` is set, checkpoints, reporting and seeds. `batch_size` is per process: a step takes
     `batch_size * grad_accum` examples from each."""
-    from ..core.distributed import world_size  # torch: not needed to read and check the settings
+    from ..core.distributed import world_size  # deferred: caft starts without torch
 
     device = settings.device
     steps_per_epoch = -(-num_train_examples // (settings.batch_size * settings.grad_accum * world_size()))
@@ -186,6 +183,8 @@ def trainer_arguments(settings: RunSettings, output_dir: str, num_train_examples
 METHODS = ("lora", "full")
 
 HEAD_WARMUP_CHOICES = ("no", "yes", "auto")
+# The 4-bit data types of `--load-in-4bit` (`qlora.py`), as bitsandbytes names them.
+QUANT_TYPES = ("nf4", "fp4")
 
 
 # Usual peak learning rates for each method (LoRA adapters tolerate ten times the rate of full weights).
@@ -311,7 +310,7 @@ class FinetuneSettings(RunSettings):
         if self.method != "lora":
             raise ValueError(f"load_in_4bit: QLoRA trains LoRA adapters on a frozen 4-bit base, and 4-bit weights "
                              f"cannot be fine-tuned themselves: use --method lora, not {self.method}")
-        from .qlora import check_4bit_runs
+        from .qlora import check_4bit_runs  # deferred: caft starts without torch
 
         check_4bit_runs(self.device, self.dtype, self.quant_type)
 
@@ -319,7 +318,7 @@ class FinetuneSettings(RunSettings):
         """Keyword arguments of `from_pretrained` these settings ask for: with --load-in-4bit, QLoRA's."""
         kwargs = super().model_kwargs()
         if self.load_in_4bit:
-            from .qlora import four_bit_loading
+            from .qlora import four_bit_loading  # deferred: caft starts without torch
 
             kwargs.update(four_bit_loading(self.model, self.quant_type, self.nested_quant, self.dtype, self.device))
         return kwargs

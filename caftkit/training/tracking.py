@@ -24,7 +24,7 @@ def tracking_callbacks(report_to: list[str], output: str | Path) -> list:
     """The callbacks that log to tensorboard in `output/tensorboard` (none unless it was asked for)."""
     if TENSORBOARD not in report_to:
         return []
-    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations import TensorBoardCallback  # deferred: caft starts without transformers
 
     class TensorBoardInOutput(TensorBoardCallback):
         """transformers' tensorboard logging, into one folder of the command's output. The folder is set where

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -334,8 +335,6 @@ class CAFTTrainer(SFTTrainer):
         training it runs without them (the base is frozen). And a model that accelerate did not wrap at all
         (e.g. one already prepared for evaluation) is not synchronised either. FSDP and DeepSpeed reduce
         gradients in their own backward."""
-        from accelerate.utils import DistributedType
-
         if self.accelerator.num_processes == 1 or not self.accelerator.sync_gradients:
             return False
         if self.accelerator.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):

@@ -75,6 +75,7 @@ def _refuse_sockets() -> None:
     """Refuse sockets inside Python, by replacing their constructors and name lookups: a best effort for programs
     run without the sandbox's empty network namespace. The refusing classes are subclasses, so modules that
     subclass socket.socket when imported (ssl, asyncio) still import."""
+    # deferred: run as this function's source in the program's process, which imports sockets only to refuse them
     import _socket
     import socket
 

@@ -36,6 +36,8 @@ from transformers import LogitsProcessorList
 from ..core.architecture import find_model_parts, unwrap_model
 from ..core.heads import AuxiliaryHeads, from_former_num_heads, get_heads
 from ..core.layer_call import LayerCall, cache_parameter, capture_layer_inputs
+from ..models import parse_dtype
+from .draft_cache import DraftCache
 from .draft_policy import DraftPolicy, drafting_memory
 from .draft_tree import DraftBlock, DraftTree, accept
 from .sampling import SeededSampler, TokenChooser
@@ -100,8 +102,6 @@ class HeadDrafter:
 
     def __init__(self, model, heads: AuxiliaryHeads, num_aux_heads: int, candidates: int,
                  dtype: torch.dtype | None = None):
-        from .draft_cache import DraftCache
-
         parts = find_model_parts(model)
         layers, self.final_norm, self.lm_head = list(heads.layers[:num_aux_heads]), parts.final_norm, parts.lm_head
         self.dtype = dtype if dtype is not None and dtype != next(parts.lm_head.parameters()).dtype else None
@@ -244,8 +244,6 @@ def generate(
     if tree is not None and size < 1:
         raise ValueError(f"tree_size must be at least 1, got {size}")
 
-    from .draft_cache import DraftCache
-
     parts = find_model_parts(model)
     # The model takes its cache under the name of the installed transformers release (`cache` since 5.24).
     cache_argument = cache_parameter(unwrap_model(model).forward)
@@ -258,8 +256,6 @@ def generate(
     stop_ids = _stop_ids(model, eos_token_id)
     keep_longest = not sliding
     if draft_dtype is not None:
-        from ..models import parse_dtype
-
         draft_dtype = parse_dtype(draft_dtype)
     sampling = sampling or Sampling()
     memory = drafting_memory(heads, (num_aux_heads, candidates, size, str(draft_dtype), batch)) \

@@ -14,9 +14,10 @@ three ways of drafting (`WAYS`):
   later pass drafts again (their caches then stand where they would have).
 
 `DraftingMemory` keeps, for each set of heads and draft shape, the tokens per second of each way over its last
-passes in this process. A pass takes the fastest way so far, after each has had its trial passes; now and then it
-tries another, less often while the verdict holds. Calls, too: once plain passes were measured faster than the
-heads' best way, the next calls decode plainly from the start, as `generate()` does, and the heads are tried again
+passes in this process. After each way has had its trial passes, the passes follow the leading way, the fastest; a
+way takes the lead only when it is faster by a margin, since a pass's tokens vary a lot and a few passes measure a
+way roughly. Now and then a few passes try another way, less often while the lead holds. Calls, too: once plain
+passes lead, the next calls decode plainly from the start, as `generate()` does, and the heads are tried again
 after 4, then 8, 16, ... calls (at most 64).
 
 Which tokens come out never depends on the policy (the model chooses every token, and a sampled token depends only
@@ -36,9 +37,12 @@ from ..core.heads import AuxiliaryHeads
 # The ways a pass can draft, in the order their trials run.
 WAYS = ("full", "confident", "plain")
 # Passes each way runs before the rates are compared; the passes each way's rate is taken over.
-TRIAL_PASSES, RATE_WINDOW = 4, 64
-# Passes between tries of another way than the fastest: doubled after each try that leaves the fastest as it was.
-FIRST_TRY_INTERVAL, LONGEST_TRY_INTERVAL = 16, 256
+TRIAL_PASSES, RATE_WINDOW = 16, 64
+# How much faster than the leading way another must be to take the lead.
+LEAD_MARGIN = 1.05
+# Passes between tries of another way than the leading one, doubled after each try that leaves the lead where it
+# was; passes of each try.
+FIRST_TRY_INTERVAL, LONGEST_TRY_INTERVAL, TRY_PASSES = 16, 256, 4
 # Calls decoded plainly before the heads are tried again, after a verdict against them; doubled after each trial that
 # confirms it.
 FIRST_PLAIN_SPELL, LONGEST_PLAIN_SPELL = 4, 64
@@ -50,6 +54,7 @@ class DraftingMemory:
     passes of each way of drafting, the confidence threshold reached, and the verdicts drawn from them."""
 
     passes: dict = field(default_factory=lambda: {way: deque(maxlen=RATE_WINDOW) for way in WAYS})
+    leading: str | None = None
     threshold: float = 0.3
     try_interval: int = FIRST_TRY_INTERVAL
     tries: int = 0
@@ -73,17 +78,21 @@ class DraftingMemory:
             return None
         return sum(tokens for _, tokens in passes) / max(sum(seconds for seconds, _ in passes), 1e-9)
 
-    def fastest(self, ways: tuple[str, ...] = WAYS) -> str | None:
-        """The way of `ways` with the most tokens per second; None while one of them has not had its trial."""
-        rates = {way: self.rate(way) for way in ways}
+    def leader(self) -> str | None:
+        """The way the passes follow: the fastest once every way has had its trial, replaced only by a way faster
+        than it by `LEAD_MARGIN`; None before."""
+        rates = {way: self.rate(way) for way in WAYS}
         if any(rate is None for rate in rates.values()):
             return None
-        return max(ways, key=rates.__getitem__)
+        fastest = max(WAYS, key=rates.__getitem__)
+        if self.leading is None or rates[fastest] > LEAD_MARGIN * rates[self.leading]:
+            self.leading = fastest
+        return self.leading
 
-    def tried(self, fastest_before: str | None) -> None:
-        """After a try of another way than the fastest: try less often if the fastest stayed, as often as at first
+    def tried(self, leader_before: str | None) -> None:
+        """After a try of another way than the leading one: try less often if the lead stayed, as often as at first
         if it changed."""
-        if self.fastest() == fastest_before:
+        if self.leader() == leader_before:
             self.try_interval = min(2 * self.try_interval, LONGEST_TRY_INTERVAL)
         else:
             self.try_interval = FIRST_TRY_INTERVAL
@@ -102,12 +111,11 @@ class DraftingMemory:
         return True
 
     def end_call(self) -> None:
-        """Draw the verdict from the rates measured so far: the heads pay when their fastest way gave more tokens
-        per second than plain passes."""
-        fastest = self.fastest()
-        if fastest is None:
+        """Draw the verdict from the rates measured so far: the heads pay unless plain passes lead."""
+        leader = self.leader()
+        if leader is None:
             return
-        pays = fastest != "plain"
+        pays = leader != "plain"
         if not pays:
             self.plain_calls_left = self.plain_spell
             self.plain_spell = min(2 * self.plain_spell, LONGEST_PLAIN_SPELL)
@@ -123,7 +131,9 @@ class DraftPolicy:
     def __init__(self, num_aux_heads: int, memory: DraftingMemory | None = None, *, step: float = 0.05):
         self.num_aux_heads, self.memory, self.step = num_aux_heads, memory, step
         self.since_try = 0
-        self.trying: str | None = None  # the fastest way before the pass now trying another
+        self.trying: str | None = None  # the way tried now
+        self.try_passes_left = 0
+        self.leader_before_try: str | None = None
 
     def way(self) -> str:
         """The way the next pass drafts."""
@@ -135,14 +145,17 @@ class DraftPolicy:
         untried = [way for way in WAYS if len(memory.passes[way]) < TRIAL_PASSES]
         if untried:
             return untried[0]
-        fastest = memory.fastest()
+        if self.trying is not None:
+            return self.trying
+        leader = memory.leader()
         self.since_try += 1
         if self.since_try < memory.try_interval:
-            return fastest
-        self.since_try, self.trying = 0, fastest
-        others = [way for way in WAYS if way != fastest]
+            return leader
+        others = [way for way in WAYS if way != leader]
         memory.tries += 1
-        return others[memory.tries % len(others)]
+        self.since_try, self.leader_before_try = 0, leader
+        self.trying, self.try_passes_left = others[memory.tries % len(others)], TRY_PASSES
+        return self.trying
 
     def depth(self, way: str, confidence: torch.Tensor) -> int:
         """Drafts to verify this pass, given each head's top probability `[rows, num_aux_heads]`: every head for
@@ -175,15 +188,17 @@ class DraftPolicy:
             else:  # nothing was confident enough: lower the bar a little, to try again
                 memory.threshold = max(self.step, memory.threshold - self.step / 5)
         memory.record(way, seconds, tokens)
-        if self.trying is not None:
-            memory.tried(self.trying)
-            self.trying = None
+        if self.trying is not None and way == self.trying:
+            self.try_passes_left -= 1
+            if self.try_passes_left == 0:
+                memory.tried(self.leader_before_try)
+                self.trying = None
 
 
 _MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def drafting_memory(heads: AuxiliaryHeads, shape: tuple) -> DraftingMemory:
-    """The memory of `heads` drafting in `shape` (heads used, candidates, tree size, draft dtype, batch size) in
-    this process; forgotten with the heads."""
+    """The memory of `heads` drafting in `shape` (heads used, candidates, tree size, draft dtype, batch size,
+    temperature) in this process; forgotten with the heads."""
     return _MEMORIES.setdefault(heads, {}).setdefault(shape, DraftingMemory())

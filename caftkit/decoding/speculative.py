@@ -258,7 +258,8 @@ def generate(
     if draft_dtype is not None:
         draft_dtype = parse_dtype(draft_dtype)
     sampling = sampling or Sampling()
-    memory = drafting_memory(heads, (num_aux_heads, candidates, size, str(draft_dtype), batch)) \
+    # Sampling accepts fewer drafts than greedy decoding, the more so the hotter: each temperature has its memory.
+    memory = drafting_memory(heads, (num_aux_heads, candidates, size, str(draft_dtype), batch, sampling.temperature)) \
         if adaptive and tree is not None else None
     if memory is not None and not memory.start_call():  # the heads were measured not to pay, lately
         if on_tokens is None:

@@ -17,6 +17,7 @@ from caftkit.decoding.draft_policy import (
     FIRST_TRY_INTERVAL,
     RATE_WINDOW,
     TRIAL_PASSES,
+    TRY_PASSES,
     DraftingMemory,
     DraftPolicy,
     drafting_memory,
@@ -61,23 +62,32 @@ def test_the_threshold_follows_what_held_on_confident_passes():
     assert [len(memory.passes[way]) for way in ("full", "confident", "plain")] == [1, 3, 0]
 
 
-def test_each_way_has_its_trial_then_the_fastest_drafts_and_the_others_are_tried_less_often():
+def test_each_way_has_its_trial_then_the_leader_drafts_and_the_others_are_tried_less_often():
     memory = DraftingMemory()
     policy = DraftPolicy(4, memory)
     rates = {"full": 30.0, "confident": 20.0, "plain": 10.0}  # tokens per second each way gives
     ways = []
-    for _ in range(3 * TRIAL_PASSES + 3 * FIRST_TRY_INTERVAL + 1):
+    for _ in range(3 * TRIAL_PASSES + 59):
         way = policy.way()
         ways.append(way)
         policy.record(way, 0, torch.tensor([1]), seconds=1.0 / rates[way], tokens=1)
-    trial = ["full"] * TRIAL_PASSES + ["confident"] * TRIAL_PASSES + ["plain"] * TRIAL_PASSES
-    assert ways[: len(trial)] == trial
-    after = ways[len(trial):]
-    tries = [(i, way) for i, way in enumerate(after) if way != "full"]
-    # the first try after 16 passes, the next 32 later: it left the fastest as it was; the tries alternate
-    assert tries == [(FIRST_TRY_INTERVAL - 1, "plain"), (3 * FIRST_TRY_INTERVAL - 1, "confident")]
+    assert ways[: 3 * TRIAL_PASSES] == ["full"] * TRIAL_PASSES + ["confident"] * TRIAL_PASSES + ["plain"] * TRIAL_PASSES
+    # a try of 4 passes after 16 passes, the next 32 passes later: it left the lead where it was; the tries alternate
+    assert ways[3 * TRIAL_PASSES:] == (["full"] * (FIRST_TRY_INTERVAL - 1) + ["plain"] * TRY_PASSES +
+                                       ["full"] * (2 * FIRST_TRY_INTERVAL - 1) + ["confident"] * TRY_PASSES +
+                                       ["full"] * 5)
     assert memory.try_interval == 4 * FIRST_TRY_INTERVAL
-    assert memory.fastest() == "full" and memory.rate("full") == pytest.approx(30.0)
+    assert memory.leader() == "full" and memory.rate("full") == pytest.approx(30.0)
+
+
+def test_a_way_takes_the_lead_only_when_faster_by_the_margin():
+    assert measured(full=30.0, confident=31.0, plain=10.0).leader() == "confident"  # the first lead: the fastest
+    close = measured(full=30.0, confident=31.0, plain=10.0)
+    close.leading = "full"
+    assert close.leader() == "full"  # 31 < 1.05 * 30
+    clear = measured(full=30.0, confident=32.0, plain=10.0)
+    clear.leading = "full"
+    assert clear.leader() == "confident"
 
 
 def test_a_try_that_finds_a_faster_way_switches_to_it_and_tries_as_often_as_at_first():
@@ -87,10 +97,11 @@ def test_a_try_that_finds_a_faster_way_switches_to_it_and_tries_as_often_as_at_f
     for _ in range(2 * FIRST_TRY_INTERVAL - 1):
         assert policy.way() == "full"
         policy.record("full", 4, torch.tensor([1]), seconds=1.0 / 30, tokens=1)
-    way = policy.way()
-    assert way == "plain"  # the try: a batch of 10 rows, whose plain pass now gives 10 tokens in 0.01 s
-    policy.record(way, 0, torch.tensor([1] * 10), seconds=0.01, tokens=10)
-    assert memory.fastest() == "plain" and memory.try_interval == FIRST_TRY_INTERVAL
+    for _ in range(TRY_PASSES):  # the try: a batch of 10 rows, whose plain passes now give 10 tokens in 0.01 s
+        way = policy.way()
+        assert way == "plain"
+        policy.record(way, 0, torch.tensor([1] * 10), seconds=0.01, tokens=10)
+    assert memory.leader() == "plain" and memory.try_interval == FIRST_TRY_INTERVAL
     assert policy.way() == "plain"
 
 
@@ -104,7 +115,7 @@ def test_rates_are_taken_over_the_last_passes_and_the_heads_feeding_counts_for_p
     assert memory.rate("plain") == pytest.approx(2.0)  # the older passes left the window
     memory.record("plain", seconds=0.5 * RATE_WINDOW, tokens=0)  # feeding the heads: time, not a pass
     assert len(memory.passes["plain"]) == RATE_WINDOW and memory.rate("plain") == pytest.approx(1.0)
-    assert DraftingMemory().rate("full") is None and DraftingMemory().fastest() is None
+    assert DraftingMemory().rate("full") is None and DraftingMemory().leader() is None
 
 
 def test_the_memory_judges_calls_from_the_rates_and_tries_the_heads_again_later():
@@ -195,14 +206,14 @@ def test_passes_that_skip_the_heads_and_tries_that_feed_them_keep_the_tokens(can
     """Where plain passes are the fastest, the heads are tried every 16 passes: they are then fed every block the
     model read since they last ran, in order; greedy tokens are greedy `generate()`'s and a seeded sample is the
     no-heads sample of that seed."""
-    shape = (3, candidates, tree_size or default_tree_size(3, candidates), "None", 1)
     prompt = torch.tensor([PROMPTS[0]])
     sampling = Sampling(temperature=1.0, seed=3)
     for name, chosen in (("greedy", Sampling()), ("sampled", sampling)):
         model = repetitive_model("llama")  # heads of their own: a memory of their own
         expected = [reference(model, PROMPTS[0], 40)] if name == "greedy" else generate(
             model, input_ids=prompt, max_new_tokens=40, eos_token_id=[], num_aux_heads=0, sampling=sampling).sequences
-        plain_is_measured_fastest(get_heads(model), shape)
+        size = tree_size or default_tree_size(3, candidates)
+        plain_is_measured_fastest(get_heads(model), (3, candidates, size, "None", 1, chosen.temperature))
         out, fed = generate_watching_the_blocks(model, input_ids=prompt, max_new_tokens=40, eos_token_id=[],
                                                 candidates=candidates, tree_size=tree_size, sampling=chosen)
         assert out.sequences == expected, name
@@ -213,22 +224,23 @@ def test_passes_that_skip_the_heads_and_tries_that_feed_them_keep_the_tokens(can
 
 
 def test_once_the_heads_did_not_pay_later_calls_decode_as_generate_does():
-    """Once plain passes were measured faster, the next 4 calls are transformers' own `generate()`: greedy, token
-    for token what it gives alone; sampled, token for token the heads' loop's sample with that seed, the caller's
-    random state untouched. The fifth call tries the heads again."""
+    """Once plain passes were measured faster (greedy, and at temperature 0.8: each has its memory), the next 4 calls
+    of each are transformers' own `generate()`: greedy, token for token what it gives alone; sampled, token for token
+    the heads' loop's sample with that seed, the caller's random state untouched. The fifth tries the heads again."""
     model = repetitive_model("llama")
     heads = get_heads(model)
     prompt = torch.tensor([PROMPTS[0]])
     sampling = Sampling(temperature=0.8, seed=5)
     sampled = generate(model, input_ids=prompt, max_new_tokens=40, eos_token_id=[], num_aux_heads=0,
                        sampling=sampling).sequences
-    memory = plain_is_measured_fastest(heads, (3, 1, default_tree_size(3, 1), "None", 1))
+    memory = plain_is_measured_fastest(heads, (3, 1, default_tree_size(3, 1), "None", 1, 0.0))
+    plain_is_measured_fastest(heads, (3, 1, default_tree_size(3, 1), "None", 1, 0.8)).end_call()
     memory.end_call()
     assert memory.heads_pay is False and memory.plain_calls_left == FIRST_PLAIN_SPELL
     calls = []
     handle = heads.layers[0].register_forward_hook(lambda *args: calls.append(1))
     try:
-        for call in range(FIRST_PLAIN_SPELL):
+        for call in range(2 * FIRST_PLAIN_SPELL):
             state = torch.random.get_rng_state()
             if call % 2:
                 out = generate(model, input_ids=prompt, max_new_tokens=40, eos_token_id=[], sampling=sampling)

@@ -14,11 +14,12 @@ three ways of drafting (`WAYS`):
   later pass drafts again (their caches then stand where they would have).
 
 `DraftingMemory` keeps, for each set of heads and draft shape, the tokens per second of each way over its last
-passes in this process. After each way has had its trial passes, the passes follow the leading way, the fastest; a
-way takes the lead only when it is faster by a margin, since a pass's tokens vary a lot and a few passes measure a
-way roughly. Now and then a few passes try another way, less often while the lead holds. Calls, too: once plain
-passes lead, the next calls decode plainly from the start, as `generate()` does, and the heads are tried again
-after 4, then 8, 16, ... calls (at most 64).
+passes in this process. After each way has had its trial passes, the passes follow the leading way: at first
+drafting through every head, as fixed drafts do; another way takes the lead only when it is faster by a margin,
+since a pass's tokens vary a lot and passes of different ways read different stretches of text. Now and then a few
+passes try another way, less often while the lead holds. Calls, too: once plain passes lead, the next calls decode
+plainly from the start, as `generate()` does, and the heads are tried again after 4, then 8, 16, ... calls (at
+most 64), for a few passes of each of their ways.
 
 Which tokens come out never depends on the policy (the model chooses every token, and a sampled token depends only
 on the seed: `sampling.py`); only how many passes they take.
@@ -39,7 +40,7 @@ WAYS = ("full", "confident", "plain")
 # Passes each way runs before the rates are compared; the passes each way's rate is taken over.
 TRIAL_PASSES, RATE_WINDOW = 16, 64
 # How much faster than the leading way another must be to take the lead.
-LEAD_MARGIN = 1.05
+LEAD_MARGIN = 1.1
 # Passes between tries of another way than the leading one, doubled after each try that leaves the lead where it
 # was; passes of each try.
 FIRST_TRY_INTERVAL, LONGEST_TRY_INTERVAL, TRY_PASSES = 16, 256, 4
@@ -54,7 +55,8 @@ class DraftingMemory:
     passes of each way of drafting, the confidence threshold reached, and the verdicts drawn from them."""
 
     passes: dict = field(default_factory=lambda: {way: deque(maxlen=RATE_WINDOW) for way in WAYS})
-    leading: str | None = None
+    leading: str = "full"
+    trial_passes: int = TRIAL_PASSES
     threshold: float = 0.3
     try_interval: int = FIRST_TRY_INTERVAL
     tries: int = 0
@@ -74,18 +76,18 @@ class DraftingMemory:
     def rate(self, way: str) -> float | None:
         """Tokens per second of `way` over its last passes; None until it has had its trial."""
         passes = self.passes[way]
-        if len(passes) < TRIAL_PASSES:
+        if len(passes) < self.trial_passes:
             return None
         return sum(tokens for _, tokens in passes) / max(sum(seconds for seconds, _ in passes), 1e-9)
 
     def leader(self) -> str | None:
-        """The way the passes follow: the fastest once every way has had its trial, replaced only by a way faster
-        than it by `LEAD_MARGIN`; None before."""
+        """The way the passes follow once every way has had its trial (None before): drafting through every head
+        until another way is faster by `LEAD_MARGIN`, then that way until another is faster than it by as much."""
         rates = {way: self.rate(way) for way in WAYS}
         if any(rate is None for rate in rates.values()):
             return None
         fastest = max(WAYS, key=rates.__getitem__)
-        if self.leading is None or rates[fastest] > LEAD_MARGIN * rates[self.leading]:
+        if rates[fastest] > LEAD_MARGIN * rates[self.leading]:
             self.leading = fastest
         return self.leading
 
@@ -99,8 +101,8 @@ class DraftingMemory:
 
     def start_call(self) -> bool:
         """Whether this call may run the heads: always, unless plain passes were measured faster than theirs and
-        their next trial is still some calls away. A trial measures the heads' ways anew: what they are worth may
-        have changed with the prompts."""
+        their next trial is still some calls away. A trial measures the heads' ways anew, over a few passes
+        each: what they are worth may have changed with the prompts."""
         if self.heads_pay is not False:
             return True
         if self.plain_calls_left > 0:
@@ -108,6 +110,7 @@ class DraftingMemory:
             return False
         for way in WAYS[:-1]:
             self.passes[way].clear()
+        self.trial_passes = TRY_PASSES  # a short trial: most calls that try the heads again find them not paying
         return True
 
     def end_call(self) -> None:
@@ -142,7 +145,7 @@ class DraftPolicy:
         memory = self.memory
         if memory is None:
             return "full"
-        untried = [way for way in WAYS if len(memory.passes[way]) < TRIAL_PASSES]
+        untried = [way for way in WAYS if len(memory.passes[way]) < memory.trial_passes]
         if untried:
             return untried[0]
         if self.trying is not None:

@@ -11,15 +11,16 @@ three ways of drafting (`WAYS`):
   a step when every draft held, up a step when one was rejected), as transformers' `assistant_confidence_threshold`
   and SpecDec++ stop drafting where acceptance becomes unlikely;
 - `plain`: no drafts and the heads not run; the model's inputs to their layer are kept, and fed to the heads when a
-  later pass drafts again (their caches then stand where they would have).
+  later pass drafts again (their caches then stand where they would have; the feeding is charged to that pass's
+  way). Once plain passes lead, the heads stop for the rest of the call.
 
 `DraftingMemory` keeps, for each set of heads and draft shape, the tokens per second of each way over its last
 passes in this process. After each way has had its trial passes, the passes follow the leading way: at first
 drafting through every head, as fixed drafts do; another way takes the lead only when it is faster by a margin,
-since a pass's tokens vary a lot and passes of different ways read different stretches of text. Now and then a few
-passes try another way, less often while the lead holds. Calls, too: once plain passes lead, the next calls decode
-plainly from the start, as `generate()` does, and the heads are tried again after 4, then 8, 16, ... calls (at
-most 64), for a few passes of each of their ways.
+since a pass's tokens vary a lot and passes of different ways read different stretches of text. While a way of the
+heads leads, a few passes now and then try another way, less often while the lead holds. Once plain passes lead,
+the heads stop for the rest of the call, and the next calls decode plainly from the start, as `generate()` does;
+the heads are tried again after 4, then 8, 16, ... calls (at most 64), for a few passes of each of their ways.
 
 Which tokens come out never depends on the policy (the model chooses every token, and a sampled token depends only
 on the seed: `sampling.py`); only how many passes they take.
@@ -151,6 +152,9 @@ class DraftPolicy:
         if self.trying is not None:
             return self.trying
         leader = memory.leader()
+        if leader == "plain":  # the heads stop for the rest of the call: nothing to feed them, nothing to try
+            self.num_aux_heads = 0
+            return "plain"
         self.since_try += 1
         if self.since_try < memory.try_interval:
             return leader
@@ -171,8 +175,14 @@ class DraftPolicy:
         confident = (confidence >= self.memory.threshold).long().cumprod(dim=-1)
         return int(confident.sum(-1).max())
 
+    @property
+    def heads_stopped(self) -> bool:
+        """Whether the heads run no more in this call."""
+        return self.num_aux_heads == 0
+
     def charge(self, way: str, seconds: float) -> None:
-        """Time spent for `way` outside its passes (feeding the heads what plain passes skipped)."""
+        """Time spent for `way` outside its passes (feeding the heads, when it drafts again, what plain passes
+        skipped)."""
         if self.memory is not None:
             self.memory.record(way, seconds, 0)
 

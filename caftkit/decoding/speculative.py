@@ -286,9 +286,11 @@ def generate(
     while rows.numel() > 0:
         started = time.perf_counter()
         way = policy.way()
+        if drafter is not None and policy.heads_stopped:  # plain passes lead: decoding goes on without the heads
+            drafter, tree, candidates, skipped = None, None, None, []
         if way != "plain" and skipped:
             candidates, skipped = drafter.catch_up(skipped), []
-            policy.charge("plain", time.perf_counter() - started)  # part of what the plain passes cost
+            policy.charge(way, time.perf_counter() - started)  # the price of drafting again after plain passes
             started = time.perf_counter()
         drafted = policy.depth(way, candidates[1][:, :, 0].exp()) if way != "plain" else 0
         if way == "plain":

@@ -282,6 +282,7 @@ def generate(
 
     output = GenerationOutput([[] for _ in range(batch)], forward_passes=1)
     rows = torch.arange(batch, device=device)  # original row of each row still generating
+    so_far = torch.zeros(batch, dtype=torch.long, device=device)  # tokens each row still generating has so far
     skipped = []  # the layer-L inputs of the plain passes since the heads last ran, fed to them when they run again
     while rows.numel() > 0:
         started = time.perf_counter()
@@ -309,9 +310,7 @@ def generate(
                                 capture_call=drafter is not None)
         output.forward_passes += 1
         # chosen[:, j]: the model's token after node j, the new token of index (tokens so far) + depth + 1
-        so_far = None if sampling.greedy else torch.tensor([len(output.sequences[row]) for row in rows.tolist()],
-                                                              device=device)
-        chosen = choose(logits, rows, None if so_far is None else so_far[:, None] + block.depth + 1)
+        chosen = choose(logits, rows, None if sampling.greedy else so_far[:, None] + block.depth + 1)
         path = accept(block, chosen)
         keep = int(path.length.max() if keep_longest else path.length.min())
         taken = path.length if keep_longest else torch.full_like(path.length, keep)
@@ -351,7 +350,7 @@ def generate(
         # Rows that accepted fewer than `keep` tokens mask the rest out: those slots hold rejected drafts.
         kept = (torch.arange(keep, device=device)[None, :] < taken[:, None]).to(mask.dtype)
         mask = torch.cat([mask, kept], dim=-1)
-        next_position = next_position + taken
+        next_position, so_far = next_position + taken, so_far + taken
         next_token = chosen.gather(1, last[:, None]).squeeze(1)
         if finished.any() and skipped:  # the heads are fed before rows leave the batch
             candidates, skipped = drafter.catch_up(skipped), []
@@ -361,6 +360,7 @@ def generate(
         if finished.any():
             alive = (~finished).nonzero().squeeze(1)
             rows, mask, next_position, next_token = rows[alive], mask[alive], next_position[alive], next_token[alive]
+            so_far = so_far[alive]
             cache.batch_select_indices(alive)
             if drafter is not None:
                 candidates = tuple(c[alive] for c in candidates)

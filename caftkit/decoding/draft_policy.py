@@ -15,12 +15,19 @@ three ways of drafting (`WAYS`):
   way). Once plain passes lead, the heads stop for the rest of the call.
 
 `DraftingMemory` keeps, for each set of heads and draft shape, the tokens per second of each way over its last
-passes in this process. After each way has had its trial passes, the passes follow the leading way: at first
-drafting through every head, as fixed drafts do; another way takes the lead only when it is faster by a margin,
-since a pass's tokens vary a lot and passes of different ways read different stretches of text. While a way of the
-heads leads, a few passes now and then try another way, less often while the lead holds. Once plain passes lead,
-the heads stop for the rest of the call, and the next calls decode plainly from the start, as `generate()` does;
-the heads are tried again after 4, then 8, 16, ... calls (at most 64), for a few passes of each of their ways.
+passes in this process. Passes draft through every head first (as fixed drafts do), then a few plain passes measure
+the model alone: they give one token per row at a steady price, so 4 of them say what plain decoding is worth. The
+confident way is judged on the full passes' own text before it runs at all: at each full pass the policy works out
+how deep the confident way would have drafted there and what it would have kept (exactly, for a chain; at most the
+depth plus one per row, for a tree), and prices such a pass from what was measured: a plain pass, the heads' run,
+and the share of the verification's extra cost that its shorter block would keep. The confident way gets trial
+passes, and later tries, only while that estimate beats the measured ways; the threshold is tuned on full passes the
+same way, from what their drafts show would have held. Then the passes follow the leading way; another takes the
+lead only when faster by a margin, since a pass's tokens vary a lot and passes of different ways read different
+stretches of text. While the confident way leads, a few full passes now and then measure full drafting again, less
+often while the lead holds. Once plain passes lead, the heads stop for the rest of the call, and the next calls
+decode plainly from the start, as `generate()` does; the heads are tried again after 4, then 8, 16, ... calls (at
+most 64), for a few passes of each of their ways.
 
 Which tokens come out never depends on the policy (the model chooses every token, and a sampled token depends only
 on the seed: `sampling.py`); only how many passes they take.
@@ -36,14 +43,14 @@ import torch
 
 from ..core.heads import AuxiliaryHeads
 
-# The ways a pass can draft, in the order their trials run.
-WAYS = ("full", "confident", "plain")
-# Passes each way runs before the rates are compared; the passes each way's rate is taken over.
+# The ways a pass can draft, in the order their trials run (the confident way's only while it is estimated to pay).
+WAYS = ("full", "plain", "confident")
+# Passes each way of the heads runs before the rates are compared; the passes each way's rate is taken over.
 TRIAL_PASSES, RATE_WINDOW = 16, 64
 # How much faster than the leading way another must be to take the lead.
 LEAD_MARGIN = 1.1
 # Passes between tries of another way than the leading one, doubled after each try that leaves the lead where it
-# was; passes of each try.
+# was; passes of each try, and of plain passes' trial.
 FIRST_TRY_INTERVAL, LONGEST_TRY_INTERVAL, TRY_PASSES = 16, 256, 4
 # Calls decoded plainly before the heads are tried again, after a verdict against them; doubled after each trial that
 # confirms it.
@@ -51,16 +58,29 @@ FIRST_PLAIN_SPELL, LONGEST_PLAIN_SPELL = 4, 64
 
 
 @dataclass
+class ConfidentShadow:
+    """What one full pass says of the confident way on the same text: the tokens it would have kept, and what the
+    pass measured (its seconds, the heads' share of them) with the share of its extra verification cost that the
+    confident way's block would have kept."""
+
+    tokens: float
+    seconds: float
+    heads_seconds: float
+    verify_share: float
+
+
+@dataclass
 class DraftingMemory:
     """How fast one set of heads with one draft shape decoded in this process: the seconds and tokens of the last
-    passes of each way of drafting, the confidence threshold reached, and the verdicts drawn from them."""
+    passes of each way of drafting, what the full passes say of the confident way, the confidence threshold reached,
+    and the verdicts drawn from them."""
 
     passes: dict = field(default_factory=lambda: {way: deque(maxlen=RATE_WINDOW) for way in WAYS})
+    shadows: deque = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))
     leading: str = "full"
     trial_passes: int = TRIAL_PASSES
     threshold: float = 0.3
     try_interval: int = FIRST_TRY_INTERVAL
-    tries: int = 0
     heads_pay: bool | None = None
     plain_calls_left: int = 0
     plain_spell: int = FIRST_PLAIN_SPELL
@@ -74,23 +94,70 @@ class DraftingMemory:
             return
         self.passes[way].append((seconds, tokens))
 
+    def trial_length(self, way: str) -> int:
+        """Passes of `way` before its rate counts: a plain pass gives one token per row at a steady price, so a few
+        say what plain decoding is worth; a pass of the heads gives 1 to n tokens, so theirs need more."""
+        return TRY_PASSES if way == "plain" else self.trial_passes
+
     def rate(self, way: str) -> float | None:
         """Tokens per second of `way` over its last passes; None until it has had its trial."""
         passes = self.passes[way]
-        if len(passes) < self.trial_passes:
+        if len(passes) < self.trial_length(way):
             return None
         return sum(tokens for _, tokens in passes) / max(sum(seconds for seconds, _ in passes), 1e-9)
 
-    def leader(self) -> str | None:
-        """The way the passes follow once every way has had its trial (None before): drafting through every head
-        until another way is faster by `LEAD_MARGIN`, then that way until another is faster than it by as much."""
-        rates = {way: self.rate(way) for way in WAYS}
-        if any(rate is None for rate in rates.values()):
+    def confident_estimate(self) -> float | None:
+        """Tokens per second the confident way would have given on the full passes' text (None before plain passes
+        were measured): each such pass priced as a plain pass, the heads' run, and its share of the rest."""
+        plain = self.passes["plain"]
+        if not self.shadows or len(plain) < self.trial_length("plain"):
             return None
-        fastest = max(WAYS, key=rates.__getitem__)
+        plain_pass = sum(seconds for seconds, _ in plain) / len(plain)
+        seconds = sum(plain_pass + shadow.heads_seconds
+                      + shadow.verify_share * max(0.0, shadow.seconds - plain_pass - shadow.heads_seconds)
+                      for shadow in self.shadows)
+        return sum(shadow.tokens for shadow in self.shadows) / max(seconds, 1e-9)
+
+    def confident_in_reach(self) -> bool:
+        """Whether the confident way may beat the measured ways: its estimate is above their rates (or there is no
+        estimate yet). The estimate is the ceiling for a tree, whose depth-limited block may hold other nodes."""
+        estimate = self.confident_estimate()
+        measured = [rate for rate in (self.rate("full"), self.rate("plain")) if rate is not None]
+        return estimate is None or not measured or estimate > max(measured)
+
+    def due_trial(self) -> str | None:
+        """The way whose trial passes run now: full drafts, then plain passes, then the confident way if in
+        reach."""
+        for way in ("full", "plain"):
+            if len(self.passes[way]) < self.trial_length(way):
+                return way
+        if len(self.passes["confident"]) < self.trial_length("confident") and self.confident_in_reach():
+            return "confident"
+        return None
+
+    def leader(self) -> str | None:
+        """The way the passes follow once the trials are over (None before): drafting through every head until
+        another measured way is faster by `LEAD_MARGIN`, then that way until another is faster than it by as
+        much."""
+        if self.due_trial() is not None:
+            return None
+        rates = {way: rate for way in WAYS if (rate := self.rate(way)) is not None}
+        if self.leading not in rates:  # a lead measured before the heads' ways were measured anew
+            self.leading = "full"
+        fastest = max(rates, key=rates.__getitem__)
         if rates[fastest] > LEAD_MARGIN * rates[self.leading]:
             self.leading = fastest
         return self.leading
+
+    def contender(self, leader: str) -> str | None:
+        """The way worth a try while `leader` leads: full drafts while the confident way leads (their rate is
+        measured only by running them); the confident way while full drafts lead, if in reach. Plain passes are
+        not tried again: their rate holds."""
+        if leader == "confident":
+            return "full"
+        if leader == "full" and self.confident_in_reach():
+            return "confident"
+        return None
 
     def tried(self, leader_before: str | None) -> None:
         """After a try of another way than the leading one: try less often if the lead stayed, as often as at first
@@ -99,6 +166,16 @@ class DraftingMemory:
             self.try_interval = min(2 * self.try_interval, LONGEST_TRY_INTERVAL)
         else:
             self.try_interval = FIRST_TRY_INTERVAL
+
+    def tune(self, drafted: int, all_held: bool, step: float) -> None:
+        """Move the threshold after a confident pass (or what a full pass says one would have done): down a step
+        when every draft held, up a step when one was rejected, down a little when nothing was drafted."""
+        if drafted > 0 and all_held:
+            self.threshold = max(step, self.threshold - step)
+        elif drafted > 0:
+            self.threshold = min(1.0 - step, self.threshold + step)
+        else:  # nothing was confident enough: lower the bar a little, to try again
+            self.threshold = max(step, self.threshold - step / 5)
 
     def start_call(self) -> bool:
         """Whether this call may run the heads: always, unless plain passes were measured faster than theirs and
@@ -109,8 +186,9 @@ class DraftingMemory:
         if self.plain_calls_left > 0:
             self.plain_calls_left -= 1
             return False
-        for way in WAYS[:-1]:
+        for way in ("full", "confident"):
             self.passes[way].clear()
+        self.shadows.clear()
         self.trial_passes = TRY_PASSES  # a short trial: most calls that try the heads again find them not paying
         return True
 
@@ -130,14 +208,20 @@ class DraftingMemory:
 
 class DraftPolicy:
     """The way each pass of one call drafts, and how deep. Fixed (`memory` None): every head, at every pass (no
-    heads: plain). Adaptive: as the module docstring says, from `memory`, the threshold moved by `step`."""
+    heads: plain). Adaptive: as the module docstring says, from `memory`, the threshold moved by `step`.
+    `block_widths[d]` is the width of a block drafted through the first d heads (d + 1 for a chain); `chain` says
+    whether the drafts are a chain, for which a full pass tells exactly what a confident one would have kept."""
 
-    def __init__(self, num_aux_heads: int, memory: DraftingMemory | None = None, *, step: float = 0.05):
+    def __init__(self, num_aux_heads: int, memory: DraftingMemory | None = None, *, step: float = 0.05,
+                 block_widths: list[int] | None = None, chain: bool = True):
         self.num_aux_heads, self.memory, self.step = num_aux_heads, memory, step
+        self.block_widths = block_widths or list(range(1, num_aux_heads + 2))
+        self.chain = chain
         self.since_try = 0
         self.trying: str | None = None  # the way tried now
         self.try_passes_left = 0
         self.leader_before_try: str | None = None
+        self.confident_depth = 0  # how deep the confident way would have drafted at this full pass
 
     def way(self) -> str:
         """The way the next pass drafts."""
@@ -146,9 +230,9 @@ class DraftPolicy:
         memory = self.memory
         if memory is None:
             return "full"
-        untried = [way for way in WAYS if len(memory.passes[way]) < memory.trial_passes]
-        if untried:
-            return untried[0]
+        due = memory.due_trial()
+        if due is not None:
+            return due
         if self.trying is not None:
             return self.trying
         leader = memory.leader()
@@ -158,22 +242,24 @@ class DraftPolicy:
         self.since_try += 1
         if self.since_try < memory.try_interval:
             return leader
-        others = [way for way in WAYS if way != leader]
-        memory.tries += 1
-        self.since_try, self.leader_before_try = 0, leader
-        self.trying, self.try_passes_left = others[memory.tries % len(others)], TRY_PASSES
-        return self.trying
+        self.since_try = 0
+        contender = memory.contender(leader)
+        if contender is None:
+            return leader
+        self.leader_before_try, self.trying, self.try_passes_left = leader, contender, TRY_PASSES
+        return contender
 
     def depth(self, way: str, confidence: torch.Tensor) -> int:
         """Drafts to verify this pass, given each head's top probability `[rows, num_aux_heads]`: every head for
         `full`, none for `plain`; for `confident`, the longest run of leading heads at or above the threshold,
         over the rows (zero allowed)."""
-        if way == "full":
-            return self.num_aux_heads
         if way == "plain":
             return 0
+        if self.memory is None:
+            return self.num_aux_heads
         confident = (confidence >= self.memory.threshold).long().cumprod(dim=-1)
-        return int(confident.sum(-1).max())
+        self.confident_depth = int(confident.sum(-1).max())
+        return self.num_aux_heads if way == "full" else self.confident_depth
 
     @property
     def heads_stopped(self) -> bool:
@@ -186,26 +272,36 @@ class DraftPolicy:
         if self.memory is not None:
             self.memory.record(way, seconds, 0)
 
-    def record(self, way: str, drafted: int, accepted: torch.Tensor, seconds: float, tokens: int) -> None:
+    def record(self, way: str, drafted: int, accepted: torch.Tensor, seconds: float, tokens: int,
+               heads_seconds: float = 0.0) -> None:
         """What one pass gave: `drafted` drafts verified, `accepted[row]` tokens accepted (the model's own next token
-        and the drafts that held), `tokens` kept in `seconds`."""
+        and the drafts that held), `tokens` kept in `seconds`, of which the heads' run took `heads_seconds`."""
         memory = self.memory
         if memory is None:
             return
         if way == "confident":
-            held = accepted - 1
-            if drafted > 0 and bool((held >= drafted).all()):
-                memory.threshold = max(self.step, memory.threshold - self.step)
-            elif drafted > 0:
-                memory.threshold = min(1.0 - self.step, memory.threshold + self.step)
-            else:  # nothing was confident enough: lower the bar a little, to try again
-                memory.threshold = max(self.step, memory.threshold - self.step / 5)
+            memory.tune(drafted, bool((accepted - 1 >= drafted).all()), self.step)
+        elif way == "full":
+            self._shadow(accepted, seconds, tokens, heads_seconds)
         memory.record(way, seconds, tokens)
         if self.trying is not None and way == self.trying:
             self.try_passes_left -= 1
             if self.try_passes_left == 0:
                 memory.tried(self.leader_before_try)
                 self.trying = None
+
+    def _shadow(self, accepted: torch.Tensor, seconds: float, tokens: int, heads_seconds: float) -> None:
+        """What this full pass says of the confident way on its text: a chain keeps the drafts up to the confident
+        depth that held; a tree drafted to that depth keeps at most depth + 1 tokens per row (its block may hold
+        other nodes than the full tree's), and its drafts all held where the full tree's did so deep."""
+        depth = self.confident_depth
+        kept = accepted.clamp(max=depth + 1) if self.chain else torch.full_like(accepted, depth + 1)
+        extra = self.block_widths[self.num_aux_heads] - 1
+        share = (self.block_widths[depth] - 1) / extra if extra > 0 else 0.0
+        self.memory.shadows.append(ConfidentShadow(tokens=min(float(kept.sum()), float(tokens)) if self.chain
+                                                   else float(kept.sum()), seconds=seconds,
+                                                   heads_seconds=heads_seconds, verify_share=share))
+        self.memory.tune(depth, bool((accepted - 1 >= depth).all()), self.step)
 
 
 _MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -67,14 +67,19 @@ class DraftTree:
     def is_chain(self) -> bool:
         return self.candidates_per_head == 1
 
+    def block_width(self, size: int, max_depth: int) -> int:
+        """Nodes in a block of the `size` likeliest paths through the first `max_depth` heads, the root included."""
+        return 1 + min(size, int((self.depth <= max_depth).sum()) - 1)
+
     def choose(self, root: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, size: int,
                max_depth: int | None = None) -> DraftBlock:
         """The `size` likeliest paths for each row, given the root tokens `[batch]` and the heads' candidates and
         their log-probabilities, `[batch, num_aux_heads, candidates]` each (candidates in decreasing order); only
         paths through the first `max_depth` heads when given (0: the root alone)."""
         batch = root.shape[0]
-        allowed = self.depth <= (self.num_aux_heads if max_depth is None else max_depth)
-        size = min(size, int(allowed.sum()) - 1)
+        max_depth = self.num_aux_heads if max_depth is None else max_depth
+        allowed = self.depth <= max_depth
+        size = self.block_width(size, max_depth) - 1
         if size == 0:
             return DraftBlock(tokens=root[:, None], parent=root.new_zeros(batch, 1), depth=root.new_zeros(batch, 1),
                               attends=torch.ones(batch, 1, 1, dtype=torch.bool, device=root.device))

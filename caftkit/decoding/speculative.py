@@ -179,6 +179,13 @@ def _forward(model, parts, input_ids, attention_mask, position_ids, cache, cache
     return out.logits, capture.layer_call
 
 
+def _settled_clock(device: torch.device) -> float:
+    """The time once the work queued on `device` is done: an accelerator runs kernels after the call returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _tree_mask(mask: torch.Tensor, attends: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The 4D additive attention mask of a tree block: each node sees the kept cache slots of its row and its own
     ancestors."""
@@ -266,7 +273,9 @@ def generate(
             return _decode_plainly(model, input_ids, attention_mask, max_new_tokens, stop_ids, sampling)
         tree, memory = None, None  # streaming: this loop, one token per pass, without the heads
     drafter = HeadDrafter(model, heads, num_aux_heads, candidates, draft_dtype) if tree is not None else None
-    policy = DraftPolicy(num_aux_heads if drafter is not None else 0, memory)
+    policy = DraftPolicy(num_aux_heads if drafter is not None else 0, memory, chain=candidates == 1,
+                         block_widths=[tree.block_width(size, depth) for depth in range(num_aux_heads + 1)]
+                         if tree is not None else None)
     choose = TokenChooser(sampling, device, batch, max_new_tokens)
 
     # Prefill: the prompt through the model and the heads; left padding gets position 0 like generate() does.
@@ -286,7 +295,7 @@ def generate(
     skipped = []  # the layer-L inputs of the plain passes since the heads last ran, fed to them when they run again
     while rows.numel() > 0:
         started = time.perf_counter()
-        way = policy.way()
+        way, heads_seconds = policy.way(), 0.0
         if drafter is not None and policy.heads_stopped:  # plain passes lead: decoding goes on without the heads
             drafter, tree, candidates, skipped = None, None, None, []
         if way != "plain" and skipped:
@@ -321,7 +330,9 @@ def generate(
             skipped.append(call)
             candidates = None
         elif drafter is not None:
+            heads_started = _settled_clock(device)
             candidates = drafter.run(call, last)
+            heads_seconds = _settled_clock(device) - heads_started
 
         finished = torch.zeros(rows.numel(), dtype=torch.bool, device=device)
         step_tokens = []
@@ -355,7 +366,7 @@ def generate(
         if finished.any() and skipped:  # the heads are fed before rows leave the batch
             candidates, skipped = drafter.catch_up(skipped), []
         # The tokens are on the host by now (tolist above): the pass is over.
-        policy.record(way, drafted, path.length, time.perf_counter() - started, sum(step_tokens))
+        policy.record(way, drafted, path.length, time.perf_counter() - started, sum(step_tokens), heads_seconds)
 
         if finished.any():
             alive = (~finished).nonzero().squeeze(1)

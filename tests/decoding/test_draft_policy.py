@@ -19,10 +19,12 @@ from caftkit.decoding.draft_policy import (
     RATE_WINDOW,
     TRIAL_PASSES,
     TRY_PASSES,
+    ConfidentShadow,
     DraftingMemory,
     DraftPolicy,
     drafting_memory,
 )
+from caftkit.decoding.draft_tree import DraftTree
 from caftkit.decoding.settings import Sampling, default_tree_size
 from caftkit.decoding.speculative import HeadDrafter, generate
 
@@ -58,27 +60,72 @@ def test_the_threshold_follows_what_held_on_confident_passes():
     assert memory.threshold == pytest.approx(0.5)
     policy.record("confident", 0, torch.tensor([1]), seconds=0.1, tokens=1)  # nothing drafted: lower the bar a little
     assert memory.threshold == pytest.approx(0.48)
-    policy.record("full", 4, torch.tensor([1]), seconds=0.1, tokens=1)  # a full pass says nothing of the threshold
+    # a full pass moves it as the confident pass on its text would have: the heads at or above 0.48 reach depth 2
+    assert policy.depth("full", torch.tensor([[0.9, 0.5, 0.2, 0.9]])) == 4 and policy.confident_depth == 2
+    policy.record("full", 4, torch.tensor([4]), seconds=0.1, tokens=4)  # 3 drafts held: those 2 would have
+    assert memory.threshold == pytest.approx(0.38)
+    policy.depth("full", torch.tensor([[0.9, 0.5, 0.2, 0.9]]))
+    policy.record("full", 4, torch.tensor([2]), seconds=0.1, tokens=2)  # 1 held: the second would have failed
     assert memory.threshold == pytest.approx(0.48)
-    assert [len(memory.passes[way]) for way in ("full", "confident", "plain")] == [1, 3, 0]
+    assert [len(memory.passes[way]) for way in ("full", "confident", "plain")] == [2, 3, 0]
 
 
-def test_each_way_has_its_trial_then_the_leader_drafts_and_the_others_are_tried_less_often():
-    memory = DraftingMemory()
-    policy = DraftPolicy(4, memory)
-    rates = {"full": 30.0, "confident": 20.0, "plain": 10.0}  # tokens per second each way gives
+def run_passes(policy: DraftPolicy, passes: int, outcome: dict) -> list[str]:
+    """The ways of `passes` passes of `policy`, each given what `outcome[way]` says a pass of that way gives:
+    (seconds, tokens, heads' seconds, each head's top probability)."""
     ways = []
-    for _ in range(3 * TRIAL_PASSES + 59):
+    for _ in range(passes):
         way = policy.way()
+        seconds, tokens, heads_seconds, confidence = outcome[way]
+        drafted = policy.depth(way, torch.tensor([confidence]))
+        policy.record(way, drafted, torch.tensor([tokens]), seconds, tokens, heads_seconds)
         ways.append(way)
-        policy.record(way, 0, torch.tensor([1]), seconds=1.0 / rates[way], tokens=1)
-    assert ways[: 3 * TRIAL_PASSES] == ["full"] * TRIAL_PASSES + ["confident"] * TRIAL_PASSES + ["plain"] * TRIAL_PASSES
-    # a try of 4 passes after 16 passes, the next 32 passes later: it left the lead where it was; the tries alternate
-    assert ways[3 * TRIAL_PASSES:] == (["full"] * (FIRST_TRY_INTERVAL - 1) + ["plain"] * TRY_PASSES +
-                                       ["full"] * (2 * FIRST_TRY_INTERVAL - 1) + ["confident"] * TRY_PASSES +
-                                       ["full"] * 5)
-    assert memory.try_interval == 4 * FIRST_TRY_INTERVAL
-    assert memory.leader() == "full" and memory.rate("full") == pytest.approx(30.0)
+    return ways
+
+
+# Four heads in a chain: full passes keep 3 tokens in 0.1 s (the heads 0.02 s of it), plain passes 1 in 0.04 s
+# (25 tokens/s); the heads' confidence reaches depth 1 or 2 at the threshold of 0.3.
+DEPTH_1, DEPTH_2 = [0.9, 0.1, 0.9, 0.9], [0.9, 0.8, 0.1, 0.9]
+
+
+def test_full_drafts_then_plain_passes_have_their_trials_and_the_confident_way_only_if_its_estimate_beats_them():
+    """At depth 1 the confident way would keep 2 of the 3 tokens in 0.04 + 0.02 + 1/4 * 0.04 s: 28.6 tokens/s, under
+    full drafts' 30; it never runs. At depth 2 it would keep all 3 in 0.08 s: 37.5 tokens/s; it has its trial."""
+    for confidence, confident_runs in ((DEPTH_1, False), (DEPTH_2, True)):
+        memory = DraftingMemory()
+        policy = DraftPolicy(4, memory, step=0.0)  # the threshold stays at 0.3
+        outcome = {"full": (0.1, 3, 0.02, confidence), "plain": (0.04, 1, 0.0, confidence),
+                   "confident": (0.05, 3, 0.02, confidence)}
+        ways = run_passes(policy, TRIAL_PASSES + TRY_PASSES + TRIAL_PASSES + 40, outcome)
+        assert ways[: TRIAL_PASSES + TRY_PASSES] == ["full"] * TRIAL_PASSES + ["plain"] * TRY_PASSES
+        expected_estimate = 2 / (0.04 + 0.02 + 0.25 * 0.04) if confidence is DEPTH_1 else 3 / 0.08
+        assert memory.confident_estimate() == pytest.approx(expected_estimate)
+        assert memory.rate("plain") == pytest.approx(25.0) and memory.rate("full") == pytest.approx(30.0)
+        rest = ways[TRIAL_PASSES + TRY_PASSES:]
+        if confident_runs:
+            # its trial; it measures 60 tokens/s and leads; full drafts are tried after 16 passes, then 32 later
+            assert rest == (["confident"] * TRIAL_PASSES + ["confident"] * (FIRST_TRY_INTERVAL - 1) +
+                            ["full"] * TRY_PASSES + ["confident"] * (40 - FIRST_TRY_INTERVAL + 1 - TRY_PASSES))
+            assert memory.leader() == "confident" and memory.try_interval == 2 * FIRST_TRY_INTERVAL
+        else:
+            assert rest == ["full"] * len(rest)  # no trial, no try: plain passes are not tried again either
+            assert memory.rate("confident") is None and memory.leader() == "full"
+
+
+def test_a_tree_prices_the_confident_way_by_its_narrower_block_and_counts_depth_plus_one_tokens():
+    """A tree of 2 heads x 3 candidates, 8 nodes: drafted to depth 1 its block has 4 nodes, so a confident pass keeps
+    3 of the 8 extra nodes' cost; the tokens it could keep are depth + 1 whatever the full tree accepted."""
+    tree = DraftTree(2, 3)
+    widths = [tree.block_width(8, depth) for depth in range(3)]
+    assert widths == [1, 4, 9]
+    memory = DraftingMemory()
+    policy = DraftPolicy(2, memory, block_widths=widths, chain=False)
+    for _ in range(TRY_PASSES):
+        memory.record("plain", seconds=0.04, tokens=1)
+    policy.depth("full", torch.tensor([[0.9, 0.1]]))  # depth 1
+    policy.record("full", 2, torch.tensor([1]), seconds=0.12, tokens=1, heads_seconds=0.03)
+    assert memory.shadows[-1] == ConfidentShadow(tokens=2.0, seconds=0.12, heads_seconds=0.03, verify_share=3 / 8)
+    assert memory.confident_estimate() == pytest.approx(2 / (0.04 + 0.03 + 3 / 8 * 0.05))
 
 
 def test_a_way_takes_the_lead_only_when_faster_by_the_margin():
@@ -93,18 +140,18 @@ def test_a_way_takes_the_lead_only_when_faster_by_the_margin():
 
 
 def test_a_try_that_finds_a_faster_way_switches_to_it_and_tries_as_often_as_at_first():
-    memory = measured(full=30.0, confident=20.0, plain=10.0)
+    memory = measured(full=20.0, confident=30.0, plain=10.0)
+    assert memory.leader() == "confident"
     memory.try_interval = 2 * FIRST_TRY_INTERVAL
     policy = DraftPolicy(4, memory)
     for _ in range(2 * FIRST_TRY_INTERVAL - 1):
-        assert policy.way() == "full"
-        policy.record("full", 4, torch.tensor([1]), seconds=1.0 / 30, tokens=1)
-    for _ in range(TRY_PASSES):  # the try: a batch of 10 rows, whose plain passes now give 10 tokens in 0.01 s
+        assert policy.way() == "confident"
+        policy.record("confident", 4, torch.tensor([5]), seconds=1.0 / 30, tokens=1)
+    for _ in range(TRY_PASSES):  # the try: full drafts, now 10 tokens in 0.01 s
         way = policy.way()
-        assert way == "plain"
-        policy.record(way, 0, torch.tensor([1] * 10), seconds=0.01, tokens=10)
-    assert memory.leader() == "plain" and memory.try_interval == FIRST_TRY_INTERVAL
-    assert policy.way() == "plain" and policy.heads_stopped  # plain passes lead: the heads stop for the call
+        assert way == "full"
+        policy.record(way, 4, torch.tensor([5] * 10), seconds=0.01, tokens=10)
+    assert memory.leader() == "full" and memory.try_interval == FIRST_TRY_INTERVAL
 
 
 def test_rates_are_taken_over_the_last_passes_and_the_heads_feeding_counts_for_plain():
@@ -175,12 +222,12 @@ def test_the_heads_fed_late_guess_as_the_heads_fed_at_every_pass():
     assert [c.get_seq_length() for c in late.caches] == [c.get_seq_length() for c in every_pass.caches]
 
 
-def measured_fastest(heads, shape: tuple, way: str) -> DraftingMemory:
-    """The memory of `heads` in `shape`, made to say that `way` is far faster than the others."""
+def measured_fastest(heads, shape: tuple, way: str, ways=("full", "confident", "plain")) -> DraftingMemory:
+    """The memory of `heads` in `shape`, made to say that `way` is far faster than the other `ways` measured."""
     memory = drafting_memory(heads, shape)
-    for each in ("full", "confident", "plain"):
+    for each in ways:
         for _ in range(RATE_WINDOW):
-            memory.record(each, seconds=1e-9 if each == way else 10.0, tokens=1)
+            memory.record(each, seconds=1e-9 if each == way else 10.0, tokens=10**6 if each == way else 1)
     return memory
 
 
@@ -205,8 +252,8 @@ def generate_watching_the_blocks(model, **generation):
 
 
 @pytest.mark.parametrize("candidates, tree_size", [(1, None), (3, 8)], ids=["chain", "tree"])
-def test_plain_passes_tried_amid_drafting_feed_the_heads_late_and_keep_the_tokens(candidates, tree_size):
-    """Where drafting through every head is the fastest, plain passes are tried after 16 passes, 4 of them: the
+def test_plain_passes_amid_drafting_feed_the_heads_late_and_keep_the_tokens(candidates, tree_size):
+    """Where full drafts were measured and plain passes not yet, plain passes have their trial, 4 of them: the
     heads are then fed those blocks in one go before they draft again; greedy tokens are greedy `generate()`'s and a
     seeded sample is the no-heads sample of that seed."""
     prompt = torch.tensor([PROMPTS[0]])
@@ -216,7 +263,7 @@ def test_plain_passes_tried_amid_drafting_feed_the_heads_late_and_keep_the_token
         expected = [reference(model, PROMPTS[0], 80)] if name == "greedy" else generate(
             model, input_ids=prompt, max_new_tokens=80, eos_token_id=[], num_aux_heads=0, sampling=sampling).sequences
         size = tree_size or default_tree_size(3, candidates)
-        measured_fastest(get_heads(model), (3, candidates, size, "None", 1, chosen.temperature), "full")
+        measured_fastest(get_heads(model), (3, candidates, size, "None", 1, chosen.temperature), "full", ("full",))
         out, fed = generate_watching_the_blocks(model, input_ids=prompt, max_new_tokens=80, eos_token_id=[],
                                                 candidates=candidates, tree_size=tree_size, sampling=chosen)
         assert out.sequences == expected, name
@@ -266,7 +313,7 @@ def test_once_the_heads_did_not_pay_later_calls_decode_as_generate_does():
             assert out.forward_passes == 40 and out.accepted_per_step == [1.0] * 40
         assert calls == []  # no head ran in those calls
         generate(model, input_ids=prompt, max_new_tokens=40, eos_token_id=[])
-        assert len(calls) == 1 + 2 * TRY_PASSES  # the trial: the prefill, 4 passes of each of the heads' ways; then
-        # plain passes still lead, and the heads stop
+        assert len(calls) == 1 + TRY_PASSES  # the trial: the prefill, 4 passes of full drafts; the confident way,
+        # estimated from them, is out of reach of plain passes' rate; plain passes still lead, and the heads stop
     finally:
         handle.remove()

@@ -18,16 +18,16 @@ three ways of drafting (`WAYS`):
 passes in this process. Passes draft through every head first (as fixed drafts do), then a few plain passes measure
 the model alone: they give one token per row at a steady price, so 4 of them say what plain decoding is worth. The
 confident way is judged on the full passes' own text before it runs at all: at each full pass the policy works out
-how deep the confident way would have drafted there and what it would have kept (exactly, for a chain; at most the
-depth plus one per row, for a tree), and prices such a pass from what was measured: a plain pass, the heads' run,
-and the share of the verification's extra cost that its shorter block would keep. The confident way gets trial
-passes, and later tries, only while that estimate beats the measured ways; the threshold is tuned on full passes the
-same way, from what their drafts show would have held. Then the passes follow the leading way; another takes the
-lead only when faster by a margin, since a pass's tokens vary a lot and passes of different ways read different
-stretches of text. While the confident way leads, a few full passes now and then measure full drafting again, less
-often while the lead holds. Once plain passes lead, the heads stop for the rest of the call, and the next calls
-decode plainly from the start, as `generate()` does; the heads are tried again after 4, then 8, 16, ... calls (at
-most 64), for a few passes of each of their ways.
+how deep the confident way would have drafted there and what it would have kept (exactly, for a chain; for a tree,
+what the full tree kept down to that depth, which a tree drafted only so deep keeps too), and prices such a pass
+from what was measured: a plain pass, the heads' run, and the share of the verification's extra cost that its
+shorter block would keep. The confident way gets trial passes, and later tries, only while that estimate beats the
+measured ways; with a chain, full passes also tune the threshold, from what their drafts show would have held. Then
+the passes follow the leading way; another takes the lead only when faster by a margin, since a pass's tokens vary a
+lot and passes of different ways read different stretches of text. While the confident way leads, a few full passes
+now and then measure full drafting again, less often while the lead holds. Once plain passes lead, the heads stop
+for the rest of the call, and the next calls decode plainly from the start, as `generate()` does; the heads are
+tried again after 4, then 8, 16, ... calls (at most 64), for a few passes of each of their ways.
 
 Which tokens come out never depends on the policy (the model chooses every token, and a sampled token depends only
 on the seed: `sampling.py`); only how many passes they take.
@@ -120,7 +120,7 @@ class DraftingMemory:
 
     def confident_in_reach(self) -> bool:
         """Whether the confident way may beat the measured ways: its estimate is above their rates (or there is no
-        estimate yet). The estimate is the ceiling for a tree, whose depth-limited block may hold other nodes."""
+        estimate yet)."""
         estimate = self.confident_estimate()
         measured = [rate for rate in (self.rate("full"), self.rate("plain")) if rate is not None]
         return estimate is None or not measured or estimate > max(measured)
@@ -291,17 +291,18 @@ class DraftPolicy:
                 self.trying = None
 
     def _shadow(self, accepted: torch.Tensor, seconds: float, tokens: int, heads_seconds: float) -> None:
-        """What this full pass says of the confident way on its text: a chain keeps the drafts up to the confident
-        depth that held; a tree drafted to that depth keeps at most depth + 1 tokens per row (its block may hold
-        other nodes than the full tree's), and its drafts all held where the full tree's did so deep."""
+        """What this full pass says of the confident way on its text: the drafts up to the confident depth that
+        held. A chain drafted so deep keeps exactly those. A tree drafted so deep holds the full tree's nodes down to
+        that depth (the likeliest paths among fewer) and maybe other ones: it keeps at least as many, so where the
+        full tree held less deep the pass says nothing of the threshold."""
         depth = self.confident_depth
-        kept = accepted.clamp(max=depth + 1) if self.chain else torch.full_like(accepted, depth + 1)
+        kept = min(float(accepted.clamp(max=depth + 1).sum()), float(tokens))
         extra = self.block_widths[self.num_aux_heads] - 1
         share = (self.block_widths[depth] - 1) / extra if extra > 0 else 0.0
-        self.memory.shadows.append(ConfidentShadow(tokens=min(float(kept.sum()), float(tokens)) if self.chain
-                                                   else float(kept.sum()), seconds=seconds,
-                                                   heads_seconds=heads_seconds, verify_share=share))
-        self.memory.tune(depth, bool((accepted - 1 >= depth).all()), self.step)
+        self.memory.shadows.append(ConfidentShadow(tokens=kept, seconds=seconds, heads_seconds=heads_seconds,
+                                                   verify_share=share))
+        if self.chain:
+            self.memory.tune(depth, bool((accepted - 1 >= depth).all()), self.step)
 
 
 _MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -112,9 +112,10 @@ def test_full_drafts_then_plain_passes_have_their_trials_and_the_confident_way_o
             assert memory.rate("confident") is None and memory.leader() == "full"
 
 
-def test_a_tree_prices_the_confident_way_by_its_narrower_block_and_counts_depth_plus_one_tokens():
+def test_a_tree_prices_the_confident_way_by_its_narrower_block_and_counts_what_the_full_tree_kept_so_deep():
     """A tree of 2 heads x 3 candidates, 8 nodes: drafted to depth 1 its block has 4 nodes, so a confident pass keeps
-    3 of the 8 extra nodes' cost; the tokens it could keep are depth + 1 whatever the full tree accepted."""
+    3 of the 8 extra nodes' cost; it keeps what the full tree kept down to depth 1: 2 tokens where the full tree kept
+    3, 1 where it kept 1."""
     tree = DraftTree(2, 3)
     widths = [tree.block_width(8, depth) for depth in range(3)]
     assert widths == [1, 4, 9]
@@ -122,10 +123,13 @@ def test_a_tree_prices_the_confident_way_by_its_narrower_block_and_counts_depth_
     policy = DraftPolicy(2, memory, block_widths=widths, chain=False)
     for _ in range(TRY_PASSES):
         memory.record("plain", seconds=0.04, tokens=1)
-    policy.depth("full", torch.tensor([[0.9, 0.1]]))  # depth 1
-    policy.record("full", 2, torch.tensor([1]), seconds=0.12, tokens=1, heads_seconds=0.03)
-    assert memory.shadows[-1] == ConfidentShadow(tokens=2.0, seconds=0.12, heads_seconds=0.03, verify_share=3 / 8)
-    assert memory.confident_estimate() == pytest.approx(2 / (0.04 + 0.03 + 3 / 8 * 0.05))
+    for kept in (3, 1):
+        policy.depth("full", torch.tensor([[0.9, 0.1]]))  # depth 1
+        policy.record("full", 2, torch.tensor([kept]), seconds=0.12, tokens=kept, heads_seconds=0.03)
+        assert memory.shadows[-1] == ConfidentShadow(tokens=min(kept, 2), seconds=0.12, heads_seconds=0.03,
+                                                     verify_share=3 / 8)
+    assert memory.threshold == 0.3  # what a depth-limited tree would have held, a full tree does not say
+    assert memory.confident_estimate() == pytest.approx(3 / (2 * (0.04 + 0.03 + 3 / 8 * 0.05)))
 
 
 def test_a_way_takes_the_lead_only_when_faster_by_the_margin():

@@ -22,12 +22,13 @@ how deep the confident way would have drafted there and what it would have kept 
 what the full tree kept down to that depth, which a tree drafted only so deep keeps too), and prices such a pass
 from what was measured: a plain pass, the heads' run, and the share of the verification's extra cost that its
 shorter block would keep. The confident way gets trial passes, and later tries, only while that estimate beats the
-measured ways; with a chain, full passes also tune the threshold, from what their drafts show would have held. Then
-the passes follow the leading way; another takes the lead only when faster by a margin, since a pass's tokens vary a
-lot and passes of different ways read different stretches of text. While the confident way leads, a few full passes
-now and then measure full drafting again, less often while the lead holds. Once plain passes lead, the heads stop
-for the rest of the call, and the next calls decode plainly from the start, as `generate()` does; the heads are
-tried again after 4, then 8, 16, ... calls (at most 64), for a few passes of each of their ways.
+measured ways by the margin a way needs to take the lead; with a chain, full passes also tune the threshold, from
+what their drafts show would have held. Then the passes follow the leading way; another takes the lead only when
+faster by a margin, since a pass's tokens vary a lot and passes of different ways read different stretches of text.
+While the confident way leads, a few full passes now and then measure full drafting again, less often while the lead
+holds. Once plain passes lead, the heads stop for the rest of the call, and the next calls decode plainly from the
+start, as `generate()` does; the heads are tried again after 4, then 8, 16, ... calls (at most 64), for a few passes
+of full drafts (and of the confident way, if in reach).
 
 Which tokens come out never depends on the policy (the model chooses every token, and a sampled token depends only
 on the seed: `sampling.py`); only how many passes they take.
@@ -119,11 +120,11 @@ class DraftingMemory:
         return sum(shadow.tokens for shadow in self.shadows) / max(seconds, 1e-9)
 
     def confident_in_reach(self) -> bool:
-        """Whether the confident way may beat the measured ways: its estimate is above their rates (or there is no
-        estimate yet)."""
+        """Whether the confident way may take the lead: its estimate beats the measured ways' rates by the lead's
+        margin (or there is no estimate yet). Below that, its passes could not win the lead, only cost the tries."""
         estimate = self.confident_estimate()
         measured = [rate for rate in (self.rate("full"), self.rate("plain")) if rate is not None]
-        return estimate is None or not measured or estimate > max(measured)
+        return estimate is None or not measured or estimate > LEAD_MARGIN * max(measured)
 
     def due_trial(self) -> str | None:
         """The way whose trial passes run now: full drafts, then plain passes, then the confident way if in

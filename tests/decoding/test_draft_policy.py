@@ -90,7 +90,8 @@ DEPTH_1, DEPTH_2 = [0.9, 0.1, 0.9, 0.9], [0.9, 0.8, 0.1, 0.9]
 
 def test_full_drafts_then_plain_passes_have_their_trials_and_the_confident_way_only_if_its_estimate_beats_them():
     """At depth 1 the confident way would keep 2 of the 3 tokens in 0.04 + 0.02 + 1/4 * 0.04 s: 28.6 tokens/s, under
-    full drafts' 30; it never runs. At depth 2 it would keep all 3 in 0.08 s: 37.5 tokens/s; it has its trial."""
+    full drafts' 30; it never runs. At depth 2 it would keep all 3 in 0.08 s: 37.5 tokens/s, over 1.1 * 30; it has
+    its trial."""
     for confidence, confident_runs in ((DEPTH_1, False), (DEPTH_2, True)):
         memory = DraftingMemory()
         policy = DraftPolicy(4, memory, step=0.0)  # the threshold stays at 0.3
@@ -130,6 +131,23 @@ def test_a_tree_prices_the_confident_way_by_its_narrower_block_and_counts_what_t
                                                      verify_share=3 / 8)
     assert memory.threshold == 0.3  # what a depth-limited tree would have held, a full tree does not say
     assert memory.confident_estimate() == pytest.approx(3 / (2 * (0.04 + 0.03 + 3 / 8 * 0.05)))
+
+
+def test_the_confident_way_is_in_reach_only_when_its_estimate_could_take_the_lead():
+    """It takes the lead only when 10% faster than the leading way: an estimate 5% above full drafts' rate is not
+    worth its trial; 15% above is."""
+    for above, in_reach in ((1.05, False), (1.15, True)):
+        memory = DraftingMemory()
+        for _ in range(TRIAL_PASSES):
+            memory.record("full", seconds=0.1, tokens=3)  # 30 tokens/s
+        for _ in range(TRY_PASSES):
+            memory.record("plain", seconds=0.05, tokens=1)  # 20 tokens/s
+        # a pass of the confident way priced as the plain pass, the heads (0.05 s) and nothing of the rest
+        memory.shadows.append(ConfidentShadow(tokens=30 * above * 0.1, seconds=0.1, heads_seconds=0.05,
+                                              verify_share=0.0))
+        assert memory.confident_estimate() == pytest.approx(30 * above)
+        assert memory.confident_in_reach() is in_reach
+        assert memory.due_trial() == ("confident" if in_reach else None)
 
 
 def test_a_way_takes_the_lead_only_when_faster_by_the_margin():

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..files.controls import write_control
+
 # Where Linux shows a process's current and peak resident set size, and where writing 5 resets that peak.
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -30,7 +32,7 @@ def _reset_peak_rss() -> None:
     global _rss_reset_refused
     if PROC_STATUS.exists():
         try:
-            PROC_CLEAR_REFS.write_text("5")
+            write_control(PROC_CLEAR_REFS, "5")
         except OSError:
             _rss_reset_refused = True
 

@@ -85,10 +85,15 @@ class DraftingMemory:
     heads_pay: bool | None = None
     plain_calls_left: int = 0
     plain_spell: int = FIRST_PLAIN_SPELL
+    # The confident way's estimate as last worked out, until a pass or a shadow changes what it is made of: a pass
+    # asks for it two or three times.
+    estimate: float | None = None
+    estimate_stale: bool = True
 
     def record(self, way: str, seconds: float, tokens: float) -> None:
         """One pass of `way` (or, with no tokens, time spent for it, as feeding the heads what plain passes
         skipped) and the tokens it gave."""
+        self.estimate_stale = True
         if tokens == 0 and self.passes[way]:  # added to the way's last pass, not counted as one
             last_seconds, last_tokens = self.passes[way][-1]
             self.passes[way][-1] = (last_seconds + seconds, last_tokens)
@@ -107,9 +112,19 @@ class DraftingMemory:
             return None
         return sum(tokens for _, tokens in passes) / max(sum(seconds for seconds, _ in passes), 1e-9)
 
+    def add_shadow(self, shadow: ConfidentShadow) -> None:
+        """What one full pass says of the confident way."""
+        self.shadows.append(shadow)
+        self.estimate_stale = True
+
     def confident_estimate(self) -> float | None:
         """Tokens per second the confident way would have given on the full passes' text (None before plain passes
         were measured): each such pass priced as a plain pass, the heads' run, and its share of the rest."""
+        if self.estimate_stale:
+            self.estimate, self.estimate_stale = self._work_out_estimate(), False
+        return self.estimate
+
+    def _work_out_estimate(self) -> float | None:
         plain = self.passes["plain"]
         if not self.shadows or len(plain) < self.trial_length("plain"):
             return None
@@ -190,6 +205,7 @@ class DraftingMemory:
         for way in ("full", "confident"):
             self.passes[way].clear()
         self.shadows.clear()
+        self.estimate_stale = True
         self.trial_passes = TRY_PASSES  # a short trial: most calls that try the heads again find them not paying
         return True
 
@@ -300,8 +316,8 @@ class DraftPolicy:
         kept = min(float(accepted.clamp(max=depth + 1).sum()), float(tokens))
         extra = self.block_widths[self.num_aux_heads] - 1
         share = (self.block_widths[depth] - 1) / extra if extra > 0 else 0.0
-        self.memory.shadows.append(ConfidentShadow(tokens=kept, seconds=seconds, heads_seconds=heads_seconds,
-                                                   verify_share=share))
+        self.memory.add_shadow(ConfidentShadow(tokens=kept, seconds=seconds, heads_seconds=heads_seconds,
+                                               verify_share=share))
         if self.chain:
             self.memory.tune(depth, bool((accepted - 1 >= depth).all()), self.step)
 

@@ -143,11 +143,14 @@ def test_the_confident_way_is_in_reach_only_when_its_estimate_could_take_the_lea
         for _ in range(TRY_PASSES):
             memory.record("plain", seconds=0.05, tokens=1)  # 20 tokens/s
         # a pass of the confident way priced as the plain pass, the heads (0.05 s) and nothing of the rest
-        memory.shadows.append(ConfidentShadow(tokens=30 * above * 0.1, seconds=0.1, heads_seconds=0.05,
-                                              verify_share=0.0))
+        memory.add_shadow(ConfidentShadow(tokens=30 * above * 0.1, seconds=0.1, heads_seconds=0.05,
+                                          verify_share=0.0))
         assert memory.confident_estimate() == pytest.approx(30 * above)
         assert memory.confident_in_reach() is in_reach
         assert memory.due_trial() == ("confident" if in_reach else None)
+        for _ in range(TRY_PASSES):  # faster plain passes: a plain pass now costs 0.03 s on average
+            memory.record("plain", seconds=0.01, tokens=1)
+        assert memory.confident_estimate() == pytest.approx(30 * above * 0.1 / (0.03 + 0.05))
 
 
 def test_a_way_takes_the_lead_only_when_faster_by_the_margin():

@@ -10,13 +10,16 @@ three ways of drafting (`WAYS`):
 - `confident`: only the leading heads whose top probability reaches a threshold, tuned from what was accepted (down
   a step when every draft held, up a step when one was rejected), as transformers' `assistant_confidence_threshold`
   and SpecDec++ stop drafting where acceptance becomes unlikely;
-- `plain`: no drafts and the heads not run; the model's inputs to their layer are kept, and fed to the heads when a
-  later pass drafts again (their caches then stand where they would have; the feeding is charged to that pass's
-  way). Once plain passes lead, the heads stop for the rest of the call.
+- `plain`: no drafts; the pass verifies the model's own next token alone. While the heads are measured, they still
+  run after it (the next pass may draft), and the pass is priced without their run: what a pass of plain decoding
+  costs. Once plain passes lead, the heads stop for the rest of the call.
 
 `DraftingMemory` keeps, for each set of heads and draft shape, the tokens per second of each way over its last
 passes in this process. Passes draft through every head first (as fixed drafts do), then a few plain passes measure
-the model alone: they give one token per row at a steady price, so 4 of them say what plain decoding is worth. The
+the model alone: they give one token per row at a steady price, so 4 of them say what plain decoding is worth. They
+are taken where no head is confident (the confident way would draft nothing there), where drafts would likely have
+been rejected anyway, so that measuring plain decoding gives up few tokens where the heads are good; where no such
+pass comes within 32 passes, at the next. The
 confident way is judged on the full passes' own text before it runs at all: at each full pass the policy works out
 how deep the confident way would have drafted there and what it would have kept (exactly, for a chain; for a tree,
 what the full tree kept down to that depth, which a tree drafted only so deep keeps too), and prices such a pass
@@ -53,6 +56,8 @@ LEAD_MARGIN = 1.1
 # Passes between tries of another way than the leading one, doubled after each try that leaves the lead where it
 # was; passes of each try, and of plain passes' trial.
 FIRST_TRY_INTERVAL, LONGEST_TRY_INTERVAL, TRY_PASSES = 16, 256, 4
+# Full passes after full drafts' trial that plain passes' trial waits at most for a pass where no head is confident.
+PLAIN_WAIT = 32
 # Calls decoded plainly before the heads are tried again, after a verdict against them; doubled after each trial that
 # confirms it.
 FIRST_PLAIN_SPELL, LONGEST_PLAIN_SPELL = 4, 64
@@ -91,13 +96,8 @@ class DraftingMemory:
     estimate_stale: bool = True
 
     def record(self, way: str, seconds: float, tokens: float) -> None:
-        """One pass of `way` (or, with no tokens, time spent for it, as feeding the heads what plain passes
-        skipped) and the tokens it gave."""
+        """One pass of `way`: its seconds and the tokens it gave."""
         self.estimate_stale = True
-        if tokens == 0 and self.passes[way]:  # added to the way's last pass, not counted as one
-            last_seconds, last_tokens = self.passes[way][-1]
-            self.passes[way][-1] = (last_seconds + seconds, last_tokens)
-            return
         self.passes[way].append((seconds, tokens))
 
     def trial_length(self, way: str) -> int:
@@ -140,6 +140,10 @@ class DraftingMemory:
         estimate = self.confident_estimate()
         measured = [rate for rate in (self.rate("full"), self.rate("plain")) if rate is not None]
         return estimate is None or not measured or estimate > LEAD_MARGIN * max(measured)
+
+    def waits_for_plain(self) -> bool:
+        """Whether plain passes' trial, due now, may still wait for a pass where no head is confident."""
+        return len(self.passes["full"]) < self.trial_length("full") + PLAIN_WAIT
 
     def due_trial(self) -> str | None:
         """The way whose trial passes run now: full drafts, then plain passes, then the confident way if in
@@ -240,20 +244,24 @@ class DraftPolicy:
         self.leader_before_try: str | None = None
         self.confident_depth = 0  # how deep the confident way would have drafted at this full pass
 
-    def way(self) -> str:
-        """The way the next pass drafts."""
+    def way(self, confidence: torch.Tensor | None = None) -> str:
+        """The way the next pass drafts, given each head's top probability for it `[rows, num_aux_heads]` (None:
+        not known)."""
         if self.num_aux_heads == 0:
             return "plain"
         memory = self.memory
         if memory is None:
             return "full"
         due = memory.due_trial()
+        if due == "plain" and confidence is not None and memory.waits_for_plain() and \
+                self._confident_depth(confidence) > 0:
+            return "full"  # a head is confident here: its drafts are worth more than measuring plain decoding
         if due is not None:
             return due
         if self.trying is not None:
             return self.trying
         leader = memory.leader()
-        if leader == "plain":  # the heads stop for the rest of the call: nothing to feed them, nothing to try
+        if leader == "plain":  # the heads stop for the rest of the call: nothing to try
             self.num_aux_heads = 0
             return "plain"
         self.since_try += 1
@@ -274,25 +282,25 @@ class DraftPolicy:
             return 0
         if self.memory is None:
             return self.num_aux_heads
+        self._confident_depth(confidence)
+        return self.num_aux_heads if way == "full" else self.confident_depth
+
+    def _confident_depth(self, confidence: torch.Tensor) -> int:
+        """The longest run of leading heads at or above the threshold, over the rows; kept for the pass."""
         confident = (confidence >= self.memory.threshold).long().cumprod(dim=-1)
         self.confident_depth = int(confident.sum(-1).max())
-        return self.num_aux_heads if way == "full" else self.confident_depth
+        return self.confident_depth
 
     @property
     def heads_stopped(self) -> bool:
         """Whether the heads run no more in this call."""
         return self.num_aux_heads == 0
 
-    def charge(self, way: str, seconds: float) -> None:
-        """Time spent for `way` outside its passes (feeding the heads, when it drafts again, what plain passes
-        skipped)."""
-        if self.memory is not None:
-            self.memory.record(way, seconds, 0)
-
     def record(self, way: str, drafted: int, accepted: torch.Tensor, seconds: float, tokens: int,
                heads_seconds: float = 0.0) -> None:
         """What one pass gave: `drafted` drafts verified, `accepted[row]` tokens accepted (the model's own next token
-        and the drafts that held), `tokens` kept in `seconds`, of which the heads' run took `heads_seconds`."""
+        and the drafts that held), `tokens` kept in `seconds`, of which the heads' run took `heads_seconds` (a plain
+        pass is priced without it: plain decoding runs no heads)."""
         memory = self.memory
         if memory is None:
             return
@@ -300,7 +308,7 @@ class DraftPolicy:
             memory.tune(drafted, bool((accepted - 1 >= drafted).all()), self.step)
         elif way == "full":
             self._shadow(accepted, seconds, tokens, heads_seconds)
-        memory.record(way, seconds, tokens)
+        memory.record(way, seconds - heads_seconds if way == "plain" else seconds, tokens)
         if self.trying is not None and way == self.trying:
             self.try_passes_left -= 1
             if self.try_passes_left == 0:

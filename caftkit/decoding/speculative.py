@@ -143,14 +143,6 @@ class HeadDrafter:
         logprobs, tokens = logits.log_softmax(-1).topk(self.candidates, dim=-1)
         return tokens, logprobs
 
-    def catch_up(self, calls: list[LayerCall]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed the heads the one-token blocks of passes that did not run them, in order, and return their guesses
-        after the last (as `run`)."""
-        for call in calls[:-1]:
-            self.feed(call)
-        last = calls[-1]
-        return self.run(last, last.hidden_states.new_zeros(last.hidden_states.shape[0], dtype=torch.long))
-
     def crop(self, tokens: int) -> None:
         for cache in self.caches:
             cache.crop(-tokens)
@@ -292,17 +284,13 @@ def generate(
     output = GenerationOutput([[] for _ in range(batch)], forward_passes=1)
     rows = torch.arange(batch, device=device)  # original row of each row still generating
     so_far = torch.zeros(batch, dtype=torch.long, device=device)  # tokens each row still generating has so far
-    skipped = []  # the layer-L inputs of the plain passes since the heads last ran, fed to them when they run again
     while rows.numel() > 0:
         started = time.perf_counter()
-        way, heads_seconds = policy.way(), 0.0
+        confidence = candidates[1][:, :, 0].exp() if candidates is not None else None
+        way, heads_seconds = policy.way(confidence), 0.0
         if drafter is not None and policy.heads_stopped:  # plain passes lead: decoding goes on without the heads
-            drafter, tree, candidates, skipped = None, None, None, []
-        if way != "plain" and skipped:
-            candidates, skipped = drafter.catch_up(skipped), []
-            policy.charge(way, time.perf_counter() - started)  # the price of drafting again after plain passes
-            started = time.perf_counter()
-        drafted = policy.depth(way, candidates[1][:, :, 0].exp()) if way != "plain" else 0
+            drafter, tree, candidates = None, None, None
+        drafted = policy.depth(way, confidence) if way != "plain" else 0
         if way == "plain":
             block = DraftBlock(tokens=next_token[:, None], parent=next_token.new_zeros(rows.numel(), 1),
                                depth=next_token.new_zeros(rows.numel(), 1), attends=None)
@@ -325,11 +313,8 @@ def generate(
         taken = path.length if keep_longest else torch.full_like(path.length, keep)
         last = path.nodes.gather(1, (taken - 1)[:, None]).squeeze(1)
         # The heads read the whole block (their caches must match the model's) and guess from the last accepted
-        # node of each row; after a plain pass they read it later.
-        if drafter is not None and way == "plain":
-            skipped.append(call)
-            candidates = None
-        elif drafter is not None:
+        # node of each row.
+        if drafter is not None:
             heads_started = _settled_clock(device)
             candidates = drafter.run(call, last)
             heads_seconds = _settled_clock(device) - heads_started
@@ -363,8 +348,6 @@ def generate(
         mask = torch.cat([mask, kept], dim=-1)
         next_position, so_far = next_position + taken, so_far + taken
         next_token = chosen.gather(1, last[:, None]).squeeze(1)
-        if finished.any() and skipped:  # the heads are fed before rows leave the batch
-            candidates, skipped = drafter.catch_up(skipped), []
         # The tokens are on the host by now (tolist above): the pass is over.
         policy.record(way, drafted, path.length, time.perf_counter() - started, sum(step_tokens), heads_seconds)
 

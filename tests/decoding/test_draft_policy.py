@@ -8,14 +8,13 @@ import pytest
 import torch
 from test_speculative import PROMPTS, reference, repetitive_model
 
-from caftkit.core.architecture import find_model_parts, unwrap_model
+from caftkit.core.architecture import find_model_parts
 from caftkit.core.heads import get_heads
-from caftkit.core.layer_call import cache_parameter, capture_layer_inputs
-from caftkit.decoding.draft_cache import DraftCache
 from caftkit.decoding.draft_policy import (
     FIRST_PLAIN_SPELL,
     FIRST_TRY_INTERVAL,
     LEAD_MARGIN,
+    PLAIN_WAIT,
     RATE_WINDOW,
     TRIAL_PASSES,
     TRY_PASSES,
@@ -26,7 +25,7 @@ from caftkit.decoding.draft_policy import (
 )
 from caftkit.decoding.draft_tree import DraftTree
 from caftkit.decoding.settings import Sampling, default_tree_size
-from caftkit.decoding.speculative import HeadDrafter, generate
+from caftkit.decoding.speculative import generate
 
 
 def measured(full: float, confident: float, plain: float, passes: int = TRIAL_PASSES) -> DraftingMemory:
@@ -72,10 +71,10 @@ def test_the_threshold_follows_what_held_on_confident_passes():
 
 def run_passes(policy: DraftPolicy, passes: int, outcome: dict) -> list[str]:
     """The ways of `passes` passes of `policy`, each given what `outcome[way]` says a pass of that way gives:
-    (seconds, tokens, heads' seconds, each head's top probability)."""
+    (seconds, tokens, heads' seconds, each head's top probability before it)."""
     ways = []
     for _ in range(passes):
-        way = policy.way()
+        way = policy.way(torch.tensor([outcome["full"][3]]))
         seconds, tokens, heads_seconds, confidence = outcome[way]
         drafted = policy.depth(way, torch.tensor([confidence]))
         policy.record(way, drafted, torch.tensor([tokens]), seconds, tokens, heads_seconds)
@@ -95,10 +94,14 @@ def test_full_drafts_then_plain_passes_have_their_trials_and_the_confident_way_o
     for confidence, confident_runs in ((DEPTH_1, False), (DEPTH_2, True)):
         memory = DraftingMemory()
         policy = DraftPolicy(4, memory, step=0.0)  # the threshold stays at 0.3
-        outcome = {"full": (0.1, 3, 0.02, confidence), "plain": (0.04, 1, 0.0, confidence),
+        # a plain pass here runs the heads too (0.02 s), for the next pass: it is priced without them
+        outcome = {"full": (0.1, 3, 0.02, confidence), "plain": (0.06, 1, 0.02, confidence),
                    "confident": (0.05, 3, 0.02, confidence)}
-        ways = run_passes(policy, TRIAL_PASSES + TRY_PASSES + TRIAL_PASSES + 40, outcome)
-        assert ways[: TRIAL_PASSES + TRY_PASSES] == ["full"] * TRIAL_PASSES + ["plain"] * TRY_PASSES
+        ways = run_passes(policy, TRIAL_PASSES + PLAIN_WAIT + TRY_PASSES + TRIAL_PASSES + 40, outcome)
+        # a head is confident at every pass: plain passes' trial waits for none, then runs
+        assert ways[: TRIAL_PASSES + PLAIN_WAIT + TRY_PASSES] == ["full"] * (TRIAL_PASSES + PLAIN_WAIT) + \
+            ["plain"] * TRY_PASSES
+        ways = ways[PLAIN_WAIT:]
         expected_estimate = 2 / (0.04 + 0.02 + 0.25 * 0.04) if confidence is DEPTH_1 else 3 / 0.08
         assert memory.confident_estimate() == pytest.approx(expected_estimate)
         assert memory.rate("plain") == pytest.approx(25.0) and memory.rate("full") == pytest.approx(30.0)
@@ -179,7 +182,7 @@ def test_a_try_that_finds_a_faster_way_switches_to_it_and_tries_as_often_as_at_f
     assert memory.leader() == "full" and memory.try_interval == FIRST_TRY_INTERVAL
 
 
-def test_rates_are_taken_over_the_last_passes_and_the_heads_feeding_counts_for_plain():
+def test_rates_are_taken_over_the_last_passes():
     memory = DraftingMemory()
     for _ in range(RATE_WINDOW):
         memory.record("plain", seconds=1.0, tokens=1)
@@ -187,9 +190,37 @@ def test_rates_are_taken_over_the_last_passes_and_the_heads_feeding_counts_for_p
     for _ in range(RATE_WINDOW):
         memory.record("plain", seconds=0.5, tokens=1)
     assert memory.rate("plain") == pytest.approx(2.0)  # the older passes left the window
-    memory.record("plain", seconds=0.5 * RATE_WINDOW, tokens=0)  # feeding the heads: time, not a pass
-    assert len(memory.passes["plain"]) == RATE_WINDOW and memory.rate("plain") == pytest.approx(1.0)
+    assert len(memory.passes["plain"]) == RATE_WINDOW
     assert DraftingMemory().rate("full") is None and DraftingMemory().leader() is None
+
+
+def test_plain_passes_trial_waits_for_a_pass_where_no_head_is_confident_and_prices_it_without_the_heads():
+    """After full drafts' trial, plain passes are taken only where the confident way would draft nothing (head 2
+    under the threshold), there giving up little; a plain pass that still ran the heads for the next pass is
+    recorded at its seconds less theirs."""
+    memory = DraftingMemory()  # threshold 0.3
+    policy = DraftPolicy(4, memory)
+    confident, unconfident = torch.tensor([[0.9, 0.9, 0.1, 0.1]]), torch.tensor([[0.2, 0.9, 0.9, 0.9]])
+    for _ in range(TRIAL_PASSES):
+        assert policy.way(unconfident) == "full"  # full drafts' trial comes first, confident or not
+        policy.record("full", 4, torch.tensor([2]), seconds=0.1, tokens=2, heads_seconds=0.02)
+    assert memory.due_trial() == "plain"
+    ways = []
+    for confidence in (confident, confident, unconfident, confident, unconfident, unconfident, unconfident):
+        way = policy.way(confidence)
+        ways.append(way)
+        policy.record(way, policy.depth(way, confidence), torch.tensor([1]), seconds=0.05, tokens=1,
+                      heads_seconds=0.01)
+    assert ways == ["full", "full", "plain", "full", "plain", "plain", "plain"]
+    assert list(memory.passes["plain"]) == [(pytest.approx(0.04), 1)] * TRY_PASSES
+    assert memory.rate("plain") == pytest.approx(25.0) and memory.due_trial() is None
+    # where the heads stay confident, the trial waits PLAIN_WAIT full passes at most
+    memory, waited = DraftingMemory(), 0
+    policy = DraftPolicy(4, memory)
+    while (way := policy.way(confident)) == "full":
+        policy.record(way, 4, torch.tensor([5]), seconds=0.1, tokens=5)
+        waited += 1
+    assert way == "plain" and waited == TRIAL_PASSES + PLAIN_WAIT
 
 
 def test_the_memory_judges_calls_from_the_rates_and_tries_the_heads_again_later():
@@ -224,29 +255,6 @@ def test_the_memory_judges_calls_from_the_rates_and_tries_the_heads_again_later(
     assert short.heads_pay is None and short.start_call()
 
 
-def test_the_heads_fed_late_guess_as_the_heads_fed_at_every_pass():
-    """The drafter that skipped three one-token passes and is then fed them in one go has the caches, and gives
-    the guesses, of the drafter that read every pass."""
-    model = repetitive_model("llama")
-    heads, parts = get_heads(model), find_model_parts(model)
-    every_pass, late = HeadDrafter(model, heads, 3, 2), HeadDrafter(model, heads, 3, 2)
-    cache, calls = DraftCache(), []
-    cache_argument = cache_parameter(unwrap_model(model).forward)
-    ids = torch.tensor([PROMPTS[0]])
-    for step in range(5):
-        with capture_layer_inputs(parts) as capture:
-            logits = model(input_ids=ids, use_cache=True, **{cache_argument: cache}).logits
-        calls.append(capture.layer_call)
-        last = torch.tensor([ids.shape[1] - 1])
-        expected = every_pass.run(capture.layer_call, last)
-        if step == 0:
-            late.run(capture.layer_call, last)  # the prompt: both read it
-        ids = logits[:, -1:].argmax(-1)
-    got = late.catch_up(calls[1:])
-    assert torch.equal(got[0], expected[0]) and torch.allclose(got[1], expected[1], atol=1e-6)
-    assert [c.get_seq_length() for c in late.caches] == [c.get_seq_length() for c in every_pass.caches]
-
-
 def measured_fastest(heads, shape: tuple, way: str, ways=("full", "confident", "plain")) -> DraftingMemory:
     """The memory of `heads` in `shape`, made to say that `way` is far faster than the other `ways` measured."""
     memory = drafting_memory(heads, shape)
@@ -277,10 +285,11 @@ def generate_watching_the_blocks(model, **generation):
 
 
 @pytest.mark.parametrize("candidates, tree_size", [(1, None), (3, 8)], ids=["chain", "tree"])
-def test_plain_passes_amid_drafting_feed_the_heads_late_and_keep_the_tokens(candidates, tree_size):
-    """Where full drafts were measured and plain passes not yet, plain passes have their trial, 4 of them: the
-    heads are then fed those blocks in one go before they draft again; greedy tokens are greedy `generate()`'s and a
-    seeded sample is the no-heads sample of that seed."""
+def test_plain_passes_amid_drafting_keep_the_tokens_and_the_heads_read_every_block(candidates, tree_size):
+    """Where full drafts were measured and plain passes not yet, plain passes have their trial, 4 one-token blocks,
+    at passes where no head is confident (or after the wait): the heads read each block right after the model, so
+    the next pass may draft; greedy tokens are greedy `generate()`'s and a seeded sample is the no-heads sample of
+    that seed."""
     prompt = torch.tensor([PROMPTS[0]])
     sampling = Sampling(temperature=1.0, seed=3)
     for name, chosen in (("greedy", Sampling()), ("sampled", sampling)):
@@ -288,15 +297,16 @@ def test_plain_passes_amid_drafting_feed_the_heads_late_and_keep_the_tokens(cand
         expected = [reference(model, PROMPTS[0], 80)] if name == "greedy" else generate(
             model, input_ids=prompt, max_new_tokens=80, eos_token_id=[], num_aux_heads=0, sampling=sampling).sequences
         size = tree_size or default_tree_size(3, candidates)
-        measured_fastest(get_heads(model), (3, candidates, size, "None", 1, chosen.temperature), "full", ("full",))
+        memory = measured_fastest(get_heads(model), (3, candidates, size, "None", 1, chosen.temperature), "full",
+                                  ("full",))
         out, fed = generate_watching_the_blocks(model, input_ids=prompt, max_new_tokens=80, eos_token_id=[],
                                                 candidates=candidates, tree_size=tree_size, sampling=chosen)
         assert out.sequences == expected, name
-        # the head read the prompt, then every block the model read, in order
-        assert [width for _, width in fed["head"]] == fed["model"][: len(fed["head"])]
-        assert len(fed["head"]) >= len(fed["model"]) - 1
-        # the 4 blocks of the plain passes, fed at once: 3 fed, the last run for the next drafts
-        assert max(sum(1 for at, _ in fed["head"] if at == moment) for moment, _ in fed["head"]) == TRY_PASSES, name
+        # the head read the prompt, then every block the model read, each right after it
+        assert fed["head"] == [(moment + 1, width) for moment, width in enumerate(fed["model"])], name
+        assert len(memory.passes["plain"]) == TRY_PASSES, name
+        # full drafts have had their trial and their wait: the plain passes come first, one-token blocks
+        assert fed["model"][1: TRY_PASSES + 1] == [1] * TRY_PASSES, name
 
 
 def test_once_plain_passes_lead_the_heads_stop_for_the_call():

@@ -14,24 +14,25 @@ three ways of drafting (`WAYS`):
   run after it (the next pass may draft), and the pass is priced without their run: what a pass of plain decoding
   costs. Once plain passes lead, the heads stop for the rest of the call.
 
-`DraftingMemory` keeps, for each set of heads and draft shape, the tokens per second of each way over its last
-passes in this process. Passes draft through every head first (as fixed drafts do), then a few plain passes measure
-the model alone: they give one token per row at a steady price, so 4 of them say what plain decoding is worth. They
-are taken where no head is confident (the confident way would draft nothing there), where drafts would likely have
-been rejected anyway, so that measuring plain decoding gives up few tokens where the heads are good; where no such
-pass comes within 32 passes, at the next. The
-confident way is judged on the full passes' own text before it runs at all: at each full pass the policy works out
-how deep the confident way would have drafted there and what it would have kept (exactly, for a chain; for a tree,
-what the full tree kept down to that depth, which a tree drafted only so deep keeps too), and prices such a pass
-from what was measured: a plain pass, the heads' run, and the share of the verification's extra cost that its
-shorter block would keep. The confident way gets trial passes, and later tries, only while that estimate beats the
-measured ways by the margin a way needs to take the lead; with a chain, full passes also tune the threshold, from
-what their drafts show would have held. Then the passes follow the leading way; another takes the lead only when
-faster by a margin, since a pass's tokens vary a lot and passes of different ways read different stretches of text.
-While the confident way leads, a few full passes now and then measure full drafting again, less often while the lead
-holds. Once plain passes lead, the heads stop for the rest of the call, and the next calls decode plainly from the
-start, as `generate()` does; the heads are tried again after 4, then 8, 16, ... calls (at most 64), for a few passes
-of full drafts (and of the confident way, if in reach).
+`DraftingMemory` keeps, for each set of heads and draft shape, the tokens per second of each way over its last passes in
+this process. Passes draft through every head first (as fixed drafts do), then a few plain passes measure the model
+alone: they give one token per row at a steady price, so 4 of them say what plain decoding is worth. Where the first 4
+full passes kept no draft in any row, full drafts' trial ends there: such passes gave what plain passes give at a higher
+price, so they cannot be the faster way (the heads that guess that badly cost most per trial pass). Plain passes are
+taken where no head is confident (the confident way would draft nothing there), where drafts would likely have been
+rejected anyway, so that measuring plain decoding gives up few tokens where the heads are good; where no such pass comes
+within 32 passes, at the next. The confident way is judged on the full passes' own text before it runs at all: at each
+full pass the policy works out how deep the confident way would have drafted there and what it would have kept (exactly,
+for a chain; for a tree, what the full tree kept down to that depth, which a tree drafted only so deep keeps too), and
+prices such a pass from what was measured: a plain pass, the heads' run, and the share of the verification's extra cost
+that its shorter block would keep. The confident way gets trial passes, and later tries, only while that estimate beats
+the measured ways by the margin a way needs to take the lead; with a chain, full passes also tune the threshold, from
+what their drafts show would have held. Then the passes follow the leading way; another takes the lead only when faster
+by a margin, since a pass's tokens vary a lot and passes of different ways read different stretches of text. While the
+confident way leads, a few full passes now and then measure full drafting again, less often while the lead holds. Once
+plain passes lead, the heads stop for the rest of the call, and the next calls decode plainly from the start, as
+`generate()` does; the heads are tried again after 4, then 8, 16, ... calls (at most 64), for a few passes of full
+drafts (and of the confident way, if in reach).
 
 Which tokens come out never depends on the policy (the model chooses every token, and a sampled token depends only
 on the seed: `sampling.py`); only how many passes they take.
@@ -85,6 +86,8 @@ class DraftingMemory:
     shadows: deque = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))
     leading: str = "full"
     trial_passes: int = TRIAL_PASSES
+    # Whether a full pass of the heads' current trial kept a draft in some row.
+    full_kept_a_draft: bool = False
     threshold: float = 0.3
     try_interval: int = FIRST_TRY_INTERVAL
     heads_pay: bool | None = None
@@ -102,8 +105,11 @@ class DraftingMemory:
 
     def trial_length(self, way: str) -> int:
         """Passes of `way` before its rate counts: a plain pass gives one token per row at a steady price, so a few
-        say what plain decoding is worth; a pass of the heads gives 1 to n tokens, so theirs need more."""
-        return TRY_PASSES if way == "plain" else self.trial_passes
+        say what plain decoding is worth; a pass of the heads gives 1 to n tokens, so theirs need more, unless full
+        passes kept no draft so far: then they gave one token per row at more than a plain pass's price."""
+        if way == "plain" or (way == "full" and not self.full_kept_a_draft):
+            return min(TRY_PASSES, self.trial_passes)
+        return self.trial_passes
 
     def rate(self, way: str) -> float | None:
         """Tokens per second of `way` over its last passes; None until it has had its trial."""
@@ -209,6 +215,7 @@ class DraftingMemory:
         for way in ("full", "confident"):
             self.passes[way].clear()
         self.shadows.clear()
+        self.full_kept_a_draft = False
         self.estimate_stale = True
         self.trial_passes = TRY_PASSES  # a short trial: most calls that try the heads again find them not paying
         return True
@@ -307,6 +314,7 @@ class DraftPolicy:
         if way == "confident":
             memory.tune(drafted, bool((accepted - 1 >= drafted).all()), self.step)
         elif way == "full":
+            memory.full_kept_a_draft = memory.full_kept_a_draft or bool((accepted > 1).any())
             self._shadow(accepted, seconds, tokens, heads_seconds)
         memory.record(way, seconds - heads_seconds if way == "plain" else seconds, tokens)
         if self.trying is not None and way == self.trying:

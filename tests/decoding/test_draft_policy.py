@@ -116,6 +116,28 @@ def test_full_drafts_then_plain_passes_have_their_trials_and_the_confident_way_o
             assert memory.rate("confident") is None and memory.leader() == "full"
 
 
+def test_full_drafts_trial_ends_after_four_passes_that_kept_no_draft():
+    """Full passes that kept no draft in any row gave a plain pass's one token per row at a higher price: after 4 of
+    them plain passes have their trial, which they lead; one kept draft and full drafts have their 16 passes."""
+    unconfident = torch.tensor([[0.01] * 4, [0.02] * 4])  # under the threshold, however low it is tuned
+    for kept, full_trial in ((torch.tensor([1, 1]), TRY_PASSES), (torch.tensor([1, 2]), TRIAL_PASSES)):
+        memory = DraftingMemory()
+        policy = DraftPolicy(4, memory)
+        ways = []
+        for _ in range(TRIAL_PASSES + TRY_PASSES):
+            way = policy.way(unconfident)
+            ways.append(way)
+            drafted = policy.depth(way, unconfident)
+            if way == "full":
+                accepted = kept if len(ways) == 1 else torch.tensor([1, 1])
+                policy.record(way, drafted, accepted, seconds=0.1, tokens=int(accepted.sum()), heads_seconds=0.02)
+            else:
+                policy.record(way, drafted, torch.tensor([1, 1]), seconds=0.05, tokens=2, heads_seconds=0.01)
+        assert ways[: full_trial + TRY_PASSES] == ["full"] * full_trial + ["plain"] * TRY_PASSES
+        if full_trial == TRY_PASSES:
+            assert memory.leader() == "plain" and policy.way(unconfident) == "plain" and policy.heads_stopped
+
+
 def test_a_tree_prices_the_confident_way_by_its_narrower_block_and_counts_what_the_full_tree_kept_so_deep():
     """A tree of 2 heads x 3 candidates, 8 nodes: drafted to depth 1 its block has 4 nodes, so a confident pass keeps
     3 of the 8 extra nodes' cost; it keeps what the full tree kept down to depth 1: 2 tokens where the full tree kept

@@ -222,7 +222,8 @@ def test_plain_passes_trial_waits_for_a_pass_where_no_head_is_confident_and_pric
     recorded at its seconds less theirs."""
     memory = DraftingMemory()  # threshold 0.3
     policy = DraftPolicy(4, memory)
-    confident, unconfident = torch.tensor([[0.9, 0.9, 0.1, 0.1]]), torch.tensor([[0.2, 0.9, 0.9, 0.9]])
+    # head 2 under any threshold the passes can tune (it never goes below the step, 0.05), and well above it
+    confident, unconfident = torch.tensor([[0.9, 0.9, 0.01, 0.01]]), torch.tensor([[0.01, 0.9, 0.9, 0.9]])
     for _ in range(TRIAL_PASSES):
         assert policy.way(unconfident) == "full"  # full drafts' trial comes first, confident or not
         policy.record("full", 4, torch.tensor([2]), seconds=0.1, tokens=2, heads_seconds=0.02)

@@ -64,6 +64,11 @@ def aux_head_count(settings: FinetuneSettings) -> int:
     return settings.num_aux_heads
 
 
+def settings_as_recorded(settings: FinetuneSettings) -> FinetuneSettings:
+    """`settings` as a run records them in its run file: the auxiliary head count resolved (`aux_head_count`)."""
+    return replace(settings, num_aux_heads=aux_head_count(settings))
+
+
 def warmup_settings(settings: FinetuneSettings, heads_dir: str | None) -> HeadTrainingSettings:
     """The head training of the task warm-up: one epoch on the run's training split, from `heads_dir`. Runs whose
     warm-up settings are equal get the same warmed-up heads (`caft compare` shares them between its arms)."""
@@ -140,7 +145,7 @@ def _finetune(run_dir: Path, settings: FinetuneSettings, resume: bool, model, to
     checkpoint = checkpoint_to_resume(run_dir, resume, earlier_run=(run_dir / RUN_FILE).exists())
     if settings.mode == "caft" and settings.heads and model is None:
         check_heads_fit(settings.heads, settings.model)
-    settings = replace(settings, num_aux_heads=aux_head_count(settings))  # what the run records is what it uses
+    settings = settings_as_recorded(settings)  # what the run records is what it uses
 
     run, model = load_run_data(settings, model, tokenizer, packed=settings.packing)
     run_dir.mkdir(parents=True, exist_ok=True)

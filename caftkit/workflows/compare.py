@@ -52,6 +52,7 @@ from ..training.finetuning import (
     WARMUP_HEADS_DIR,
     FinetuneSettings,
     finetune,
+    settings_as_recorded,
     warmup_settings,
 )
 from .compare_ln import ln_results, ln_section, run_ln, write_ln_conversations
@@ -124,14 +125,16 @@ def _differences(done: dict[str, Any], wanted: Any, ignored: set[str]) -> list[s
 
 def _check_reusable(root: Path, settings: FinetuneSettings, eval_settings: EvalSettings) -> None:
     """Stop when a finished or started step of this arm and seed was made with other settings than asked now."""
-    recorded = []
+    recorded = []  # (file, the settings it holds, ours as that file would hold them)
     if (root / ARM_SETTINGS_FILE).exists():
-        recorded.append((root / ARM_SETTINGS_FILE, read_json_file(root / ARM_SETTINGS_FILE)["finetune"]))
+        recorded.append((root / ARM_SETTINGS_FILE, read_json_file(root / ARM_SETTINGS_FILE)["finetune"], settings))
     if (root / "run" / RUN_FILE).exists():
-        recorded.append((root / "run" / RUN_FILE, read_json_file(root / "run" / RUN_FILE)["settings"]))
+        # the run file holds the settings the run used, its head count resolved
+        recorded.append((root / "run" / RUN_FILE, read_json_file(root / "run" / RUN_FILE)["settings"],
+                         settings_as_recorded(settings)))
     differing = []
-    for path, done in recorded:
-        differing += [f"{path}: {item}" for item in _differences(done, settings, _NOT_COMPARED)]
+    for path, done, asked in recorded:
+        differing += [f"{path}: {item}" for item in _differences(done, asked, _NOT_COMPARED)]
     metrics = root / "eval" / METRICS_FILE
     if metrics.exists():
         done = read_json_file(metrics).get("settings", {})

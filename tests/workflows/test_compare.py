@@ -261,6 +261,24 @@ def test_a_finished_step_made_with_other_settings_is_not_reused(tiny_setup, tmp_
     assert compare(str(output), again, progress=False)["comparisons"] == []
 
 
+def test_finished_arms_are_reused_when_the_head_count_is_left_to_its_default(tiny_setup, tmp_path):
+    """Without num_aux_heads each run records the count it used (ntp: the default 4; caft: the 2 its heads folder
+    holds): a rerun finds its settings the same and redoes nothing."""
+    output = tmp_path / "compare"
+    finetune = {key: value for key, value in settings_for(tiny_setup).finetune.items() if key != "num_aux_heads"}
+    settings = settings_for(tiny_setup, finetune=finetune)
+    for arm, answers in (("ntp", NTP_ANSWERS), ("caft", CAFT_ANSWERS)):
+        write_answers(output, settings, arm, 0, answers)
+    result = compare(str(output), settings, progress=False)
+    runs = {arm: output / "seed-0" / arm / "run" / RUN_FILE for arm in ("ntp", "caft")}
+    assert {arm: json.loads(path.read_text())["settings"]["num_aux_heads"] for arm, path in runs.items()} == \
+        {"ntp": 4, "caft": 2}
+    stamps, timings = {arm: path.stat().st_mtime_ns for arm, path in runs.items()}, (output / TIMINGS_FILE).read_text()
+    assert compare(str(output), settings, progress=False)["comparisons"] == result["comparisons"]
+    assert {arm: path.stat().st_mtime_ns for arm, path in runs.items()} == stamps
+    assert (output / TIMINGS_FILE).read_text() == timings
+
+
 @pytest.mark.parametrize("arms, message", [
     ({"ntp": {"mode": "ntp"}, "caft": {"mode": "caft", "method": "full"}},
      "arm caft: name its baseline; the ntp arms with method full are none"),

@@ -21,18 +21,20 @@ full passes kept no draft in any row, full drafts' trial ends there: such passes
 price, so they cannot be the faster way (the heads that guess that badly cost most per trial pass). Plain passes are
 taken where no head is confident (the confident way would draft nothing there), where drafts would likely have been
 rejected anyway, so that measuring plain decoding gives up few tokens where the heads are good; where no such pass comes
-within 32 passes, at the next. The confident way is judged on the full passes' own text before it runs at all: at each
-full pass the policy works out how deep the confident way would have drafted there and what it would have kept (exactly,
-for a chain; for a tree, what the full tree kept down to that depth, which a tree drafted only so deep keeps too), and
-prices such a pass from what was measured: a plain pass, the heads' run, and the share of the verification's extra cost
-that its shorter block would keep. The confident way gets trial passes, and later tries, only while that estimate beats
-the measured ways by the margin a way needs to take the lead; with a chain, full passes also tune the threshold, from
-what their drafts show would have held. Then the passes follow the leading way; another takes the lead only when faster
-by a margin, since a pass's tokens vary a lot and passes of different ways read different stretches of text. While the
-confident way leads, a few full passes now and then measure full drafting again, less often while the lead holds. Once
-plain passes lead, the heads stop for the rest of the call, and the next calls decode plainly from the start, as
-`generate()` does; the heads are tried again after 4, then 8, 16, ... calls (at most 64), for a few passes of full
-drafts (and of the confident way, if in reach).
+within 32 passes, at the next; and at once where full passes kept no draft, since the wait then saves nothing (poor
+heads, confident but wrong, kept plain passes waiting for 25 full passes of a tree, each the price of 3.7 plain steps).
+The confident way is judged on the full passes' own text before it runs at all: at each full pass the policy works out
+how deep the confident way would have drafted there and what it would have kept (exactly, for a chain; for a tree, what
+the full tree kept down to that depth, which a tree drafted only so deep keeps too), and prices such a pass from what
+was measured: a plain pass, the heads' run, and the share of the verification's extra cost that its shorter block would
+keep. The confident way gets trial passes, and later tries, only while that estimate beats the measured ways by the
+margin a way needs to take the lead; with a chain, full passes also tune the threshold, from what their drafts show
+would have held. Then the passes follow the leading way; another takes the lead only when faster by a margin, since a
+pass's tokens vary a lot and passes of different ways read different stretches of text. While the confident way leads, a
+few full passes now and then measure full drafting again, less often while the lead holds. Once plain passes lead, the
+heads stop for the rest of the call, and the next calls decode plainly from the start, as `generate()` does; the heads
+are tried again after 4, then 8, 16, ... calls (at most 64), for a few passes of full drafts (and of the confident way,
+if in reach).
 
 Which tokens come out never depends on the policy (the model chooses every token, and a sampled token depends only
 on the seed: `sampling.py`); only how many passes they take.
@@ -148,8 +150,10 @@ class DraftingMemory:
         return estimate is None or not measured or estimate > LEAD_MARGIN * max(measured)
 
     def waits_for_plain(self) -> bool:
-        """Whether plain passes' trial, due now, may still wait for a pass where no head is confident."""
-        return len(self.passes["full"]) < self.trial_length("full") + PLAIN_WAIT
+        """Whether plain passes' trial, due now, may still wait for a pass where no head is confident: only where
+        full passes kept a draft (otherwise there is nothing the wait would save, and every full pass it takes costs
+        more than the plain pass it puts off)."""
+        return self.full_kept_a_draft and len(self.passes["full"]) < self.trial_length("full") + PLAIN_WAIT
 
     def due_trial(self) -> str | None:
         """The way whose trial passes run now: full drafts, then plain passes, then the confident way if in

@@ -118,16 +118,20 @@ def test_full_drafts_then_plain_passes_have_their_trials_and_the_confident_way_o
 
 def test_full_drafts_trial_ends_after_four_passes_that_kept_no_draft():
     """Full passes that kept no draft in any row gave a plain pass's one token per row at a higher price: after 4 of
-    them plain passes have their trial, which they lead; one kept draft and full drafts have their 16 passes."""
+    them plain passes have their trial at once, confident heads or not (there is nothing to wait for), which they
+    lead; one kept draft and full drafts have their 16 passes."""
     unconfident = torch.tensor([[0.01] * 4, [0.02] * 4])  # under the threshold, however low it is tuned
-    for kept, full_trial in ((torch.tensor([1, 1]), TRY_PASSES), (torch.tensor([1, 2]), TRIAL_PASSES)):
+    confident = torch.tensor([[0.9] * 4, [0.95] * 4])
+    for kept, confidence, full_trial in ((torch.tensor([1, 1]), unconfident, TRY_PASSES),
+                                         (torch.tensor([1, 1]), confident, TRY_PASSES),
+                                         (torch.tensor([1, 2]), unconfident, TRIAL_PASSES)):
         memory = DraftingMemory()
         policy = DraftPolicy(4, memory)
         ways = []
         for _ in range(TRIAL_PASSES + TRY_PASSES):
-            way = policy.way(unconfident)
+            way = policy.way(confidence)
             ways.append(way)
-            drafted = policy.depth(way, unconfident)
+            drafted = policy.depth(way, confidence)
             if way == "full":
                 accepted = kept if len(ways) == 1 else torch.tensor([1, 1])
                 policy.record(way, drafted, accepted, seconds=0.1, tokens=int(accepted.sum()), heads_seconds=0.02)
@@ -135,7 +139,7 @@ def test_full_drafts_trial_ends_after_four_passes_that_kept_no_draft():
                 policy.record(way, drafted, torch.tensor([1, 1]), seconds=0.05, tokens=2, heads_seconds=0.01)
         assert ways[: full_trial + TRY_PASSES] == ["full"] * full_trial + ["plain"] * TRY_PASSES
         if full_trial == TRY_PASSES:
-            assert memory.leader() == "plain" and policy.way(unconfident) == "plain" and policy.heads_stopped
+            assert memory.leader() == "plain" and policy.way(confidence) == "plain" and policy.heads_stopped
 
 
 def test_a_tree_prices_the_confident_way_by_its_narrower_block_and_counts_what_the_full_tree_kept_so_deep():

@@ -7,6 +7,12 @@ conditions; greedily, and sampled at each temperature asked for. Reported per te
 and drafting: new tokens per second of each side, their ratio, the mean tokens accepted per verification pass, and
 (greedy only: samples differ by the random stream) whether every answer is token for token the same.
 
+A shared machine's speed drifts by several percent within minutes, more than the effects adaptive drafting is tuned
+by. `repeats` runs every prompt on every side that many rounds in turn and gives each round's speedup beside the
+pooled one: their spread is what the noise moves a ratio by. Every round starts with the heads' drafting memory
+forgotten (the warm-up's too), so each measures what a process new to the heads gets, adaptive drafting's trials
+timed.
+
 The ratio is split in two factors, so that a slow result says what to improve: `pass_reduction`, how many times
 fewer forward passes speculative decoding made (what the heads' acceptance buys), and `pass_cost`, how many plain
 one-token steps a speculative pass (verification of the drafted block plus drafting) costs in time (what the
@@ -21,13 +27,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
 
 from ..core.heads import attach_heads, check_heads_fit, get_heads
 from ..data import ReadStats, iter_prompts, render_prompt
+from ..decoding.draft_policy import forget_drafting
 from ..decoding.greedy import stop_token_ids
 from ..decoding.settings import Sampling
 from ..decoding.speculative import generate
@@ -37,7 +44,9 @@ from .settings import DraftShape, GenerationBenchSettings
 
 @dataclass
 class GenerationBenchRow:
-    """One batch size and draft shape of `caft bench generate`."""
+    """One batch size and draft shape of `caft bench generate`: tokens, seconds and passes summed over the `repeats`
+    rounds, answers identical to plain decoding's among the prompts' answers of every round, and each round's
+    speedup."""
 
     batch_size: int
     draft: str
@@ -52,6 +61,8 @@ class GenerationBenchRow:
     identical: int | None
     plain_passes: int
     speculative_passes: int
+    repeats: int = 1
+    speedups: list[float] = field(default_factory=list)
 
     @property
     def plain_tokens_per_second(self) -> float:
@@ -168,15 +179,45 @@ def _timed(device, run):
     return result, time.perf_counter() - started
 
 
+def _round(model, batches, max_new_tokens, stop_ids, pad_id, sides, draft_dtype, sampling: Sampling) -> dict:
+    """One round: each batch decoded plainly, then by every side in turn; the answers, seconds, accepted tokens per
+    pass and passes of each (`"plain"` and each side)."""
+    device = next(model.parameters()).device
+    measured = {side: {"out": [], "seconds": 0.0, "accepted": [], "passes": 0} for side in ["plain", *sides]}
+    for ids, mask in batches:
+        with ForwardCounter(model) as counter:
+            out, seconds = _timed(device, partial(_plain, model, ids, mask, max_new_tokens, stop_ids, pad_id,
+                                                  sampling))
+        plain = measured["plain"]
+        plain["out"] += out
+        plain["seconds"] += seconds
+        plain["passes"] += counter.calls
+        for shape, way in sides:
+            result, seconds = _timed(device, partial(_speculative, model, ids, mask, max_new_tokens, stop_ids, shape,
+                                                     way, draft_dtype, sampling))
+            side = measured[shape, way]
+            side["out"] += result.sequences
+            side["seconds"] += seconds
+            side["accepted"] += result.accepted_per_step
+            side["passes"] += result.forward_passes
+    return measured
+
+
+def _tokens_per_second(measured: dict) -> float:
+    return sum(map(len, measured["out"])) / measured["seconds"]
+
+
 def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
                    shapes: list[DraftShape], draft_dtype=None, drafting: tuple[str, ...] = ("fixed", "adaptive"),
-                   samplings: tuple[Sampling, ...] = (Sampling(),)) -> list[GenerationBenchRow]:
+                   samplings: tuple[Sampling, ...] = (Sampling(),), repeats: int = 1) -> list[GenerationBenchRow]:
     """Time plain `generate()` and speculative decoding with each draft shape and each way of `drafting` on the
     same prompts, at each batch size and with each of `samplings` (drafting in `draft_dtype`, default the
-    model's)."""
+    model's), in `repeats` rounds. Each round starts with the heads' drafting memory forgotten, so that every round
+    measures what a process new to these heads gets, adaptive drafting's trials included."""
     device = next(model.parameters()).device
     stop_ids = set(stop_token_ids(model.generation_config, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    heads = get_heads(model)
     model.eval()
     sides = [(shape, way) for shape in shapes for way in drafting]
     rows = []
@@ -187,30 +228,28 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
             _plain(model, *batches[0], min(8, max_new_tokens), stop_ids, pad_id, sampling)
             for shape, way in sides:
                 _speculative(model, *batches[0], min(8, max_new_tokens), stop_ids, shape, way, draft_dtype, sampling)
-            plain_out, plain_seconds, plain_passes = [], 0.0, 0
-            drafted = {side: {"out": [], "seconds": 0.0, "accepted": [], "passes": 0} for side in sides}
-            for ids, mask in batches:
-                with ForwardCounter(model) as counter:
-                    out, seconds = _timed(device, partial(_plain, model, ids, mask, max_new_tokens, stop_ids, pad_id,
-                                                          sampling))
-                plain_out += out
-                plain_seconds += seconds
-                plain_passes += counter.calls
-                for shape, way in sides:
-                    result, seconds = _timed(device, partial(_speculative, model, ids, mask, max_new_tokens, stop_ids,
-                                                             shape, way, draft_dtype, sampling))
-                    drafted[shape, way]["out"] += result.sequences
-                    drafted[shape, way]["seconds"] += seconds
-                    drafted[shape, way]["accepted"] += result.accepted_per_step
-                    drafted[shape, way]["passes"] += result.forward_passes
-            for (shape, way), side in drafted.items():
+            rounds = []
+            for _ in range(repeats):
+                forget_drafting(heads)
+                rounds.append(_round(model, batches, max_new_tokens, stop_ids, pad_id, sides, draft_dtype, sampling))
+            plain = [measured["plain"] for measured in rounds]
+            plain_out = [answer for measured in plain for answer in measured["out"]]
+            for shape, way in sides:
+                side = [measured[shape, way] for measured in rounds]
+                out = [answer for measured in side for answer in measured["out"]]
+                accepted = [value for measured in side for value in measured["accepted"]]
                 rows.append(GenerationBenchRow(
                     batch_size=batch_size, draft=str(shape), drafting=way, temperature=sampling.temperature,
-                    prompts=len(prompts), plain_tokens=sum(map(len, plain_out)), plain_seconds=plain_seconds,
-                    speculative_tokens=sum(map(len, side["out"])), speculative_seconds=side["seconds"],
-                    mean_accepted=sum(side["accepted"]) / len(side["accepted"]),
-                    identical=sum(a == b for a, b in zip(plain_out, side["out"])) if sampling.greedy else None,
-                    plain_passes=plain_passes, speculative_passes=side["passes"]))
+                    prompts=len(prompts), plain_tokens=sum(map(len, plain_out)),
+                    plain_seconds=sum(measured["seconds"] for measured in plain),
+                    speculative_tokens=sum(map(len, out)),
+                    speculative_seconds=sum(measured["seconds"] for measured in side),
+                    mean_accepted=sum(accepted) / len(accepted),
+                    identical=sum(a == b for a, b in zip(plain_out, out)) if sampling.greedy else None,
+                    plain_passes=sum(measured["passes"] for measured in plain),
+                    speculative_passes=sum(measured["passes"] for measured in side), repeats=repeats,
+                    speedups=[_tokens_per_second(drafted) / _tokens_per_second(alone)
+                              for drafted, alone in zip(side, plain)]))
     return rows
 
 
@@ -220,7 +259,8 @@ def rows_as_dict(rows: list[GenerationBenchRow]) -> list[dict]:
              "speculative_seconds": round(row.speculative_seconds, 3),
              "plain_tokens_per_second": round(row.plain_tokens_per_second, 2),
              "speculative_tokens_per_second": round(row.speculative_tokens_per_second, 2),
-             "speedup": round(row.speedup, 3), "mean_accepted": round(row.mean_accepted, 3),
+             "speedup": round(row.speedup, 3), "speedups": [round(value, 3) for value in row.speedups],
+             "mean_accepted": round(row.mean_accepted, 3),
              "pass_reduction": round(row.pass_reduction, 3), "pass_cost": round(row.pass_cost, 3)} for row in rows]
 
 
@@ -236,9 +276,10 @@ def run_generation_bench(settings: GenerationBenchSettings) -> dict:
     samplings = tuple(Sampling(temperature=t, top_p=settings.top_p if t > 0 else 1.0, seed=settings.seed)
                       for t in settings.temperatures)
     rows = rows_as_dict(bench_generate(model, tokenizer, prompts, settings.batch_sizes, settings.max_new_tokens,
-                                       shapes, settings.draft_dtype, tuple(settings.drafting), samplings))
+                                       shapes, settings.draft_dtype, tuple(settings.drafting), samplings,
+                                       settings.repeats))
     return {"model": settings.model, "heads": settings.heads, "device": settings.device, "dtype": settings.dtype,
             "draft_dtype": settings.draft_dtype or settings.dtype, "max_new_tokens": settings.max_new_tokens,
-            "top_p": settings.top_p, "seed": settings.seed, "rows": rows}
+            "top_p": settings.top_p, "seed": settings.seed, "repeats": settings.repeats, "rows": rows}
 
 

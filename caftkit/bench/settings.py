@@ -76,6 +76,9 @@ class GenerationBenchSettings(ModelSettings):
                                                                            "asked for is measured.", minimum=0)
     top_p: float = setting(1.0, help="sampling: the top-p of every temperature above 0.", above=0, maximum=1)
     seed: int = setting(0, help="seed of the sampling, the same on every side.", minimum=0, maximum=MAX_SEED)
+    repeats: int = setting(1, help="rounds of every prompt on every side, each starting with the heads' drafting "
+                                   "memory forgotten; rows sum them and give each round's speedup, whose spread is "
+                                   "what the machine's noise moves a ratio by.", minimum=1)
     output: str | None = setting(None, help="also write the JSON to this new file (an existing one is refused).")
 
     def __post_init__(self):

@@ -349,3 +349,8 @@ def drafting_memory(heads: AuxiliaryHeads, shape: tuple) -> DraftingMemory:
     """The memory of `heads` drafting in `shape` (heads used, candidates, tree size, draft dtype, batch size,
     temperature) in this process; forgotten with the heads."""
     return _MEMORIES.setdefault(heads, {}).setdefault(shape, DraftingMemory())
+
+
+def forget_drafting(heads: AuxiliaryHeads) -> None:
+    """Forget what `heads` measured in this process, in every shape: their next call starts as the first did."""
+    _MEMORIES.pop(heads, None)

@@ -29,12 +29,14 @@ the full tree kept down to that depth, which a tree drafted only so deep keeps t
 was measured: a plain pass, the heads' run, and the share of the verification's extra cost that its shorter block would
 keep. The confident way gets trial passes, and later tries, only while that estimate beats the measured ways by the
 margin a way needs to take the lead; with a chain, full passes also tune the threshold, from what their drafts show
-would have held. Then the passes follow the leading way; another takes the lead only when faster by a margin, since a
-pass's tokens vary a lot and passes of different ways read different stretches of text. While the confident way leads, a
-few full passes now and then measure full drafting again, less often while the lead holds. Once plain passes lead, the
-heads stop for the rest of the call, and the next calls decode plainly from the start, as `generate()` does; the heads
-are tried again after 4, then 8, 16, ... calls (at most 64), for a few passes of full drafts (and of the confident way,
-if in reach).
+would have held. Then the passes follow the leading way. Between the heads' two ways, the other takes the lead only when
+faster by a margin, since a pass's tokens vary a lot and passes of different ways read different stretches of text;
+between plain passes and the heads, the faster leads, since plain decoding is what the heads must beat (a tie is not
+worth running them: sampled from a tree, where the good heads' full drafts ran at 0.87x plain, just past the margin,
+adaptive drafting ran at 0.82-0.98x plain). While the confident way leads, a few full passes now and then measure full
+drafting again, less often while the lead holds. Once plain passes lead, the heads stop for the rest of the call, and
+the next calls decode plainly from the start, as `generate()` does; the heads are tried again after 4, then 8, 16, ...
+calls (at most 64), for a few passes of full drafts (and of the confident way, if in reach).
 
 Which tokens come out never depends on the policy (the model chooses every token, and a sampled token depends only
 on the seed: `sampling.py`); only how many passes they take.
@@ -54,7 +56,8 @@ from ..core.heads import AuxiliaryHeads
 WAYS = ("full", "plain", "confident")
 # Passes each way of the heads runs before the rates are compared; the passes each way's rate is taken over.
 TRIAL_PASSES, RATE_WINDOW = 16, 64
-# How much faster than the leading way another must be to take the lead.
+# How much faster than the leading way of the heads their other way must be to take the lead. Between plain passes
+# and the heads the faster leads: plain decoding is what the heads must beat, and a tie is not worth their cost.
 LEAD_MARGIN = 1.1
 # Passes between tries of another way than the leading one, doubled after each try that leaves the lead where it
 # was; passes of each try, and of plain passes' trial.
@@ -167,15 +170,16 @@ class DraftingMemory:
 
     def leader(self) -> str | None:
         """The way the passes follow once the trials are over (None before): drafting through every head until
-        another measured way is faster by `LEAD_MARGIN`, then that way until another is faster than it by as
-        much."""
+        another measured way is faster (the confident way by `LEAD_MARGIN`, plain passes by any margin), then that
+        way until another is faster than it in the same way."""
         if self.due_trial() is not None:
             return None
         rates = {way: rate for way in WAYS if (rate := self.rate(way)) is not None}
         if self.leading not in rates:  # a lead measured before the heads' ways were measured anew
             self.leading = "full"
         fastest = max(rates, key=rates.__getitem__)
-        if rates[fastest] > LEAD_MARGIN * rates[self.leading]:
+        margin = 1.0 if "plain" in (fastest, self.leading) else LEAD_MARGIN
+        if rates[fastest] > margin * rates[self.leading]:
             self.leading = fastest
         return self.leading
 

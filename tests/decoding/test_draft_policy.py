@@ -182,7 +182,7 @@ def test_the_confident_way_is_in_reach_only_when_its_estimate_could_take_the_lea
         assert memory.confident_estimate() == pytest.approx(30 * above * 0.1 / (0.03 + 0.05))
 
 
-def test_a_way_takes_the_lead_only_when_faster_by_the_margin():
+def test_a_way_of_the_heads_takes_the_lead_from_the_other_only_when_faster_by_the_margin():
     assert LEAD_MARGIN == pytest.approx(1.1)
     assert measured(full=30.0, confident=32.0, plain=10.0).leader() == "full"  # drafting fully leads at first
     faster = measured(full=30.0, confident=34.0, plain=10.0)
@@ -190,7 +190,17 @@ def test_a_way_takes_the_lead_only_when_faster_by_the_margin():
     for _ in range(RATE_WINDOW):
         faster.record("full", seconds=1.0 / 37.0, tokens=1)
     assert faster.leader() == "confident"  # 37 < 1.1 * 34
-    assert measured(full=10.0, confident=10.5, plain=10.9).leader() == "full"
+
+
+def test_between_plain_passes_and_the_heads_the_faster_leads():
+    """Plain decoding is what the heads must beat: plain passes take the lead when faster at all, and the heads take
+    it back the same way."""
+    memory = measured(full=10.0, confident=10.5, plain=10.9)
+    assert memory.leader() == "plain"
+    for _ in range(RATE_WINDOW):
+        memory.record("full", seconds=1.0 / 11.0, tokens=1)
+    assert memory.leader() == "full"  # 11 > 10.9
+    assert measured(full=10.0, confident=9.0, plain=9.9).leader() == "full"
 
 
 def test_a_try_that_finds_a_faster_way_switches_to_it_and_tries_as_often_as_at_first():

@@ -184,11 +184,11 @@ def _round(model, batches, max_new_tokens, stop_ids, pad_id, sides, draft_dtype,
     pass and passes of each (`"plain"` and each side)."""
     device = next(model.parameters()).device
     measured = {side: {"out": [], "seconds": 0.0, "accepted": [], "passes": 0} for side in ["plain", *sides]}
+    plain = measured["plain"]
     for ids, mask in batches:
         with ForwardCounter(model) as counter:
             out, seconds = _timed(device, partial(_plain, model, ids, mask, max_new_tokens, stop_ids, pad_id,
                                                   sampling))
-        plain = measured["plain"]
         plain["out"] += out
         plain["seconds"] += seconds
         plain["passes"] += counter.calls

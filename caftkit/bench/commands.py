@@ -30,7 +30,8 @@ def bench_generate_command(settings: GenerationBenchSettings) -> dict:
     tokens accepted per verification pass, and, greedy, how many answers are token for token the same (all should
     be). The speedup is split into `pass_reduction` (plain forward passes over speculative ones: what the heads
     save) and `pass_cost` (a speculative pass's time in plain one-token steps: what the device charges): speedup =
-    pass_reduction / pass_cost.
+    pass_reduction / pass_cost. With --repeats, each round's speedup too, and on adaptive rows their speed over
+    fixed drafts' (`over_fixed`), pooled and per round.
     """
     from .generation import run_generation_bench
 

@@ -11,7 +11,8 @@ A shared machine's speed drifts by several percent within minutes, more than the
 by. `repeats` runs every prompt on every side that many rounds in turn and gives each round's speedup beside the
 pooled one: their spread is what the noise moves a ratio by. Every round starts with the heads' drafting memory
 forgotten (the warm-up's too), so each measures what a process new to the heads gets, adaptive drafting's trials
-timed.
+timed. An adaptive row also gives its tokens per second over fixed drafts' of the same shape (`over_fixed`,
+pooled and per round): where the two are close, the rounds say whether a difference is more than the noise.
 
 The ratio is split in two factors, so that a slow result says what to improve: `pass_reduction`, how many times
 fewer forward passes speculative decoding made (what the heads' acceptance buys), and `pass_cost`, how many plain
@@ -63,6 +64,10 @@ class GenerationBenchRow:
     speculative_passes: int
     repeats: int = 1
     speedups: list[float] = field(default_factory=list)
+    # Adaptive rows: tokens per second over those of fixed drafts of the same shape, pooled and per round (None and
+    # empty where fixed drafts were not measured, and on fixed rows).
+    over_fixed: float | None = None
+    over_fixed_rounds: list[float] = field(default_factory=list)
 
     @property
     def plain_tokens_per_second(self) -> float:
@@ -207,6 +212,10 @@ def _tokens_per_second(measured: dict) -> float:
     return sum(map(len, measured["out"])) / measured["seconds"]
 
 
+def _pooled_tokens_per_second(rounds: list[dict]) -> float:
+    return sum(sum(map(len, measured["out"])) for measured in rounds) / sum(measured["seconds"] for measured in rounds)
+
+
 def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
                    shapes: list[DraftShape], draft_dtype=None, drafting: tuple[str, ...] = ("fixed", "adaptive"),
                    samplings: tuple[Sampling, ...] = (Sampling(),), repeats: int = 1) -> list[GenerationBenchRow]:
@@ -236,6 +245,8 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
             plain_out = [answer for measured in plain for answer in measured["out"]]
             for shape, way in sides:
                 side = [measured[shape, way] for measured in rounds]
+                fixed = [measured[shape, "fixed"] for measured in rounds] \
+                    if way == "adaptive" and "fixed" in drafting else None
                 out = [answer for measured in side for answer in measured["out"]]
                 accepted = [value for measured in side for value in measured["accepted"]]
                 rows.append(GenerationBenchRow(
@@ -249,7 +260,10 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
                     plain_passes=sum(measured["passes"] for measured in plain),
                     speculative_passes=sum(measured["passes"] for measured in side), repeats=repeats,
                     speedups=[_tokens_per_second(drafted) / _tokens_per_second(alone)
-                              for drafted, alone in zip(side, plain)]))
+                              for drafted, alone in zip(side, plain)],
+                    over_fixed=_pooled_tokens_per_second(side) / _pooled_tokens_per_second(fixed) if fixed else None,
+                    over_fixed_rounds=[_tokens_per_second(drafted) / _tokens_per_second(against)
+                                       for drafted, against in zip(side, fixed or [])]))
     return rows
 
 
@@ -260,6 +274,8 @@ def rows_as_dict(rows: list[GenerationBenchRow]) -> list[dict]:
              "plain_tokens_per_second": round(row.plain_tokens_per_second, 2),
              "speculative_tokens_per_second": round(row.speculative_tokens_per_second, 2),
              "speedup": round(row.speedup, 3), "speedups": [round(value, 3) for value in row.speedups],
+             "over_fixed": None if row.over_fixed is None else round(row.over_fixed, 3),
+             "over_fixed_rounds": [round(value, 3) for value in row.over_fixed_rounds],
              "mean_accepted": round(row.mean_accepted, 3),
              "pass_reduction": round(row.pass_reduction, 3), "pass_cost": round(row.pass_cost, 3)} for row in rows]
 

@@ -61,6 +61,12 @@ def test_rounds_sum_their_tokens_seconds_and_passes_and_give_each_speedup():
         # the same tokens in every round: the pooled ratio is the rounds' seconds pooled, between the extremes
         assert min(row.speedups) - 1e-9 <= row.speedup <= max(row.speedups) + 1e-9
     assert rows[0].speculative_passes == 3 * fixed_passes
+    fixed, adaptive = rows
+    assert fixed.over_fixed is None and fixed.over_fixed_rounds == []
+    # the same tokens on both sides: adaptive over fixed is their seconds' ratio, pooled and round by round, which
+    # against the same plain seconds is the ratio of the two rows' speedups
+    assert adaptive.over_fixed == pytest.approx(fixed.speculative_seconds / adaptive.speculative_seconds)
+    assert adaptive.over_fixed_rounds == pytest.approx([a / f for a, f in zip(adaptive.speedups, fixed.speedups)])
 
 
 def test_forgetting_the_heads_drafting_memory_starts_them_anew():

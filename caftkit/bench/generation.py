@@ -212,8 +212,16 @@ def _tokens_per_second(measured: dict) -> float:
     return sum(map(len, measured["out"])) / measured["seconds"]
 
 
-def _pooled_tokens_per_second(rounds: list[dict]) -> float:
-    return sum(sum(map(len, measured["out"])) for measured in rounds) / sum(measured["seconds"] for measured in rounds)
+def _set_against_fixed(rows: list[GenerationBenchRow]) -> None:
+    """Give each adaptive row of `rows` (one temperature and batch size) its speed over the fixed row of its shape:
+    its speculative tokens/s over theirs, pooled, and per round the ratio of their speedups (over the same plain
+    seconds, the same thing)."""
+    fixed = {row.draft: row for row in rows if row.drafting == "fixed"}
+    for row in rows:
+        against = fixed.get(row.draft)
+        if row.drafting == "adaptive" and against is not None:
+            row.over_fixed = row.speculative_tokens_per_second / against.speculative_tokens_per_second
+            row.over_fixed_rounds = [ours / theirs for ours, theirs in zip(row.speedups, against.speedups)]
 
 
 def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
@@ -245,8 +253,6 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
             plain_out = [answer for measured in plain for answer in measured["out"]]
             for shape, way in sides:
                 side = [measured[shape, way] for measured in rounds]
-                fixed = [measured[shape, "fixed"] for measured in rounds] \
-                    if way == "adaptive" and "fixed" in drafting else None
                 out = [answer for measured in side for answer in measured["out"]]
                 accepted = [value for measured in side for value in measured["accepted"]]
                 rows.append(GenerationBenchRow(
@@ -260,10 +266,8 @@ def bench_generate(model, tokenizer, prompts: list[list[int]], batch_sizes: list
                     plain_passes=sum(measured["passes"] for measured in plain),
                     speculative_passes=sum(measured["passes"] for measured in side), repeats=repeats,
                     speedups=[_tokens_per_second(drafted) / _tokens_per_second(alone)
-                              for drafted, alone in zip(side, plain)],
-                    over_fixed=_pooled_tokens_per_second(side) / _pooled_tokens_per_second(fixed) if fixed else None,
-                    over_fixed_rounds=[_tokens_per_second(drafted) / _tokens_per_second(against)
-                                       for drafted, against in zip(side, fixed or [])]))
+                              for drafted, alone in zip(side, plain)]))
+            _set_against_fixed(rows[-len(sides):])
     return rows
 
 

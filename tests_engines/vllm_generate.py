@@ -5,10 +5,17 @@ token ids, with or without an EAGLE-3 draft, and vLLM's speculative-decoding cou
 """
 
 import json
+import os
 import sys
 
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
+# The engine in this process. Otherwise vLLM's CPU build starts an engine-core process and a worker process beside
+# it, each importing vLLM again (half a minute per run on a 2-core machine); with multiprocessing off it keeps its
+# single-device default, one worker in the same process. The model, the draft and the speculative decoding they run
+# are the same code either way.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
 
 
 def counters(metrics) -> dict:

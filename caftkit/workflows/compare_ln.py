@@ -10,6 +10,9 @@ reference answers), each head's cross-entropy over the answer tokens (`caft eval
     <output>/ln-conversations.jsonl           the test examples with their reference answers
     <output>/seed-<s>/<arm>/ln/<arm>/         metrics.json of the arm's model under its heads
     <output>/seed-<s>/<arm>/ln/<baseline>/    metrics.json of the baseline's model under the same heads
+
+Arms that share a warm-up (`caft compare` copies it) fine-tune with the very same heads: the baseline's model is
+scored under them once, in the folder of the first such arm, and every other arm of that seed reads it there.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import Any
 
 from ..evaluation.settings import EvalSettings
 from ..evaluation.task_eval import METRICS_FILE, evaluate
+from ..core.heads import HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE
 from ..files.atomic import write_text_atomically
+from ..files.export_record import file_fingerprint
 from ..files.json_text import read_json_file
 from ..tasks.registry import get_task
 from ..training.finetuning import RUN_HEADS_DIR
@@ -53,16 +58,38 @@ def ln_eval_settings(settings: CompareSettings, model_dir: Path, heads_dir: Path
                         device=settings.device)
 
 
+def _heads_identity(heads_dir: Path) -> tuple[str, ...] | None:
+    """Fingerprints of a heads folder's weights and config (None while it has none): equal ones score alike."""
+    files = [heads_dir / HEADS_WEIGHTS_FILE, heads_dir / HEADS_CONFIG_FILE]
+    return tuple(file_fingerprint(path) for path in files) if all(path.is_file() for path in files) else None
+
+
+def _run_heads(output: Path, arm: str, seed: int) -> Path:
+    return arm_dir(output, seed, arm) / "run" / RUN_HEADS_DIR
+
+
 def ln_folders(output: Path, settings: CompareSettings, arm: str, seed: int) -> dict[str, Path]:
-    """Where the Ln of the arm's model and of its baseline's model (under the arm's heads) are written."""
-    root = arm_dir(output, seed, arm) / LN_DIR
-    return {name: root / name for name in (arm, settings.baselines[arm])}
+    """Where the Ln of the arm's model and of its baseline's model (under the arm's heads) are written. The
+    baseline's is that of an earlier arm of this seed, against the same baseline, whose heads are these very heads
+    (a shared warm-up): scoring the same model under the same heads again would give the same numbers."""
+    baseline = settings.baselines[arm]
+    folders = {arm: arm_dir(output, seed, arm) / LN_DIR / arm,
+               baseline: arm_dir(output, seed, arm) / LN_DIR / baseline}
+    identity = _heads_identity(_run_heads(output, arm, seed))
+    for earlier, its_baseline in settings.baselines.items():
+        if earlier == arm or identity is None:
+            break
+        if (its_baseline == baseline and seed in settings.arm_settings[earlier].seeds
+                and _heads_identity(_run_heads(output, earlier, seed)) == identity):
+            folders[baseline] = arm_dir(output, seed, earlier) / LN_DIR / baseline
+            break
+    return folders
 
 
 def run_ln(output: Path, settings: CompareSettings, arm: str, seed: int, data: Path, timings) -> None:
     """Score the arm's final model and its baseline's under the heads the arm fine-tuned with; a scored one is
     kept."""
-    heads = arm_dir(output, seed, arm) / "run" / RUN_HEADS_DIR
+    heads = _run_heads(output, arm, seed)
     for name, folder in ln_folders(output, settings, arm, seed).items():
         if (folder / METRICS_FILE).exists():
             continue
@@ -90,7 +117,8 @@ def ln_results(output: Path, settings: CompareSettings) -> list[dict[str, Any]]:
             alpha = settings.finetune_settings(arm, seed).alpha
             scored = {name: read_json_file(folder / METRICS_FILE)["metrics"] for name, folder in folders.items()}
             results.append({"arm": arm, "baseline": baseline, "seed": seed, "alpha": alpha,
-                            "heads": str(arm_dir(output, seed, arm) / "run" / RUN_HEADS_DIR),
+                            "heads": str(_run_heads(output, arm, seed)),
+                            "baseline_scored_in": str(folders[baseline]),
                             "examples": scored[arm]["n"],
                             **{role: {"ln": weighted_ln(scored[name], alpha),
                                       **{key: value for key, value in scored[name].items() if "_head_" in key}}

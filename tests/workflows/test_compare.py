@@ -205,6 +205,21 @@ def test_several_arms_against_one_baseline_share_the_warm_up_and_pair_by_seed(ti
             for arm in ("caft", "caft-beta0.5")]
     assert warm[0] == warm[1]
     assert (output / "seed-0" / "caft" / "run" / "warmup-heads" / "heads.safetensors").read_bytes() != warm[0]
+    # ... so the two arms fine-tuned with the very same heads, and ntp's model was scored under them once, for
+    # caft, and read there for caft-beta0.5 (the same model under the same heads gives the same Ln)
+    used = [(output / "seed-1" / arm / "run" / "heads" / name).read_bytes()
+            for arm in ("caft", "caft-beta0.5") for name in ("heads.safetensors", "heads_config.json")]
+    assert used[:2] == used[2:]
+    timings = json.loads((output / TIMINGS_FILE).read_text())
+    assert {key for key in timings if "/ln-" in key} == {
+        "seed-0/caft/ln-caft", "seed-0/caft/ln-ntp", "seed-1/caft/ln-caft", "seed-1/caft/ln-ntp",
+        "seed-1/caft-beta0.5/ln-caft-beta0.5"}
+    assert not (output / "seed-1" / "caft-beta0.5" / "ln" / "ntp").exists()
+    ln = {(entry["arm"], entry["seed"]): entry for entry in result["ln"]}
+    assert set(ln) == {("caft", 0), ("caft", 1), ("caft-beta0.5", 1)}
+    assert ln[("caft-beta0.5", 1)]["baseline_model"] == ln[("caft", 1)]["baseline_model"]
+    assert ln[("caft-beta0.5", 1)]["baseline_scored_in"] == str(output / "seed-1" / "caft" / "ln" / "ntp")
+    assert ln[("caft-beta0.5", 1)]["arm_model"] != ln[("caft", 1)]["arm_model"]  # another model: scored itself
 
     comparisons = {c["arm"]: c for c in result["comparisons"]}
     assert comparisons["caft"]["baseline"] == "ntp" and comparisons["caft"]["seeds"] == [0, 1]

@@ -21,9 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..core.heads import HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE
 from ..evaluation.settings import EvalSettings
 from ..evaluation.task_eval import METRICS_FILE, evaluate
-from ..core.heads import HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE
 from ..files.atomic import write_text_atomically
 from ..files.export_record import file_fingerprint
 from ..files.json_text import read_json_file
@@ -72,18 +72,14 @@ def ln_folders(output: Path, settings: CompareSettings, arm: str, seed: int) -> 
     """Where the Ln of the arm's model and of its baseline's model (under the arm's heads) are written. The
     baseline's is that of an earlier arm of this seed, against the same baseline, whose heads are these very heads
     (a shared warm-up): scoring the same model under the same heads again would give the same numbers."""
-    baseline = settings.baselines[arm]
-    folders = {arm: arm_dir(output, seed, arm) / LN_DIR / arm,
-               baseline: arm_dir(output, seed, arm) / LN_DIR / baseline}
+    baseline, root = settings.baselines[arm], arm_dir(output, seed, arm) / LN_DIR
     identity = _heads_identity(_run_heads(output, arm, seed))
-    for earlier, its_baseline in settings.baselines.items():
-        if earlier == arm or identity is None:
-            break
-        if (its_baseline == baseline and seed in settings.arm_settings[earlier].seeds
+    earlier_arms = list(settings.baselines)[:list(settings.baselines).index(arm)] if identity is not None else []
+    for earlier in earlier_arms:
+        if (settings.baselines[earlier] == baseline and seed in settings.arm_settings[earlier].seeds
                 and _heads_identity(_run_heads(output, earlier, seed)) == identity):
-            folders[baseline] = arm_dir(output, seed, earlier) / LN_DIR / baseline
-            break
-    return folders
+            return {arm: root / arm, baseline: arm_dir(output, seed, earlier) / LN_DIR / baseline}
+    return {arm: root / arm, baseline: root / baseline}
 
 
 def run_ln(output: Path, settings: CompareSettings, arm: str, seed: int, data: Path, timings) -> None:
